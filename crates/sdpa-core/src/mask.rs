@@ -1,0 +1,192 @@
+use crate::dtype::DType;
+use crate::error::{Result, SdpaError};
+use crate::layout::fmt_shape;
+
+/// How an explicit `attn_mask` acts, as in PyTorch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MaskKind {
+    /// Boolean: `true` means the key takes part, `false` masks it out.
+    Bool,
+    /// Additive: added to the scaled scores before the softmax (`-inf` masks out).
+    /// Its dtype must equal the query's.
+    Additive(DType),
+}
+
+/// Shape and strides of an `attn_mask` of rank 0 to 4, broadcast against
+/// `[B, Hq, L, S]` the way PyTorch broadcasts (right-aligned; each axis equal or 1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MaskDesc {
+    /// Bool or additive (with its dtype).
+    pub kind: MaskKind,
+    /// Extent of each axis, outermost first; at most 4 axes.
+    pub shape: Vec<usize>,
+    /// Element stride of each axis; same length as `shape`.
+    pub strides: Vec<isize>,
+}
+
+impl MaskDesc {
+    /// A row-major mask of `shape`.
+    pub fn contiguous(kind: MaskKind, shape: &[usize]) -> Self {
+        let mut strides = vec![0isize; shape.len()];
+        let mut step = 1isize;
+        for axis in (0..shape.len()).rev() {
+            strides[axis] = step;
+            step *= shape[axis].max(1) as isize;
+        }
+        MaskDesc {
+            kind,
+            shape: shape.to_vec(),
+            strides,
+        }
+    }
+
+    /// Element strides that read this mask as a `[B, Hq, L, S]` tensor: broadcast axes
+    /// (missing or of extent 1 where the target is larger) get stride 0, so the mask is
+    /// never materialised.
+    pub fn broadcast_strides(&self, target: [usize; 4]) -> Result<[isize; 4]> {
+        let bad = || {
+            SdpaError::invalid(
+                "attn_mask",
+                format!(
+                    "a shape that broadcasts to [B, Hq, L, S] = {}",
+                    fmt_shape(&target)
+                ),
+                fmt_shape(&self.shape),
+            )
+        };
+        if self.shape.len() > 4 || self.strides.len() != self.shape.len() {
+            return Err(bad());
+        }
+        let pad = 4 - self.shape.len();
+        let mut strides = [0isize; 4];
+        for (axis, &want) in target.iter().enumerate() {
+            if axis < pad {
+                continue;
+            }
+            let have = self.shape[axis - pad];
+            if have == want {
+                strides[axis] = if want == 1 {
+                    0
+                } else {
+                    self.strides[axis - pad]
+                };
+            } else if have == 1 {
+                strides[axis] = 0;
+            } else {
+                return Err(bad());
+            }
+        }
+        Ok(strides)
+    }
+}
+
+/// Causal masking, applied on top of any explicit mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Causal {
+    /// No causal masking.
+    #[default]
+    None,
+    /// PyTorch's `is_causal=True`: query `i` sees keys `j <= i` (the diagonal starts at
+    /// the top-left corner of the `L x S` score matrix).
+    TopLeft,
+    /// FlashAttention's convention and PyTorch's `causal_lower_right`: query `i` sees
+    /// keys `j <= i + S - L` (the diagonal ends at the bottom-right corner).
+    BottomRight,
+}
+
+impl Causal {
+    /// Largest key index query `i` may see, plus one (so `0` means none), for `L`
+    /// queries and `S` keys. Saturates at `0` and `S`.
+    pub fn key_limit(self, i: usize, len_q: usize, len_kv: usize) -> usize {
+        match self {
+            Causal::None => len_kv,
+            Causal::TopLeft => (i + 1).min(len_kv),
+            Causal::BottomRight => {
+                let limit = i as i128 + 1 + len_kv as i128 - len_q as i128;
+                limit.clamp(0, len_kv as i128) as usize
+            }
+        }
+    }
+
+    /// Whether query `i` may attend to key `j`.
+    pub fn allows(self, i: usize, j: usize, len_q: usize, len_kv: usize) -> bool {
+        j < self.key_limit(i, len_q, len_kv)
+    }
+
+    /// Name used in case files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Causal::None => "none",
+            Causal::TopLeft => "top_left",
+            Causal::BottomRight => "bottom_right",
+        }
+    }
+}
+
+impl std::str::FromStr for Causal {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" | "" => Ok(Causal::None),
+            "top_left" => Ok(Causal::TopLeft),
+            "bottom_right" => Ok(Causal::BottomRight),
+            other => Err(format!(
+                "expected one of none, top_left, bottom_right, got {other:?}"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_rules_follow_pytorch() {
+        let target = [2, 3, 5, 7];
+        let m = MaskDesc::contiguous(MaskKind::Bool, &[5, 7]);
+        assert_eq!(m.broadcast_strides(target).unwrap(), [0, 0, 7, 1]);
+        let m = MaskDesc::contiguous(MaskKind::Bool, &[2, 1, 5, 7]);
+        assert_eq!(m.broadcast_strides(target).unwrap(), [35, 0, 7, 1]);
+        let m = MaskDesc::contiguous(MaskKind::Bool, &[1, 3, 1, 7]);
+        assert_eq!(m.broadcast_strides(target).unwrap(), [0, 7, 0, 1]);
+        let m = MaskDesc::contiguous(MaskKind::Bool, &[]);
+        assert_eq!(m.broadcast_strides(target).unwrap(), [0, 0, 0, 0]);
+        let m = MaskDesc::contiguous(MaskKind::Bool, &[7]);
+        assert_eq!(m.broadcast_strides(target).unwrap(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn broadcast_rejects_mismatch_and_rank() {
+        let target = [2, 3, 5, 7];
+        let err = MaskDesc::contiguous(MaskKind::Bool, &[5, 6])
+            .broadcast_strides(target)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attn_mask: expected a shape that broadcasts to [B, Hq, L, S] = [2, 3, 5, 7], got [5, 6]"
+        );
+        assert!(MaskDesc::contiguous(MaskKind::Bool, &[1, 2, 3, 5, 7])
+            .broadcast_strides(target)
+            .is_err());
+        assert!(MaskDesc::contiguous(MaskKind::Bool, &[3, 3, 5, 7])
+            .broadcast_strides(target)
+            .is_err());
+    }
+
+    #[test]
+    fn causal_limits() {
+        // L = 3, S = 5: top-left sees j <= i, bottom-right sees j <= i + 2.
+        assert_eq!(Causal::TopLeft.key_limit(0, 3, 5), 1);
+        assert_eq!(Causal::BottomRight.key_limit(0, 3, 5), 3);
+        assert_eq!(Causal::BottomRight.key_limit(2, 3, 5), 5);
+        // L = 5, S = 3: bottom-right leaves the first two queries with no key.
+        assert_eq!(Causal::BottomRight.key_limit(0, 5, 3), 0);
+        assert_eq!(Causal::BottomRight.key_limit(1, 5, 3), 0);
+        assert_eq!(Causal::BottomRight.key_limit(2, 5, 3), 1);
+        assert_eq!(Causal::TopLeft.key_limit(4, 5, 3), 3);
+        assert_eq!(Causal::None.key_limit(0, 5, 3), 3);
+        assert!(Causal::TopLeft.allows(2, 2, 3, 5));
+        assert!(!Causal::TopLeft.allows(2, 3, 3, 5));
+    }
+}

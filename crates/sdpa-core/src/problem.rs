@@ -1,0 +1,420 @@
+use crate::dropout::Dropout;
+use crate::dtype::DType;
+use crate::error::{Result, SdpaError};
+use crate::layout::{fmt_shape, Layout, TensorDesc};
+use crate::mask::{Causal, MaskDesc, MaskKind};
+
+/// Everything about a call that is not a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SdpaOptions {
+    /// Causal masking (combined with `attn_mask` when both are given: a key takes part
+    /// only if both allow it; PyTorch rejects the combination, we define it).
+    pub causal: Causal,
+    /// Attention dropout; `Dropout::NONE` by default.
+    pub dropout: Dropout,
+    /// Softmax scale; `None` means `1 / sqrt(E)`. May be negative; must be finite.
+    pub scale: Option<f64>,
+    /// Grouped-query attention: query head `h` reads kv head `h / (Hq / Hkv)`.
+    pub enable_gqa: bool,
+}
+
+/// The explicit mask of a validated problem, read through broadcast strides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MaskPlan {
+    /// Bool or additive.
+    pub kind: MaskKind,
+    /// Element strides over `[B, Hq, L, S]`; 0 on broadcast axes.
+    pub strides: [isize; 4],
+}
+
+impl MaskPlan {
+    /// Element offset of `(b, h, i, j)` in the mask's storage.
+    #[inline]
+    pub fn offset(&self, b: usize, h: usize, i: usize, j: usize) -> isize {
+        b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + i as isize * self.strides[2]
+            + j as isize * self.strides[3]
+    }
+}
+
+/// A validated SDPA call: `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]`
+/// -> `out [B, Hq, L, Ev]`, plus mask, causal, dropout and the resolved scale.
+///
+/// Only [`Problem::new`] makes one, so every backend may rely on its invariants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// `B`.
+    pub batch: usize,
+    /// `Hq`.
+    pub heads_q: usize,
+    /// `Hkv` (equal to `Hq` unless GQA).
+    pub heads_kv: usize,
+    /// `L`.
+    pub len_q: usize,
+    /// `S`.
+    pub len_kv: usize,
+    /// `E`.
+    pub head_dim: usize,
+    /// `Ev`.
+    pub head_dim_v: usize,
+    /// dtype of q, k, v and the output.
+    pub dtype: DType,
+    /// Layout of q.
+    pub q: Layout,
+    /// Layout of k.
+    pub k: Layout,
+    /// Layout of v.
+    pub v: Layout,
+    /// Explicit mask, if any.
+    pub mask: Option<MaskPlan>,
+    /// Causal alignment.
+    pub causal: Causal,
+    /// Dropout stream.
+    pub dropout: Dropout,
+    /// Softmax scale, resolved (`1/sqrt(E)` by default).
+    pub scale: f64,
+    /// Whether GQA was requested.
+    pub enable_gqa: bool,
+}
+
+fn check_eq(arg: &'static str, what: &str, want: usize, whose: &str, got: usize) -> Result<()> {
+    if want != got {
+        return Err(SdpaError::invalid(
+            arg,
+            format!("{what} {want} (the {what} of {whose})"),
+            got,
+        ));
+    }
+    Ok(())
+}
+
+impl Problem {
+    /// Validates a call the way PyTorch does and resolves its defaults.
+    ///
+    /// # Errors
+    /// An [`SdpaError::InvalidArgument`] naming the first bad argument: dtypes that
+    /// differ, batch or length or head-dim mismatches, heads that do not match (or do not
+    /// divide under GQA), a mask of another float dtype or one that does not broadcast,
+    /// dropout `p` outside `[0, 1]`, a scale that is not finite.
+    pub fn new(
+        q: &TensorDesc,
+        k: &TensorDesc,
+        v: &TensorDesc,
+        mask: Option<&MaskDesc>,
+        options: &SdpaOptions,
+    ) -> Result<Self> {
+        for (arg, t) in [("key", k), ("value", v)] {
+            if t.dtype != q.dtype {
+                return Err(SdpaError::invalid(
+                    arg,
+                    format!("dtype {} (the dtype of query)", q.dtype),
+                    t.dtype,
+                ));
+            }
+        }
+        let [batch, heads_q, len_q, head_dim] = q.layout.shape;
+        let [kb, heads_kv, len_kv, ke] = k.layout.shape;
+        let [vb, vh, vs, head_dim_v] = v.layout.shape;
+        check_eq("key", "batch size", batch, "query", kb)?;
+        check_eq("value", "batch size", batch, "query", vb)?;
+        check_eq("key", "head dim", head_dim, "query", ke)?;
+        check_eq("value", "heads", heads_kv, "key", vh)?;
+        check_eq("value", "sequence length", len_kv, "key", vs)?;
+        if options.enable_gqa {
+            let divides = if heads_kv == 0 {
+                heads_q == 0
+            } else {
+                heads_q % heads_kv == 0
+            };
+            if !divides {
+                return Err(SdpaError::invalid(
+                    "key",
+                    format!(
+                        "a number of heads that divides the query's {heads_q} heads (enable_gqa)"
+                    ),
+                    heads_kv,
+                ));
+            }
+        } else if heads_kv != heads_q {
+            return Err(SdpaError::invalid(
+                "key",
+                format!(
+                    "{heads_q} heads (the heads of query; set enable_gqa for grouped-query attention)"
+                ),
+                heads_kv,
+            ));
+        }
+        let mask = match mask {
+            None => None,
+            Some(m) => {
+                if let MaskKind::Additive(dt) = m.kind {
+                    if dt != q.dtype {
+                        return Err(SdpaError::invalid(
+                            "attn_mask",
+                            format!("dtype bool or {} (the dtype of query)", q.dtype),
+                            dt,
+                        ));
+                    }
+                }
+                let strides = m.broadcast_strides([batch, heads_q, len_q, len_kv])?;
+                Some(MaskPlan {
+                    kind: m.kind,
+                    strides,
+                })
+            }
+        };
+        options.dropout.validate()?;
+        let scale = match options.scale {
+            Some(s) if !s.is_finite() => {
+                return Err(SdpaError::invalid("scale", "a finite number", s));
+            }
+            Some(s) => s,
+            None => 1.0 / (head_dim as f64).sqrt(),
+        };
+        Ok(Problem {
+            batch,
+            heads_q,
+            heads_kv,
+            len_q,
+            len_kv,
+            head_dim,
+            head_dim_v,
+            dtype: q.dtype,
+            q: q.layout,
+            k: k.layout,
+            v: v.layout,
+            mask,
+            causal: options.causal,
+            dropout: options.dropout,
+            scale,
+            enable_gqa: options.enable_gqa,
+        })
+    }
+
+    /// Shape of the output, `[B, Hq, L, Ev]`.
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.len_q, self.head_dim_v]
+    }
+
+    /// Shape of the (virtual) score matrix, `[B, Hq, L, S]`.
+    pub fn scores_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.len_q, self.len_kv]
+    }
+
+    /// Shape of the log-sum-exp, `[B, Hq, L]`.
+    pub fn lse_shape(&self) -> [usize; 3] {
+        [self.batch, self.heads_q, self.len_q]
+    }
+
+    /// Query heads that share one kv head (1 without GQA).
+    pub fn group_size(&self) -> usize {
+        if self.heads_kv == 0 {
+            1
+        } else {
+            (self.heads_q / self.heads_kv).max(1)
+        }
+    }
+
+    /// The kv head query head `h` reads.
+    #[inline]
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / self.group_size()
+    }
+
+    /// True when any of B, Hq, L, S, E, Ev is zero.
+    pub fn is_empty(&self) -> bool {
+        [
+            self.batch,
+            self.heads_q,
+            self.heads_kv,
+            self.len_q,
+            self.len_kv,
+            self.head_dim,
+            self.head_dim_v,
+        ]
+        .contains(&0)
+    }
+
+    /// Floating-point operations of the two matrix products, `2*B*Hq*L*S*(E + Ev)`
+    /// (the usual `4*B*H*L*S*E` when `Ev = E`), halved under causal masking.
+    pub fn flops(&self) -> f64 {
+        let full = 2.0
+            * self.batch as f64
+            * self.heads_q as f64
+            * self.len_q as f64
+            * self.len_kv as f64
+            * (self.head_dim + self.head_dim_v) as f64;
+        if self.causal == Causal::None {
+            full
+        } else {
+            full / 2.0
+        }
+    }
+
+    /// One-line summary, e.g. `B=2 Hq=8 Hkv=2 L=97 S=113 E=64 Ev=64 f16 causal=top_left`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "B={} Hq={} Hkv={} L={} S={} E={} Ev={} {}",
+            self.batch,
+            self.heads_q,
+            self.heads_kv,
+            self.len_q,
+            self.len_kv,
+            self.head_dim,
+            self.head_dim_v,
+            self.dtype
+        );
+        if let Some(m) = &self.mask {
+            match m.kind {
+                MaskKind::Bool => s.push_str(" mask=bool"),
+                MaskKind::Additive(_) => s.push_str(" mask=additive"),
+            }
+        }
+        if self.causal != Causal::None {
+            s.push_str(&format!(" causal={}", self.causal.name()));
+        }
+        if self.dropout.is_active() {
+            s.push_str(&format!(" dropout_p={}", self.dropout.p));
+        }
+        s
+    }
+}
+
+/// `[a, b, c, d]` as text, for messages.
+pub fn shape_text(shape: &[usize]) -> String {
+    fmt_shape(shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(dtype: DType, shape: [usize; 4]) -> TensorDesc {
+        TensorDesc::contiguous(dtype, shape)
+    }
+
+    fn msg(r: Result<Problem>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_problem_resolves_defaults() {
+        let p = Problem::new(
+            &t(DType::F16, [2, 8, 5, 64]),
+            &t(DType::F16, [2, 2, 7, 64]),
+            &t(DType::F16, [2, 2, 7, 32]),
+            None,
+            &SdpaOptions {
+                enable_gqa: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.scale, 0.125);
+        assert_eq!(p.out_shape(), [2, 8, 5, 32]);
+        assert_eq!(p.group_size(), 4);
+        assert_eq!(p.kv_head(7), 1);
+        assert_eq!(p.kv_head(3), 0);
+        assert_eq!(p.flops(), 2.0 * 2.0 * 8.0 * 5.0 * 7.0 * 96.0);
+    }
+
+    #[test]
+    fn every_bad_argument_is_named() {
+        let q = t(DType::F32, [2, 4, 5, 8]);
+        let k = t(DType::F32, [2, 4, 6, 8]);
+        let v = t(DType::F32, [2, 4, 6, 3]);
+        let o = SdpaOptions::default();
+        assert_eq!(
+            msg(Problem::new(&q, &t(DType::F16, [2, 4, 6, 8]), &v, None, &o)),
+            "key: expected dtype f32 (the dtype of query), got f16"
+        );
+        assert_eq!(
+            msg(Problem::new(&q, &k, &t(DType::F64, [2, 4, 6, 3]), None, &o)),
+            "value: expected dtype f32 (the dtype of query), got f64"
+        );
+        assert_eq!(
+            msg(Problem::new(&q, &t(DType::F32, [3, 4, 6, 8]), &v, None, &o)),
+            "key: expected batch size 2 (the batch size of query), got 3"
+        );
+        assert_eq!(
+            msg(Problem::new(&q, &t(DType::F32, [2, 4, 6, 9]), &v, None, &o)),
+            "key: expected head dim 8 (the head dim of query), got 9"
+        );
+        assert_eq!(
+            msg(Problem::new(&q, &k, &t(DType::F32, [2, 4, 7, 3]), None, &o)),
+            "value: expected sequence length 6 (the sequence length of key), got 7"
+        );
+        assert_eq!(
+            msg(Problem::new(&q, &k, &t(DType::F32, [2, 2, 6, 3]), None, &o)),
+            "value: expected heads 4 (the heads of key), got 2"
+        );
+        let k2 = t(DType::F32, [2, 2, 6, 8]);
+        let v2 = t(DType::F32, [2, 2, 6, 3]);
+        assert!(msg(Problem::new(&q, &k2, &v2, None, &o)).starts_with("key: expected 4 heads"));
+        let gqa = SdpaOptions {
+            enable_gqa: true,
+            ..o
+        };
+        assert!(Problem::new(&q, &k2, &v2, None, &gqa).is_ok());
+        let k3 = t(DType::F32, [2, 3, 6, 8]);
+        let v3 = t(DType::F32, [2, 3, 6, 3]);
+        assert_eq!(
+            msg(Problem::new(&q, &k3, &v3, None, &gqa)),
+            "key: expected a number of heads that divides the query's 4 heads (enable_gqa), got 3"
+        );
+        let float_mask = MaskDesc::contiguous(MaskKind::Additive(DType::F64), &[5, 6]);
+        assert_eq!(
+            msg(Problem::new(&q, &k, &v, Some(&float_mask), &o)),
+            "attn_mask: expected dtype bool or f32 (the dtype of query), got f64"
+        );
+        let wide = MaskDesc::contiguous(MaskKind::Bool, &[5, 7]);
+        assert!(msg(Problem::new(&q, &k, &v, Some(&wide), &o)).starts_with("attn_mask:"));
+        let bad_p = SdpaOptions {
+            dropout: Dropout::new(-0.5, 0, 0),
+            ..o
+        };
+        assert!(msg(Problem::new(&q, &k, &v, None, &bad_p)).starts_with("dropout_p:"));
+        for s in [f64::NAN, f64::INFINITY] {
+            let bad_scale = SdpaOptions {
+                scale: Some(s),
+                ..o
+            };
+            assert!(msg(Problem::new(&q, &k, &v, None, &bad_scale)).starts_with("scale:"));
+        }
+    }
+
+    #[test]
+    fn empty_dims_are_accepted() {
+        let p = Problem::new(
+            &t(DType::F32, [1, 2, 0, 4]),
+            &t(DType::F32, [1, 2, 0, 4]),
+            &t(DType::F32, [1, 2, 0, 4]),
+            None,
+            &SdpaOptions::default(),
+        )
+        .unwrap();
+        assert!(p.is_empty());
+        // GQA with zero kv heads and zero query heads is consistent.
+        let gqa = SdpaOptions {
+            enable_gqa: true,
+            ..Default::default()
+        };
+        assert!(Problem::new(
+            &t(DType::F32, [1, 0, 3, 4]),
+            &t(DType::F32, [1, 0, 3, 4]),
+            &t(DType::F32, [1, 0, 3, 4]),
+            None,
+            &gqa
+        )
+        .is_ok());
+        assert!(Problem::new(
+            &t(DType::F32, [1, 2, 3, 4]),
+            &t(DType::F32, [1, 0, 3, 4]),
+            &t(DType::F32, [1, 0, 3, 4]),
+            None,
+            &gqa
+        )
+        .is_err());
+    }
+}
