@@ -209,11 +209,9 @@ impl Problem {
 
     /// Query heads that share one kv head (1 without GQA).
     pub fn group_size(&self) -> usize {
-        if self.heads_kv == 0 {
-            1
-        } else {
-            (self.heads_q / self.heads_kv).max(1)
-        }
+        self.heads_q
+            .checked_div(self.heads_kv)
+            .map_or(1, |group| group.max(1))
     }
 
     /// The kv head query head `h` reads.
