@@ -1,0 +1,360 @@
+//! Reference scaled dot-product attention on the CPU: slow enough to read, fast enough
+//! to test with (a real GEMM per query block, rayon over batch, head and block).
+//!
+//! Semantics are PyTorch 2.11's math backend, as `sdpa-core` specifies them: exact
+//! two-pass softmax with max subtraction, masks (bool or additive, broadcast), both
+//! causal alignments, custom and negative scale, GQA, `Ev != E`, dropout from the
+//! shared Philox stream, fully masked rows giving 0. Intermediates are f64 for f64
+//! inputs and f32 otherwise; the output is rounded once.
+//!
+//! # Shapes
+//! `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]`, any strides ->
+//! `out [B, Hq, L, Ev]` (contiguous) and `lse [B, Hq, L]` (f32).
+//!
+//! ```
+//! use ndarray::Array4;
+//! use sdpa_core::{Causal, SdpaOptions};
+//!
+//! let q = Array4::<f32>::from_shape_fn((1, 2, 3, 4), |(_, h, i, e)| (h + i * e) as f32 * 0.1);
+//! let options = SdpaOptions { causal: Causal::TopLeft, ..Default::default() };
+//! let result = sdpa_ref::sdpa(q.view(), q.view(), q.view(), None, &options)?;
+//! assert_eq!(result.out.shape(), &[1, 2, 3, 4]);
+//! // The first query sees only the first key, so it returns the first value row.
+//! assert_eq!(result.out.slice(ndarray::s![0, 1, 0, ..]), q.slice(ndarray::s![0, 1, 0, ..]));
+//! # Ok::<(), sdpa_core::SdpaError>(())
+//! ```
+#![warn(missing_docs)]
+
+mod element;
+
+pub use element::{Accum, Element};
+
+use ndarray::{
+    s, Array2, Array3, Array4, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    Axis, Ix4,
+};
+use num_traits::{Float, One, Zero};
+use rayon::prelude::*;
+use sdpa_core::dropout::flat_index;
+use sdpa_core::{MaskDesc, MaskKind, Problem, Result, SdpaError, SdpaOptions, TensorDesc};
+
+/// Query rows per task: large enough that the two GEMMs run near peak, small enough
+/// that a `[rows, S]` score block stays in cache and rayon has work to balance.
+const QUERY_BLOCK: usize = 64;
+
+/// An explicit `attn_mask`, broadcastable to `[B, Hq, L, S]` (rank 0 to 4).
+#[derive(Debug, Clone)]
+pub enum Mask<'a, T> {
+    /// `true` = the key takes part.
+    Bool(ArrayViewD<'a, bool>),
+    /// Added to the scaled scores; `-inf` masks out. Same dtype as q.
+    Additive(ArrayViewD<'a, T>),
+}
+
+/// Output of [`sdpa`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output<T> {
+    /// `[B, Hq, L, Ev]`, contiguous.
+    pub out: Array4<T>,
+    /// Natural log of the softmax denominator of each query row (scores scaled and
+    /// masked, before dropout), `[B, Hq, L]`; `-inf` for a row with no key.
+    pub lse: Array3<f32>,
+}
+
+/// Describes an ndarray view for `sdpa-core`.
+pub fn describe<T: Element>(view: &ArrayView4<'_, T>) -> TensorDesc {
+    let shape = view.shape();
+    let strides = view.strides();
+    TensorDesc {
+        dtype: T::DTYPE,
+        layout: sdpa_core::Layout {
+            shape: [shape[0], shape[1], shape[2], shape[3]],
+            strides: [strides[0], strides[1], strides[2], strides[3]],
+        },
+    }
+}
+
+fn describe_mask<T: Element>(mask: &Mask<'_, T>) -> MaskDesc {
+    let (kind, shape, strides) = match mask {
+        Mask::Bool(m) => (MaskKind::Bool, m.shape(), m.strides()),
+        Mask::Additive(m) => (MaskKind::Additive(T::DTYPE), m.shape(), m.strides()),
+    };
+    MaskDesc {
+        kind,
+        shape: shape.to_vec(),
+        strides: strides.to_vec(),
+    }
+}
+
+/// Validates a call against the specification and returns the resolved problem.
+pub fn problem<T: Element>(
+    q: &ArrayView4<'_, T>,
+    k: &ArrayView4<'_, T>,
+    v: &ArrayView4<'_, T>,
+    mask: Option<&Mask<'_, T>>,
+    options: &SdpaOptions,
+) -> Result<Problem> {
+    let mask_desc = mask.map(describe_mask);
+    Problem::new(
+        &describe(q),
+        &describe(k),
+        &describe(v),
+        mask_desc.as_ref(),
+        options,
+    )
+}
+
+/// The mask read as `[B, Hq, L, S]` through zero strides.
+enum Broadcast<'a, T> {
+    None,
+    Bool(ArrayView4<'a, bool>),
+    Additive(ArrayView4<'a, T>),
+}
+
+fn broadcast_mask<'a, 'm: 'a, T: Element>(
+    mask: Option<&'a Mask<'m, T>>,
+    shape: [usize; 4],
+) -> Result<Broadcast<'a, T>> {
+    let err = |m: &[usize]| {
+        SdpaError::invalid(
+            "attn_mask",
+            format!(
+                "a shape that broadcasts to {}",
+                sdpa_core::shape_text(&shape)
+            ),
+            sdpa_core::shape_text(m),
+        )
+    };
+    Ok(match mask {
+        None => Broadcast::None,
+        Some(Mask::Bool(m)) => Broadcast::Bool(
+            m.broadcast(shape)
+                .ok_or_else(|| err(m.shape()))?
+                .into_dimensionality::<Ix4>()
+                .map_err(|_| err(m.shape()))?,
+        ),
+        Some(Mask::Additive(m)) => Broadcast::Additive(
+            m.broadcast(shape)
+                .ok_or_else(|| err(m.shape()))?
+                .into_dimensionality::<Ix4>()
+                .map_err(|_| err(m.shape()))?,
+        ),
+    })
+}
+
+/// Everything a query block needs, shared by all tasks.
+struct Context<'a, T: Element> {
+    problem: &'a Problem,
+    q: ArrayView4<'a, T>,
+    /// `k` and `v` of each `(b, kv_head)`, widened to the accumulation type once.
+    keys: Vec<Array2<T::Acc>>,
+    values: Vec<Array2<T::Acc>>,
+    mask: Broadcast<'a, T>,
+}
+
+impl<'a, T: Element> Context<'a, T> {
+    fn new(
+        problem: &'a Problem,
+        q: ArrayView4<'a, T>,
+        k: ArrayView4<'a, T>,
+        v: ArrayView4<'a, T>,
+        mask: Broadcast<'a, T>,
+    ) -> Self {
+        let widen = |x: &ArrayView4<'a, T>| -> Vec<Array2<T::Acc>> {
+            (0..problem.batch * problem.heads_kv)
+                .into_par_iter()
+                .map(|bh| {
+                    x.slice(s![bh / problem.heads_kv, bh % problem.heads_kv, .., ..])
+                        .mapv(T::to_acc)
+                })
+                .collect()
+        };
+        Context {
+            problem,
+            keys: widen(&k),
+            values: widen(&v),
+            q,
+            mask,
+        }
+    }
+
+    /// Post-softmax, post-dropout weights of queries `i0 .. i0 + rows` of `(b, h)`,
+    /// written into `weights [rows, S]`; the log-sum-exp of each row into `lse`.
+    fn block_weights(
+        &self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        mut weights: ArrayViewMut2<'_, T::Acc>,
+        mut lse: ArrayViewMut1<'_, f32>,
+    ) {
+        let p = self.problem;
+        let rows = weights.nrows();
+        let kv = b * p.heads_kv + p.kv_head(h);
+        if p.head_dim == 0 {
+            // An empty dot product is 0 whatever the scale (PyTorch's matmul of empty
+            // factors); multiplying by an infinite default scale would give NaN.
+            weights.fill(T::Acc::zero());
+        } else {
+            let q_block: Array2<T::Acc> = self.q.slice(s![b, h, i0..i0 + rows, ..]).mapv(T::to_acc);
+            ndarray::linalg::general_mat_mul(
+                T::Acc::from_f64(p.scale),
+                &q_block,
+                &self.keys[kv].t(),
+                T::Acc::zero(),
+                &mut weights,
+            );
+        }
+        let neg_inf = T::Acc::neg_infinity();
+        let keep_scale = T::Acc::from_f64(p.dropout.keep_scale());
+        let mut keep = vec![true; p.len_kv];
+        for (r, mut row) in weights.outer_iter_mut().enumerate() {
+            let i = i0 + r;
+            let row = row.as_slice_mut().expect("weights rows are contiguous");
+            let limit = p.causal.key_limit(i, p.len_q, p.len_kv);
+            row[limit..].fill(neg_inf);
+            match &self.mask {
+                Broadcast::None => {}
+                Broadcast::Bool(m) => {
+                    for (x, &allowed) in row.iter_mut().zip(m.slice(s![b, h, i, ..])) {
+                        if !allowed {
+                            *x = neg_inf;
+                        }
+                    }
+                }
+                Broadcast::Additive(m) => {
+                    for (x, &add) in row.iter_mut().zip(m.slice(s![b, h, i, ..])) {
+                        *x = *x + add.to_acc();
+                    }
+                }
+            }
+            let max = row.iter().copied().fold(neg_inf, Float::max);
+            if max == neg_inf {
+                // Every key masked out: PyTorch's safe softmax gives 0, never NaN.
+                row.fill(T::Acc::zero());
+                lse[r] = f32::NEG_INFINITY;
+                continue;
+            }
+            let mut sum = T::Acc::zero();
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum = sum + *x;
+            }
+            lse[r] = (max + sum.ln()).to_f32();
+            let inv = T::Acc::one() / sum;
+            if p.dropout.is_active() {
+                p.dropout.fill_keep_row(
+                    flat_index(b, h, i, 0, p.heads_q, p.len_q, p.len_kv),
+                    &mut keep,
+                );
+                let kept = inv * keep_scale;
+                for (x, &k) in row.iter_mut().zip(&keep) {
+                    *x = if k { *x * kept } else { T::Acc::zero() };
+                }
+            } else {
+                row.iter_mut().for_each(|x| *x = *x * inv);
+            }
+        }
+    }
+
+    /// For every query block, in parallel: computes its weights and hands them to
+    /// `f(kv, weights, rows)` with `rows` the block's slice of `target [B, Hq, L, X]`.
+    fn for_each_block<X, F>(&self, lse: &mut Array3<f32>, target: &mut Array4<X>, f: F)
+    where
+        X: Send + Sync,
+        F: Fn(usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
+    {
+        let p = self.problem;
+        lse.outer_iter_mut()
+            .into_par_iter()
+            .zip(target.outer_iter_mut().into_par_iter())
+            .enumerate()
+            .for_each(|(b, (mut lse_b, mut target_b))| {
+                lse_b
+                    .outer_iter_mut()
+                    .into_par_iter()
+                    .zip(target_b.outer_iter_mut().into_par_iter())
+                    .enumerate()
+                    .for_each(|(h, (mut lse_bh, mut target_bh))| {
+                        lse_bh
+                            .axis_chunks_iter_mut(Axis(0), QUERY_BLOCK)
+                            .into_par_iter()
+                            .zip(
+                                target_bh
+                                    .axis_chunks_iter_mut(Axis(0), QUERY_BLOCK)
+                                    .into_par_iter(),
+                            )
+                            .enumerate()
+                            .for_each(|(blk, (lse_rows, target_rows))| {
+                                let mut weights = Array2::zeros((lse_rows.len(), p.len_kv));
+                                self.block_weights(
+                                    b,
+                                    h,
+                                    blk * QUERY_BLOCK,
+                                    weights.view_mut(),
+                                    lse_rows,
+                                );
+                                let kv = b * p.heads_kv + p.kv_head(h);
+                                f(kv, weights.view(), target_rows);
+                            });
+                    });
+            });
+    }
+}
+
+/// Scaled dot-product attention, as `torch.nn.functional.scaled_dot_product_attention`
+/// computes it with the math backend.
+///
+/// # Errors
+/// Whatever [`Problem::new`] rejects: mismatched dtypes, batch, lengths or head dims;
+/// heads that do not match (or divide under GQA); a mask that does not broadcast;
+/// dropout `p` outside `[0, 1]`; a scale that is not finite.
+pub fn sdpa<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    options: &SdpaOptions,
+) -> Result<Output<T>> {
+    let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
+    let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
+    let mut lse = Array3::from_elem((batch, heads_q, len_q), f32::NEG_INFINITY);
+    let mut out = Array4::from_elem(
+        (batch, heads_q, len_q, head_dim_v),
+        T::from_acc(T::Acc::zero()),
+    );
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask);
+    ctx.for_each_block(&mut lse, &mut out, |kv, weights, mut rows| {
+        let values = &ctx.values[kv];
+        if values.ncols() > 0 {
+            rows.assign(&weights.dot(values).mapv(T::from_acc));
+        }
+    });
+    Ok(Output { out, lse })
+}
+
+/// The attention weights `[B, Hq, L, S]` the math backend multiplies `v` by: softmax of
+/// the scaled, masked scores, with dropout applied (dropped weights 0, kept ones scaled
+/// by `1/(1-p)`). What PyTorch's `_scaled_dot_product_attention_math` returns second.
+///
+/// # Errors
+/// As [`sdpa`].
+pub fn attention_weights<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    options: &SdpaOptions,
+) -> Result<Array4<T::Acc>> {
+    let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
+    let [batch, heads_q, len_q, len_kv] = problem.scores_shape();
+    let mut lse = Array3::zeros((batch, heads_q, len_q));
+    let mut all = Array4::zeros((batch, heads_q, len_q, len_kv));
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask);
+    ctx.for_each_block(&mut lse, &mut all, |_, weights, mut rows| {
+        rows.assign(&weights)
+    });
+    Ok(all)
+}
