@@ -1,0 +1,132 @@
+//! Runs a [`Case`] through the CPU reference, whatever its dtype.
+
+use crate::case::Case;
+use crate::error::{HarnessError, Result};
+use crate::tensor::Tensor;
+use ndarray::{ArrayD, ArrayView4, ArrayViewD, Ix4};
+use sdpa_core::{DType, Layout, MaskDesc, MaskKind, Problem, TensorDesc};
+use sdpa_ref::{Element, Mask};
+
+/// Output and log-sum-exp of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutput {
+    /// `[B, Hq, L, Ev]` in the case dtype.
+    pub out: Tensor,
+    /// `[B, Hq, L]`.
+    pub lse: ArrayD<f32>,
+}
+
+fn four_d<'a, T>(name: &str, a: ArrayViewD<'a, T>) -> Result<ArrayView4<'a, T>> {
+    let dims = a.ndim();
+    a.into_dimensionality::<Ix4>()
+        .map_err(|_| HarnessError::case(format!("tensor {name}"), "4 dims", format!("{dims} dims")))
+}
+
+fn desc(name: &str, t: &Tensor) -> Result<TensorDesc> {
+    let shape = t.shape();
+    let dtype = t.dtype().ok_or_else(|| {
+        HarnessError::case(format!("tensor {name}"), "a floating-point dtype", "bool")
+    })?;
+    if shape.len() != 4 {
+        return Err(HarnessError::case(
+            format!("tensor {name}"),
+            "4 dims",
+            format!("{} dims", shape.len()),
+        ));
+    }
+    Ok(TensorDesc {
+        dtype,
+        layout: Layout::contiguous([shape[0], shape[1], shape[2], shape[3]]),
+    })
+}
+
+/// Validates the case against the specification (dtypes, shapes, mask, options).
+pub fn problem(case: &Case) -> Result<Problem> {
+    let mask = case.attn_mask.as_ref().map(|m| {
+        let kind = match m.dtype() {
+            None => MaskKind::Bool,
+            Some(dt) => MaskKind::Additive(dt),
+        };
+        MaskDesc::contiguous(kind, m.shape())
+    });
+    Ok(Problem::new(
+        &desc("q", &case.q)?,
+        &desc("k", &case.k)?,
+        &desc("v", &case.v)?,
+        mask.as_ref(),
+        &case.options,
+    )?)
+}
+
+fn typed<T: Element>(
+    q: &ArrayD<T>,
+    k: &ArrayD<T>,
+    v: &ArrayD<T>,
+    mask: Option<Mask<'_, T>>,
+    case: &Case,
+    wrap: fn(ArrayD<T>) -> Tensor,
+) -> Result<RunOutput> {
+    let r = sdpa_ref::sdpa(
+        four_d("q", q.view())?,
+        four_d("k", k.view())?,
+        four_d("v", v.view())?,
+        mask,
+        &case.options,
+    )?;
+    Ok(RunOutput {
+        out: wrap(r.out.into_dyn()),
+        lse: r.lse.into_dyn(),
+    })
+}
+
+/// Runs the case through the reference in its own dtype.
+///
+/// # Errors
+/// Everything the specification rejects (mismatched dtypes, shapes, masks, options).
+pub fn run_reference(case: &Case) -> Result<RunOutput> {
+    problem(case)?;
+    macro_rules! dispatch {
+        ($variant:ident) => {{
+            let (Tensor::$variant(q), Tensor::$variant(k), Tensor::$variant(v)) =
+                (&case.q, &case.k, &case.v)
+            else {
+                unreachable!("problem() checked that q, k, v share a dtype")
+            };
+            let mask = match &case.attn_mask {
+                Some(Tensor::$variant(m)) => Some(Mask::Additive(m.view())),
+                Some(Tensor::Bool(b)) => Some(Mask::Bool(b.view())),
+                None => None,
+                Some(_) => unreachable!("problem() checked the mask dtype"),
+            };
+            typed(q, k, v, mask, case, Tensor::$variant)
+        }};
+    }
+    match case.q.dtype() {
+        Some(DType::F64) => dispatch!(F64),
+        Some(DType::F32) => dispatch!(F32),
+        Some(DType::F16) => dispatch!(F16),
+        Some(DType::BF16) => dispatch!(BF16),
+        None => unreachable!("problem() checked that q is floating point"),
+    }
+}
+
+/// The case with q, k, v and an additive mask widened (exactly) to f64.
+pub fn widened(case: &Case) -> Case {
+    let widen = |t: &Tensor| match t {
+        Tensor::Bool(_) => t.clone(),
+        other => Tensor::F64(other.to_f64()),
+    };
+    Case {
+        q: widen(&case.q),
+        k: widen(&case.k),
+        v: widen(&case.v),
+        attn_mask: case.attn_mask.as_ref().map(widen),
+        ..case.clone()
+    }
+}
+
+/// Runs the case through the reference with every input widened to f64: our truth.
+pub fn run_reference_f64(case: &Case) -> Result<RunOutput> {
+    problem(case)?;
+    run_reference(&widened(case))
+}
