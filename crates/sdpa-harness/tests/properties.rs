@@ -81,7 +81,7 @@ proptest! {
             perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         let permute_last = |a: &ArrayD<f64>| -> ArrayD<f64> {
-            let last = a.ndim() - 1;
+            let last = a.ndim().saturating_sub(1);
             if a.ndim() == 0 || a.shape()[last] == 1 { a.clone() } else { a.select(Axis(last), &perm) }
         };
         let permuted = Inputs {
@@ -274,14 +274,36 @@ fn dropout_mean_over_seeds_tends_to_no_dropout() {
     let x = spec.inputs();
     let p = 0.3;
     let seeds = 400;
-    let base_options = SdpaOptions { enable_gqa: true, ..spec.options };
+    let base_options = SdpaOptions {
+        enable_gqa: true,
+        ..spec.options
+    };
     let mask = mask_of(&x);
-    let plain = sdpa(x.q.view(), x.k.view(), x.v.view(), mask.clone(), &base_options).unwrap();
-    let weights = sdpa_ref::attention_weights(x.q.view(), x.k.view(), x.v.view(), mask.clone(), &base_options).unwrap();
+    let plain = sdpa(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        mask.clone(),
+        &base_options,
+    )
+    .unwrap();
+    let weights = sdpa_ref::attention_weights(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        mask.clone(),
+        &base_options,
+    )
+    .unwrap();
     let mut sum = Array4::<f64>::zeros(plain.out.raw_dim());
     for seed in 0..seeds {
-        let options = SdpaOptions { dropout: Dropout::new(p, seed, 0), ..base_options };
-        sum += &sdpa(x.q.view(), x.k.view(), x.v.view(), mask.clone(), &options).unwrap().out;
+        let options = SdpaOptions {
+            dropout: Dropout::new(p, seed, 0),
+            ..base_options
+        };
+        sum += &sdpa(x.q.view(), x.k.view(), x.v.view(), mask.clone(), &options)
+            .unwrap()
+            .out;
     }
     let mean = sum / seeds as f64;
     let (b_n, hq, l, ev) = plain.out.dim();
@@ -293,16 +315,31 @@ fn dropout_mean_over_seeds_tends_to_no_dropout() {
                     let var: f64 = (0..spec.len_kv)
                         .map(|j| (weights[[b, h, i, j]] * x.v[[b, h / spec.group, j, y]]).powi(2))
                         .sum::<f64>()
-                        * p / (1.0 - p);
+                        * p
+                        / (1.0 - p);
                     let stderr = (var / seeds as f64).sqrt();
-                    let z = (mean[[b, h, i, y]] - plain.out[[b, h, i, y]]).abs() / stderr.max(1e-300);
+                    let z =
+                        (mean[[b, h, i, y]] - plain.out[[b, h, i, y]]).abs() / stderr.max(1e-300);
                     worst = worst.max(z);
                 }
             }
         }
     }
-    assert!(worst < 6.0, "mean over seeds is {worst} standard errors from the no-dropout output");
+    assert!(
+        worst < 6.0,
+        "mean over seeds is {worst} standard errors from the no-dropout output"
+    );
     // And it did move: a single seed is far from the mean.
-    let one = sdpa(x.q.view(), x.k.view(), x.v.view(), mask, &SdpaOptions { dropout: Dropout::new(p, 1, 0), ..base_options }).unwrap();
+    let one = sdpa(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        mask,
+        &SdpaOptions {
+            dropout: Dropout::new(p, 1, 0),
+            ..base_options
+        },
+    )
+    .unwrap();
     assert!(compare(one.out.view().into_dyn(), plain.out.view().into_dyn()).max_abs > 1e-3);
 }

@@ -235,11 +235,7 @@ impl<'a, T: Element> Context<'a, T> {
                 lse[r] = f32::NEG_INFINITY;
                 continue;
             }
-            let mut sum = T::Acc::zero();
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum = sum + *x;
-            }
+            let sum = T::Acc::exp_shifted(row, max);
             lse[r] = (max + sum.ln()).to_f32();
             let inv = T::Acc::one() / sum;
             if p.dropout.is_active() {
