@@ -142,6 +142,48 @@ fn broadcast_mask<'a, 'm: 'a, T: Element>(
     })
 }
 
+/// Where a call's elements sit in the dropout index space of DESIGN.md: element
+/// `(b, h, i, j)` of the call draws the bit of flat index
+/// `(((batch_offset + b) * heads_q + h) * len_q + i) * len_kv + j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutSpace {
+    /// Batch index of the call's first batch element.
+    pub batch_offset: usize,
+    /// `Hq` of the space (must equal the call's).
+    pub heads_q: usize,
+    /// `L` of the space (at least the call's).
+    pub len_q: usize,
+    /// `S` of the space (at least the call's).
+    pub len_kv: usize,
+}
+
+impl DropoutSpace {
+    fn resolve(space: Option<DropoutSpace>, p: &Problem) -> Result<DropoutSpace> {
+        let Some(space) = space else {
+            return Ok(DropoutSpace {
+                batch_offset: 0,
+                heads_q: p.heads_q,
+                len_q: p.len_q,
+                len_kv: p.len_kv,
+            });
+        };
+        if space.heads_q != p.heads_q || space.len_q < p.len_q || space.len_kv < p.len_kv {
+            return Err(SdpaError::invalid(
+                "dropout space",
+                format!(
+                    "{} heads, at least {} queries and {} keys (the problem's)",
+                    p.heads_q, p.len_q, p.len_kv
+                ),
+                format!(
+                    "{} heads, {} queries, {} keys",
+                    space.heads_q, space.len_q, space.len_kv
+                ),
+            ));
+        }
+        Ok(space)
+    }
+}
+
 /// Everything a query block needs, shared by all tasks.
 struct Context<'a, T: Element> {
     problem: &'a Problem,
@@ -150,6 +192,7 @@ struct Context<'a, T: Element> {
     keys: Vec<Array2<T::Acc>>,
     values: Vec<Array2<T::Acc>>,
     mask: Broadcast<'a, T>,
+    space: DropoutSpace,
 }
 
 impl<'a, T: Element> Context<'a, T> {
@@ -159,6 +202,7 @@ impl<'a, T: Element> Context<'a, T> {
         k: ArrayView4<'a, T>,
         v: ArrayView4<'a, T>,
         mask: Broadcast<'a, T>,
+        space: DropoutSpace,
     ) -> Self {
         let widen = |x: &ArrayView4<'a, T>| -> Vec<Array2<T::Acc>> {
             (0..problem.batch * problem.heads_kv)
@@ -175,6 +219,7 @@ impl<'a, T: Element> Context<'a, T> {
             values: widen(&v),
             q,
             mask,
+            space,
         }
     }
 
@@ -240,7 +285,15 @@ impl<'a, T: Element> Context<'a, T> {
             let inv = T::Acc::one() / sum;
             if p.dropout.is_active() {
                 p.dropout.fill_keep_row(
-                    flat_index(b, h, i, 0, p.heads_q, p.len_q, p.len_kv),
+                    flat_index(
+                        self.space.batch_offset + b,
+                        h,
+                        i,
+                        0,
+                        self.space.heads_q,
+                        self.space.len_q,
+                        self.space.len_kv,
+                    ),
                     &mut keep,
                 );
                 let kept = inv * keep_scale;
@@ -312,7 +365,25 @@ pub fn sdpa<T: Element>(
     mask: Option<Mask<'_, T>>,
     options: &SdpaOptions,
 ) -> Result<Output<T>> {
+    sdpa_in_space(q, k, v, mask, options, None)
+}
+
+/// [`sdpa`] with the call's elements placed in a larger dropout index space: what a
+/// nested batch needs so that sequence `b` draws the dropout bits of row `b` of the
+/// padded `[B, Hq, Lmax, Smax]` problem. `None` is the call's own space.
+///
+/// # Errors
+/// As [`sdpa`], and a `space` that does not contain the problem.
+pub fn sdpa_in_space<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    options: &SdpaOptions,
+    space: Option<DropoutSpace>,
+) -> Result<Output<T>> {
     let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let space = DropoutSpace::resolve(space, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
     let mut lse = Array3::from_elem((batch, heads_q, len_q), f32::NEG_INFINITY);
@@ -320,7 +391,7 @@ pub fn sdpa<T: Element>(
         (batch, heads_q, len_q, head_dim_v),
         T::from_acc(T::Acc::zero()),
     );
-    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask);
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
     ctx.for_each_block(&mut lse, &mut out, |kv, weights, mut rows| {
         let values = &ctx.values[kv];
         if values.ncols() > 0 {
@@ -344,11 +415,12 @@ pub fn attention_weights<T: Element>(
     options: &SdpaOptions,
 ) -> Result<Array4<T::Acc>> {
     let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let space = DropoutSpace::resolve(None, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, len_kv] = problem.scores_shape();
     let mut lse = Array3::zeros((batch, heads_q, len_q));
     let mut all = Array4::zeros((batch, heads_q, len_q, len_kv));
-    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask);
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
     ctx.for_each_block(&mut lse, &mut all, |_, weights, mut rows| {
         rows.assign(&weights)
     });
