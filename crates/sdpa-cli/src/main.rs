@@ -5,6 +5,7 @@
 mod bench;
 mod engine;
 mod error;
+mod profile;
 mod tutorial;
 
 use bench::Shape;
@@ -75,6 +76,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Profiles the tutorial's CausalSelfAttention module: a per-op table (calls, total,
+    /// mean, share) and optionally a Chrome trace.
+    Profile {
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// Batch size (cut to 4 on the CPU).
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Sequence length.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Embedding dim.
+        #[arg(long, default_value_t = 512)]
+        embed: usize,
+        /// Heads.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Element type.
+        #[arg(long, default_value = "f16")]
+        dtype: DType,
+        /// Forward calls profiled.
+        #[arg(long, default_value_t = 25)]
+        iters: usize,
+        /// Write a Chrome trace (chrome://tracing, Perfetto) here.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+    },
     /// Runs every case in the given files or folders (default `golden/`) through each
     /// backend that supports it here and judges it by the tolerance policy.
     Check {
@@ -122,6 +151,30 @@ fn main() -> ExitCode {
             json,
         } => bench_cmd(device, shape, dtype, causal, repeats, json),
         Command::Check { paths, device } => check(paths, device),
+        Command::Profile {
+            device,
+            batch,
+            seq,
+            embed,
+            heads,
+            dtype,
+            iters,
+            trace,
+        } => Engine::new(device).and_then(|e| {
+            profile::run(
+                &e,
+                profile::Setup {
+                    batch,
+                    seq,
+                    embed,
+                    heads,
+                    dtype,
+                    iters,
+                },
+                trace.as_deref(),
+            )
+            .map(|()| ExitCode::SUCCESS)
+        }),
     };
     match result {
         Ok(code) => code,

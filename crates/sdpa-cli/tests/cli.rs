@@ -67,7 +67,10 @@ fn eval_replays_a_case_and_writes_out_and_lse() {
         assert_eq!(out.data(), expected.out.to_le_bytes().as_slice());
         let lse = st.tensor("lse").unwrap();
         assert_eq!(lse.dtype(), safetensors::Dtype::F32);
-        assert_eq!(lse.data(), Tensor::F32(expected.lse).to_le_bytes().as_slice());
+        assert_eq!(
+            lse.data(),
+            Tensor::F32(expected.lse).to_le_bytes().as_slice()
+        );
     }
 }
 
@@ -106,7 +109,11 @@ fn eval_rejects_bad_files_with_one_line_and_no_output() {
     let mut case = spec().to_case(DType::F32);
     case.q = Tensor::F64(case.q.to_f64());
     case.write(&path).unwrap();
-    assert_rejected(&path, &out, "key: expected dtype f64 (the dtype of query), got f32");
+    assert_rejected(
+        &path,
+        &out,
+        "key: expected dtype f64 (the dtype of query), got f32",
+    );
 
     let mut case = spec().to_case(DType::F32);
     case.attn_mask = Some(Tensor::F64(case.attn_mask.unwrap().to_f64()));
@@ -121,7 +128,11 @@ fn eval_rejects_bad_files_with_one_line_and_no_output() {
     let mut case = spec().to_case(DType::F32);
     case.options.dropout.p = 1.5;
     case.write(&path).unwrap();
-    assert_rejected(&path, &out, "dropout_p: expected a number in [0, 1], got 1.5");
+    assert_rejected(
+        &path,
+        &out,
+        "dropout_p: expected a number in [0, 1], got 1.5",
+    );
 
     // q missing: write a file with only k and v.
     let case = spec().to_case(DType::F32);
@@ -160,7 +171,15 @@ fn eval_rejects_bad_files_with_one_line_and_no_output() {
 #[test]
 fn bench_json_reports_every_backend() {
     let o = sdpa(&[
-        "bench", "--device", "cpu", "--shape", "1,2,64,16", "--dtype", "f32", "--repeats", "2",
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "1,2,64,16",
+        "--dtype",
+        "f32",
+        "--repeats",
+        "2",
         "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -182,9 +201,18 @@ fn the_tutorial_runs_without_a_gpu() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("out [2, 1, 3, 8]"), "{stdout}");
-    assert!(stdout.contains("scaled for the CPU: batch 32 -> 2"), "{stdout}");
-    assert!(stdout.contains("cannot run here: runs on CUDA only"), "{stdout}");
-    assert!(stdout.contains("flash only: no enabled backend can run this problem"), "{stdout}");
+    assert!(
+        stdout.contains("scaled for the CPU: batch 32 -> 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("cannot run here: runs on CUDA only"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("flash only: no enabled backend can run this problem"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -205,4 +233,47 @@ fn check_judges_case_files_with_truth() {
     let o = sdpa(&["check", dir.path().to_str().unwrap(), "--device", "cpu"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 passed, 1 failed"));
+}
+
+#[test]
+fn profile_prints_the_op_table_and_writes_a_chrome_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let o = sdpa(&[
+        "profile",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--embed",
+        "32",
+        "--heads",
+        "4",
+        "--iters",
+        "3",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for op in [
+        "CausalSelfAttention.forward",
+        "c_attn (linear)",
+        "sdpa (math, cpu)",
+        "c_proj (linear)",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(op))
+            .unwrap_or_else(|| panic!("{op} in {stdout}"));
+        assert!(line.split_whitespace().any(|w| w == "3"), "3 calls: {line}");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = json["traceEvents"].as_array().unwrap();
+    assert_eq!(events.len(), 3 * 5);
+    assert!(events
+        .iter()
+        .all(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() >= 0.0));
 }

@@ -1,0 +1,396 @@
+use crate::linear::Linear;
+use crate::profile::Profiler;
+use crate::{NnError, Result};
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis};
+use sdpa_core::{Causal, DType, Dropout, SdpaError, SdpaOptions};
+use sdpa_nested::{CuSeqlens, Nested};
+use sdpa_ref::Element;
+use std::collections::HashMap;
+
+/// The dropout stream of a module: a Philox seed and a counter offset that advances by
+/// what each call consumes, so two calls draw different bits and a run replays from
+/// its seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutGenerator {
+    /// Philox key.
+    pub seed: u64,
+    /// Next unused counter.
+    pub offset: u64,
+}
+
+impl DropoutGenerator {
+    /// A stream starting at counter 0.
+    pub fn new(seed: u64) -> Self {
+        DropoutGenerator { seed, offset: 0 }
+    }
+
+    /// Dropout with probability `p` over `elements` elements; advances the offset by the
+    /// `ceil(elements / 4)` counters it uses.
+    pub fn take(&mut self, p: f64, elements: u128) -> Dropout {
+        let d = Dropout::new(p, self.seed, self.offset);
+        self.offset = self.offset.wrapping_add(elements.div_ceil(4) as u64);
+        d
+    }
+}
+
+/// nanoGPT's causal self-attention block, as the PyTorch SDPA tutorial defines it.
+#[derive(Debug, Clone)]
+pub struct CausalSelfAttention<T: Element> {
+    c_attn: Linear<T>,
+    c_proj: Linear<T>,
+    heads: usize,
+    dropout: f64,
+    is_causal: bool,
+    training: bool,
+    generator: DropoutGenerator,
+}
+
+fn get<T: Element>(
+    tensors: &safetensors::SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<ndarray::ArrayD<T>>> {
+    let view = match tensors.tensor(name) {
+        Ok(v) => v,
+        Err(_) => return Ok(None),
+    };
+    let want = match T::DTYPE {
+        DType::F64 => safetensors::Dtype::F64,
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+    };
+    if view.dtype() != want {
+        return Err(NnError::weight(
+            name,
+            format!("dtype {:?} (the module's)", want),
+            format!("{:?}", view.dtype()),
+        ));
+    }
+    if view.shape() != shape {
+        return Err(NnError::weight(
+            name,
+            format!("shape {shape:?}"),
+            format!("{:?}", view.shape()),
+        ));
+    }
+    let size = T::DTYPE.size_bytes();
+    let values: Vec<T> = view
+        .data()
+        .chunks_exact(size)
+        .map(|c| {
+            let wide = match T::DTYPE {
+                DType::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")),
+                DType::F32 => f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+                DType::F16 => half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
+                DType::BF16 => half::bf16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
+            };
+            // Exact: every value is representable in T (it came from T's bytes).
+            T::from_acc(num_traits::cast(wide).expect("finite or inf/nan casts"))
+        })
+        .collect();
+    Ok(Some(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values)
+            .map_err(|e| NnError::weight(name, "data matching its shape", e))?,
+    ))
+}
+
+impl<T: Element> CausalSelfAttention<T> {
+    /// From the two layers. Starts in training mode (as a fresh `nn.Module`), with
+    /// dropout seed 0.
+    ///
+    /// # Errors
+    /// `c_attn` not `[3E, E]`, `c_proj` not `[E, E]`, `E` not divisible by `heads`,
+    /// `dropout` outside `[0, 1]`.
+    pub fn new(
+        c_attn: Linear<T>,
+        c_proj: Linear<T>,
+        heads: usize,
+        dropout: f64,
+        is_causal: bool,
+    ) -> Result<Self> {
+        let e = c_attn.in_features();
+        if c_attn.out_features() != 3 * e {
+            return Err(NnError::weight(
+                "c_attn.weight",
+                format!("shape [{}, {e}] ([3E, E])", 3 * e),
+                format!("[{}, {e}]", c_attn.out_features()),
+            ));
+        }
+        if c_proj.in_features() != e || c_proj.out_features() != e {
+            return Err(NnError::weight(
+                "c_proj.weight",
+                format!("shape [{e}, {e}] ([E, E])"),
+                format!("[{}, {}]", c_proj.out_features(), c_proj.in_features()),
+            ));
+        }
+        if heads == 0 || e % heads != 0 {
+            return Err(SdpaError::invalid(
+                "heads",
+                format!("a divisor of the embedding dim {e}"),
+                heads,
+            )
+            .into());
+        }
+        Dropout::new(dropout, 0, 0).validate()?;
+        Ok(CausalSelfAttention {
+            c_attn,
+            c_proj,
+            heads,
+            dropout,
+            is_causal,
+            training: true,
+            generator: DropoutGenerator::new(0),
+        })
+    }
+
+    /// Loads `c_attn.weight [3E, E]`, `c_proj.weight [E, E]` and the optional
+    /// `c_attn.bias`, `c_proj.bias` from safetensors bytes (a torch `state_dict` saved
+    /// with `safetensors.torch.save_file`).
+    ///
+    /// # Errors
+    /// Unreadable bytes; a missing weight; a weight or bias of the wrong shape or dtype.
+    pub fn from_safetensors(
+        bytes: &[u8],
+        heads: usize,
+        dropout: f64,
+        is_causal: bool,
+    ) -> Result<Self> {
+        let tensors = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| NnError::weight("state_dict", "a safetensors file", e))?;
+        let w = tensors
+            .tensor("c_attn.weight")
+            .map_err(|_| NnError::weight("c_attn.weight", "a tensor [3E, E]", "none"))?;
+        let shape = w.shape();
+        if shape.len() != 2 || shape[0] != 3 * shape[1] {
+            return Err(NnError::weight(
+                "c_attn.weight",
+                "shape [3E, E]",
+                format!("{shape:?}"),
+            ));
+        }
+        let e = shape[1];
+        let load2 = |name: &str, rows: usize| -> Result<Array2<T>> {
+            let a = get::<T>(&tensors, name, &[rows, e])?
+                .ok_or_else(|| NnError::weight(name, format!("a tensor [{rows}, {e}]"), "none"))?;
+            Ok(a.into_dimensionality().expect("2-d by its checked shape"))
+        };
+        let load1 = |name: &str, len: usize| -> Result<Option<Array1<T>>> {
+            Ok(get::<T>(&tensors, name, &[len])?
+                .map(|a| a.into_dimensionality().expect("1-d by its checked shape")))
+        };
+        let c_attn = Linear::new(load2("c_attn.weight", 3 * e)?, load1("c_attn.bias", 3 * e)?)?;
+        let c_proj = Linear::new(load2("c_proj.weight", e)?, load1("c_proj.bias", e)?)?;
+        Self::new(c_attn, c_proj, heads, dropout, is_causal)
+    }
+
+    /// Training mode: dropout and the configured causal mask apply.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode: no dropout and, as in the tutorial's module, no causal mask.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Restarts the dropout stream at `seed`, counter 0.
+    pub fn seed(&mut self, seed: u64) {
+        self.generator = DropoutGenerator::new(seed);
+    }
+
+    /// The dropout stream's current state.
+    pub fn generator(&self) -> DropoutGenerator {
+        self.generator
+    }
+
+    /// The embedding dim `E`.
+    pub fn embed_dim(&self) -> usize {
+        self.c_attn.in_features()
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// The weights by their state_dict names.
+    pub fn state_dict(&self) -> HashMap<String, ndarray::ArrayD<T>> {
+        let mut m = HashMap::new();
+        m.insert(
+            "c_attn.weight".into(),
+            self.c_attn.weight().clone().into_dyn(),
+        );
+        m.insert(
+            "c_proj.weight".into(),
+            self.c_proj.weight().clone().into_dyn(),
+        );
+        if let Some(b) = self.c_attn.bias() {
+            m.insert("c_attn.bias".into(), b.clone().into_dyn());
+        }
+        if let Some(b) = self.c_proj.bias() {
+            m.insert("c_proj.bias".into(), b.clone().into_dyn());
+        }
+        m
+    }
+
+    fn attention_options(&mut self, batch: usize, len: usize) -> SdpaOptions {
+        if !self.training {
+            return SdpaOptions::default();
+        }
+        let elements = batch as u128 * self.heads as u128 * len as u128 * len as u128;
+        SdpaOptions {
+            causal: if self.is_causal {
+                Causal::TopLeft
+            } else {
+                Causal::None
+            },
+            dropout: if self.dropout > 0.0 {
+                self.generator.take(self.dropout, elements)
+            } else {
+                Dropout::NONE
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Residual dropout on `y [rows, E]` in place; element `(r, e)` draws flat index
+    /// `index(r) * E + e` of the stream.
+    fn resid_dropout(&mut self, y: &mut Array2<T>, elements: u128, index: impl Fn(usize) -> u64) {
+        if !self.training || self.dropout <= 0.0 {
+            return;
+        }
+        let d = self.generator.take(self.dropout, elements);
+        let scale = <T::Acc as num_traits::NumCast>::from(d.keep_scale()).expect("finite");
+        let e = y.ncols() as u64;
+        let mut keep = vec![true; y.ncols()];
+        for (r, mut row) in y.outer_iter_mut().enumerate() {
+            d.fill_keep_row(index(r) * e, &mut keep);
+            for (x, &k) in row.iter_mut().zip(&keep) {
+                *x = if k {
+                    T::from_acc(x.to_acc() * scale)
+                } else {
+                    T::from_acc(num_traits::Zero::zero())
+                };
+            }
+        }
+    }
+
+    fn check_input(&self, e: usize) -> Result<()> {
+        if e != self.embed_dim() {
+            return Err(SdpaError::invalid(
+                "input",
+                format!("embedding dim {} (the module's)", self.embed_dim()),
+                e,
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// `x [B, T, E] -> [B, T, E]`.
+    ///
+    /// # Errors
+    /// `x` whose last dim is not `E`.
+    pub fn forward(&mut self, x: ArrayView3<'_, T>) -> Result<Array3<T>> {
+        self.forward_profiled(x, &mut Profiler::disabled())
+    }
+
+    /// [`forward`](Self::forward), recording each op in `profiler`.
+    pub fn forward_profiled(
+        &mut self,
+        x: ArrayView3<'_, T>,
+        profiler: &mut Profiler,
+    ) -> Result<Array3<T>> {
+        let (batch, len, e) = x.dim();
+        self.check_input(e)?;
+        let d = e / self.heads;
+        let rows = x.as_standard_layout();
+        let rows = rows
+            .view()
+            .into_shape_with_order((batch * len, e))
+            .expect("standard layout reshapes");
+        let qkv = profiler.cpu("c_attn (linear)", || self.c_attn.forward(rows))?;
+        // [B*T, 3E] -> [B, T, 3, H, D]: q, k, v are views of it, [B, H, T, D] each.
+        let qkv = qkv
+            .into_shape_with_order((batch, len, 3, self.heads, d))
+            .expect("contiguous [B*T, 3E] reshapes");
+        let view = |i: usize| qkv.index_axis(Axis(2), i).permuted_axes([0, 2, 1, 3]);
+        let options = self.attention_options(batch, len);
+        let attn = profiler.cpu("sdpa (math, cpu)", || {
+            sdpa_ref::sdpa(view(0), view(1), view(2), None, &options)
+        })?;
+        // [B, H, T, D] -> [B, T, H, D] -> [B*T, E]
+        let y = attn.out.permuted_axes([0, 2, 1, 3]);
+        let y = y.as_standard_layout();
+        let y = y
+            .view()
+            .into_shape_with_order((batch * len, e))
+            .expect("standard layout reshapes");
+        let mut out = profiler.cpu("c_proj (linear)", || self.c_proj.forward(y))?;
+        let elements = (batch * len * e) as u128;
+        profiler.cpu("resid_dropout", || {
+            self.resid_dropout(&mut out, elements, |r| r as u64)
+        });
+        Ok(out
+            .into_shape_with_order((batch, len, e))
+            .expect("contiguous reshapes"))
+    }
+
+    /// A nested batch: packed rows `x [total, E]` with `cu_seqlens`, each sequence
+    /// attending only to itself (causal per sequence). Dropout draws from the padded
+    /// index space `[B, H, Tmax, Tmax]` (attention) and `[B, Tmax, E]` (residual), so
+    /// the result equals the padded batch's rows.
+    ///
+    /// # Errors
+    /// `x` whose last dim is not `E`, or `cu_seqlens` that do not end at `total`.
+    pub fn forward_nested(
+        &mut self,
+        x: ArrayView2<'_, T>,
+        cu_seqlens: &CuSeqlens,
+    ) -> Result<Array2<T>> {
+        let (total, e) = x.dim();
+        self.check_input(e)?;
+        if cu_seqlens.total() != total {
+            return Err(SdpaError::invalid(
+                "cu_seqlens",
+                format!("a last offset equal to the packed rows, {total}"),
+                cu_seqlens.total(),
+            )
+            .into());
+        }
+        let d = e / self.heads;
+        let qkv = self.c_attn.forward(x)?;
+        let qkv = qkv
+            .into_shape_with_order((total, 3, self.heads, d))
+            .expect("contiguous [total, 3E] reshapes");
+        let part =
+            |i: usize| Nested::new(qkv.index_axis(Axis(1), i).to_owned(), cu_seqlens.clone());
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let max = cu_seqlens.max_len();
+        let options = self.attention_options(cu_seqlens.batch(), max);
+        let attn = sdpa_nested::sdpa_nested(&q, &k, &v, &options)?;
+        let y = attn
+            .out
+            .values()
+            .view()
+            .into_shape_with_order((total, e))
+            .expect("contiguous [total, H, D] reshapes")
+            .to_owned();
+        let mut out = self.c_proj.forward(y.view())?;
+        // Packed row r of sequence b at position i is row b*Tmax + i of the padded batch.
+        let offsets = cu_seqlens.offsets().to_vec();
+        let padded_row = move |r: usize| {
+            let b = offsets.partition_point(|&o| o <= r) - 1;
+            (b * max + (r - offsets[b])) as u64
+        };
+        let elements = (cu_seqlens.batch() * max * e) as u128;
+        self.resid_dropout(&mut out, elements, padded_row);
+        Ok(out)
+    }
+}
