@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the GPU test bundle here (no CUDA needed): target/gpu-bundle/ with the GPU test
+# binary, the CPU unit tests of sdpa-cuda, the bench binary, the kernels, the golden
+# cases (if any), ci/bench_torch.py and run.sh. Copy or carry the folder to any Linux
+# CUDA machine and run `bash target/gpu-bundle/run.sh`: it needs no Rust, prints a
+# summary last, and writes logs to $OUT (or the bundle's results/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BUNDLE=$ROOT/target/gpu-bundle
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE/bin"
+
+# Test executables: cargo prints their paths in its JSON messages.
+cargo test -p sdpa-cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        kind = m["target"]["kind"][0]
+        name = m["target"]["name"]
+        if kind in ("lib", "test"):
+            print(("unit" if kind == "lib" else name) + " " + m["executable"])
+' > "$BUNDLE/tests.txt"
+while read -r name exe; do
+  cp "$exe" "$BUNDLE/bin/sdpa-cuda-$name"
+done < "$BUNDLE/tests.txt"
+rm "$BUNDLE/tests.txt"
+cargo build --release -p sdpa-cuda --bin sdpa-cuda-bench
+cp "$TARGET_DIR/release/sdpa-cuda-bench" "$BUNDLE/bin/"
+# Debug info is most of the size; line tables are not needed on the device.
+for f in "$BUNDLE"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
+
+cp -r kernels "$BUNDLE/kernels"
+if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
+  cp -r golden "$BUNDLE/golden"
+fi
+cp ci/bench_torch.py "$BUNDLE/"
+cp ci/gpu_run.sh "$BUNDLE/run.sh"
+chmod +x "$BUNDLE/run.sh" "$BUNDLE"/bin/*
+du -sh "$BUNDLE"
+ls -la "$BUNDLE/bin"

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# run.sh of the GPU test bundle (built by ci/gpu.sh): runs on a Linux CUDA machine with
+# no Rust. Steps: device info, CPU unit tests, GPU tests (property tests of each backend
+# against the reference, dropout bit-identity, varlen, strided views, errors, disk
+# cache), compute-sanitizer memcheck + racecheck on the small set, then benchmarks of
+# ours and PyTorch's backends on the same card. Summary printed last.
+# Usage: run.sh [tests|sanitize|bench|all]   (default all)
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+LOGS=${OUT:-$HERE/results}
+mkdir -p "$LOGS"
+WHAT=${1:-all}
+BIN=$HERE/bin
+export SDPA_CUDA_CACHE=${SDPA_CUDA_CACHE:-$HERE/.kernel-cache}
+
+# The CUDA libraries cudarc loads: the driver's libcuda, and libnvrtc / libcublas from
+# the toolkit or the nvidia wheels (PyTorch's venv has them).
+for lib in libnvrtc.so libcublas.so; do
+  if ! ldconfig -p | grep -q "$lib"; then
+    dir=$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets/*/lib /opt /usr/lib /usr/local/lib \
+            -name "$lib.*" -not -name '*alt*' 2>/dev/null | head -1 | xargs -r dirname)
+    [ -n "$dir" ] && export LD_LIBRARY_PATH=$dir:${LD_LIBRARY_PATH:-}
+  fi
+done
+
+declare -a SUMMARY
+step() { # name, command...
+  local name=$1; shift
+  local start=$(date +%s)
+  "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  local secs=$(( $(date +%s) - start ))
+  local counts
+  counts=$(grep -E "^test result:" "$LOGS/$name.log" | tail -1)
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$secs" "$counts")")
+  tail -5 "$LOGS/$name.log"
+  return $rc
+}
+
+GPU_TESTS=$BIN/sdpa-cuda-gpu
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi | grep -o "CUDA Version: [0-9.]*"
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+} > "$LOGS/device.txt" 2>&1
+cat "$LOGS/device.txt"
+
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
+  step unit "$BIN/sdpa-cuda-unit"
+  step nvrtc "$BIN/sdpa-cuda-nvrtc" --ignored
+  step gpu "$GPU_TESTS" --ignored --test-threads=1
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = sanitize ]; then
+  for tool in memcheck racecheck; do
+    step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 "$GPU_TESTS" --ignored --exact sanitize_small_set
+    SUMMARY+=("           $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)")
+  done
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+  step bench-ours "$BIN/sdpa-cuda-bench" --json
+  cp "$LOGS/bench-ours.log" "$LOGS/bench-ours.jsonl"
+  step bench-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch.py" --ours "$LOGS/bench-ours.jsonl" --json "$LOGS/bench-torch.json"
+  cat "$LOGS/bench-torch.log"
+fi
+
+echo
+echo "== summary =="
+cat "$LOGS/device.txt"
+for line in "${SUMMARY[@]}"; do echo "$line"; done

@@ -1,0 +1,45 @@
+//! `sdpa-cuda-bench [--json]`: times flash, efficient and math on the issue's five
+//! shapes on CUDA device 0 and prints a table (or JSON lines).
+use sdpa_cuda::{bench, GpuContext};
+
+fn main() {
+    let json = std::env::args().any(|a| a == "--json");
+    let gpu = match GpuContext::new(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("sdpa-cuda-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rows = match bench::run_issue_benchmarks(&gpu) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("sdpa-cuda-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    if json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row).expect("rows serialise"));
+        }
+        return;
+    }
+    println!("device: {} (sm_{})", gpu.name(), gpu.arch());
+    println!("| B | H | L | E | dtype | causal | backend | median ms | TFLOP/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let s = &r.shape;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.1} |",
+            s.batch,
+            s.heads,
+            s.len,
+            s.head_dim,
+            s.dtype,
+            s.causal,
+            r.backend,
+            r.median_ms,
+            r.tflops
+        );
+    }
+}

@@ -1,0 +1,506 @@
+//! Kernel sources, the specialisations the dispatcher asks for, and their NVRTC
+//! compilation with an in-memory and an on-disk cache.
+//!
+//! Every source is embedded (`include_str!`) and compiled at run time for the device's
+//! arch; `#include "x.cuh"` lines are expanded here, so NVRTC needs no include path and
+//! no CUDA headers. A specialisation is a [`KernelSpec`]: its symbol carries its dtype and
+//! variant (`attn_fwd_tc_f16_d128_w8_n64`, `attn_fwd_simt_f32_dv64_bool_dropout`).
+
+use crate::error::{CudaError, Result};
+use sdpa_core::DType;
+use std::ffi::{c_char, CString};
+use std::path::{Path, PathBuf};
+
+/// Embedded kernel sources, by file name.
+pub const SOURCES: [(&str, &str); 5] = [
+    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    (
+        "sdpa_params.cuh",
+        include_str!("../../../kernels/sdpa_params.cuh"),
+    ),
+    (
+        "attn_fwd_tc.cu",
+        include_str!("../../../kernels/attn_fwd_tc.cu"),
+    ),
+    (
+        "attn_fwd_simt.cu",
+        include_str!("../../../kernels/attn_fwd_simt.cu"),
+    ),
+    ("math.cu", include_str!("../../../kernels/math.cu")),
+];
+
+/// Padded head dims of the tensor-core kernel: every E (and Ev) up to 256 rounds up to
+/// the next of these. Multiples of 32 keep the variant count (and CI's compile time)
+/// down; the padding is zero-filled in shared memory and never stored.
+pub const TC_HEAD_DIMS: [u32; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
+
+/// Value-dim buckets of the scalar kernel, in 32-lane chunks.
+pub const SIMT_DV_CHUNKS: [u32; 3] = [2, 4, 8];
+
+/// One compiled specialisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelSpec {
+    /// Tensor-core forward (flash, and efficient in f16/bf16).
+    Tc {
+        /// f16 or bf16.
+        dtype: DType,
+        /// Padded head dim (one of [`TC_HEAD_DIMS`]), covering E and Ev.
+        head_dim: u32,
+        /// Mask and dropout compiled in (chosen at run time by the params); without
+        /// them, the plain flash path.
+        extras: bool,
+    },
+    /// Scalar forward (efficient in f32).
+    Simt {
+        /// Element type.
+        dtype: DType,
+        /// Ev bucket in 32-lane chunks (one of [`SIMT_DV_CHUNKS`]).
+        dv_chunks: u32,
+        /// Mask and dropout compiled in (chosen at run time by the params); without
+        /// them, the plain flash path.
+        extras: bool,
+    },
+    /// The math backend's gather and softmax kernels.
+    Math {
+        /// Element type.
+        dtype: DType,
+    },
+}
+
+fn dtype_code(dtype: DType) -> u32 {
+    match dtype {
+        DType::F64 => 0,
+        DType::F32 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+    }
+}
+
+/// Tile shape of the tensor-core kernel for a padded head dim: (warps, keys per tile).
+/// Each warp owns 16 query rows. Wide heads take fewer rows and keys so that the
+/// accumulators (D/2 registers a thread) and shared memory still fit.
+pub fn tc_tiles(head_dim: u32) -> (u32, u32) {
+    match head_dim {
+        0..=64 => (4, 64),
+        65..=128 => (8, 64),
+        _ => (4, 32),
+    }
+}
+
+/// Dynamic shared memory of the tensor-core kernel: Q tile plus two K and two V tiles,
+/// rows padded by 8 elements.
+pub fn tc_shared_bytes(head_dim: u32) -> u32 {
+    let (warps, block_n) = tc_tiles(head_dim);
+    (16 * warps + 4 * block_n) * (head_dim + 8) * 2
+}
+
+impl KernelSpec {
+    /// The tensor-core specialisation for head dims `e`, `ev` (<= 256).
+    pub fn tc(dtype: DType, e: usize, ev: usize, extras: bool) -> Self {
+        let widest = e.max(ev) as u32;
+        let head_dim = TC_HEAD_DIMS
+            .into_iter()
+            .find(|&d| d >= widest)
+            .unwrap_or(TC_HEAD_DIMS[TC_HEAD_DIMS.len() - 1]);
+        KernelSpec::Tc {
+            dtype,
+            head_dim,
+            extras,
+        }
+    }
+
+    /// The scalar specialisation for value dim `ev` (<= 256).
+    pub fn simt(dtype: DType, e: usize, ev: usize, extras: bool) -> Self {
+        let chunks = e.max(ev).div_ceil(32) as u32;
+        let dv_chunks = SIMT_DV_CHUNKS
+            .into_iter()
+            .find(|&c| c >= chunks)
+            .unwrap_or(SIMT_DV_CHUNKS[SIMT_DV_CHUNKS.len() - 1]);
+        KernelSpec::Simt {
+            dtype,
+            dv_chunks,
+            extras,
+        }
+    }
+
+    /// Every specialisation the dispatcher can ask for: what CI compiles.
+    pub fn all() -> Vec<KernelSpec> {
+        let mut specs = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for head_dim in TC_HEAD_DIMS {
+                for extras in [false, true] {
+                    specs.push(KernelSpec::Tc {
+                        dtype,
+                        head_dim,
+                        extras,
+                    });
+                }
+            }
+        }
+        for dv_chunks in SIMT_DV_CHUNKS {
+            for extras in [false, true] {
+                specs.push(KernelSpec::Simt {
+                    dtype: DType::F32,
+                    dv_chunks,
+                    extras,
+                });
+            }
+        }
+        for dtype in DType::ALL {
+            specs.push(KernelSpec::Math { dtype });
+        }
+        specs
+    }
+
+    /// The source file this specialisation compiles.
+    pub fn source_name(&self) -> &'static str {
+        match self {
+            KernelSpec::Tc { .. } => "attn_fwd_tc.cu",
+            KernelSpec::Simt { .. } => "attn_fwd_simt.cu",
+            KernelSpec::Math { .. } => "math.cu",
+        }
+    }
+
+    /// Kernel symbols in the compiled module (the math module has two).
+    pub fn symbols(&self) -> Vec<String> {
+        match *self {
+            KernelSpec::Tc {
+                dtype,
+                head_dim,
+                extras,
+            } => {
+                let (warps, block_n) = tc_tiles(head_dim);
+                vec![format!(
+                    "attn_fwd_tc_{dtype}_d{head_dim}_w{warps}_n{block_n}{}",
+                    if extras { "_mask_dropout" } else { "" }
+                )]
+            }
+            KernelSpec::Simt {
+                dtype,
+                dv_chunks,
+                extras,
+            } => vec![format!(
+                "attn_fwd_simt_{dtype}_dv{}{}",
+                32 * dv_chunks,
+                if extras { "_mask_dropout" } else { "" }
+            )],
+            KernelSpec::Math { dtype } => {
+                vec![
+                    format!("math_gather_{dtype}"),
+                    format!("math_softmax_{dtype}"),
+                ]
+            }
+        }
+    }
+
+    /// NVRTC options (the `-D` defines that specialise the source) for `arch`, e.g. 90.
+    pub fn options(&self, arch: u32) -> Vec<String> {
+        let mut opts = vec![
+            format!("--gpu-architecture=sm_{arch}"),
+            "--std=c++17".to_string(),
+            "-lineinfo".to_string(),
+        ];
+        let symbols = self.symbols();
+        match *self {
+            KernelSpec::Tc {
+                dtype,
+                head_dim,
+                extras,
+            } => {
+                let (warps, block_n) = tc_tiles(head_dim);
+                opts.push(format!("-DSDPA_DTYPE={}", dtype_code(dtype)));
+                opts.push(format!("-DSDPA_HEAD_DIM={head_dim}"));
+                opts.push(format!("-DSDPA_WARPS={warps}"));
+                opts.push(format!("-DSDPA_BLOCK_N={block_n}"));
+                opts.push(format!("-DSDPA_EXTRAS={}", extras as u32));
+                opts.push(format!("-DSDPA_KERNEL={}", symbols[0]));
+            }
+            KernelSpec::Simt {
+                dtype,
+                dv_chunks,
+                extras,
+            } => {
+                opts.push(format!("-DSDPA_DTYPE={}", dtype_code(dtype)));
+                opts.push(format!("-DSDPA_DV_CHUNKS={dv_chunks}"));
+                opts.push(format!("-DSDPA_EXTRAS={}", extras as u32));
+                opts.push(format!("-DSDPA_KERNEL={}", symbols[0]));
+            }
+            KernelSpec::Math { dtype } => {
+                opts.push(format!("-DSDPA_DTYPE={}", dtype_code(dtype)));
+                opts.push(format!("-DSDPA_KERNEL_GATHER={}", symbols[0]));
+                opts.push(format!("-DSDPA_KERNEL_SOFTMAX={}", symbols[1]));
+            }
+        }
+        opts
+    }
+}
+
+/// `name`'s source with every `#include "x.cuh"` replaced by the embedded file (once
+/// each) and `#pragma once` dropped, so NVRTC sees one self-contained translation unit.
+pub fn expanded_source(name: &str) -> String {
+    fn expand(name: &str, seen: &mut Vec<String>, out: &mut String) {
+        let text = SOURCES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("kernels/{name} is not embedded"));
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if trimmed == "#pragma once" {
+                continue;
+            }
+            if let Some(rest) = trimmed.strip_prefix("#include \"") {
+                let inc = rest.trim_end_matches('"');
+                if !seen.iter().any(|s| s == inc) {
+                    seen.push(inc.to_string());
+                    expand(inc, seen, out);
+                }
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let mut out = String::new();
+    expand(name, &mut vec![name.to_string()], &mut out);
+    out
+}
+
+/// FNV-1a, 64 bits: the disk-cache key. Not cryptographic; it only has to change when
+/// the source, the options or the compiler change.
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &byte in *part {
+            h ^= byte as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Whether `libnvrtc` can be loaded.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names; no symbol is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn missing_nvrtc() -> CudaError {
+    CudaError::Missing {
+        library: "NVRTC (libnvrtc.so)",
+        hint: "install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and put its lib directory on LD_LIBRARY_PATH",
+    }
+}
+
+/// NVRTC's version, e.g. (13, 0).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(missing_nvrtc());
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); both pointers are valid for writes.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::Driver(format!("nvrtcVersion: {status:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// A compiled specialisation.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// CUBIN for the requested arch.
+    pub cubin: Vec<u8>,
+    /// Where it came from.
+    pub from_disk: bool,
+}
+
+/// Compiles `spec` for `sm_{arch}` with NVRTC, or reads it from `cache_dir` when a
+/// previous process compiled the same source, options and compiler. A non-empty NVRTC
+/// log (a warning) is an error: the kernels compile clean or not at all.
+pub fn compile(spec: &KernelSpec, arch: u32, cache_dir: Option<&Path>) -> Result<Compiled> {
+    let (major, minor) = nvrtc_version()?;
+    let source = expanded_source(spec.source_name());
+    let options = spec.options(arch);
+    let joined = options.join(" ");
+    let version = format!("nvrtc {major}.{minor}");
+    let key = fnv1a(&[source.as_bytes(), joined.as_bytes(), version.as_bytes()]);
+    let symbol = &spec.symbols()[0];
+    let cache_file: Option<PathBuf> =
+        cache_dir.map(|dir| dir.join(format!("{symbol}-sm{arch}-{key:016x}.cubin")));
+    if let Some(path) = &cache_file {
+        if let Ok(cubin) = std::fs::read(path) {
+            if !cubin.is_empty() {
+                return Ok(Compiled {
+                    cubin,
+                    from_disk: true,
+                });
+            }
+        }
+    }
+    let cubin =
+        nvrtc_cubin(&source, spec.source_name(), &options).map_err(|log| CudaError::Compile {
+            kernel: symbol.clone(),
+            arch: format!("sm_{arch}"),
+            log,
+        })?;
+    if let (Some(dir), Some(path)) = (cache_dir, &cache_file) {
+        // A cache that cannot be written only costs the next process a compile.
+        if std::fs::create_dir_all(dir).is_ok() {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &cubin).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+    Ok(Compiled {
+        cubin,
+        from_disk: false,
+    })
+}
+
+/// One NVRTC run; `Err` carries the log (errors, or warnings of an otherwise good run).
+fn nvrtc_cubin(
+    source: &str,
+    name: &str,
+    options: &[String],
+) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    let src = CString::new(source).map_err(|e| e.to_string())?;
+    let cname = CString::new(name).map_err(|e| e.to_string())?;
+    let prog = result::create_program(&src, Some(&cname)).map_err(|e| format!("{e:?}"))?;
+    // SAFETY: `prog` is a live program created above and destroyed exactly once below;
+    // the option strings outlive the call.
+    let compiled = unsafe { result::compile_program(prog, options) };
+    // SAFETY: as above; the log is read before the program is destroyed.
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|raw| {
+            let bytes: Vec<u8> = raw
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).trim().to_string()
+        })
+        .unwrap_or_default();
+    let outcome = match compiled {
+        Err(e) => Err(format!("{e:?}\n{log}")),
+        Ok(()) if !log.is_empty() => Err(log),
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: `prog` compiled successfully; `size` is valid for writes.
+            let status = unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) };
+            if status != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                Err(format!("nvrtcGetCUBINSize: {status:?} (size {size})"))
+            } else {
+                let mut cubin = vec![0u8; size];
+                // SAFETY: `cubin` has exactly the `size` bytes NVRTC asked for.
+                let status = unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) };
+                if status != sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(format!("nvrtcGetCUBIN: {status:?}"))
+                } else {
+                    Ok(cubin)
+                }
+            }
+        }
+    };
+    // SAFETY: destroys the program created above, once.
+    let _ = unsafe { result::destroy_program(prog) };
+    outcome
+}
+
+/// The disk cache directory: `$SDPA_CUDA_CACHE`, else `$XDG_CACHE_HOME/sdpa-cuda`, else
+/// `$HOME/.cache/sdpa-cuda`; `None` when none is set or `SDPA_CUDA_CACHE` is empty.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("SDPA_CUDA_CACHE") {
+        Some(dir) if dir.is_empty() => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(|d| PathBuf::from(d).join("sdpa-cuda"))
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sdpa-cuda"))
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn includes_are_expanded_once_and_pragma_once_dropped() {
+        for name in ["attn_fwd_tc.cu", "attn_fwd_simt.cu", "math.cu"] {
+            let src = expanded_source(name);
+            assert!(!src.contains("#include"), "{name}");
+            assert!(!src.contains("#pragma once"), "{name}");
+            assert_eq!(src.matches("struct SdpaParams {").count(), 1, "{name}");
+            assert_eq!(src.matches("philox4x32_10(uint4").count(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn head_dims_round_up_to_buckets() {
+        let dim = |e, ev| match KernelSpec::tc(DType::F16, e, ev, false) {
+            KernelSpec::Tc { head_dim, .. } => head_dim,
+            _ => unreachable!(),
+        };
+        assert_eq!(dim(8, 8), 32);
+        assert_eq!(dim(40, 40), 64);
+        assert_eq!(dim(59, 59), 64);
+        assert_eq!(dim(111, 111), 128);
+        assert_eq!(dim(64, 130), 160);
+        assert_eq!(dim(256, 256), 256);
+        let chunks = |e, ev| match KernelSpec::simt(DType::F32, e, ev, true) {
+            KernelSpec::Simt { dv_chunks, .. } => dv_chunks,
+            _ => unreachable!(),
+        };
+        assert_eq!(chunks(8, 8), 2);
+        assert_eq!(chunks(64, 65), 4);
+        assert_eq!(chunks(200, 3), 8);
+    }
+
+    #[test]
+    fn symbols_carry_dtype_and_variant() {
+        let s = KernelSpec::tc(DType::BF16, 111, 111, true);
+        assert_eq!(
+            s.symbols(),
+            vec!["attn_fwd_tc_bf16_d128_w8_n64_mask_dropout"]
+        );
+        let s = KernelSpec::simt(DType::F32, 64, 64, false);
+        assert_eq!(s.symbols(), vec!["attn_fwd_simt_f32_dv64"]);
+        let s = KernelSpec::Math { dtype: DType::F64 };
+        assert_eq!(s.symbols(), vec!["math_gather_f64", "math_softmax_f64"]);
+        let opts = KernelSpec::tc(DType::F16, 40, 40, false).options(90);
+        assert!(opts.contains(&"--gpu-architecture=sm_90".to_string()));
+        assert!(opts.contains(&"-DSDPA_HEAD_DIM=64".to_string()));
+        assert!(opts.contains(&"-DSDPA_KERNEL=attn_fwd_tc_f16_d64_w4_n64".to_string()));
+    }
+
+    #[test]
+    fn every_variant_has_a_distinct_symbol_and_fits_shared_memory() {
+        let specs = KernelSpec::all();
+        let mut symbols: Vec<String> = specs.iter().flat_map(|s| s.symbols()).collect();
+        let n = symbols.len();
+        symbols.sort();
+        symbols.dedup();
+        assert_eq!(symbols.len(), n);
+        // sm_80's opt-in limit is 163 KiB per block; sm_90's is 227 KiB.
+        for d in TC_HEAD_DIMS {
+            assert!(
+                tc_shared_bytes(d) <= 163 * 1024,
+                "d={d}: {}",
+                tc_shared_bytes(d)
+            );
+        }
+    }
+
+    #[test]
+    fn cache_key_changes_with_every_part() {
+        let a = fnv1a(&[b"src", b"opts"]);
+        assert_ne!(a, fnv1a(&[b"src", b"opts2"]));
+        assert_ne!(a, fnv1a(&[b"srcopts"]));
+        assert_eq!(a, fnv1a(&[b"src", b"opts"]));
+    }
+}

@@ -1,0 +1,433 @@
+//! Device tensors: a shared buffer plus dtype, shape, element strides and offset.
+
+use crate::context::GpuContext;
+use crate::error::{CudaError, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::{bf16, f16};
+use ndarray::{Array4, ArrayView4, ArrayViewD};
+use sdpa_core::{DType, Layout, MaskDesc, MaskKind, TensorDesc};
+use std::sync::Arc;
+
+/// An element type the kernels take.
+pub trait DeviceElement: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Its dtype.
+    const DTYPE: DType;
+}
+impl DeviceElement for f64 {
+    const DTYPE: DType = DType::F64;
+}
+impl DeviceElement for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl DeviceElement for f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl DeviceElement for bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+
+fn as_bytes<T: Copy>(data: &[T]) -> &[u8] {
+    // SAFETY: T is one of the plain float types of `DeviceElement` (or u8/u32/i32/bool
+    // here): no padding, every byte initialised; the slice covers exactly `data`.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+/// A device allocation shared by tensors that view it.
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    pub(crate) slice: CudaSlice<u8>,
+}
+
+impl Buffer {
+    pub(crate) fn alloc(gpu: &GpuContext, bytes: usize, what: &'static str) -> Result<Arc<Self>> {
+        // SAFETY: the memory is uninitialised bytes; every reader is a kernel that writes
+        // it first or a download of a tensor a kernel (or an upload) has filled.
+        let slice = unsafe { gpu.stream().alloc::<u8>(bytes.max(1)) }
+            .map_err(CudaError::driver(what, bytes))?;
+        Ok(Arc::new(Buffer { slice }))
+    }
+
+    pub(crate) fn upload(gpu: &GpuContext, bytes: &[u8], what: &'static str) -> Result<Arc<Self>> {
+        // SAFETY: every byte is written by the copy below before anything reads it.
+        let mut slice = unsafe { gpu.stream().alloc::<u8>(bytes.len().max(1)) }
+            .map_err(CudaError::driver(what, bytes.len()))?;
+        if !bytes.is_empty() {
+            gpu.stream()
+                .memcpy_htod(bytes, &mut slice)
+                .map_err(CudaError::driver(what, bytes.len()))?;
+        }
+        Ok(Arc::new(Buffer { slice }))
+    }
+
+    pub(crate) fn address(&self, gpu: &GpuContext) -> u64 {
+        let (ptr, _sync) = self.slice.device_ptr(gpu.stream());
+        ptr
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+/// A 4-d tensor on the device: `[B, H, L, E]` for q, k, v and the output.
+#[derive(Debug, Clone)]
+pub struct DeviceTensor {
+    pub(crate) buffer: Arc<Buffer>,
+    dtype: DType,
+    layout: Layout,
+    /// Offset of element `[0, 0, 0, 0]`, in bytes.
+    byte_offset: usize,
+}
+
+/// Largest element offset a layout reaches, or `Err` for a negative stride.
+fn extent(arg: &'static str, layout: &Layout) -> Result<usize> {
+    if layout.numel() == 0 {
+        return Ok(0);
+    }
+    let mut last = 0usize;
+    for axis in 0..4 {
+        let stride = layout.strides[axis];
+        if stride < 0 {
+            return Err(CudaError::layout(
+                arg,
+                "non-negative strides",
+                format!("strides {:?}", layout.strides),
+            ));
+        }
+        last += (layout.shape[axis] - 1) * stride as usize;
+    }
+    Ok(last + 1)
+}
+
+impl DeviceTensor {
+    /// Uploads `array` (any strides) as a contiguous tensor.
+    pub fn upload<T: DeviceElement>(gpu: &GpuContext, array: ArrayView4<'_, T>) -> Result<Self> {
+        let data: Vec<T> = array.iter().copied().collect();
+        let shape = array.shape();
+        let buffer = Buffer::upload(gpu, as_bytes(&data), "an uploaded tensor")?;
+        Ok(DeviceTensor {
+            buffer,
+            dtype: T::DTYPE,
+            layout: Layout::contiguous([shape[0], shape[1], shape[2], shape[3]]),
+            byte_offset: 0,
+        })
+    }
+
+    /// An uninitialised contiguous tensor.
+    pub fn alloc(gpu: &GpuContext, dtype: DType, shape: [usize; 4]) -> Result<Self> {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                CudaError::layout("shape", "a size that fits in memory", format!("{shape:?}"))
+            })?;
+        Ok(DeviceTensor {
+            buffer: Buffer::alloc(gpu, bytes, "a tensor")?,
+            dtype,
+            layout: Layout::contiguous(shape),
+            byte_offset: 0,
+        })
+    }
+
+    /// Another view of the same buffer: `shape` and element `strides` from element
+    /// `offset` of this tensor's storage, in this dtype. Checked against the buffer.
+    pub fn view(&self, shape: [usize; 4], strides: [isize; 4], offset: usize) -> Result<Self> {
+        self.reinterpret(
+            self.dtype,
+            Layout { shape, strides },
+            self.byte_offset + offset * self.dtype.size_bytes(),
+        )
+    }
+
+    /// A view of the same bytes as another dtype from any byte offset (e.g. a slice of a
+    /// packed byte buffer). Checked against the buffer; alignment is checked at launch.
+    pub fn reinterpret(&self, dtype: DType, layout: Layout, byte_offset: usize) -> Result<Self> {
+        let elements = extent("view", &layout)?;
+        let end = byte_offset + elements * dtype.size_bytes();
+        if elements > 0 && end > self.buffer.len() {
+            return Err(CudaError::layout(
+                "view",
+                format!("a view inside the buffer of {} bytes", self.buffer.len()),
+                format!("{layout:?} from byte {byte_offset} (ends at byte {end})"),
+            ));
+        }
+        Ok(DeviceTensor {
+            buffer: self.buffer.clone(),
+            dtype,
+            layout,
+            byte_offset,
+        })
+    }
+
+    /// dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape and strides.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> [usize; 4] {
+        self.layout.shape
+    }
+
+    /// What `sdpa-core` needs to validate a call.
+    pub fn desc(&self) -> TensorDesc {
+        TensorDesc {
+            dtype: self.dtype,
+            layout: self.layout,
+        }
+    }
+
+    /// Device address of element `[0, 0, 0, 0]`.
+    pub fn address(&self, gpu: &GpuContext) -> u64 {
+        self.buffer.address(gpu) + self.byte_offset as u64
+    }
+
+    /// Checks that the view fits its buffer and its address suits its dtype.
+    pub(crate) fn check(&self, gpu: &GpuContext, arg: &'static str) -> Result<u64> {
+        let elements = extent(arg, &self.layout)?;
+        if elements > 0 && self.byte_offset + elements * self.dtype.size_bytes() > self.buffer.len()
+        {
+            return Err(CudaError::layout(
+                arg,
+                format!("a view inside its buffer of {} bytes", self.buffer.len()),
+                format!("{:?} from byte {}", self.layout, self.byte_offset),
+            ));
+        }
+        let address = self.address(gpu);
+        let align = self.dtype.size_bytes();
+        if address % align as u64 != 0 {
+            return Err(CudaError::Misaligned {
+                arg,
+                align,
+                address,
+            });
+        }
+        Ok(address)
+    }
+
+    /// Copies the tensor to the host (waits for the stream).
+    pub fn download<T: DeviceElement>(&self, gpu: &GpuContext) -> Result<Array4<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(CudaError::layout(
+                "download",
+                format!("element type {}", self.dtype),
+                T::DTYPE,
+            ));
+        }
+        let elements = extent("download", &self.layout)?;
+        let size = self.dtype.size_bytes();
+        let mut raw = vec![0u8; elements * size];
+        if elements > 0 {
+            let view = self
+                .buffer
+                .slice
+                .slice(self.byte_offset..self.byte_offset + elements * size);
+            gpu.stream()
+                .memcpy_dtoh(&view, raw.as_mut_slice())
+                .map_err(CudaError::driver("a download", raw.len()))?;
+        }
+        gpu.stream().synchronize()?;
+        let s = self.layout.shape;
+        let st = self.layout.strides;
+        Ok(Array4::from_shape_fn(
+            (s[0], s[1], s[2], s[3]),
+            |(a, b, c, d)| {
+                let at = (a as isize * st[0]
+                    + b as isize * st[1]
+                    + c as isize * st[2]
+                    + d as isize * st[3]) as usize;
+                // SAFETY: `at < elements` (the layout's extent) and `raw` holds `elements`
+                // values of T's size; read_unaligned because a Vec<u8> is byte-aligned.
+                unsafe { std::ptr::read_unaligned(raw.as_ptr().add(at * size) as *const T) }
+            },
+        ))
+    }
+
+    /// Fills every byte of the tensor's storage range with 0xFF: NaN in every float
+    /// dtype, so a test can tell which elements a kernel wrote.
+    pub fn poison(&self, gpu: &GpuContext) -> Result<()> {
+        let elements = extent("poison", &self.layout)?;
+        if elements == 0 {
+            return Ok(());
+        }
+        let bytes = elements * self.dtype.size_bytes();
+        // SAFETY: the range [address, address + bytes) lies inside the buffer (checked by
+        // `extent` at construction) and NaN bit patterns are valid floats.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                self.address(gpu),
+                0xFF,
+                bytes,
+                gpu.stream().cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+}
+
+/// An `attn_mask` on the device (bool as bytes, or additive in the query's dtype), of
+/// rank 0 to 4 with its own strides; broadcast at launch, never materialised.
+#[derive(Debug, Clone)]
+pub struct DeviceMask {
+    pub(crate) buffer: Arc<Buffer>,
+    kind: MaskKind,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+}
+
+impl DeviceMask {
+    /// Uploads a bool mask (true = takes part).
+    pub fn upload_bool(gpu: &GpuContext, mask: ArrayViewD<'_, bool>) -> Result<Self> {
+        let data: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        Self::from_bytes(gpu, &data, MaskKind::Bool, mask.shape())
+    }
+
+    /// Uploads an additive mask.
+    pub fn upload_additive<T: DeviceElement>(
+        gpu: &GpuContext,
+        mask: ArrayViewD<'_, T>,
+    ) -> Result<Self> {
+        let data: Vec<T> = mask.iter().copied().collect();
+        Self::from_bytes(
+            gpu,
+            as_bytes(&data),
+            MaskKind::Additive(T::DTYPE),
+            mask.shape(),
+        )
+    }
+
+    fn from_bytes(gpu: &GpuContext, bytes: &[u8], kind: MaskKind, shape: &[usize]) -> Result<Self> {
+        let desc = MaskDesc::contiguous(kind, shape);
+        Ok(DeviceMask {
+            buffer: Buffer::upload(gpu, bytes, "an attn_mask")?,
+            kind,
+            shape: desc.shape,
+            strides: desc.strides,
+        })
+    }
+
+    /// What `sdpa-core` needs to validate and broadcast it.
+    pub fn desc(&self) -> MaskDesc {
+        MaskDesc {
+            kind: self.kind,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+        }
+    }
+
+    pub(crate) fn address(&self, gpu: &GpuContext) -> u64 {
+        self.buffer.address(gpu)
+    }
+}
+
+/// Sequence boundaries of a variable-length batch on the device (`cu_seqlens`, length
+/// B+1, from 0, non-decreasing), with the host copy the launch checks use.
+#[derive(Debug, Clone)]
+pub struct DeviceSeqlens {
+    pub(crate) buffer: Arc<Buffer>,
+    host: Vec<i64>,
+    signed: bool,
+}
+
+impl DeviceSeqlens {
+    fn new(gpu: &GpuContext, host: Vec<i64>, bytes: &[u8], signed: bool) -> Result<Self> {
+        if host.first() != Some(&0) || host.windows(2).any(|w| w[1] < w[0]) {
+            return Err(CudaError::layout(
+                "cu_seqlens",
+                "B+1 offsets starting at 0, non-decreasing",
+                format!("{host:?}"),
+            ));
+        }
+        Ok(DeviceSeqlens {
+            buffer: Buffer::upload(gpu, bytes, "cu_seqlens")?,
+            host,
+            signed,
+        })
+    }
+
+    /// From `u32` offsets.
+    pub fn upload_u32(gpu: &GpuContext, cu_seqlens: &[u32]) -> Result<Self> {
+        Self::new(
+            gpu,
+            cu_seqlens.iter().map(|&x| x as i64).collect(),
+            as_bytes(cu_seqlens),
+            false,
+        )
+    }
+
+    /// From `i32` offsets.
+    pub fn upload_i32(gpu: &GpuContext, cu_seqlens: &[i32]) -> Result<Self> {
+        Self::new(
+            gpu,
+            cu_seqlens.iter().map(|&x| x as i64).collect(),
+            as_bytes(cu_seqlens),
+            true,
+        )
+    }
+
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.host.len().saturating_sub(1)
+    }
+
+    /// Total rows (the last offset).
+    pub fn total(&self) -> usize {
+        self.host.last().copied().unwrap_or(0) as usize
+    }
+
+    /// The longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.host
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Per-sequence lengths.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.host
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect()
+    }
+
+    pub(crate) fn code(&self) -> i32 {
+        if self.signed {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Host arrays of a bool or additive mask, as `sdpa_ref::Mask` holds them.
+#[derive(Debug, Clone)]
+pub enum HostMask<'a, T> {
+    /// `true` = takes part.
+    Bool(ArrayViewD<'a, bool>),
+    /// Added to the scaled scores.
+    Additive(ArrayViewD<'a, T>),
+}
+
+impl<T: DeviceElement> HostMask<'_, T> {
+    /// Uploads it.
+    pub fn upload(&self, gpu: &GpuContext) -> Result<DeviceMask> {
+        match self {
+            HostMask::Bool(m) => DeviceMask::upload_bool(gpu, m.view()),
+            HostMask::Additive(m) => DeviceMask::upload_additive(gpu, m.view()),
+        }
+    }
+}
+
+/// `[B, Hq, L]` f32 log-sum-exp out of its `[B, Hq, L, 1]` device tensor.
+pub fn lse_to_3d(lse: Array4<f32>) -> ndarray::Array3<f32> {
+    let s = lse.shape().to_vec();
+    lse.into_shape_with_order((s[0], s[1], s[2]))
+        .expect("lse is [B, Hq, L, 1]")
+}

@@ -1,0 +1,291 @@
+// Tensor-core attention forward (flash and, for f16/bf16, efficient): mma.sync
+// m16n8k16 with f32 accumulation, online softmax, scores never leave registers.
+//
+// One CTA computes BM = 16 * SDPA_WARPS query rows of one (batch, head); each warp owns
+// 16 rows. K and V tiles of SDPA_BLOCK_N keys stream through shared memory with cp.async,
+// double buffered. The head dim is padded to SDPA_HEAD_DIM (a multiple of 16) by
+// zero-filling shared memory; padded columns are never stored.
+//
+// Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM, SDPA_WARPS, SDPA_BLOCK_N,
+// SDPA_EXTRAS (0: the plain flash path; 1: mask and dropout compiled in, chosen at run
+// time by mask_kind and dropout), SDPA_KERNEL (symbol).
+// Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
+#include "common.cuh"
+#include "sdpa_params.cuh"
+
+#define D SDPA_HEAD_DIM
+#define BM (16 * SDPA_WARPS)
+#define BN SDPA_BLOCK_N
+#define NTHREADS (32 * SDPA_WARPS)
+// Shared-memory row stride: 16 bytes of padding keep ldmatrix free of bank conflicts.
+#define SROW (D + 8)
+
+#if SDPA_DTYPE == 2
+#define MMA_TYPE "f16"
+#else
+#define MMA_TYPE "bf16"
+#endif
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
+        ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into shared
+// memory, zero-filling rows past `len` and columns past `dim` up to D.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(u16* smem, const u16* base, i64 stride, int row0,
+                                          int len, int dim, bool vec_ok, int tid) {
+    constexpr int CHUNKS = D / 8;
+#pragma unroll 4
+    for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
+        const int r = c / CHUNKS;
+        const int col = (c % CHUNKS) * 8;
+        u16* dst = smem + r * SROW + col;
+        int valid = (row0 + r < len) ? min(8, dim - col) : 0;
+        valid = max(valid, 0);
+        const u16* src = base + (i64)(row0 + r) * stride + col;
+        if (vec_ok) {
+            cp_async16(smem_addr(dst), valid > 0 ? (const void*)src : (const void*)base, valid * 2);
+        } else {
+            u32 w[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 lo = (2 * e < valid) ? (u32)src[2 * e] : 0u;
+                const u32 hi = (2 * e + 1 < valid) ? (u32)src[2 * e + 1] : 0u;
+                w[e] = lo | (hi << 16);
+            }
+            *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const SdpaParams p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* s_q = (u16*)smem_raw;
+    u16* s_k = s_q + BM * SROW;
+    u16* s_v = s_k + 2 * BN * SROW;
+
+    const int b = blockIdx.z;
+    const int h = blockIdx.y;
+    const int m0 = blockIdx.x * BM;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+
+    i64 start_q, start_k;
+    int len_q, len_k;
+    seq_extent(p.varlen, p.cu_seqlens_q, b, p.len_q, start_q, len_q);
+    seq_extent(p.varlen, p.cu_seqlens_k, b, p.len_kv, start_k, len_k);
+    if (m0 >= len_q) return;
+
+    const int hk = h / p.group;
+    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + start_q * p.q_stride_l;
+    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + start_k * p.k_stride_l;
+    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + start_k * p.v_stride_l;
+    const bool vec_ok = p.vec_ok != 0;
+
+    const int last_row = min(m0 + BM, len_q) - 1;
+    const int n_end = key_limit(p.causal, last_row, len_q, len_k);
+    const int n_tiles = (n_end + BN - 1) / BN;
+    // Keys below this bound take part for every row of the CTA: tiles under it need no
+    // causal or length masking.
+    const int unmasked_end = key_limit(p.causal, m0, len_q, len_k);
+
+    load_tile<BM>(s_q, q, p.q_stride_l, m0, len_q, p.head_dim, vec_ok, tid);
+    if (n_tiles > 0) load_tile<BN>(s_k, k, p.k_stride_l, 0, len_k, p.head_dim, vec_ok, tid);
+    cp_async_commit();
+    if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, 0, len_k, p.head_dim_v, vec_ok, tid);
+    cp_async_commit();
+
+    const int row_lo = m0 + warp * 16 + (lane >> 2);
+    const int row_hi = row_lo + 8;
+    const int limit_lo = key_limit(p.causal, row_lo, len_q, len_k);
+    const int limit_hi = key_limit(p.causal, row_hi, len_q, len_k);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float row_max[2] = {SDPA_NEG_INF, SDPA_NEG_INF};
+    float row_sum[2] = {0.f, 0.f};
+
+    for (int t = 0; t < n_tiles; ++t) {
+        const int n0 = t * BN;
+        cp_async_wait<1>();
+        __syncthreads();
+        if (t + 1 < n_tiles)
+            load_tile<BN>(s_k + ((t + 1) & 1) * BN * SROW, k, p.k_stride_l, n0 + BN, len_k,
+                          p.head_dim, vec_ok, tid);
+        cp_async_commit();
+
+        const u16* k_tile = s_k + (t & 1) * BN * SROW;
+        float s[BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            u32 a[4];
+            ldmatrix_x4(a, smem_addr(s_q + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
+                                     ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 kb[4];
+                ldmatrix_x4(kb, smem_addr(k_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW +
+                                          ks * 16 + ((lane >> 3) & 1) * 8));
+                mma16816(s[2 * np], a, kb[0], kb[1]);
+                mma16816(s[2 * np + 1], a, kb[2], kb[3]);
+            }
+        }
+
+        // Scale and mask, in log2 units.
+        const bool edge = (n0 + BN > unmasked_end);
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                float x = s[nt][e] * p.scale_log2;
+#if SDPA_EXTRAS
+                if (p.mask_kind != 0) {
+                    const int row = (e < 2) ? row_lo : row_hi;
+                    if (row < len_q && j < len_k) {
+                        const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +
+                                       row * p.mask_stride_l + j * p.mask_stride_s;
+                        if (p.mask_kind == 1) {
+                            if (((const unsigned char*)p.mask)[at] == 0) x = SDPA_NEG_INF;
+                        } else {
+                            x += load_elem((const elem_t*)p.mask + at) * SDPA_LOG2E;
+                        }
+                    }
+                }
+#endif
+                if (edge && j >= ((e < 2) ? limit_lo : limit_hi)) x = SDPA_NEG_INF;
+                s[nt][e] = x;
+            }
+        }
+
+        // Online softmax: rescale what came before by exp2(old max - new max).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float tile_max = SDPA_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+                tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float new_max = fmaxf(row_max[r], tile_max);
+            // A row with nothing unmasked yet keeps max -inf; subtracting 0 then keeps
+            // every exp2 at exactly 0 instead of NaN.
+            const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+            const float alpha = exp2f(row_max[r] - base);
+            row_max[r] = new_max;
+            row_sum[r] *= alpha;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[i][2 * r] *= alpha;
+                o[i][2 * r + 1] *= alpha;
+            }
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float p0 = exp2f(s[nt][2 * r] - base);
+                const float p1 = exp2f(s[nt][2 * r + 1] - base);
+                row_sum[r] += p0 + p1;
+                s[nt][2 * r] = p0;
+                s[nt][2 * r + 1] = p1;
+            }
+        }
+
+#if SDPA_EXTRAS
+        // Dropped weights leave the numerator only; the denominator is the full softmax.
+        if (p.dropout) {
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = r ? row_hi : row_lo;
+                const int j = n0 + nt * 8 + 2 * (lane & 3);
+                const u64 n = (((u64)b * p.heads_q + h) * (u64)p.len_q + (u64)row) * (u64)p.len_kv + (u64)j;
+                bool keep0, keep1;
+                dropout_keep2(p.dropout_seed, p.dropout_offset, p.dropout_threshold, n, keep0, keep1);
+                if (!keep0) s[nt][2 * r] = 0.f;
+                if (!keep1) s[nt][2 * r + 1] = 0.f;
+            }
+        }
+        }
+#endif
+
+        cp_async_wait<1>();
+        __syncthreads();
+        if (t + 1 < n_tiles)
+            load_tile<BN>(s_v + ((t + 1) & 1) * BN * SROW, v, p.v_stride_l, n0 + BN, len_k,
+                          p.head_dim_v, vec_ok, tid);
+        cp_async_commit();
+
+        const u16* v_tile = s_v + (t & 1) * BN * SROW;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const u32 a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                              pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, smem_addr(v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
+                                                dp * 16 + (lane >> 4) * 8));
+                mma16816(o[2 * dp], a, vb[0], vb[1]);
+                mma16816(o[2 * dp + 1], a, vb[2], vb[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
+    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + start_q * p.lse_stride_l;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int row = r ? row_hi : row_lo;
+        if (row >= len_q) continue;
+        // A fully masked row has sum 0: output 0, log-sum-exp -inf.
+        const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
+        if ((lane & 3) == 0)
+            lse[row * p.lse_stride_l] = sum > 0.f ? row_max[r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+        elem_t* out_row = out + row * p.out_stride_l;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            const int d = i * 8 + 2 * (lane & 3);
+            if (d < p.head_dim_v) out_row[d] = to_elem(o[i][2 * r] * inv);
+            if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(o[i][2 * r + 1] * inv);
+        }
+    }
+}
