@@ -9,6 +9,7 @@
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM, SDPA_WARPS, SDPA_BLOCK_N,
 // SDPA_EXTRAS (0: the plain flash path; 1: mask and dropout compiled in, chosen at run
 // time by mask_kind and dropout), SDPA_KERNEL (symbol).
+// SDPA_MIN_BLOCKS (CTAs per SM for __launch_bounds__).
 // Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
 #include "common.cuh"
 #include "sdpa_params.cuh"
@@ -88,7 +89,7 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* base, i64 stride
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const SdpaParams p) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const SdpaParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* s_q = (u16*)smem_raw;
     u16* s_k = s_q + BM * SROW;

@@ -195,6 +195,12 @@ pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for shape in issue_shapes() {
         for backend in Backend::PRIORITY {
+            // SDPA_BENCH_BACKENDS=flash,math times only those.
+            if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {
+                if !only.split(',').any(|b| b.trim() == backend.name()) {
+                    continue;
+                }
+            }
             let (warmup, runs, budget) = match backend {
                 Backend::Math => (2, 10, 1500.0),
                 _ => (5, 50, 1500.0),

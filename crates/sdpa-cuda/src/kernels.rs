@@ -80,11 +80,37 @@ fn dtype_code(dtype: DType) -> u32 {
 /// Each warp owns 16 query rows. Wide heads take fewer rows and keys so that the
 /// accumulators (D/2 registers a thread) and shared memory still fit.
 pub fn tc_tiles(head_dim: u32) -> (u32, u32) {
+    if let Some((warps, block_n, _)) = tile_override() {
+        return (warps, block_n);
+    }
     match head_dim {
         0..=64 => (4, 64),
         65..=128 => (8, 64),
         _ => (4, 32),
     }
+}
+
+/// CTAs per SM the tensor-core kernel's register budget is sized for
+/// (`__launch_bounds__` second argument).
+pub fn tc_min_blocks(_head_dim: u32) -> u32 {
+    tile_override().map_or(1, |(_, _, blocks)| blocks)
+}
+
+/// `SDPA_CUDA_TC_TILES=warps,block_n,min_blocks`: a tile-shape experiment for every head
+/// dim (benchmark sweeps only; the defaults above are what the tests cover).
+fn tile_override() -> Option<(u32, u32, u32)> {
+    static TILES: std::sync::OnceLock<Option<(u32, u32, u32)>> = std::sync::OnceLock::new();
+    *TILES.get_or_init(|| {
+        let text = std::env::var("SDPA_CUDA_TC_TILES").ok()?;
+        let v: Vec<u32> = text
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        match v[..] {
+            [w, n, b] if (1..=16).contains(&w) && n % 16 == 0 && n > 0 && b > 0 => Some((w, n, b)),
+            _ => None,
+        }
+    })
 }
 
 /// Dynamic shared memory of the tensor-core kernel: Q tile plus two K and two V tiles,
@@ -212,6 +238,7 @@ impl KernelSpec {
                 opts.push(format!("-DSDPA_HEAD_DIM={head_dim}"));
                 opts.push(format!("-DSDPA_WARPS={warps}"));
                 opts.push(format!("-DSDPA_BLOCK_N={block_n}"));
+                opts.push(format!("-DSDPA_MIN_BLOCKS={}", tc_min_blocks(head_dim)));
                 opts.push(format!("-DSDPA_EXTRAS={}", extras as u32));
                 opts.push(format!("-DSDPA_KERNEL={}", symbols[0]));
             }
