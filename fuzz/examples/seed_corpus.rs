@@ -91,7 +91,7 @@ fn main() {
     write(&cases, "bad_metadata.safetensors", &bad_meta);
 
     let mut rng = SplitMix64(0x5eed);
-    for target in ["api", "differential"] {
+    for target in ["api", "nested", "differential"] {
         for i in 0..16 {
             let len = 32 + (rng.next_u64() % 160) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();

@@ -5,11 +5,13 @@
 //!
 //! - [`case_file`]: arbitrary bytes as a case file;
 //! - [`api`]: arbitrary shapes, strides, masks and options through `sdpa_ref::sdpa`;
+//! - [`nested`]: cu_seqlens validation, pad/unpad round trips, nested vs padded dense;
 //! - [`differential`]: small consistent problems, f32/f16/bf16 reference vs f64.
 
 pub mod api;
 pub mod case_file;
 pub mod differential;
+pub mod nested;
 mod views;
 
 /// A target's entry point: the raw fuzzer bytes; panics on a violated property.
@@ -19,6 +21,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("case_file", case_file::run),
     ("api", api::run),
+    ("nested", nested::run),
     ("differential", differential::run),
 ];
 
