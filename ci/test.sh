@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): formatting, lints, every workspace test, then the
-# golden regeneration check and the NVRTC compile check of every kernel. Runs on a
-# fresh machine with no GPU; installs what it needs from the package registries.
+# The test command (README, .ci/run): formatting, lints, every workspace test, the
+# golden regeneration check, the NVRTC compile check of every kernel, and a bounded
+# fuzzing run. Runs on a fresh machine with no GPU; installs what it needs from the
+# package registries (the torch wheel, the NVRTC wheel, cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -17,13 +18,10 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace (PROPTEST_CASES=$PROPTEST_CASES)"
 cargo test --workspace
-for extra in ci/golden.sh ci/nvrtc.sh; do
-  if [ -f "$extra" ]; then
-    step "$extra"
-    case "$extra" in
-      ci/golden.sh) bash ci/golden.sh --check ;;
-      *) bash "$extra" ;;
-    esac
-  fi
-done
+step "goldens: regenerate through libtorch 2.11 and compare bytes (ci/golden.sh --check)"
+bash ci/golden.sh --check
+step "kernels: compile every variant with NVRTC for sm_80 and sm_90 (ci/nvrtc.sh)"
+bash ci/nvrtc.sh
+step "fuzz: 60 s per target (ci/fuzz.sh)"
+bash ci/fuzz.sh 60
 step "done"

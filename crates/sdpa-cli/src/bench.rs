@@ -109,14 +109,42 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-/// Times `backend` on `case`: one warm-up call, then `repeats` calls (at least 1).
+/// Times `backend` on `case`: one warm-up call, then `repeats` calls (at least 1),
+/// wall time around each call. On CUDA: device events around each launch on resident
+/// inputs, rotating over input sets larger than L2 (`sdpa_cuda::bench::time_backend`).
 pub fn time_backend(
     engine: &Engine,
     backend: Backend,
+    shape: &Shape,
     case: &Case,
     repeats: usize,
 ) -> Result<Timing, CliError> {
     let problem = run::problem(case)?;
+    if let Some(gpu) = &engine.gpu {
+        let bench_shape = sdpa_cuda::bench::BenchShape {
+            batch: shape.batch,
+            heads: shape.heads,
+            len: shape.len,
+            head_dim: shape.head_dim,
+            dtype: shape.dtype.name(),
+            causal: shape.causal,
+        };
+        let row = sdpa_cuda::bench::time_backend(
+            gpu,
+            &bench_shape,
+            backend,
+            3,
+            repeats.max(1) * 10,
+            2000.0,
+        )?
+        .ok_or_else(|| CliError::Usage(format!("{backend} cannot run {}", shape.label())))?;
+        return Ok(Timing {
+            median_s: row.median_ms / 1e3,
+            min_s: row.min_ms / 1e3,
+            runs: row.runs,
+            flops: problem.flops(),
+        });
+    }
     engine.run(backend, case)?;
     let mut times = Vec::with_capacity(repeats.max(1));
     for _ in 0..repeats.max(1) {
@@ -148,7 +176,7 @@ pub fn bench_shape(engine: &Engine, shape: Shape, repeats: usize) -> Result<Vec<
         ("efficient".to_string(), Backend::Efficient),
     ] {
         let result = match engine.supports(backend, &problem) {
-            Ok(()) => Ok(time_backend(engine, backend, &case, repeats)?),
+            Ok(()) => Ok(time_backend(engine, backend, &shape, &case, repeats)?),
             Err(reason) => Err(reason),
         };
         rows.push(Row {

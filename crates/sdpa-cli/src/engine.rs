@@ -1,9 +1,11 @@
 //! Where computations run: the CPU reference, or a CUDA device when one is found.
 
 use crate::error::CliError;
-use sdpa_core::{check_support, select, Backend, BackendSet, Device, Problem};
+use sdpa_core::{check_support, select, Backend, BackendSet, DType, Device, Problem};
+use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
 use sdpa_harness::case::Case;
 use sdpa_harness::run::{self, RunOutput};
+use sdpa_harness::Tensor;
 
 /// `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,30 +47,51 @@ impl BackendArg {
 pub struct Engine {
     /// The device.
     pub device: Device,
-    /// Why there is no CUDA device, when there is none.
+    /// The CUDA context when running on CUDA.
+    pub gpu: Option<GpuContext>,
+    /// Why there is no CUDA device, when `auto` fell back to the CPU.
     pub no_cuda_reason: Option<String>,
-}
-
-/// Why CUDA cannot be used in this build or on this machine.
-fn cuda_unavailable() -> String {
-    "this build of sdpa has no CUDA backend compiled in".to_string()
 }
 
 impl Engine {
     /// Picks the device `requested` names.
     ///
     /// # Errors
-    /// `--device cuda` where no CUDA device can be used.
+    /// `--device cuda` where no CUDA device can be used (no driver, no NVRTC, no GPU).
     pub fn new(requested: DeviceArg) -> Result<Engine, CliError> {
-        let reason = cuda_unavailable();
+        let cpu = |reason| Engine {
+            device: Device::Cpu,
+            gpu: None,
+            no_cuda_reason: reason,
+        };
         match requested {
-            DeviceArg::Cuda => Err(CliError::Usage(format!(
-                "--device: expected a usable CUDA device, got none ({reason})"
-            ))),
-            DeviceArg::Auto | DeviceArg::Cpu => Ok(Engine {
-                device: Device::Cpu,
-                no_cuda_reason: Some(reason),
+            DeviceArg::Cpu => Ok(cpu(None)),
+            DeviceArg::Auto => Ok(match GpuContext::new(0) {
+                Ok(gpu) => Engine {
+                    device: Device::Cuda,
+                    gpu: Some(gpu),
+                    no_cuda_reason: None,
+                },
+                Err(e) => cpu(Some(e.to_string())),
             }),
+            DeviceArg::Cuda => match GpuContext::new(0) {
+                Ok(gpu) => Ok(Engine {
+                    device: Device::Cuda,
+                    gpu: Some(gpu),
+                    no_cuda_reason: None,
+                }),
+                Err(e) => Err(CliError::Usage(format!(
+                    "--device: expected a usable CUDA device, got none ({e})"
+                ))),
+            },
+        }
+    }
+
+    /// A short description: `cpu`, or `cuda (NVIDIA H200, sm_90)`.
+    pub fn describe(&self) -> String {
+        match &self.gpu {
+            Some(gpu) => format!("cuda ({}, sm_{})", gpu.name(), gpu.arch()),
+            None => self.device.to_string(),
         }
     }
 
@@ -81,7 +104,9 @@ impl Engine {
     pub fn supports(&self, backend: Backend, problem: &Problem) -> Result<(), String> {
         check_support(backend, problem, self.device).map_err(|reason| {
             match (&self.no_cuda_reason, backend) {
-                (Some(why), Backend::Flash | Backend::Efficient) => format!("{reason} ({why})"),
+                (Some(why), Backend::Flash | Backend::Efficient) => {
+                    format!("{reason} (no CUDA device: {why})")
+                }
                 _ => reason,
             }
         })
@@ -89,11 +114,70 @@ impl Engine {
 
     /// Runs `case` with `backend` (which must support it here).
     pub fn run(&self, backend: Backend, case: &Case) -> Result<RunOutput, CliError> {
-        match (self.device, backend) {
-            (Device::Cpu, Backend::Math) => Ok(run::run_reference(case)?),
-            (device, backend) => Err(CliError::Usage(format!(
-                "--backend: expected a backend that runs on {device}, got {backend}"
+        match &self.gpu {
+            None if backend == Backend::Math => Ok(run::run_reference(case)?),
+            None => Err(CliError::Usage(format!(
+                "--backend: expected a backend that runs on the cpu (math), got {backend}"
             ))),
+            Some(gpu) => run_cuda(gpu, backend, case),
         }
+    }
+}
+
+fn cuda_typed<T: DeviceElement>(
+    gpu: &GpuContext,
+    backend: Backend,
+    case: &Case,
+    [q, k, v]: [&ndarray::ArrayD<T>; 3],
+    mask: Option<HostMask<'_, T>>,
+    wrap: fn(ndarray::ArrayD<T>) -> Tensor,
+) -> Result<RunOutput, CliError> {
+    let r = gpu.sdpa_host(
+        four("q", q)?,
+        four("k", k)?,
+        four("v", v)?,
+        mask.as_ref(),
+        &case.options,
+        BackendSet::only(backend),
+    )?;
+    Ok(RunOutput {
+        out: wrap(r.out.into_dyn()),
+        lse: r.lse.into_dyn(),
+    })
+}
+
+fn four<'a, T>(
+    name: &str,
+    a: &'a ndarray::ArrayD<T>,
+) -> Result<ndarray::ArrayView4<'a, T>, CliError> {
+    a.view()
+        .into_dimensionality::<ndarray::Ix4>()
+        .map_err(|_| CliError::Usage(format!("{name}: expected 4 dims, got {}", a.ndim())))
+}
+
+/// Runs a case on the GPU in its own dtype.
+fn run_cuda(gpu: &GpuContext, backend: Backend, case: &Case) -> Result<RunOutput, CliError> {
+    let problem = run::problem(case)?;
+    macro_rules! dispatch {
+        ($variant:ident) => {{
+            let (Tensor::$variant(q), Tensor::$variant(k), Tensor::$variant(v)) =
+                (&case.q, &case.k, &case.v)
+            else {
+                unreachable!("run::problem checked that q, k, v share a dtype")
+            };
+            let mask = match &case.attn_mask {
+                Some(Tensor::$variant(m)) => Some(HostMask::Additive(m.view())),
+                Some(Tensor::Bool(b)) => Some(HostMask::Bool(b.view())),
+                None => None,
+                Some(_) => unreachable!("run::problem checked the mask dtype"),
+            };
+            cuda_typed(gpu, backend, case, [q, k, v], mask, Tensor::$variant)
+        }};
+    }
+    match problem.dtype {
+        DType::F64 => dispatch!(F64),
+        DType::F32 => dispatch!(F32),
+        DType::F16 => dispatch!(F16),
+        DType::BF16 => dispatch!(BF16),
     }
 }

@@ -10,6 +10,9 @@ pub enum CliError {
     /// The specification rejects the call.
     #[error(transparent)]
     Sdpa(#[from] SdpaError),
+    /// A CUDA failure (driver, NVRTC, cuBLAS, a launch the kernels refuse).
+    #[error(transparent)]
+    Cuda(#[from] sdpa_cuda::CudaError),
     /// A bad command-line argument or an impossible request.
     #[error("{0}")]
     Usage(String),

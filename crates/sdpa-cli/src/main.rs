@@ -235,40 +235,32 @@ fn eval(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The default benchmark set: the speed target (f32 [4,8,512,64]), the same causal,
-/// and the tutorial's problem (scaled on the CPU).
+/// The default benchmark set. On the CPU: the speed target (f32 [4,8,512,64]), the
+/// same causal, and the tutorial's problem with its batch cut to 2. On CUDA: the
+/// tutorial's problem and the larger shapes the CUDA issue measures.
 fn default_shapes(engine: &Engine) -> Vec<Shape> {
-    let tutorial_batch = if engine.device == sdpa_core::Device::Cpu {
-        2
-    } else {
-        32
+    let s = |batch, heads, len, head_dim, dtype, causal| Shape {
+        batch,
+        heads,
+        len,
+        head_dim,
+        dtype,
+        causal,
     };
-    vec![
-        Shape {
-            batch: 4,
-            heads: 8,
-            len: 512,
-            head_dim: 64,
-            dtype: DType::F32,
-            causal: false,
-        },
-        Shape {
-            batch: 4,
-            heads: 8,
-            len: 512,
-            head_dim: 64,
-            dtype: DType::F32,
-            causal: true,
-        },
-        Shape {
-            batch: tutorial_batch,
-            heads: 32,
-            len: 1024,
-            head_dim: 32,
-            dtype: DType::F16,
-            causal: false,
-        },
-    ]
+    match engine.device {
+        sdpa_core::Device::Cpu => vec![
+            s(4, 8, 512, 64, DType::F32, false),
+            s(4, 8, 512, 64, DType::F32, true),
+            s(2, 32, 1024, 32, DType::F16, false),
+        ],
+        sdpa_core::Device::Cuda => vec![
+            s(32, 32, 1024, 32, DType::F16, false),
+            s(16, 16, 2048, 64, DType::F16, false),
+            s(8, 16, 4096, 128, DType::BF16, false),
+            s(8, 16, 4096, 128, DType::BF16, true),
+            s(4, 16, 8192, 128, DType::F16, false),
+        ],
+    }
 }
 
 fn bench_cmd(
@@ -301,8 +293,9 @@ fn bench_cmd(
             serde_json::to_string_pretty(&bench::json(&rows)).expect("JSON of plain values")
         );
     } else {
-        if let Some(why) = &engine.no_cuda_reason {
-            println!("device: {} (no CUDA: {why})", engine.device);
+        match &engine.no_cuda_reason {
+            Some(why) => println!("device: {} (no CUDA device: {why})", engine.describe()),
+            None => println!("device: {}", engine.describe()),
         }
         print!("{}", bench::table(&rows));
     }

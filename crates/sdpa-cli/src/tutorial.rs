@@ -63,8 +63,8 @@ fn tutorial_shape(device: Device) -> (Shape, Option<String>) {
 pub fn run(engine: &Engine) -> Result<ExitCode, CliError> {
     println!("sdpa: PyTorch's scaled dot-product attention tutorial, in Rust");
     match &engine.no_cuda_reason {
-        Some(why) => println!("device: {} (no CUDA device: {why})\n", engine.device),
-        None => println!("device: {}\n", engine.device),
+        Some(why) => println!("device: {} (no CUDA device: {why})\n", engine.describe()),
+        None => println!("device: {}\n", engine.describe()),
     }
 
     println!("1. The function");
