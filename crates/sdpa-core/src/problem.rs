@@ -164,6 +164,29 @@ impl Problem {
                 })
             }
         };
+        // Every backend allocates the output and addresses the score matrix (the math
+        // backend stores it, dropout numbers its elements): with zero-sized dims in q, k
+        // or v, their dims can multiply past what memory can address even though each
+        // input is empty. Counted as ndarray counts (zero extents as 1), in bytes of the
+        // wider of the dtype and the f32 that half-precision intermediates are kept in.
+        for (what, shape) in [
+            ("output [B, Hq, L, Ev]", [batch, heads_q, len_q, head_dim_v]),
+            ("scores [B, Hq, L, S]", [batch, heads_q, len_q, len_kv]),
+        ] {
+            let bytes = shape
+                .iter()
+                .try_fold(q.dtype.size_bytes().max(4), |acc, &d| {
+                    acc.checked_mul(d.max(1))
+                })
+                .filter(|&b| b <= isize::MAX as usize);
+            if bytes.is_none() {
+                return Err(SdpaError::invalid(
+                    "query",
+                    format!("dims whose {what} fits in memory (isize::MAX bytes)"),
+                    fmt_shape(&shape),
+                ));
+            }
+        }
         options.dropout.validate()?;
         let scale = match options.scale {
             Some(s) if !s.is_finite() => {

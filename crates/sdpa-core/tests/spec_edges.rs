@@ -71,7 +71,10 @@ fn dtype_names_sizes_and_parsing() {
         "int8".parse::<DType>(),
         Err("expected one of f64, f32, f16, bf16, got \"int8\"".to_string())
     );
-    assert_eq!(DType::ALL, [DType::F64, DType::F32, DType::F16, DType::BF16]);
+    assert_eq!(
+        DType::ALL,
+        [DType::F64, DType::F32, DType::F16, DType::BF16]
+    );
 }
 
 #[test]
@@ -83,7 +86,10 @@ fn causal_backend_device_names_round_trip() {
     assert_eq!(Causal::BottomRight.name(), "bottom_right");
     assert_eq!(Causal::None.name(), "none");
     assert_eq!("".parse::<Causal>(), Ok(Causal::None));
-    assert!("diagonal".parse::<Causal>().unwrap_err().contains("\"diagonal\""));
+    assert!("diagonal"
+        .parse::<Causal>()
+        .unwrap_err()
+        .contains("\"diagonal\""));
     for backend in Backend::PRIORITY {
         assert_eq!(backend.name().parse::<Backend>(), Ok(backend));
         assert_eq!(backend.to_string(), backend.name());
@@ -92,7 +98,10 @@ fn causal_backend_device_names_round_trip() {
         [Backend::Flash, Backend::Efficient, Backend::Math].map(Backend::name),
         ["flash", "efficient", "math"]
     );
-    assert_eq!("memory_efficient".parse::<Backend>(), Ok(Backend::Efficient));
+    assert_eq!(
+        "memory_efficient".parse::<Backend>(),
+        Ok(Backend::Efficient)
+    );
     assert_eq!(
         "cudnn".parse::<Backend>(),
         Err("expected one of flash, efficient, math, got \"cudnn\"".to_string())
@@ -103,7 +112,10 @@ fn causal_backend_device_names_round_trip() {
 
 #[test]
 fn backend_sets() {
-    assert_eq!(BackendSet::ALL.iter().collect::<Vec<_>>(), Backend::PRIORITY);
+    assert_eq!(
+        BackendSet::ALL.iter().collect::<Vec<_>>(),
+        Backend::PRIORITY
+    );
     assert_eq!(BackendSet::EMPTY.iter().count(), 0);
     for backend in Backend::PRIORITY {
         let only = BackendSet::only(backend);
@@ -143,8 +155,11 @@ fn error_messages() {
         Err(SdpaError::NoBackend(vec![]))
     );
     assert_eq!(
-        SdpaError::NoBackend(vec![(Backend::Flash, "a".into()), (Backend::Math, "b".into())])
-            .to_string(),
+        SdpaError::NoBackend(vec![
+            (Backend::Flash, "a".into()),
+            (Backend::Math, "b".into())
+        ])
+        .to_string(),
         "no enabled backend can run this problem: flash: a; math: b"
     );
 }
@@ -221,7 +236,10 @@ fn mask_strides_keep_their_own_stride_on_full_axes() {
     assert!(bad.broadcast_strides([1, 1, 3, 4]).is_err());
     // Rank 4, exact.
     let full = MaskDesc::contiguous(MaskKind::Additive(DType::F32), &[2, 3, 4, 5]);
-    assert_eq!(full.broadcast_strides([2, 3, 4, 5]).unwrap(), [60, 20, 5, 1]);
+    assert_eq!(
+        full.broadcast_strides([2, 3, 4, 5]).unwrap(),
+        [60, 20, 5, 1]
+    );
 }
 
 #[test]
@@ -327,7 +345,10 @@ fn every_support_reason() {
             );
         }
     }
-    assert_eq!(check_support(Backend::Math, &simple(DType::F64, 8, 8), Device::Cpu), Ok(()));
+    assert_eq!(
+        check_support(Backend::Math, &simple(DType::F64, 8, 8), Device::Cpu),
+        Ok(())
+    );
     assert_eq!(
         reason(Backend::Efficient, &simple(DType::F64, 8, 8)),
         "needs f32, f16 or bf16 inputs, got f64"
@@ -344,8 +365,14 @@ fn every_support_reason() {
     assert_eq!(FLASH_MAX_HEAD_DIM, 256);
     assert_eq!(EFFICIENT_MAX_HEAD_DIM, 256);
     let at_limit = simple(DType::F16, 256, 256);
-    assert_eq!(check_support(Backend::Flash, &at_limit, Device::Cuda), Ok(()));
-    assert_eq!(check_support(Backend::Efficient, &at_limit, Device::Cuda), Ok(()));
+    assert_eq!(
+        check_support(Backend::Flash, &at_limit, Device::Cuda),
+        Ok(())
+    );
+    assert_eq!(
+        check_support(Backend::Efficient, &at_limit, Device::Cuda),
+        Ok(())
+    );
     assert_eq!(
         reason(Backend::Flash, &simple(DType::F16, 257, 257)),
         "takes head dims up to 256, got 257"
@@ -398,7 +425,11 @@ fn every_support_reason() {
         Ok(Backend::Efficient)
     );
     assert_eq!(
-        select(BackendSet::ALL.without(Backend::Efficient), &masked_f32, Device::Cuda),
+        select(
+            BackendSet::ALL.without(Backend::Efficient),
+            &masked_f32,
+            Device::Cuda
+        ),
         Ok(Backend::Math)
     );
     assert_eq!(
@@ -421,7 +452,12 @@ fn validation_boundaries() {
         })
         .is_ok());
     }
-    for p in [-f64::MIN_POSITIVE, 1.0 + f64::EPSILON, f64::INFINITY, f64::NEG_INFINITY] {
+    for p in [
+        -f64::MIN_POSITIVE,
+        1.0 + f64::EPSILON,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
         assert!(ok(SdpaOptions {
             dropout: Dropout::new(p, 0, 0),
             ..Default::default()
@@ -477,8 +513,14 @@ fn dropout_stream_boundaries() {
     assert_eq!(Dropout::new(0.5, 0, 0).keep_scale(), 2.0);
     assert_eq!(Dropout::new(0.0, 0, 0).keep_scale(), 1.0);
     // floor(p * 2^32): the smallest p that moves the threshold.
-    assert_eq!(Dropout::new(1.0 / 4_294_967_296.0, 0, 0).keep_threshold(), 1);
-    assert_eq!(Dropout::new(0.9 / 4_294_967_296.0, 0, 0).keep_threshold(), 0);
+    assert_eq!(
+        Dropout::new(1.0 / 4_294_967_296.0, 0, 0).keep_threshold(),
+        1
+    );
+    assert_eq!(
+        Dropout::new(0.9 / 4_294_967_296.0, 0, 0).keep_threshold(),
+        0
+    );
     // ceil(n / 4).
     for (n, want) in [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2), (9, 3)] {
         assert_eq!(Dropout::counters_used(1, 1, 1, n), want, "n = {n}");
@@ -526,4 +568,34 @@ fn dropout_stream_boundaries() {
     assert_eq!(flat_index(0, 1, 0, 0, 3, 5, 7), 5 * 7);
     assert_eq!(flat_index(0, 0, 1, 0, 3, 5, 7), 7);
     assert_eq!(flat_index(0, 0, 0, 1, 3, 5, 7), 1);
+}
+
+/// Found with the `case_file` fuzz target (fuzz/regressions/case_file/
+/// overflow_out_shape.safetensors): empty q, k and v whose dims multiply to an output
+/// no memory can hold. It was accepted, and the reference aborted allocating it.
+#[test]
+fn outputs_too_large_to_address_are_refused() {
+    let big = 1usize << 40;
+    let q = TensorDesc::contiguous(DType::F32, [1, 1, big, 0]);
+    let k = TensorDesc::contiguous(DType::F32, [1, 1, 0, 0]);
+    let v = TensorDesc::contiguous(DType::F32, [1, 1, 0, big]);
+    let err = Problem::new(&q, &k, &v, None, &SdpaOptions::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "query: expected dims whose output [B, Hq, L, Ev] fits in memory (isize::MAX bytes), got [1, 1, {big}, {big}]"
+        )
+    );
+    // The score matrix counts too, with zero extents counted as 1, as ndarray does.
+    let k = TensorDesc::contiguous(DType::F32, [1, 1, big, 0]);
+    let v = TensorDesc::contiguous(DType::F32, [1, 1, big, 0]);
+    let err = Problem::new(&q, &k, &v, None, &SdpaOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("scores [B, Hq, L, S]"), "{err}");
+    let q0 = TensorDesc::contiguous(DType::F32, [0, 1, big, 0]);
+    let k0 = TensorDesc::contiguous(DType::F32, [0, 1, big, 0]);
+    assert!(Problem::new(&q0, &k0, &k0, None, &SdpaOptions::default()).is_err());
+    // Large but addressable empty problems stay valid (PyTorch accepts them).
+    let q = TensorDesc::contiguous(DType::F64, [1, 1, 1 << 20, 0]);
+    let k = TensorDesc::contiguous(DType::F64, [1, 1, 1 << 20, 0]);
+    assert!(Problem::new(&q, &k, &k, None, &SdpaOptions::default()).is_ok());
 }
