@@ -2,12 +2,25 @@
 //! and head dims up to 16), each run through the reference in f32, f16 or bf16 and
 //! compared with the f64 reference on the same rounded inputs, within the dtype's
 //! tolerance preset (`sdpa_harness::tolerance`); the lse within `judge::LSE`.
+//!
+//! Where a CUDA device answers (`sdpa_cuda::driver_available` and `GpuContext::new(0)`,
+//! checked once per process), every CUDA backend whose support check passes runs the
+//! same case (forced with `BackendSet::only`) and is held to the same preset and lse
+//! tolerance against the same f64 truth. Without a device that half is skipped, so the
+//! target builds and runs on machines with no CUDA.
 
 use arbitrary::{Arbitrary, Unstructured};
-use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
+use half::{bf16, f16};
+use ndarray::{ArrayD, Ix4};
+use sdpa_core::{check_support, Backend, BackendSet, Causal, DType, Device, Dropout, SdpaOptions};
+use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
+use sdpa_harness::case::Case;
 use sdpa_harness::compare::compare_with;
+use sdpa_harness::run::RunOutput;
 use sdpa_harness::strategies::{MaskSpec, ProblemSpec};
+use sdpa_harness::Tensor;
 use sdpa_harness::{judge, run, tolerance};
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Arbitrary)]
 struct Input {
@@ -120,4 +133,128 @@ pub fn run(data: &[u8]) {
         Some(&judge::LSE),
     );
     assert!(lse.passes(), "{dtype} lse vs f64: {lse}\n{spec:?}");
+    cuda_backends_agree(&case, &truth, dtype);
+}
+
+/// The first CUDA device, if this machine has one that answers.
+fn gpu() -> Option<&'static GpuContext> {
+    static GPU: OnceLock<Option<GpuContext>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        if !sdpa_cuda::driver_available() {
+            return None;
+        }
+        GpuContext::new(0).ok()
+    })
+    .as_ref()
+}
+
+fn cuda_backends_agree(case: &Case, truth: &RunOutput, dtype: DType) {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let problem = sdpa_harness::run::problem(case).expect("generated problems are valid");
+    for backend in Backend::PRIORITY {
+        if check_support(backend, &problem, Device::Cuda).is_err() {
+            continue;
+        }
+        let got = match (&case.q, &case.k, &case.v) {
+            (Tensor::F32(q), Tensor::F32(k), Tensor::F32(v)) => {
+                on_device(gpu, backend, q, k, v, case, Tensor::F32)
+            }
+            (Tensor::F16(q), Tensor::F16(k), Tensor::F16(v)) => {
+                on_device(gpu, backend, q, k, v, case, Tensor::F16)
+            }
+            (Tensor::BF16(q), Tensor::BF16(k), Tensor::BF16(v)) => {
+                on_device(gpu, backend, q, k, v, case, Tensor::BF16)
+            }
+            _ => unreachable!("cases are made in one dtype"),
+        };
+        let out = compare_with(
+            got.out.to_f64().view(),
+            truth.out.to_f64().view(),
+            Some(&tolerance::for_dtype(dtype)),
+        );
+        assert!(out.passes(), "cuda {backend} {dtype} out vs f64: {out}");
+        let lse = compare_with(
+            got.lse.mapv(f64::from).view(),
+            truth.lse.mapv(f64::from).view(),
+            Some(&judge::LSE),
+        );
+        assert!(lse.passes(), "cuda {backend} {dtype} lse vs f64: {lse}");
+    }
+}
+
+fn on_device<T: DeviceElement>(
+    gpu: &GpuContext,
+    backend: Backend,
+    q: &ArrayD<T>,
+    k: &ArrayD<T>,
+    v: &ArrayD<T>,
+    case: &Case,
+    wrap: fn(ArrayD<T>) -> Tensor,
+) -> RunOutput
+where
+    Tensor: AdditiveOf<T>,
+{
+    let mask = case.attn_mask.as_ref().map(|m| match m {
+        Tensor::Bool(b) => HostMask::Bool(b.view()),
+        other => HostMask::Additive(
+            other
+                .additive()
+                .expect("an additive mask has the case's dtype")
+                .view(),
+        ),
+    });
+    let r = gpu
+        .sdpa_host(
+            four(q),
+            four(k),
+            four(v),
+            mask.as_ref(),
+            &case.options,
+            BackendSet::only(backend),
+        )
+        .unwrap_or_else(|e| panic!("cuda {backend} refused a supported problem: {e}"));
+    RunOutput {
+        out: wrap(r.out.into_dyn()),
+        lse: r.lse.into_dyn(),
+    }
+}
+
+fn four<T>(a: &ArrayD<T>) -> ndarray::ArrayView4<'_, T> {
+    a.view()
+        .into_dimensionality::<Ix4>()
+        .expect("q, k, v are 4-d")
+}
+
+/// The additive mask of a case as an array of its dtype.
+trait AdditiveOf<T> {
+    fn additive(&self) -> Option<&ArrayD<T>>;
+}
+
+impl AdditiveOf<f32> for Tensor {
+    fn additive(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Tensor::F32(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl AdditiveOf<f16> for Tensor {
+    fn additive(&self) -> Option<&ArrayD<f16>> {
+        match self {
+            Tensor::F16(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl AdditiveOf<bf16> for Tensor {
+    fn additive(&self) -> Option<&ArrayD<bf16>> {
+        match self {
+            Tensor::BF16(a) => Some(a),
+            _ => None,
+        }
+    }
 }

@@ -122,6 +122,8 @@ fn backend_sets() {
         assert!(only.contains(backend));
         assert_eq!(only.iter().collect::<Vec<_>>(), vec![backend]);
         assert_eq!(BackendSet::EMPTY.with(backend), only);
+        assert_eq!(only.with(backend), only, "adding a member keeps it");
+        assert_eq!(BackendSet::ALL.with(backend), BackendSet::ALL);
         assert_eq!(only.without(backend), BackendSet::EMPTY);
         let rest = BackendSet::ALL.without(backend);
         assert!(!rest.contains(backend));
