@@ -253,13 +253,17 @@ fn default_shapes(engine: &Engine) -> Vec<Shape> {
             s(4, 8, 512, 64, DType::F32, true),
             s(2, 32, 1024, 32, DType::F16, false),
         ],
-        sdpa_core::Device::Cuda => vec![
-            s(32, 32, 1024, 32, DType::F16, false),
-            s(16, 16, 2048, 64, DType::F16, false),
-            s(8, 16, 4096, 128, DType::BF16, false),
-            s(8, 16, 4096, 128, DType::BF16, true),
-            s(4, 16, 8192, 128, DType::F16, false),
-        ],
+        sdpa_core::Device::Cuda => sdpa_cuda::bench::issue_shapes()
+            .into_iter()
+            .map(|b| Shape {
+                batch: b.batch,
+                heads: b.heads,
+                len: b.len,
+                head_dim: b.head_dim,
+                dtype: b.dtype.parse().expect("issue shapes use f16/bf16/f32"),
+                causal: b.causal,
+            })
+            .collect(),
     }
 }
 

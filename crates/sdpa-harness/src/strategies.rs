@@ -11,6 +11,19 @@ use ndarray::{Array4, ArrayD, IxDyn};
 use proptest::prelude::*;
 use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
 
+/// The proptest configuration of every property suite: `PROPTEST_CASES` cases (64 when
+/// unset), proptest's defaults otherwise.
+pub fn proptest_config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
 /// SplitMix64: a tiny, well-mixed, reproducible generator for tensor contents.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(pub u64);

@@ -7,21 +7,11 @@ use ndarray::{s, Array4, ArrayD, Axis, IxDyn};
 use proptest::prelude::*;
 use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
 use sdpa_harness::compare::{compare, compare_with};
-use sdpa_harness::strategies::{problem_spec, Inputs, Limits, ProblemSpec, SplitMix64};
+use sdpa_harness::strategies::{
+    problem_spec, proptest_config, Inputs, Limits, ProblemSpec, SplitMix64,
+};
 use sdpa_harness::{run, tolerance};
 use sdpa_ref::{sdpa, Mask, Output};
-
-fn config() -> ProptestConfig {
-    // PROPTEST_CASES (read by ProptestConfig::default) overrides the default of 64.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
 
 fn mask_of<'a>(x: &'a Inputs) -> Option<Mask<'a, f64>> {
     match (&x.bool_mask, &x.additive_mask) {
@@ -50,7 +40,7 @@ fn assert_bitwise_eq(a: &Array4<f64>, b: &Array4<f64>) -> Result<(), TestCaseErr
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     /// f32, f16 and bf16 results are within their presets of the f64 result on the
     /// same (rounded) inputs, and never NaN where f64 is finite.

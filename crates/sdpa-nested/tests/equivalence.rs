@@ -6,7 +6,7 @@ use ndarray::{s, Array3, Array4};
 use proptest::prelude::*;
 use sdpa_core::{Causal, Dropout, SdpaOptions};
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::strategies::{proptest_config, SplitMix64};
 use sdpa_harness::tolerance;
 use sdpa_nested::{key_padding_mask, sdpa_nested, CuSeqlens, Nested};
 use sdpa_ref::Mask;
@@ -153,19 +153,8 @@ fn check_equivalence(spec: &NestedSpec) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     /// Self-attention: nested == padded dense + key-padding mask (top-left causal and
     /// dropout included: both are defined on the padded index space).
