@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BUNDLE=$ROOT/target/gpu-bundle
+BUNDLE=${GPU_BUNDLE:-$ROOT/target/gpu-bundle}
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/bin"
 
@@ -28,8 +28,23 @@ while read -r name exe; do
   cp "$exe" "$BUNDLE/bin/sdpa-cuda-$name"
 done < "$BUNDLE/tests.txt"
 rm "$BUNDLE/tests.txt"
+# The device halves of nested batches and of the module (their `cuda` test targets).
+for crate in sdpa-nested sdpa-nn; do
+  cargo test -p "$crate" --test cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$BUNDLE/bin/$crate-cuda"; done
+done
 cargo build --release -p sdpa-cuda --bin sdpa-cuda-bench
 cp "$TARGET_DIR/release/sdpa-cuda-bench" "$BUNDLE/bin/"
+cargo build --release -p sdpa-nn --bin sdpa-nn-bench
+cp "$TARGET_DIR/release/sdpa-nn-bench" "$BUNDLE/bin/"
+cargo build --release -p sdpa-cli --bin sdpa
+cp "$TARGET_DIR/release/sdpa" "$BUNDLE/bin/"
 # Debug info is most of the size; line tables are not needed on the device.
 for f in "$BUNDLE"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
 
@@ -37,7 +52,7 @@ cp -r kernels "$BUNDLE/kernels"
 if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
-cp ci/bench_torch.py "$BUNDLE/"
+cp ci/bench_torch.py ci/bench_torch_module.py "$BUNDLE/"
 cp ci/gpu_run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh" "$BUNDLE"/bin/*
 du -sh "$BUNDLE"

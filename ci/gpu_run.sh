@@ -4,7 +4,9 @@
 # against the reference, dropout bit-identity, varlen, strided views, errors, disk
 # cache), compute-sanitizer memcheck + racecheck on the small set, then benchmarks of
 # ours and PyTorch's backends on the same card. Summary printed last.
-# Usage: run.sh [tests|sanitize|bench|all]   (default all)
+# `nn` (also part of `all`): the nested-batch and module GPU tests, then the module
+# benchmarks (issues 5 and 6) beside PyTorch and the module's CUDA profile.
+# Usage: run.sh [tests|sanitize|bench|nn|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -62,6 +64,16 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   cp "$LOGS/bench-ours.log" "$LOGS/bench-ours.jsonl"
   step bench-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch.py" --ours "$LOGS/bench-ours.jsonl" --json "$LOGS/bench-torch.json"
   cat "$LOGS/bench-torch.log"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = nn ]; then
+  step nested "$BIN/sdpa-nested-cuda" --ignored --test-threads=1
+  step module "$BIN/sdpa-nn-cuda" --ignored --test-threads=1
+  step nn-bench-ours "$BIN/sdpa-nn-bench" --json "$LOGS/nn-bench-ours.json"
+  cat "$LOGS/nn-bench-ours.log"
+  step nn-bench-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_module.py" --ours "$LOGS/nn-bench-ours.json"
+  cat "$LOGS/nn-bench-torch.log"
+  step profile "$BIN/sdpa" profile --device cuda --trace "$LOGS/profile-trace.json"
+  cat "$LOGS/profile.log"
 fi
 
 echo

@@ -1,12 +1,15 @@
 //! `sdpa profile`: the tutorial's profiling section. Runs the causal self-attention
 //! module and prints a per-op table like `prof.key_averages().table()`; `--trace`
-//! writes a Chrome trace.
+//! writes a Chrome trace. On CUDA every op is timed with CUDA events (one event per
+//! kernel or cuBLAS product in the trace, device `cuda`).
 
 use crate::engine::Engine;
 use crate::error::CliError;
 use ndarray::{Array1, Array2, Array3};
 use sdpa_core::{DType, Device};
+use sdpa_cuda::{DeviceElement, DeviceTensor, GpuContext};
 use sdpa_harness::strategies::SplitMix64;
+use sdpa_nn::cuda::{profile_forward, CudaCausalSelfAttention};
 use sdpa_nn::profile::{Event, Profiler};
 use sdpa_nn::{CausalSelfAttention, Linear};
 use sdpa_ref::Element;
@@ -75,6 +78,24 @@ fn profile_typed<T: Element>(s: &Setup, profiler: &mut Profiler) -> Result<(), C
     Ok(())
 }
 
+/// The module on the device: weights uploaded once, `x` uploaded once, then
+/// [`sdpa_nn::cuda::profile_forward`]: one CUDA event pair per op (cuBLAS product or
+/// kernel) and per forward.
+fn profile_cuda<T: Element + DeviceElement>(
+    gpu: &GpuContext,
+    s: &Setup,
+    profiler: &mut Profiler,
+) -> Result<(), CliError> {
+    let module = build::<T>(s)?;
+    let mut on_gpu = CudaCausalSelfAttention::upload(gpu, &module)?;
+    let mut rng = SplitMix64(11);
+    let x = Array3::from_shape_simple_fn((s.batch, s.seq, s.embed), || {
+        T::from_acc(num_cast(rng.symmetric()))
+    });
+    let dx = DeviceTensor::upload(gpu, x.view().insert_axis(ndarray::Axis(0)))?;
+    Ok(profile_forward(gpu, &mut on_gpu, &dx, s.iters, profiler)?)
+}
+
 /// Runs the profile and prints the table; writes the trace when asked.
 pub fn run(engine: &Engine, setup: Setup, trace: Option<&Path>) -> Result<(), CliError> {
     let mut s = setup;
@@ -91,11 +112,25 @@ pub fn run(engine: &Engine, setup: Setup, trace: Option<&Path>) -> Result<(), Cl
         s.embed, s.heads, s.batch, s.seq, s.embed, s.dtype, s.iters, engine.device
     );
     let mut profiler = Profiler::enabled();
-    match s.dtype {
-        DType::F64 => profile_typed::<f64>(&s, &mut profiler)?,
-        DType::F32 => profile_typed::<f32>(&s, &mut profiler)?,
-        DType::F16 => profile_typed::<half::f16>(&s, &mut profiler)?,
-        DType::BF16 => profile_typed::<half::bf16>(&s, &mut profiler)?,
+    if let Some(gpu) = &engine.gpu {
+        println!(
+            "device: {} (sm_{}), CUDA events per op",
+            gpu.name(),
+            gpu.arch()
+        );
+        match s.dtype {
+            DType::F64 => profile_cuda::<f64>(gpu, &s, &mut profiler)?,
+            DType::F32 => profile_cuda::<f32>(gpu, &s, &mut profiler)?,
+            DType::F16 => profile_cuda::<half::f16>(gpu, &s, &mut profiler)?,
+            DType::BF16 => profile_cuda::<half::bf16>(gpu, &s, &mut profiler)?,
+        }
+    } else {
+        match s.dtype {
+            DType::F64 => profile_typed::<f64>(&s, &mut profiler)?,
+            DType::F32 => profile_typed::<f32>(&s, &mut profiler)?,
+            DType::F16 => profile_typed::<half::f16>(&s, &mut profiler)?,
+            DType::BF16 => profile_typed::<half::bf16>(&s, &mut profiler)?,
+        }
     }
     print!("{}", profiler.table());
     if let Some(path) = trace {

@@ -38,6 +38,7 @@ pub mod bench;
 mod context;
 mod error;
 pub mod kernels;
+pub mod nn;
 pub mod params;
 mod tensor;
 

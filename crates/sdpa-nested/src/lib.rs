@@ -29,6 +29,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cuda;
+
 use ndarray::{s, Array2, Array3, Array4, ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
 use sdpa_core::{Result, SdpaError, SdpaOptions};

@@ -26,6 +26,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cuda;
 mod linear;
 mod module;
 pub mod profile;

@@ -219,6 +219,26 @@ impl<T: Element> CausalSelfAttention<T> {
         self.heads
     }
 
+    /// The dropout probability (attention and residual, in training).
+    pub fn dropout(&self) -> f64 {
+        self.dropout
+    }
+
+    /// Whether training applies the causal mask.
+    pub fn is_causal(&self) -> bool {
+        self.is_causal
+    }
+
+    /// The packed q, k, v projection `Linear(E, 3E)`.
+    pub fn c_attn(&self) -> &Linear<T> {
+        &self.c_attn
+    }
+
+    /// The output projection `Linear(E, E)`.
+    pub fn c_proj(&self) -> &Linear<T> {
+        &self.c_proj
+    }
+
     /// The weights by their state_dict names.
     pub fn state_dict(&self) -> HashMap<String, ndarray::ArrayD<T>> {
         let mut m = HashMap::new();
