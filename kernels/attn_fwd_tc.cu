@@ -1,12 +1,15 @@
 // Tensor-core attention forward (flash and, for f16/bf16, efficient): mma.sync
 // m16n8k16 with f32 accumulation, online softmax, scores never leave registers.
 //
-// One CTA computes BM = 16 * SDPA_WARPS query rows of one (batch, head); each warp owns
-// 16 rows. K and V tiles of SDPA_BLOCK_N keys stream through shared memory with cp.async,
+// One CTA computes BM = 16 * SDPA_ROW_FRAGS * SDPA_WARPS query rows of one (batch, head);
+// each warp owns 16 * SDPA_ROW_FRAGS rows, so every K/V fragment it reads from shared
+// memory feeds SDPA_ROW_FRAGS mma's. With one fragment per warp (and D <= 128) the Q
+// fragments live in registers for the whole loop; with two they are re-read per k-step. K and V tiles of SDPA_BLOCK_N keys stream through shared memory with cp.async,
 // double buffered. The head dim is padded to SDPA_HEAD_DIM (a multiple of 16) by
 // zero-filling shared memory; padded columns are never stored.
 //
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM, SDPA_WARPS, SDPA_BLOCK_N,
+// SDPA_ROW_FRAGS (1 or 2),
 // SDPA_EXTRAS (0: the plain flash path; 1: mask and dropout compiled in, chosen at run
 // time by mask_kind and dropout), SDPA_KERNEL (symbol).
 // SDPA_MIN_BLOCKS (CTAs per SM for __launch_bounds__).
@@ -15,7 +18,13 @@
 #include "sdpa_params.cuh"
 
 #define D SDPA_HEAD_DIM
-#define BM (16 * SDPA_WARPS)
+#define MW SDPA_ROW_FRAGS
+#define WM (16 * MW)
+#define BM (WM * SDPA_WARPS)
+#define Q_IN_REGS (MW == 1 && D <= 128)
+#ifndef SDPA_KS_UNROLL
+#define SDPA_KS_UNROLL 8
+#endif
 #define BN SDPA_BLOCK_N
 #define NTHREADS (32 * SDPA_WARPS)
 // Shared-memory row stride: 16 bytes of padding keep ldmatrix free of bank conflicts.
@@ -51,6 +60,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+}
+
+// 2^x on the MUFU unit alone (exp2f adds a subnormal-input fix-up around it); results
+// under 2^-126 flush to zero, far below anything an f16/bf16 output or an f32 sum sees.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -97,7 +114,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 
     const int b = blockIdx.z;
     const int h = blockIdx.y;
-    const int m0 = blockIdx.x * BM;
+    // Causal: the last query blocks have the most key tiles; start them first so that
+    // the short ones fill the tail of the grid.
+    const int m_block = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int m0 = m_block * BM;
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int lane = tid & 31;
@@ -127,16 +147,33 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, 0, len_k, p.head_dim_v, vec_ok, tid);
     cp_async_commit();
 
-    const int row_lo = m0 + warp * 16 + (lane >> 2);
-    const int row_hi = row_lo + 8;
-    const int limit_lo = key_limit(p.causal, row_lo, len_q, len_k);
-    const int limit_hi = key_limit(p.causal, row_hi, len_q, len_k);
+    // This thread's rows: fragment mi, half r (lane / 4, then + 8). Recomputed where
+    // needed rather than held: registers are the scarce resource here.
+    const int row0 = m0 + warp * WM + (lane >> 2);
+#define ROW(mi, r) (row0 + (mi) * 16 + (r) * 8)
 
-    float o[D / 8][4];
+    float o[MW][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float row_max[2] = {SDPA_NEG_INF, SDPA_NEG_INF};
-    float row_sum[2] = {0.f, 0.f};
+    for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
+    float row_max[MW][2], row_sum[MW][2];
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi) {
+        row_max[mi][0] = row_max[mi][1] = SDPA_NEG_INF;
+        row_sum[mi][0] = row_sum[mi][1] = 0.f;
+    }
+
+#if Q_IN_REGS
+    // Q's A fragments, read once (each warp reads only its own rows of s_q).
+    u32 qf[D / 16][4];
+    cp_async_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        ldmatrix_x4(qf[ks], smem_addr(s_q + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
+                                      ks * 16 + (lane >> 4) * 8));
+#endif
 
     for (int t = 0; t < n_tiles; ++t) {
         const int n0 = t * BN;
@@ -148,79 +185,111 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         cp_async_commit();
 
         const u16* k_tile = s_k + (t & 1) * BN * SROW;
-        float s[BN / 8][4];
+        float s[MW][BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mi = 0; mi < MW; ++mi)
 #pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.f;
+#if Q_IN_REGS
+#pragma unroll
+#else
+#pragma unroll SDPA_KS_UNROLL
+#endif
         for (int ks = 0; ks < D / 16; ++ks) {
-            u32 a[4];
-            ldmatrix_x4(a, smem_addr(s_q + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
-                                     ks * 16 + (lane >> 4) * 8));
+#if Q_IN_REGS
+#define QFRAG(mi) qf[ks]
+#else
+#define QFRAG(mi) a[mi]
+            u32 a[MW][4];
+#pragma unroll
+            for (int mi = 0; mi < MW; ++mi)
+                ldmatrix_x4(a[mi], smem_addr(s_q + (warp * WM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
+                                             ks * 16 + (lane >> 4) * 8));
+#endif
 #pragma unroll
             for (int np = 0; np < BN / 16; ++np) {
                 u32 kb[4];
                 ldmatrix_x4(kb, smem_addr(k_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW +
                                           ks * 16 + ((lane >> 3) & 1) * 8));
-                mma16816(s[2 * np], a, kb[0], kb[1]);
-                mma16816(s[2 * np + 1], a, kb[2], kb[3]);
+#pragma unroll
+                for (int mi = 0; mi < MW; ++mi) {
+                    mma16816(s[mi][2 * np], QFRAG(mi), kb[0], kb[1]);
+                    mma16816(s[mi][2 * np + 1], QFRAG(mi), kb[2], kb[3]);
+                }
             }
         }
 
-        // Scale and mask, in log2 units.
-        const bool edge = (n0 + BN > unmasked_end);
+        // Scale (and mask), in log2 units.
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
+        for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                float x = s[nt][e] * p.scale_log2;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[mi][nt][e] * p.scale_log2;
 #if SDPA_EXTRAS
-                if (p.mask_kind != 0) {
-                    const int row = (e < 2) ? row_lo : row_hi;
-                    if (row < len_q && j < len_k) {
-                        const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +
-                                       row * p.mask_stride_l + j * p.mask_stride_s;
-                        if (p.mask_kind == 1) {
-                            if (((const unsigned char*)p.mask)[at] == 0) x = SDPA_NEG_INF;
-                        } else {
-                            x += load_elem((const elem_t*)p.mask + at) * SDPA_LOG2E;
+                    if (p.mask_kind != 0) {
+                        const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                        const int rr = ROW(mi, e >> 1);
+                        if (rr < len_q && j < len_k) {
+                            const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +
+                                           rr * p.mask_stride_l + j * p.mask_stride_s;
+                            if (p.mask_kind == 1) {
+                                if (((const unsigned char*)p.mask)[at] == 0) x = SDPA_NEG_INF;
+                            } else {
+                                x += load_elem((const elem_t*)p.mask + at) * SDPA_LOG2E;
+                            }
                         }
                     }
-                }
 #endif
-                if (edge && j >= ((e < 2) ? limit_lo : limit_hi)) x = SDPA_NEG_INF;
-                s[nt][e] = x;
+                    s[mi][nt][e] = x;
+                }
             }
+        }
+        // Causal and length bounds: only tiles that reach past `unmasked_end`.
+        if (n0 + BN > unmasked_end) {
+#pragma unroll
+            for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                        if (j >= key_limit(p.causal, ROW(mi, e >> 1), len_q, len_k)) s[mi][nt][e] = SDPA_NEG_INF;
+                    }
         }
 
         // Online softmax: rescale what came before by exp2(old max - new max).
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float tile_max = SDPA_NEG_INF;
+        for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-                tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-            const float new_max = fmaxf(row_max[r], tile_max);
-            // A row with nothing unmasked yet keeps max -inf; subtracting 0 then keeps
-            // every exp2 at exactly 0 instead of NaN.
-            const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
-            const float alpha = exp2f(row_max[r] - base);
-            row_max[r] = new_max;
-            row_sum[r] *= alpha;
+            for (int r = 0; r < 2; ++r) {
+                float tile_max = SDPA_NEG_INF;
 #pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                o[i][2 * r] *= alpha;
-                o[i][2 * r + 1] *= alpha;
-            }
+                for (int nt = 0; nt < BN / 8; ++nt)
+                    tile_max = fmaxf(tile_max, fmaxf(s[mi][nt][2 * r], s[mi][nt][2 * r + 1]));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                const float new_max = fmaxf(row_max[mi][r], tile_max);
+                // A row with nothing unmasked yet keeps max -inf; subtracting 0 then keeps
+                // every exp2 at exactly 0 instead of NaN.
+                const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+                const float alpha = fast_exp2(row_max[mi][r] - base);
+                row_max[mi][r] = new_max;
+                row_sum[mi][r] *= alpha;
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const float p0 = exp2f(s[nt][2 * r] - base);
-                const float p1 = exp2f(s[nt][2 * r + 1] - base);
-                row_sum[r] += p0 + p1;
-                s[nt][2 * r] = p0;
-                s[nt][2 * r + 1] = p1;
+                for (int i = 0; i < D / 8; ++i) {
+                    o[mi][i][2 * r] *= alpha;
+                    o[mi][i][2 * r + 1] *= alpha;
+                }
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    const float p0 = fast_exp2(s[mi][nt][2 * r] - base);
+                    const float p1 = fast_exp2(s[mi][nt][2 * r + 1] - base);
+                    row_sum[mi][r] += p0 + p1;
+                    s[mi][nt][2 * r] = p0;
+                    s[mi][nt][2 * r + 1] = p1;
+                }
             }
         }
 
@@ -228,18 +297,20 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         // Dropped weights leave the numerator only; the denominator is the full softmax.
         if (p.dropout) {
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
+            for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = r ? row_hi : row_lo;
-                const int j = n0 + nt * 8 + 2 * (lane & 3);
-                const u64 n = (((u64)b * p.heads_q + h) * (u64)p.len_q + (u64)row) * (u64)p.len_kv + (u64)j;
-                bool keep0, keep1;
-                dropout_keep2(p.dropout_seed, p.dropout_offset, p.dropout_threshold, n, keep0, keep1);
-                if (!keep0) s[nt][2 * r] = 0.f;
-                if (!keep1) s[nt][2 * r + 1] = 0.f;
+                for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int j = n0 + nt * 8 + 2 * (lane & 3);
+                        const u64 n = (((u64)b * p.heads_q + h) * (u64)p.len_q + (u64)ROW(mi, r)) * (u64)p.len_kv + (u64)j;
+                        bool keep0, keep1;
+                        dropout_keep2(p.dropout_seed, p.dropout_offset, p.dropout_threshold, n, keep0, keep1);
+                        if (!keep0) s[mi][nt][2 * r] = 0.f;
+                        if (!keep1) s[mi][nt][2 * r + 1] = 0.f;
+                    }
+                }
             }
-        }
         }
 #endif
 
@@ -253,16 +324,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         const u16* v_tile = s_v + (t & 1) * BN * SROW;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
-                              pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 a[MW][4];
+#pragma unroll
+            for (int mi = 0; mi < MW; ++mi) {
+                a[mi][0] = pack2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                a[mi][1] = pack2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                a[mi][2] = pack2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                a[mi][3] = pack2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 vb[4];
                 ldmatrix_x4_trans(vb, smem_addr(v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
                                                 dp * 16 + (lane >> 4) * 8));
-                mma16816(o[2 * dp], a, vb[0], vb[1]);
-                mma16816(o[2 * dp + 1], a, vb[2], vb[3]);
+#pragma unroll
+                for (int mi = 0; mi < MW; ++mi) {
+                    mma16816(o[mi][2 * dp], a[mi], vb[0], vb[1]);
+                    mma16816(o[mi][2 * dp + 1], a[mi], vb[2], vb[3]);
+                }
             }
         }
     }
@@ -271,22 +350,25 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
     float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + start_q * p.lse_stride_l;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int row = r ? row_hi : row_lo;
-        if (row >= len_q) continue;
-        // A fully masked row has sum 0: output 0, log-sum-exp -inf.
-        const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
-        if ((lane & 3) == 0)
-            lse[row * p.lse_stride_l] = sum > 0.f ? row_max[r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
-        elem_t* out_row = out + row * p.out_stride_l;
+    for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-            const int d = i * 8 + 2 * (lane & 3);
-            if (d < p.head_dim_v) out_row[d] = to_elem(o[i][2 * r] * inv);
-            if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(o[i][2 * r + 1] * inv);
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[mi][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int rr = ROW(mi, r);
+            if (rr >= len_q) continue;
+            // A fully masked row has sum 0: output 0, log-sum-exp -inf.
+            const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
+            if ((lane & 3) == 0)
+                lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[mi][r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+            elem_t* out_row = out + rr * p.out_stride_l;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int d = i * 8 + 2 * (lane & 3);
+                if (d < p.head_dim_v) out_row[d] = to_elem(o[mi][i][2 * r] * inv);
+                if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(o[mi][i][2 * r + 1] * inv);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
-use crate::kernels::{tc_shared_bytes, tc_tiles, KernelSpec};
+use crate::kernels::{tc_shared_bytes, tc_tile_shape, KernelSpec};
 use crate::params::SdpaParams;
 use crate::tensor::{
     lse_to_3d, Buffer, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, HostMask,
@@ -71,8 +71,13 @@ fn fused_kernel(problem: &Problem) -> (KernelSpec, u32, u32, u32) {
         let KernelSpec::Tc { head_dim, .. } = spec else {
             unreachable!("tc() makes a Tc spec")
         };
-        let (warps, _) = tc_tiles(head_dim);
-        (spec, 16 * warps, 32 * warps, tc_shared_bytes(head_dim))
+        let tiles = tc_tile_shape(head_dim);
+        (
+            spec,
+            tiles.block_rows(),
+            32 * tiles.warps,
+            tc_shared_bytes(head_dim),
+        )
     }
 }
 

@@ -4,7 +4,7 @@
 //! Every source is embedded (`include_str!`) and compiled at run time for the device's
 //! arch; `#include "x.cuh"` lines are expanded here, so NVRTC needs no include path and
 //! no CUDA headers. A specialisation is a [`KernelSpec`]: its symbol carries its dtype and
-//! variant (`attn_fwd_tc_f16_d128_w8_n64`, `attn_fwd_simt_f32_dv64_bool_dropout`).
+//! variant (`attn_fwd_tc_f16_d128_w4_n64_m2`, `attn_fwd_simt_f32_dv64_bool_dropout`).
 
 use crate::error::{CudaError, Result};
 use sdpa_core::DType;
@@ -76,48 +76,124 @@ fn dtype_code(dtype: DType) -> u32 {
     }
 }
 
-/// Tile shape of the tensor-core kernel for a padded head dim: (warps, keys per tile).
-/// Each warp owns 16 query rows. Wide heads take fewer rows and keys so that the
+/// Tile shape of the tensor-core kernel for one padded head dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcTiles {
+    /// Warps per CTA.
+    pub warps: u32,
+    /// Keys per K/V tile.
+    pub block_n: u32,
+    /// 16-row fragments per warp (1 or 2): a warp owns `16 * row_frags` query rows.
+    pub row_frags: u32,
+    /// CTAs per SM the register budget is sized for (`__launch_bounds__`).
+    pub min_blocks: u32,
+}
+
+impl TcTiles {
+    /// Query rows per CTA.
+    pub fn block_rows(&self) -> u32 {
+        16 * self.row_frags * self.warps
+    }
+
+    /// Dynamic shared memory for padded head dim `head_dim`: the Q tile plus two K and
+    /// two V tiles, rows padded by 8 elements.
+    pub fn shared_bytes(&self, head_dim: u32) -> u32 {
+        (self.block_rows() + 4 * self.block_n) * (head_dim + 8) * 2
+    }
+}
+
+/// The default tile shape for a padded head dim. Up to D = 128 a warp owns 32 rows (two
+/// fragments share every K/V fragment read from shared memory) and a CTA 128, as
+/// FlashAttention-2 does; wider heads take 16 rows a warp and 32 keys a tile so that the
 /// accumulators (D/2 registers a thread) and shared memory still fit.
-pub fn tc_tiles(head_dim: u32) -> (u32, u32) {
-    if let Some((warps, block_n, _)) = tile_override() {
-        return (warps, block_n);
-    }
+fn default_tiles(head_dim: u32) -> TcTiles {
+    let t = |warps, block_n, row_frags, min_blocks| TcTiles {
+        warps,
+        block_n,
+        row_frags,
+        min_blocks,
+    };
     match head_dim {
-        0..=64 => (4, 64),
-        65..=128 => (8, 64),
-        _ => (4, 32),
+        0..=32 => t(4, 128, 2, 2),
+        33..=128 => t(4, 64, 2, 2),
+        _ => t(4, 32, 1, 1),
     }
+}
+
+/// The tile shape of the tensor-core kernel for a padded head dim (the override's, when
+/// `SDPA_CUDA_TC_TILES` names this dim).
+pub fn tc_tile_shape(head_dim: u32) -> TcTiles {
+    tile_override(head_dim).unwrap_or_else(|| default_tiles(head_dim))
+}
+
+/// (warps, keys per tile) of the tensor-core kernel for a padded head dim.
+pub fn tc_tiles(head_dim: u32) -> (u32, u32) {
+    let t = tc_tile_shape(head_dim);
+    (t.warps, t.block_n)
 }
 
 /// CTAs per SM the tensor-core kernel's register budget is sized for
 /// (`__launch_bounds__` second argument).
-pub fn tc_min_blocks(_head_dim: u32) -> u32 {
-    tile_override().map_or(1, |(_, _, blocks)| blocks)
+pub fn tc_min_blocks(head_dim: u32) -> u32 {
+    tc_tile_shape(head_dim).min_blocks
 }
 
-/// `SDPA_CUDA_TC_TILES=warps,block_n,min_blocks`: a tile-shape experiment for every head
-/// dim (benchmark sweeps only; the defaults above are what the tests cover).
-fn tile_override() -> Option<(u32, u32, u32)> {
-    static TILES: std::sync::OnceLock<Option<(u32, u32, u32)>> = std::sync::OnceLock::new();
-    *TILES.get_or_init(|| {
-        let text = std::env::var("SDPA_CUDA_TC_TILES").ok()?;
-        let v: Vec<u32> = text
-            .split(',')
-            .filter_map(|x| x.trim().parse().ok())
-            .collect();
-        match v[..] {
-            [w, n, b] if (1..=16).contains(&w) && n % 16 == 0 && n > 0 && b > 0 => Some((w, n, b)),
-            _ => None,
-        }
-    })
+/// Parses `SDPA_CUDA_TC_TILES`: `;`-separated entries `[dim:]warps,block_n,min_blocks[,row_frags]`
+/// (row_frags 1 when left out); an entry without `dim:` applies to every head dim. The
+/// first entry that applies wins; malformed entries are ignored.
+fn parse_tile_override(text: &str) -> Vec<(Option<u32>, TcTiles)> {
+    text.split(';')
+        .filter_map(|entry| {
+            let (dim, rest) = match entry.split_once(':') {
+                Some((d, rest)) => (Some(d.trim().parse::<u32>().ok()?), rest),
+                None => (None, entry),
+            };
+            let v: Vec<u32> = rest
+                .split(',')
+                .map(|x| x.trim().parse().ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let (warps, block_n, min_blocks, row_frags) = match v[..] {
+                [w, n, b] => (w, n, b, 1),
+                [w, n, b, m] => (w, n, b, m),
+                _ => return None,
+            };
+            let ok = (1..=16).contains(&warps)
+                && block_n % 16 == 0
+                && block_n > 0
+                && min_blocks > 0
+                && (1..=2).contains(&row_frags);
+            ok.then_some((
+                dim,
+                TcTiles {
+                    warps,
+                    block_n,
+                    row_frags,
+                    min_blocks,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `SDPA_CUDA_TC_TILES` (see [`parse_tile_override`]): tile-shape experiments
+/// (benchmark sweeps only; the defaults above are what the tests cover).
+fn tile_override(head_dim: u32) -> Option<TcTiles> {
+    static TILES: std::sync::OnceLock<Vec<(Option<u32>, TcTiles)>> = std::sync::OnceLock::new();
+    TILES
+        .get_or_init(|| {
+            std::env::var("SDPA_CUDA_TC_TILES")
+                .map(|t| parse_tile_override(&t))
+                .unwrap_or_default()
+        })
+        .iter()
+        .find(|(dim, _)| dim.is_none_or(|d| d == head_dim))
+        .map(|&(_, t)| t)
 }
 
 /// Dynamic shared memory of the tensor-core kernel: Q tile plus two K and two V tiles,
 /// rows padded by 8 elements.
 pub fn tc_shared_bytes(head_dim: u32) -> u32 {
-    let (warps, block_n) = tc_tiles(head_dim);
-    (16 * warps + 4 * block_n) * (head_dim + 8) * 2
+    tc_tile_shape(head_dim).shared_bytes(head_dim)
 }
 
 impl KernelSpec {
@@ -195,9 +271,12 @@ impl KernelSpec {
                 head_dim,
                 extras,
             } => {
-                let (warps, block_n) = tc_tiles(head_dim);
+                let t = tc_tile_shape(head_dim);
                 vec![format!(
-                    "attn_fwd_tc_{dtype}_d{head_dim}_w{warps}_n{block_n}{}",
+                    "attn_fwd_tc_{dtype}_d{head_dim}_w{}_n{}_m{}{}",
+                    t.warps,
+                    t.block_n,
+                    t.row_frags,
                     if extras { "_mask_dropout" } else { "" }
                 )]
             }
@@ -233,12 +312,13 @@ impl KernelSpec {
                 head_dim,
                 extras,
             } => {
-                let (warps, block_n) = tc_tiles(head_dim);
+                let t = tc_tile_shape(head_dim);
                 opts.push(format!("-DSDPA_DTYPE={}", dtype_code(dtype)));
                 opts.push(format!("-DSDPA_HEAD_DIM={head_dim}"));
-                opts.push(format!("-DSDPA_WARPS={warps}"));
-                opts.push(format!("-DSDPA_BLOCK_N={block_n}"));
-                opts.push(format!("-DSDPA_MIN_BLOCKS={}", tc_min_blocks(head_dim)));
+                opts.push(format!("-DSDPA_WARPS={}", t.warps));
+                opts.push(format!("-DSDPA_BLOCK_N={}", t.block_n));
+                opts.push(format!("-DSDPA_ROW_FRAGS={}", t.row_frags));
+                opts.push(format!("-DSDPA_MIN_BLOCKS={}", t.min_blocks));
                 opts.push(format!("-DSDPA_EXTRAS={}", extras as u32));
                 opts.push(format!("-DSDPA_KERNEL={}", symbols[0]));
             }
@@ -493,7 +573,7 @@ mod tests {
         let s = KernelSpec::tc(DType::BF16, 111, 111, true);
         assert_eq!(
             s.symbols(),
-            vec!["attn_fwd_tc_bf16_d128_w8_n64_mask_dropout"]
+            vec!["attn_fwd_tc_bf16_d128_w4_n64_m2_mask_dropout"]
         );
         let s = KernelSpec::simt(DType::F32, 64, 64, false);
         assert_eq!(s.symbols(), vec!["attn_fwd_simt_f32_dv64"]);
@@ -502,7 +582,7 @@ mod tests {
         let opts = KernelSpec::tc(DType::F16, 40, 40, false).options(90);
         assert!(opts.contains(&"--gpu-architecture=sm_90".to_string()));
         assert!(opts.contains(&"-DSDPA_HEAD_DIM=64".to_string()));
-        assert!(opts.contains(&"-DSDPA_KERNEL=attn_fwd_tc_f16_d64_w4_n64".to_string()));
+        assert!(opts.contains(&"-DSDPA_KERNEL=attn_fwd_tc_f16_d64_w4_n64_m2".to_string()));
     }
 
     #[test]
@@ -521,6 +601,25 @@ mod tests {
                 tc_shared_bytes(d)
             );
         }
+    }
+
+    #[test]
+    fn tile_override_parses_per_dim_entries() {
+        let t = |warps, block_n, row_frags, min_blocks| TcTiles {
+            warps,
+            block_n,
+            row_frags,
+            min_blocks,
+        };
+        assert_eq!(parse_tile_override("8,64,1"), vec![(None, t(8, 64, 1, 1))]);
+        assert_eq!(
+            parse_tile_override("128:4,64,2,2;4,128,1"),
+            vec![(Some(128), t(4, 64, 2, 2)), (None, t(4, 128, 1, 1))]
+        );
+        // Malformed entries (bad dim, block_n not a multiple of 16, 3 fragments) are dropped.
+        assert!(parse_tile_override("x:4,64,1;4,60,1;4,64,1,3;4,64").is_empty());
+        assert_eq!(t(4, 64, 2, 2).block_rows(), 128);
+        assert_eq!(t(4, 64, 2, 2).shared_bytes(128), (128 + 256) * 136 * 2);
     }
 
     #[test]
