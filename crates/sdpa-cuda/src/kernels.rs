@@ -469,7 +469,9 @@ pub fn compile(spec: &KernelSpec, arch: u32, cache_dir: Option<&Path>) -> Result
 }
 
 /// One NVRTC run; `Err` carries the log (errors, or warnings of an otherwise good run).
-fn nvrtc_cubin(
+/// Compiles one translation unit to a cubin; any NVRTC log output (a warning) is an
+/// error carrying the log.
+pub(crate) fn nvrtc_cubin(
     source: &str,
     name: &str,
     options: &[String],

@@ -18,6 +18,44 @@ use std::sync::{Arc, Mutex};
 const NN_SOURCE: &str = include_str!("../../../kernels/nn.cu");
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
+fn nn_source() -> String {
+    // One translation unit: common.cuh inlined (NVRTC has no file system here).
+    NN_SOURCE.replace("#include \"common.cuh\"", COMMON)
+}
+
+fn nn_dtype_code(dtype: DType) -> u32 {
+    match dtype {
+        DType::F64 => 0,
+        DType::F32 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+    }
+}
+
+/// Compiles `kernels/nn.cu` for every dtype to `sm_{arch}` machine code, failing on any
+/// error or warning: what CI's NVRTC check runs for these kernels (no GPU needed).
+///
+/// # Errors
+/// [`CudaError::Compile`] with NVRTC's log.
+pub fn compile_check(arch: u32) -> Result<()> {
+    let source = nn_source();
+    for dtype in DType::ALL {
+        let options = vec![
+            format!("--gpu-architecture=sm_{arch}"),
+            "--std=c++17".to_string(),
+            format!("-DSDPA_DTYPE={}", nn_dtype_code(dtype)),
+        ];
+        crate::kernels::nvrtc_cubin(&source, "nn.cu", &options).map_err(|log| {
+            CudaError::Compile {
+                kernel: format!("nn_*_{dtype}"),
+                arch: format!("sm_{arch}"),
+                log,
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// The elementwise kernels of `kernels/nn.cu`, compiled per dtype on first use.
 #[derive(Default)]
 pub struct NnKernels {
@@ -36,14 +74,8 @@ impl NnKernels {
         let module = match modules.get(&dtype) {
             Some(m) => m.clone(),
             None => {
-                // One translation unit: common.cuh inlined (NVRTC has no file system here).
-                let source = NN_SOURCE.replace("#include \"common.cuh\"", COMMON);
-                let code = match dtype {
-                    DType::F64 => 0,
-                    DType::F32 => 1,
-                    DType::F16 => 2,
-                    DType::BF16 => 3,
-                };
+                let source = nn_source();
+                let code = nn_dtype_code(dtype);
                 let options = cudarc::nvrtc::CompileOptions {
                     options: vec![
                         format!("--gpu-architecture=compute_{}", gpu.arch()),

@@ -43,3 +43,14 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+#[ignore = "needs libnvrtc (ci/nvrtc.sh provides it)"]
+fn module_kernels_compile_clean_for_sm80_and_sm90() {
+    nvrtc_version().expect("libnvrtc loads");
+    for arch in [80, 90] {
+        if let Err(e) = sdpa_cuda::nn::compile_check(arch) {
+            panic!("kernels/nn.cu for sm_{arch}: {e}");
+        }
+    }
+}
