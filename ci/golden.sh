@@ -2,11 +2,14 @@
 # Regenerates the golden cases through libtorch 2.11 (tch 0.24), or checks that the
 # committed ones still come out byte for byte.
 #
-#   bash ci/golden.sh                  regenerate golden/ (CPU cases + manifest.json)
+#   bash ci/golden.sh                  regenerate golden/ (CPU cases + manifest.json, and the
+#                                      module cases in golden/module/)
 #   bash ci/golden.sh --out DIR        regenerate into DIR instead
 #   bash ci/golden.sh --check          regenerate into a scratch folder; fail if any byte
-#                                      differs from the committed golden/ (golden/cuda/
-#                                      is produced on a GPU and not checked here)
+#                                      differs from the committed golden/ and golden/module/
+#                                      (golden/cuda/ is produced on a GPU by
+#                                      ci/gpu_goldens.sh, golden/nested/ by
+#                                      ci/golden_nested.py: not checked here)
 #   bash ci/golden.sh --device cuda    on a machine with an NVIDIA GPU: full torch wheel
 #                                      with its CUDA libraries, a binary that links
 #                                      libtorch_cuda, results into golden/cuda/
@@ -129,18 +132,21 @@ if [ "$check" = 1 ]; then
       say "golden/$name differs from what the generator writes now"; differ=1
     fi
   done < <( (cd "$committed" && find . -maxdepth 1 -type f -printf '%P\n'; \
-             cd "$scratch" && find . -maxdepth 1 -type f -printf '%P\n') | sort -u)
+             { find module -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }; \
+             cd "$scratch" && find . -maxdepth 1 -type f -printf '%P\n'; \
+             { find module -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }) | sort -u)
   if [ "$differ" = 1 ]; then
     say "FAILED: golden/ is not what the generator produces; regenerate with bash ci/golden.sh and review the diff"
     exit 1
   fi
   count=$(find "$committed" -maxdepth 1 -name '*.safetensors' | wc -l)
-  say "golden/ reproduced byte for byte: $count case files + manifest.json ($((SECONDS - start)) s)"
+  modules=$(find "$committed/module" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
+  say "golden/ reproduced byte for byte: $count case files + manifest.json, module/: $modules case files + manifest.json ($((SECONDS - start)) s)"
 else
   if [ "$device" = cpu ]; then
-    mkdir -p "$out"
+    mkdir -p "$out" "$out/module"
     # Stale cases of an earlier generator must not linger.
-    find "$out" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
+    find "$out" "$out/module" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
   else
     mkdir -p "$out/cuda"
     find "$out/cuda" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete

@@ -52,6 +52,20 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step unit "$BIN/sdpa-cuda-unit"
   step nvrtc "$BIN/sdpa-cuda-nvrtc" --ignored
   step gpu "$GPU_TESTS" --ignored --test-threads=1
+  # Every golden case through every CUDA backend (tests/golden_gpu.rs). Goldens from the
+  # working tree the bundle sits in (target/gpu-bundle), so a golden/cuda/ made earlier
+  # on this machine (ci/gpu_goldens.sh) counts; else the bundle's copy.
+  if [ -x "$BIN/sdpa-cuda-golden_gpu" ]; then
+    if [ -z "${SDPA_GOLDEN_DIR:-}" ]; then
+      if [ -f "$HERE/../../golden/manifest.json" ]; then
+        SDPA_GOLDEN_DIR=$(cd "$HERE/../../golden" && pwd)
+      else
+        SDPA_GOLDEN_DIR=$HERE/golden
+      fi
+      export SDPA_GOLDEN_DIR
+    fi
+    step golden "$BIN/sdpa-cuda-golden_gpu" --ignored --test-threads=1 --nocapture
+  fi
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = sanitize ]; then
   for tool in memcheck racecheck; do

@@ -17,6 +17,7 @@
 
 mod cases;
 mod cuda;
+mod module;
 mod write;
 
 use cases::{Case, DType, Fill, MaskPattern};
@@ -575,9 +576,16 @@ fn run() -> Result<()> {
     if let Some(only) = &args.only {
         cases.retain(|c| c.name.contains(only.as_str()));
     }
+    let mut module_cases = module::all();
+    if let Some(only) = &args.only {
+        module_cases.retain(|c| c.name.contains(only.as_str()));
+    }
     if args.list {
         for c in &cases {
             println!("{}", c.name);
+        }
+        for c in &module_cases {
+            println!("module/{}", c.name);
         }
         return Ok(());
     }
@@ -645,6 +653,9 @@ fn run() -> Result<()> {
         total as f64 / 1e6,
         args.out.display()
     );
+    if !module_cases.is_empty() {
+        module::generate(&module_cases, &args.out.join("module"), &version)?;
+    }
     Ok(())
 }
 

@@ -306,6 +306,101 @@ impl Case {
     }
 }
 
+/// Every tensor and the metadata of any safetensors file, whatever the tensors' ranks:
+/// what the nested and module goldens hold (`q [total, H, E]`, weights, `x`), which
+/// [`Case`] (4-d `q`, `k`, `v`) does not describe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorFile {
+    /// Float and bool tensors by name.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Integer tensors (I32, I64, U32: offsets such as `cu_seqlens`) widened to i64.
+    pub integers: BTreeMap<String, ndarray::ArrayD<i64>>,
+    /// `__metadata__`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads any safetensors file into a [`TensorFile`].
+///
+/// # Errors
+/// An empty, truncated or non-safetensors buffer; a tensor whose data does not match
+/// its shape; a dtype other than F64, F32, F16, BF16, BOOL, I32, I64, U32.
+pub fn read_tensor_file(bytes: &[u8]) -> Result<TensorFile> {
+    let not_safetensors = |what: &str, e: safetensors::SafeTensorError| {
+        HarnessError::case(
+            "tensor file",
+            "a safetensors file",
+            format!("unreadable {what} ({e})"),
+        )
+    };
+    if bytes.is_empty() {
+        return Err(HarnessError::case(
+            "tensor file",
+            "a safetensors file",
+            "an empty file",
+        ));
+    }
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| not_safetensors("header", e))?;
+    let st =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_safetensors("data", e))?;
+    let mut file = TensorFile {
+        tensors: BTreeMap::new(),
+        integers: BTreeMap::new(),
+        metadata: header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    };
+    for (name, view) in st.tensors() {
+        let (shape, data) = (view.shape(), view.data());
+        let mismatch = || {
+            HarnessError::case(
+                format!("tensor {name}"),
+                format!("data matching shape {shape:?}"),
+                format!("{} bytes", data.len()),
+            )
+        };
+        let ints = |width: usize, parse: fn(&[u8]) -> i64| -> Result<ndarray::ArrayD<i64>> {
+            let numel: usize = shape.iter().product();
+            if data.len() != numel * width {
+                return Err(mismatch());
+            }
+            let values = data.chunks_exact(width).map(parse).collect();
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).map_err(|_| mismatch())
+        };
+        use safetensors::Dtype as D;
+        let widened = match view.dtype() {
+            D::I32 => Some(ints(4, |c| {
+                i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64
+            })?),
+            D::U32 => Some(ints(4, |c| {
+                u32::from_le_bytes(c.try_into().expect("4 bytes")) as i64
+            })?),
+            D::I64 => Some(ints(8, |c| {
+                i64::from_le_bytes(c.try_into().expect("8 bytes"))
+            })?),
+            _ => None,
+        };
+        if let Some(a) = widened {
+            file.integers.insert(name, a);
+            continue;
+        }
+        let tensor = Tensor::from_le_bytes(view.dtype(), shape, data)
+            .ok_or_else(mismatch)?
+            .map_err(|got| {
+                HarnessError::case(
+                    format!("tensor {name}"),
+                    "dtype F64, F32, F16, BF16, BOOL, I32, I64 or U32",
+                    got,
+                )
+            })?;
+        file.tensors.insert(name, tensor);
+    }
+    Ok(file)
+}
+
 /// Writes safetensors bytes with a deterministic header: `__metadata__` first with its
 /// keys sorted, then the tensors in the order their data is laid out (widest dtype
 /// first, then by name, as the `safetensors` crate lays them out). The crate's own

@@ -1,0 +1,242 @@
+//! Module goldens (`golden/module/`): the tutorial's `CausalSelfAttention` computed in
+//! libtorch, `linear -> split -> view/transpose -> sdpa -> transpose/view -> linear`,
+//! as the PyTorch module's `forward` does it, with random weights saved under the
+//! state_dict names (`c_attn.weight`, `c_attn.bias`, `c_proj.weight`, `c_proj.bias`).
+//!
+//! Each case is `eval` or `train` with dropout 0 (so the result is deterministic), the
+//! module's `is_causal` on or off: training applies the causal mask as configured, eval
+//! applies none (the tutorial's module passes `is_causal=False` in eval). `out` is
+//! libtorch's CPU result in the case dtype (every op in that dtype, as the module runs),
+//! `out_f64` the truth: the same ops on the weights and input upcast to f64, attention
+//! through libtorch's math path.
+//!
+//! Nested module cases are not made here (tch has no jagged nested tensors):
+//! ci/golden_nested.py writes them into `golden/nested/` from torch.nested.
+
+use crate::cases::DType;
+use crate::{kind, write, Result, SplitMix64};
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// One module case.
+pub struct ModuleCase {
+    pub name: String,
+    pub dtype: DType,
+    pub b: usize,
+    pub t: usize,
+    pub e: usize,
+    pub heads: usize,
+    /// The module's `is_causal` flag.
+    pub is_causal: bool,
+    /// `train()` (true) or `eval()`.
+    pub training: bool,
+}
+
+impl ModuleCase {
+    /// Whether attention is causal in this mode.
+    fn causal_applied(&self) -> bool {
+        self.training && self.is_causal
+    }
+}
+
+/// Every module case, in a fixed order: E = 32 over 4 heads (head dim 8), T = 13 (not
+/// a tile multiple), in each dtype, mode and causal setting; and a wider one (E = 64
+/// over 2 heads, head dim 32, T = 33) per dtype, trained causal.
+pub fn all() -> Vec<ModuleCase> {
+    let mut cases = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        for training in [false, true] {
+            for is_causal in [false, true] {
+                let mode = if training { "train" } else { "eval" };
+                let causal = if is_causal { "causal" } else { "noncausal" };
+                cases.push(ModuleCase {
+                    name: format!("module_{mode}_{causal}_b2_t13_e32_h4_{}", dtype.name()),
+                    dtype,
+                    b: 2,
+                    t: 13,
+                    e: 32,
+                    heads: 4,
+                    is_causal,
+                    training,
+                });
+            }
+        }
+        cases.push(ModuleCase {
+            name: format!("module_train_causal_b1_t33_e64_h2_{}", dtype.name()),
+            dtype,
+            b: 1,
+            t: 33,
+            e: 64,
+            heads: 2,
+            is_causal: true,
+            training: true,
+        });
+    }
+    cases
+}
+
+/// The module's weights and input, in f64 before rounding.
+struct Drawn {
+    x: Tensor,
+    c_attn_weight: Tensor,
+    c_attn_bias: Tensor,
+    c_proj_weight: Tensor,
+    c_proj_bias: Tensor,
+}
+
+fn draw(case: &ModuleCase) -> Drawn {
+    let mut rng = SplitMix64::for_case(&case.name, 0);
+    let (b, t, e) = (case.b, case.t, case.e);
+    // Weights ~ N(0, 1/E) (nn.Linear's scale), biases ~ N(0, 0.1^2): q.k stays O(1).
+    let w_scale = 1.0 / (e as f64).sqrt();
+    let mut tensor = |shape: &[usize], scale: f64| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f64> = (0..n).map(|_| rng.normal() * scale).collect();
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        Tensor::from_slice(&values).reshape(&dims)
+    };
+    Drawn {
+        x: tensor(&[b, t, e], 1.0),
+        c_attn_weight: tensor(&[3 * e, e], w_scale),
+        c_attn_bias: tensor(&[3 * e], 0.1),
+        c_proj_weight: tensor(&[e, e], w_scale),
+        c_proj_bias: tensor(&[e], 0.1),
+    }
+}
+
+/// `CausalSelfAttention.forward` of the tutorial, in the weights' dtype; `math` sends
+/// attention through libtorch's math path (for the f64 truth).
+fn forward(case: &ModuleCase, w: &Drawn, math: bool) -> std::result::Result<Tensor, tch::TchError> {
+    let (b, t, e, h) = (
+        case.b as i64,
+        case.t as i64,
+        case.e as i64,
+        case.heads as i64,
+    );
+    // tch has no fallible `view`; `reshape` of these tensors is the same view.
+    let qkv = w.x.f_linear(&w.c_attn_weight, Some(&w.c_attn_bias))?;
+    let parts = qkv.f_split(e, 2)?;
+    let heads = |x: &Tensor| x.f_reshape([b, t, h, e / h])?.f_transpose(1, 2);
+    let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
+    let causal = case.causal_applied();
+    let y = if math {
+        Tensor::f_internal_scaled_dot_product_attention_math(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            causal,
+            None::<&Tensor>,
+            None,
+            false,
+        )?
+        .0
+    } else {
+        Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        )?
+    };
+    let y = y.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, t, e])?;
+    y.f_linear(&w.c_proj_weight, Some(&w.c_proj_bias))
+}
+
+fn metadata(case: &ModuleCase) -> Vec<(String, String)> {
+    vec![
+        ("name".to_owned(), case.name.clone()),
+        ("heads".to_owned(), case.heads.to_string()),
+        ("dropout".to_owned(), "0".to_owned()),
+        ("is_causal".to_owned(), case.is_causal.to_string()),
+        (
+            "mode".to_owned(),
+            if case.training { "train" } else { "eval" }.to_owned(),
+        ),
+        ("torch_backend".to_owned(), "cpu_module".to_owned()),
+    ]
+}
+
+/// Writes `dir/NAME.safetensors` for every module case plus `dir/manifest.json`.
+pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut entries = Vec::new();
+    let mut total = 0usize;
+    for case in cases {
+        let fail = |what: &str, e: tch::TchError| format!("{}: {what}: {e}", case.name);
+        let drawn = draw(case);
+        let to = |t: &Tensor, k: Kind| t.to_kind(k);
+        let k = kind(case.dtype);
+        // The stored tensors are the f64 draws rounded to the case dtype; the truth runs
+        // on those rounded values, upcast exactly.
+        let rounded = Drawn {
+            x: to(&drawn.x, k),
+            c_attn_weight: to(&drawn.c_attn_weight, k),
+            c_attn_bias: to(&drawn.c_attn_bias, k),
+            c_proj_weight: to(&drawn.c_proj_weight, k),
+            c_proj_bias: to(&drawn.c_proj_bias, k),
+        };
+        let up = Drawn {
+            x: to(&rounded.x, Kind::Double),
+            c_attn_weight: to(&rounded.c_attn_weight, Kind::Double),
+            c_attn_bias: to(&rounded.c_attn_bias, Kind::Double),
+            c_proj_weight: to(&rounded.c_proj_weight, Kind::Double),
+            c_proj_bias: to(&rounded.c_proj_bias, Kind::Double),
+        };
+        let out = forward(case, &rounded, false).map_err(|e| fail("forward", e))?;
+        let out_f64 = forward(case, &up, true).map_err(|e| fail("forward f64", e))?;
+        let tensors: Vec<(&str, &Tensor)> = vec![
+            ("x", &rounded.x),
+            ("c_attn.weight", &rounded.c_attn_weight),
+            ("c_attn.bias", &rounded.c_attn_bias),
+            ("c_proj.weight", &rounded.c_proj_weight),
+            ("c_proj.bias", &rounded.c_proj_bias),
+            ("out", &out),
+            ("out_f64", &out_f64),
+        ];
+        let file = format!("{}.safetensors", case.name);
+        let bytes = write::case_file(&dir.join(&file), &tensors, &metadata(case))?;
+        total += bytes;
+        entries.push(serde_json::json!({
+            "name": case.name,
+            "file": file,
+            "bytes": bytes,
+            "dtype": case.dtype.name(),
+            "b": case.b, "t": case.t, "e": case.e, "heads": case.heads,
+            "is_causal": case.is_causal,
+            "mode": if case.training { "train" } else { "eval" },
+            "causal_applied": case.causal_applied(),
+            "dropout": 0.0,
+        }));
+    }
+    let manifest = serde_json::json!({
+        "libtorch": libtorch,
+        "tch": "0.24.0",
+        "produced_by": "ci/golden.sh -> crates/sdpa-golden (src/module.rs), libtorch CPU",
+        "module": "the tutorial's CausalSelfAttention: c_attn = Linear(E, 3E), split into q, k, v, view [B, T, H, E/H] and transpose to [B, H, T, E/H], scaled_dot_product_attention (is_causal = training and is_causal; dropout 0), transpose back, view [B, T, E], c_proj = Linear(E, E)",
+        "tensors": {
+            "x": "[B, T, E] in the case dtype",
+            "c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias": "the state_dict, in the case dtype ([3E, E], [3E], [E, E], [E])",
+            "out": "libtorch CPU, every op in the case dtype",
+            "out_f64": "truth: the same ops on the stored tensors upcast to f64, attention through _scaled_dot_product_attention_math",
+        },
+        "metadata": "name, heads, dropout (0), is_causal (the module's flag), mode (train or eval)",
+        "case_count": entries.len(),
+        "total_bytes": total,
+        "cases": entries,
+    });
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
+    std::fs::write(dir.join("manifest.json"), text).map_err(|e| e.to_string())?;
+    eprintln!(
+        "sdpa-golden: {} module cases, {:.2} MB, into {}",
+        entries.len(),
+        total as f64 / 1e6,
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! Module goldens: the tutorial's `CausalSelfAttention` computed by libtorch 2.11 with
+//! random weights saved under the state_dict names, replayed through
+//! [`CausalSelfAttention`] on the CPU and judged by DESIGN.md's tolerance policy
+//! (`max|ours - truth| <= 2 * max|libtorch - truth| + floor`, never non-finite where the
+//! truth is finite).
+//!
+//! - `golden/module/`: dense `[B, T, E]` cases from the tch generator (ci/golden.sh,
+//!   crates/sdpa-golden/src/module.rs), checked byte for byte in CI: `forward`.
+//! - `golden/nested/module_*` (and `golden/nested/cuda/module_*` where a GPU run made
+//!   them): libtorch's module on jagged nested tensors (ci/golden_nested.py), packed
+//!   `x [total, E]` + `cu_seqlens`: `forward_nested`.
+//!
+//! Each case loads its weights with `CausalSelfAttention::from_safetensors` from the
+//! case file itself (it holds `c_attn.weight`, `c_attn.bias`, `c_proj.weight`,
+//! `c_proj.bias`), takes `heads`, `is_causal` and `mode` (train / eval; dropout 0) from
+//! the metadata. The f64 truth is also held against the module run in f64 on the same
+//! weights and input, widened. A malformed file fails naming it; nothing is skipped.
+
+use ndarray::{ArrayD, Ix2, Ix3};
+use sdpa_core::DType;
+use sdpa_harness::case::{read_tensor_file, serialize, TensorFile};
+use sdpa_harness::compare::{compare, compare_with};
+use sdpa_harness::{tolerance, Tensor};
+use sdpa_nested::CuSeqlens;
+use sdpa_nn::CausalSelfAttention;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// golden/module holds at least this many dense cases, golden/nested this many nested.
+const MIN_DENSE: usize = 12;
+const MIN_NESTED: usize = 6;
+
+fn golden_dir() -> PathBuf {
+    match std::env::var_os("SDPA_GOLDEN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden"),
+    }
+}
+
+/// The `"file": "NAME"` entries and `case_count` of a manifest (written by serde_json or
+/// Python's json with indent, so each is `"file": "NAME"`).
+fn manifest_files(dir: &Path) -> Result<(BTreeSet<String>, usize), String> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let files: BTreeSet<String> = text
+        .split("\"file\": \"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap_or("").to_owned())
+        .collect();
+    let count = text
+        .split("\"case_count\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .ok_or(format!("{}: no case_count", path.display()))?;
+    Ok((files, count))
+}
+
+/// The module case files of `dir` whose names start with `prefix`, checked against the
+/// folder's manifest.
+fn module_files(dir: &Path, prefix: &str, problems: &mut Vec<String>) -> Vec<PathBuf> {
+    let (listed, count) = match manifest_files(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(e);
+            return Vec::new();
+        }
+    };
+    if listed.len() != count {
+        problems.push(format!(
+            "{}: case_count {count}, {} files listed",
+            dir.display(),
+            listed.len()
+        ));
+    }
+    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|d| {
+            d.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.ends_with(".safetensors") && n.starts_with(prefix))
+        .collect();
+    let listed: BTreeSet<String> = listed
+        .into_iter()
+        .filter(|f| f.starts_with(prefix))
+        .collect();
+    for f in listed.difference(&on_disk) {
+        problems.push(format!(
+            "{}/{f}: in manifest.json, no such file",
+            dir.display()
+        ));
+    }
+    for f in on_disk.difference(&listed) {
+        problems.push(format!("{}/{f}: not in manifest.json", dir.display()));
+    }
+    on_disk.intersection(&listed).map(|f| dir.join(f)).collect()
+}
+
+/// What the metadata says about the module.
+struct Config {
+    heads: usize,
+    is_causal: bool,
+    training: bool,
+}
+
+fn config(file: &TensorFile) -> Result<Config, String> {
+    let get = |k: &str| {
+        file.metadata
+            .get(k)
+            .map(String::as_str)
+            .ok_or(format!("metadata: no {k}"))
+    };
+    let heads = get("heads")?.parse().map_err(|_| {
+        format!(
+            "metadata heads: expected an integer, got {:?}",
+            get("heads")
+        )
+    })?;
+    let is_causal = match get("is_causal")? {
+        "true" => true,
+        "false" => false,
+        other => {
+            return Err(format!(
+                "metadata is_causal: expected true or false, got {other:?}"
+            ))
+        }
+    };
+    let training = match get("mode")? {
+        "train" => true,
+        "eval" => false,
+        other => {
+            return Err(format!(
+                "metadata mode: expected train or eval, got {other:?}"
+            ))
+        }
+    };
+    if get("dropout")? != "0" {
+        return Err(format!(
+            "metadata dropout: expected 0 (deterministic goldens), got {:?}",
+            get("dropout")
+        ));
+    }
+    Ok(Config {
+        heads,
+        is_causal,
+        training,
+    })
+}
+
+/// `x` and, for nested cases, `cu_seqlens`.
+enum Input {
+    Dense,
+    Nested(CuSeqlens),
+}
+
+fn input(file: &TensorFile, x: &Tensor) -> Result<Input, String> {
+    match (x.shape().len(), file.integers.get("cu_seqlens")) {
+        (3, None) => Ok(Input::Dense),
+        (2, Some(a)) => {
+            let as_i32: Vec<i32> = a
+                .iter()
+                .map(|&v| i32::try_from(v).map_err(|_| format!("cu_seqlens: {v} out of range")))
+                .collect::<Result<_, _>>()?;
+            if a.ndim() != 1 {
+                return Err(format!("cu_seqlens: expected 1-d, got {:?}", a.shape()));
+            }
+            let cu = CuSeqlens::from_i32(&as_i32).map_err(|e| format!("cu_seqlens: {e}"))?;
+            if cu.total() != x.shape()[0] {
+                return Err(format!(
+                    "cu_seqlens: last offset {}, x has {} rows",
+                    cu.total(),
+                    x.shape()[0]
+                ));
+            }
+            Ok(Input::Nested(cu))
+        }
+        (rank, cu) => Err(format!(
+            "x: expected [B, T, E] without cu_seqlens or [total, E] with, got rank {rank} {} cu_seqlens",
+            if cu.is_some() { "with" } else { "without" }
+        )),
+    }
+}
+
+/// The module built from `weights` (safetensors bytes) in `T`, run on `x`, as f64.
+fn forward_typed<T: sdpa_ref::Element>(
+    weights: &[u8],
+    cfg: &Config,
+    x: ArrayD<T>,
+    input: &Input,
+    widen: fn(&T) -> f64,
+) -> Result<ArrayD<f64>, String> {
+    let mut m = CausalSelfAttention::<T>::from_safetensors(weights, cfg.heads, 0.0, cfg.is_causal)
+        .map_err(|e| format!("from_safetensors: {e}"))?;
+    if cfg.training {
+        m.train();
+    } else {
+        m.eval();
+    }
+    let out = match input {
+        Input::Dense => {
+            let x = x.into_dimensionality::<Ix3>().expect("checked 3-d");
+            m.forward(x.view()).map(|y| y.into_dyn())
+        }
+        Input::Nested(cu) => {
+            let x = x.into_dimensionality::<Ix2>().expect("checked 2-d");
+            m.forward_nested(x.view(), cu).map(|y| y.into_dyn())
+        }
+    }
+    .map_err(|e| format!("forward: {e}"))?;
+    Ok(out.map(widen))
+}
+
+fn forward(weights: &[u8], cfg: &Config, x: &Tensor, input: &Input) -> Result<ArrayD<f64>, String> {
+    match x {
+        Tensor::F64(x) => forward_typed(weights, cfg, x.clone(), input, |v| *v),
+        Tensor::F32(x) => forward_typed(weights, cfg, x.clone(), input, |v| f64::from(*v)),
+        Tensor::F16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64()),
+        Tensor::BF16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64()),
+        Tensor::Bool(_) => Err("x: expected a float dtype, got bool".into()),
+    }
+}
+
+const WEIGHTS: [&str; 4] = [
+    "c_attn.weight",
+    "c_attn.bias",
+    "c_proj.weight",
+    "c_proj.bias",
+];
+
+/// Checks one case; returns (our error / bound).
+fn check(path: &Path) -> Result<f64, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let file = read_tensor_file(&bytes).map_err(|e| e.to_string())?;
+    let cfg = config(&file)?;
+    let get = |n: &str| file.tensors.get(n).ok_or(format!("no tensor {n}"));
+    let x = get("x")?;
+    let dtype = x.dtype().ok_or("x: expected a float dtype, got bool")?;
+    let input = input(&file, x)?;
+    let (out, out_f64) = (get("out")?, get("out_f64")?);
+    if out.dtype() != Some(dtype) || out.shape() != x.shape() {
+        return Err(format!(
+            "tensor out: expected {} {:?}, got {} {:?}",
+            dtype.name(),
+            x.shape(),
+            out.dtype_name(),
+            out.shape()
+        ));
+    }
+    if out_f64.dtype() != Some(DType::F64) || out_f64.shape() != x.shape() {
+        return Err(format!(
+            "tensor out_f64: expected f64 {:?}, got {} {:?}",
+            x.shape(),
+            out_f64.dtype_name(),
+            out_f64.shape()
+        ));
+    }
+    for w in WEIGHTS {
+        if get(w)?.dtype() != Some(dtype) {
+            return Err(format!("tensor {w}: expected {}", dtype.name()));
+        }
+    }
+    let known = ["x", "out", "out_f64"];
+    if let Some(extra) = file
+        .tensors
+        .keys()
+        .find(|n| !known.contains(&n.as_str()) && !WEIGHTS.contains(&n.as_str()))
+    {
+        return Err(format!("unexpected tensor {extra}"));
+    }
+    let truth = out_f64.to_f64();
+
+    // The truth against the module in f64 on the widened weights and input.
+    let wide: Vec<(String, Tensor)> = WEIGHTS
+        .iter()
+        .map(|&w| Ok((w.to_owned(), Tensor::F64(get(w)?.to_f64()))))
+        .collect::<Result<_, String>>()?;
+    let wide_refs: Vec<(String, &Tensor)> = wide.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let wide_bytes = serialize(&wide_refs, &BTreeMap::new());
+    let ours_f64 = forward(&wide_bytes, &cfg, &Tensor::F64(x.to_f64()), &input)?;
+    let r = compare_with(ours_f64.view(), truth.view(), Some(&tolerance::F64));
+    if !r.passes() {
+        return Err(format!(
+            "libtorch's f64 truth and the module in f64 disagree: {r}"
+        ));
+    }
+
+    let ours = forward(&bytes, &cfg, x, &input)?;
+    let torch = compare(out.to_f64().view(), truth.view());
+    if torch.max_abs.is_finite() {
+        let bound = tolerance::peer_bound(dtype, torch.max_abs);
+        let r = compare(ours.view(), truth.view());
+        if !r.passes() || r.max_abs > bound {
+            return Err(format!(
+                "FAIL: ours {r}; libtorch max abs err {:.3e}, bound {bound:.3e}",
+                torch.max_abs
+            ));
+        }
+        Ok(r.max_abs / bound)
+    } else {
+        let r = compare_with(
+            ours.view(),
+            truth.view(),
+            Some(&tolerance::for_dtype(dtype)),
+        );
+        if !r.passes() {
+            return Err(format!("FAIL (preset, libtorch non-finite): ours {r}"));
+        }
+        Ok(0.0)
+    }
+}
+
+fn check_all(files: &[PathBuf], problems: &mut Vec<String>) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for path in files {
+        match check(path) {
+            Ok(ratio) if ratio > worst.0 => worst = (ratio, path.display().to_string()),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
+        }
+    }
+    worst
+}
+
+#[test]
+fn module_goldens_pass_on_the_cpu() {
+    let root = golden_dir();
+    let mut problems = Vec::new();
+    let dense = module_files(&root.join("module"), "module_", &mut problems);
+    let mut nested = module_files(&root.join("nested"), "module_", &mut problems);
+    // golden/nested/cuda/ exists where a GPU run of ci/gpu_goldens.sh made it.
+    if root.join("nested/cuda").is_dir() {
+        nested.extend(module_files(
+            &root.join("nested/cuda"),
+            "module_",
+            &mut problems,
+        ));
+    }
+    assert!(
+        dense.len() >= MIN_DENSE && nested.len() >= MIN_NESTED,
+        "{} dense module cases (at least {MIN_DENSE}) and {} nested (at least {MIN_NESTED}); {problems:?}",
+        dense.len(),
+        nested.len()
+    );
+    let worst_dense = check_all(&dense, &mut problems);
+    let worst_nested = check_all(&nested, &mut problems);
+    println!(
+        "module goldens: {} dense, {} nested; closest to its bound: {} at {:.2}, {} at {:.2}",
+        dense.len(),
+        nested.len(),
+        worst_dense.1,
+        worst_dense.0,
+        worst_nested.1,
+        worst_nested.0
+    );
+    assert!(
+        problems.is_empty(),
+        "{} module golden problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
