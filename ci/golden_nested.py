@@ -248,7 +248,17 @@ def main():
     entries, total = [], 0
     for c in cases(args.device):
         run = run_sdpa if c["kind"] == "sdpa" else run_module
-        tensors, meta, entry = run(c, args.device)
+        try:
+            tensors, meta, entry = run(c, args.device)
+        except Exception as e:  # noqa: BLE001 (any torch error: recorded on CUDA)
+            # On CUDA a case no jagged backend takes is recorded, not fatal: the rest
+            # still come back. On the CPU every case must run.
+            if args.device == "cpu":
+                raise
+            entries.append({"name": c["name"], "rejected": str(e).splitlines()[0][:300]})
+            print(f"golden_nested.py: {c['name']}: rejected: {entries[-1]['rejected']}",
+                  file=sys.stderr)
+            continue
         data = serialize(tensors, meta)
         fname = c["name"] + ".safetensors"
         with open(os.path.join(out_dir, fname), "wb") as fh:
@@ -261,7 +271,7 @@ def main():
         "produced_by": f"python3 ci/golden_nested.py --device {args.device} (torch.nested jagged layout)",
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "input_seed": hex(SEED),
-        "case_count": len(entries),
+        "case_count": sum(1 for e in entries if "file" in e),
         "total_bytes": total,
         "cases": entries,
     }
