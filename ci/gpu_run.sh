@@ -6,7 +6,8 @@
 # ours and PyTorch's backends on the same card. Summary printed last.
 # `nn` (also part of `all`): the nested-batch and module GPU tests, then the module
 # benchmarks (issues 5 and 6) beside PyTorch and the module's CUDA profile.
-# Usage: run.sh [tests|sanitize|bench|nn|all]   (default all)
+# `cli` (also part of `all`): the sdpa command's tutorial, check and bench on CUDA.
+# Usage: run.sh [tests|sanitize|bench|nn|cli|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -88,6 +89,18 @@ if [ "$WHAT" = all ] || [ "$WHAT" = nn ]; then
   cat "$LOGS/nn-bench-torch.log"
   step profile "$BIN/sdpa" profile --device cuda --trace "$LOGS/profile-trace.json"
   cat "$LOGS/profile.log"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = cli ]; then
+  # The `sdpa` command as a user runs it on this machine: the tutorial (CUDA found by
+  # `auto`), every golden case through every CUDA backend, the benchmark table.
+  step tutorial "$BIN/sdpa"
+  cat "$LOGS/tutorial.log"
+  GOLDEN=${SDPA_GOLDEN_DIR:-$HERE/golden}
+  [ -f "$HERE/../../golden/manifest.json" ] && GOLDEN=$(cd "$HERE/../../golden" && pwd)
+  step check "$BIN/sdpa" check --device cuda "$GOLDEN"
+  tail -3 "$LOGS/check.log"
+  step bench-cli "$BIN/sdpa" bench --device cuda
+  cat "$LOGS/bench-cli.log"
 fi
 
 echo
