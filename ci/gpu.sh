@@ -39,6 +39,15 @@ for line in sys.stdin:
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$BUNDLE/bin/$crate-cuda"; done
 done
+# The module goldens on CUDA (tests/golden_module.rs, its #[ignore]d CUDA test).
+cargo test -p sdpa-nn --test golden_module --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "golden_module":
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$BUNDLE/bin/sdpa-nn-golden_module"; done
 cargo build --release -p sdpa-cuda --bin sdpa-cuda-bench
 cp "$TARGET_DIR/release/sdpa-cuda-bench" "$BUNDLE/bin/"
 cargo build --release -p sdpa-nn --bin sdpa-nn-bench

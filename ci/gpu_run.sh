@@ -83,6 +83,11 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = nn ]; then
   step nested "$BIN/sdpa-nested-cuda" --ignored --test-threads=1
   step module "$BIN/sdpa-nn-cuda" --ignored --test-threads=1
+  if [ -x "$BIN/sdpa-nn-golden_module" ]; then
+    GOLDEN=${SDPA_GOLDEN_DIR:-$HERE/golden}
+    [ -f "$HERE/../../golden/manifest.json" ] && GOLDEN=$(cd "$HERE/../../golden" && pwd)
+    SDPA_GOLDEN_DIR=$GOLDEN step module-golden "$BIN/sdpa-nn-golden_module" --ignored --exact module_goldens_pass_on_cuda --nocapture
+  fi
   step nn-bench-ours "$BIN/sdpa-nn-bench" --json "$LOGS/nn-bench-ours.json"
   cat "$LOGS/nn-bench-ours.log"
   step nn-bench-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_module.py" --ours "$LOGS/nn-bench-ours.json"

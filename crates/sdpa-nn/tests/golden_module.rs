@@ -18,10 +18,12 @@
 
 use ndarray::{ArrayD, Ix2, Ix3};
 use sdpa_core::DType;
+use sdpa_cuda::GpuContext;
 use sdpa_harness::case::{read_tensor_file, serialize, TensorFile};
 use sdpa_harness::compare::{compare, compare_with};
 use sdpa_harness::{tolerance, Tensor};
 use sdpa_nested::CuSeqlens;
+use sdpa_nn::cuda::CudaCausalSelfAttention;
 use sdpa_nn::CausalSelfAttention;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -185,12 +187,13 @@ fn input(file: &TensorFile, x: &Tensor) -> Result<Input, String> {
 }
 
 /// The module built from `weights` (safetensors bytes) in `T`, run on `x`, as f64.
-fn forward_typed<T: sdpa_ref::Element>(
+fn forward_typed<T: sdpa_ref::Element + sdpa_cuda::DeviceElement>(
     weights: &[u8],
     cfg: &Config,
     x: ArrayD<T>,
     input: &Input,
     widen: fn(&T) -> f64,
+    gpu: Option<&GpuContext>,
 ) -> Result<ArrayD<f64>, String> {
     let mut m = CausalSelfAttention::<T>::from_safetensors(weights, cfg.heads, 0.0, cfg.is_causal)
         .map_err(|e| format!("from_safetensors: {e}"))?;
@@ -198,6 +201,24 @@ fn forward_typed<T: sdpa_ref::Element>(
         m.train();
     } else {
         m.eval();
+    }
+    if let Some(gpu) = gpu {
+        // The same module on the device: weights uploaded once, mode and stream copied.
+        let mut dm =
+            CudaCausalSelfAttention::upload(gpu, &m).map_err(|e| format!("upload: {e}"))?;
+        let out = match input {
+            Input::Dense => {
+                let x = x.into_dimensionality::<Ix3>().expect("checked 3-d");
+                dm.forward_host(gpu, x.view()).map(|y| y.into_dyn())
+            }
+            Input::Nested(cu) => {
+                let x = x.into_dimensionality::<Ix2>().expect("checked 2-d");
+                dm.forward_nested_host(gpu, x.view(), cu)
+                    .map(|y| y.into_dyn())
+            }
+        }
+        .map_err(|e| format!("forward on CUDA: {e}"))?;
+        return Ok(out.map(widen));
     }
     let out = match input {
         Input::Dense => {
@@ -213,12 +234,18 @@ fn forward_typed<T: sdpa_ref::Element>(
     Ok(out.map(widen))
 }
 
-fn forward(weights: &[u8], cfg: &Config, x: &Tensor, input: &Input) -> Result<ArrayD<f64>, String> {
+fn forward(
+    weights: &[u8],
+    cfg: &Config,
+    x: &Tensor,
+    input: &Input,
+    gpu: Option<&GpuContext>,
+) -> Result<ArrayD<f64>, String> {
     match x {
-        Tensor::F64(x) => forward_typed(weights, cfg, x.clone(), input, |v| *v),
-        Tensor::F32(x) => forward_typed(weights, cfg, x.clone(), input, |v| f64::from(*v)),
-        Tensor::F16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64()),
-        Tensor::BF16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64()),
+        Tensor::F64(x) => forward_typed(weights, cfg, x.clone(), input, |v| *v, gpu),
+        Tensor::F32(x) => forward_typed(weights, cfg, x.clone(), input, |v| f64::from(*v), gpu),
+        Tensor::F16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64(), gpu),
+        Tensor::BF16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64(), gpu),
         Tensor::Bool(_) => Err("x: expected a float dtype, got bool".into()),
     }
 }
@@ -230,8 +257,8 @@ const WEIGHTS: [&str; 4] = [
     "c_proj.bias",
 ];
 
-/// Checks one case; returns (our error / bound).
-fn check(path: &Path) -> Result<f64, String> {
+/// Checks one case (on `gpu` when given, else the CPU); returns (our error / bound).
+fn check(path: &Path, gpu: Option<&GpuContext>) -> Result<f64, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let file = read_tensor_file(&bytes).map_err(|e| e.to_string())?;
     let cfg = config(&file)?;
@@ -279,7 +306,7 @@ fn check(path: &Path) -> Result<f64, String> {
         .collect::<Result<_, String>>()?;
     let wide_refs: Vec<(String, &Tensor)> = wide.iter().map(|(n, t)| (n.clone(), t)).collect();
     let wide_bytes = serialize(&wide_refs, &BTreeMap::new());
-    let ours_f64 = forward(&wide_bytes, &cfg, &Tensor::F64(x.to_f64()), &input)?;
+    let ours_f64 = forward(&wide_bytes, &cfg, &Tensor::F64(x.to_f64()), &input, None)?;
     let r = compare_with(ours_f64.view(), truth.view(), Some(&tolerance::F64));
     if !r.passes() {
         return Err(format!(
@@ -287,7 +314,7 @@ fn check(path: &Path) -> Result<f64, String> {
         ));
     }
 
-    let ours = forward(&bytes, &cfg, x, &input)?;
+    let ours = forward(&bytes, &cfg, x, &input, gpu)?;
     let torch = compare(out.to_f64().view(), truth.view());
     if torch.max_abs.is_finite() {
         let bound = tolerance::peer_bound(dtype, torch.max_abs);
@@ -312,10 +339,14 @@ fn check(path: &Path) -> Result<f64, String> {
     }
 }
 
-fn check_all(files: &[PathBuf], problems: &mut Vec<String>) -> (f64, String) {
+fn check_all(
+    files: &[PathBuf],
+    problems: &mut Vec<String>,
+    gpu: Option<&GpuContext>,
+) -> (f64, String) {
     let mut worst = (0.0f64, String::new());
     for path in files {
-        match check(path) {
+        match check(path, gpu) {
             Ok(ratio) if ratio > worst.0 => worst = (ratio, path.display().to_string()),
             Ok(_) => {}
             Err(e) => problems.push(format!("{}: {e}", path.display())),
@@ -324,8 +355,7 @@ fn check_all(files: &[PathBuf], problems: &mut Vec<String>) -> (f64, String) {
     worst
 }
 
-#[test]
-fn module_goldens_pass_on_the_cpu() {
+fn run_module_goldens(gpu: Option<&GpuContext>) {
     let root = golden_dir();
     let mut problems = Vec::new();
     let dense = module_files(&root.join("module"), "module_", &mut problems);
@@ -344,10 +374,11 @@ fn module_goldens_pass_on_the_cpu() {
         dense.len(),
         nested.len()
     );
-    let worst_dense = check_all(&dense, &mut problems);
-    let worst_nested = check_all(&nested, &mut problems);
+    let worst_dense = check_all(&dense, &mut problems, gpu);
+    let worst_nested = check_all(&nested, &mut problems, gpu);
     println!(
-        "module goldens: {} dense, {} nested; closest to its bound: {} at {:.2}, {} at {:.2}",
+        "module goldens on {}: {} dense, {} nested; closest to its bound: {} at {:.2}, {} at {:.2}",
+        gpu.map_or("the CPU".to_string(), |g| g.name().to_string()),
         dense.len(),
         nested.len(),
         worst_dense.1,
@@ -361,4 +392,18 @@ fn module_goldens_pass_on_the_cpu() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+#[test]
+fn module_goldens_pass_on_the_cpu() {
+    run_module_goldens(None);
+}
+
+/// The same cases through the CUDA module (cuBLAS projections, fused attention on
+/// strided views), in the GPU bundle.
+#[test]
+#[ignore = "needs a CUDA device (the GPU bundle runs it)"]
+fn module_goldens_pass_on_cuda() {
+    let gpu = GpuContext::new(0).expect("a CUDA device");
+    run_module_goldens(Some(&gpu));
 }
