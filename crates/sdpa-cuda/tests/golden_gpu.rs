@@ -20,17 +20,11 @@ use ndarray::{ArrayD, ArrayView4, Ix4};
 use sdpa_core::{check_support, Backend, BackendSet, DType, Device};
 use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
 use sdpa_harness::case::{read_tensor_file, Case};
+use sdpa_harness::golden::golden_dir;
 use sdpa_harness::{judge, run, Tensor};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-
-fn golden_dir() -> PathBuf {
-    match std::env::var_os("SDPA_GOLDEN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden"),
-    }
-}
+use std::path::Path;
 
 fn read_json(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;

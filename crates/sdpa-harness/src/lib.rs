@@ -28,6 +28,7 @@
 pub mod case;
 pub mod compare;
 mod error;
+pub mod golden;
 pub mod judge;
 pub mod run;
 pub mod strategies;

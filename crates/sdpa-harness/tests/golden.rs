@@ -14,21 +14,13 @@
 
 use sdpa_core::{check_support, Backend, Causal, DType, Device};
 use sdpa_harness::case::Case;
+use sdpa_harness::golden::golden_dir;
 use sdpa_harness::{compare, judge, run, Tensor};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 /// The committed goldens hold at least this many cases (issue 3).
 const MIN_CASES: usize = 150;
-
-/// `golden/`, or `SDPA_GOLDEN_DIR` (e.g. a folder `ci/golden.sh --out DIR` wrote).
-fn golden_dir() -> PathBuf {
-    match std::env::var_os("SDPA_GOLDEN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden"),
-    }
-}
 
 fn manifest() -> Value {
     let path = golden_dir().join("manifest.json");

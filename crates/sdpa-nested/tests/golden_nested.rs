@@ -18,6 +18,7 @@ use ndarray::{Array3, ArrayD, Ix3};
 use sdpa_core::{DType, SdpaOptions};
 use sdpa_harness::case::{parse_options, read_tensor_file, TensorFile};
 use sdpa_harness::compare::{compare, compare_with};
+use sdpa_harness::golden::manifest_files;
 use sdpa_harness::{tolerance, Tensor};
 use sdpa_nested::{sdpa_nested, CuSeqlens, Nested};
 use std::collections::{BTreeSet, HashMap};
@@ -31,26 +32,6 @@ fn nested_dir() -> PathBuf {
         Some(dir) => PathBuf::from(dir).join("nested"),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden/nested"),
     }
-}
-
-/// The `"file": "NAME"` entries of a manifest ci/golden_nested.py wrote, and its
-/// `case_count`. (A plain scan: this crate has no JSON parser, and the script writes
-/// the manifest with `json.dumps(indent=2)`.)
-fn manifest_files(dir: &Path) -> Result<(BTreeSet<String>, usize), String> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let files: BTreeSet<String> = text
-        .split("\"file\": \"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap_or("").to_owned())
-        .collect();
-    let count = text
-        .split("\"case_count\": ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .ok_or(format!("{}: no case_count", path.display()))?;
-    Ok((files, count))
 }
 
 /// The case files of `dir` (not descending), checked one to one against its manifest.

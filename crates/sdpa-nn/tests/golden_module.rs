@@ -21,6 +21,7 @@ use sdpa_core::DType;
 use sdpa_cuda::GpuContext;
 use sdpa_harness::case::{read_tensor_file, serialize, TensorFile};
 use sdpa_harness::compare::{compare, compare_with};
+use sdpa_harness::golden::{golden_dir, manifest_files};
 use sdpa_harness::{tolerance, Tensor};
 use sdpa_nested::CuSeqlens;
 use sdpa_nn::cuda::CudaCausalSelfAttention;
@@ -31,32 +32,6 @@ use std::path::{Path, PathBuf};
 /// golden/module holds at least this many dense cases, golden/nested this many nested.
 const MIN_DENSE: usize = 12;
 const MIN_NESTED: usize = 6;
-
-fn golden_dir() -> PathBuf {
-    match std::env::var_os("SDPA_GOLDEN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden"),
-    }
-}
-
-/// The `"file": "NAME"` entries and `case_count` of a manifest (written by serde_json or
-/// Python's json with indent, so each is `"file": "NAME"`).
-fn manifest_files(dir: &Path) -> Result<(BTreeSet<String>, usize), String> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let files: BTreeSet<String> = text
-        .split("\"file\": \"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap_or("").to_owned())
-        .collect();
-    let count = text
-        .split("\"case_count\": ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .ok_or(format!("{}: no case_count", path.display()))?;
-    Ok((files, count))
-}
 
 /// The module case files of `dir` whose names start with `prefix`, checked against the
 /// folder's manifest.
