@@ -17,5 +17,7 @@ if [ -z "$LIB" ]; then
   echo "ci/nvrtc.sh: libnvrtc.so.13 not found in $VENV" >&2
   exit 1
 fi
-LD_LIBRARY_PATH="$(dirname "$LIB"):${LD_LIBRARY_PATH:-}" \
+# Absolute: cargo runs the test binary from the crate's folder, not from here.
+LIBDIR=$(cd "$(dirname "$LIB")" && pwd)
+LD_LIBRARY_PATH="$LIBDIR:${LD_LIBRARY_PATH:-}" \
   cargo test -p sdpa-cuda --test nvrtc -- --ignored --nocapture
