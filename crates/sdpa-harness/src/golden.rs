@@ -48,6 +48,52 @@ pub fn manifest_files(dir: &Path) -> Result<(BTreeSet<String>, usize), String> {
     Ok((files, count as usize))
 }
 
+/// The `*.safetensors` files of `dir` (not descending) whose names start with
+/// `prefix`, checked one to one against its manifest: a manifest that does not load,
+/// a `case_count` that differs from the entries listed, a listed file that is missing
+/// and a file that is not listed each add a line to `problems`. Returns the names
+/// both list, sorted.
+pub fn checked_case_files(dir: &Path, prefix: &str, problems: &mut Vec<String>) -> Vec<String> {
+    let (listed, count) = match manifest_files(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(e);
+            return Vec::new();
+        }
+    };
+    if listed.len() != count {
+        problems.push(format!(
+            "{}: case_count {count}, {} files listed",
+            dir.display(),
+            listed.len()
+        ));
+    }
+    let on_disk: BTreeSet<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|d| d.ok().map(|d| d.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.ends_with(".safetensors") && n.starts_with(prefix))
+            .collect(),
+        Err(e) => {
+            problems.push(format!("{}: {e}", dir.display()));
+            return Vec::new();
+        }
+    };
+    let listed: BTreeSet<String> = listed
+        .into_iter()
+        .filter(|f| f.starts_with(prefix))
+        .collect();
+    for f in listed.difference(&on_disk) {
+        problems.push(format!(
+            "{}/{f}: in manifest.json, no such file",
+            dir.display()
+        ));
+    }
+    for f in on_disk.difference(&listed) {
+        problems.push(format!("{}/{f}: not in manifest.json", dir.display()));
+    }
+    on_disk.intersection(&listed).cloned().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,10 +18,10 @@ use ndarray::{Array3, ArrayD, Ix3};
 use sdpa_core::{DType, SdpaOptions};
 use sdpa_harness::case::{parse_options, read_tensor_file, TensorFile};
 use sdpa_harness::compare::{compare, compare_with};
-use sdpa_harness::golden::manifest_files;
+use sdpa_harness::golden::checked_case_files;
 use sdpa_harness::{tolerance, Tensor};
 use sdpa_nested::{sdpa_nested, CuSeqlens, Nested};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// golden/nested holds at least this many SDPA cases (ci/golden_nested.py --device cpu).
@@ -36,40 +36,7 @@ fn nested_dir() -> PathBuf {
 
 /// The case files of `dir` (not descending), checked one to one against its manifest.
 fn case_files(dir: &Path, problems: &mut Vec<String>) -> Vec<String> {
-    let (listed, count) = match manifest_files(dir) {
-        Ok(m) => m,
-        Err(e) => {
-            problems.push(e);
-            return Vec::new();
-        }
-    };
-    if listed.len() != count {
-        problems.push(format!(
-            "{}: case_count {count}, {} files listed",
-            dir.display(),
-            listed.len()
-        ));
-    }
-    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|d| {
-            d.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
-    for f in listed.difference(&on_disk) {
-        problems.push(format!(
-            "{}/{f}: in manifest.json, no such file",
-            dir.display()
-        ));
-    }
-    for f in on_disk.difference(&listed) {
-        problems.push(format!("{}/{f}: not in manifest.json", dir.display()));
-    }
-    on_disk.into_iter().filter(|f| listed.contains(f)).collect()
+    checked_case_files(dir, "", problems)
 }
 
 fn tensor<'a>(file: &'a TensorFile, name: &str) -> Result<&'a Tensor, String> {

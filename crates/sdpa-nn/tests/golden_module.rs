@@ -21,12 +21,12 @@ use sdpa_core::DType;
 use sdpa_cuda::GpuContext;
 use sdpa_harness::case::{read_tensor_file, serialize, TensorFile};
 use sdpa_harness::compare::{compare, compare_with};
-use sdpa_harness::golden::{golden_dir, manifest_files};
+use sdpa_harness::golden::{checked_case_files, golden_dir};
 use sdpa_harness::{tolerance, Tensor};
 use sdpa_nested::CuSeqlens;
 use sdpa_nn::cuda::CudaCausalSelfAttention;
 use sdpa_nn::CausalSelfAttention;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// golden/module holds at least this many dense cases, golden/nested this many nested.
@@ -36,44 +36,10 @@ const MIN_NESTED: usize = 6;
 /// The module case files of `dir` whose names start with `prefix`, checked against the
 /// folder's manifest.
 fn module_files(dir: &Path, prefix: &str, problems: &mut Vec<String>) -> Vec<PathBuf> {
-    let (listed, count) = match manifest_files(dir) {
-        Ok(m) => m,
-        Err(e) => {
-            problems.push(e);
-            return Vec::new();
-        }
-    };
-    if listed.len() != count {
-        problems.push(format!(
-            "{}: case_count {count}, {} files listed",
-            dir.display(),
-            listed.len()
-        ));
-    }
-    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|d| {
-            d.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| n.ends_with(".safetensors") && n.starts_with(prefix))
-        .collect();
-    let listed: BTreeSet<String> = listed
+    checked_case_files(dir, prefix, problems)
         .into_iter()
-        .filter(|f| f.starts_with(prefix))
-        .collect();
-    for f in listed.difference(&on_disk) {
-        problems.push(format!(
-            "{}/{f}: in manifest.json, no such file",
-            dir.display()
-        ));
-    }
-    for f in on_disk.difference(&listed) {
-        problems.push(format!("{}/{f}: not in manifest.json", dir.display()));
-    }
-    on_disk.intersection(&listed).map(|f| dir.join(f)).collect()
+        .map(|f| dir.join(f))
+        .collect()
 }
 
 /// What the metadata says about the module.
