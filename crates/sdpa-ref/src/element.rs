@@ -159,6 +159,13 @@ mod tests {
         assert_eq!(exp_nonpositive_f32(0.0), 1.0);
         assert_eq!(exp_nonpositive_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_nonpositive_f32(-100.0), 0.0);
+        // The cut-off itself is still computed: exp(-87.3) = 1.2e-38 is a normal f32.
+        let at_bound = exp_nonpositive_f32(-87.3) as f64;
+        let want = (-87.3f32 as f64).exp();
+        assert!(
+            (at_bound - want).abs() <= 2.0 * (want * f32::EPSILON as f64),
+            "exp(-87.3) = {at_bound}, want {want}"
+        );
         assert!(exp_nonpositive_f32(f32::NAN).is_nan());
         let mut row = [0.0f32, -1.0, f32::NEG_INFINITY, -2.5];
         let sum = f32::exp_shifted(&mut row, 0.0);

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{Array, Array4, ArrayD, IxDyn};
 use sdpa_core::{Causal, Dropout, SdpaOptions};
-use sdpa_ref::{sdpa, Mask};
+use sdpa_ref::{sdpa, sdpa_in_space, DropoutSpace, Mask};
 
 struct Rng(u64);
 impl Rng {
@@ -288,4 +288,91 @@ fn fully_masked_rows_are_zero_and_dropout_one_drops_all() {
     let r = sdpa(q.view(), q.view(), q.view(), None, &options).unwrap();
     assert!(r.out.iter().all(|x| *x == 0.0));
     assert!(r.lse.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn f32_reference_matches_the_naive_definition_with_its_scale_and_lse() {
+    // The f32 path has its own exp, scale conversion and lse rounding; the naive f64
+    // definition on the same (f32-exact) inputs bounds its error. Scores reach |30| so
+    // that a wrong max shift shows in the lse.
+    let mut rng = Rng(0xD1B54A32D192ED03);
+    for case in 0..60 {
+        let b = 1 + rng.below(2);
+        let hkv = 1 + rng.below(2);
+        let group = 1 + rng.below(3);
+        let hq = hkv * group;
+        let l = 1 + rng.below(90);
+        let s = 1 + rng.below(90);
+        let e = 1 + rng.below(24);
+        let ev = 1 + rng.below(24);
+        let round = |a: Array4<f64>| a.mapv(|x| x as f32 as f64);
+        let q = round(rng.array([b, hq, l, e]).mapv(|x| 3.0 * x));
+        let k = round(rng.array([b, hkv, s, e]).mapv(|x| 3.0 * x));
+        let v = round(rng.array([b, hkv, s, ev]));
+        let causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][rng.below(3)];
+        let scale = (rng.uniform() * 2.0) as f32 as f64;
+        let dropout = if rng.below(3) == 0 {
+            Dropout::new(0.5, rng.next(), rng.next() >> 8)
+        } else {
+            Dropout::NONE
+        };
+        let options = SdpaOptions {
+            causal,
+            dropout,
+            scale: Some(scale),
+            enable_gqa: group > 1,
+        };
+        let to32 = |a: &Array4<f64>| a.mapv(|x| x as f32);
+        let got = sdpa(
+            to32(&q).view(),
+            to32(&k).view(),
+            to32(&v).view(),
+            None,
+            &options,
+        )
+        .unwrap();
+        let (want, want_lse) = naive(&q, &k, &v, NaiveMask::None, causal, scale, dropout);
+        let err = max_abs_diff(&got.out.mapv(|x| x as f64), &want);
+        assert!(err < 2e-5, "case {case}: max abs diff {err}");
+        for (g, w) in got.lse.iter().zip(&want_lse) {
+            assert!(
+                (*g as f64 == *w) || ((*g as f64) - w).abs() <= 2e-6 * w.abs().max(1.0),
+                "case {case}: lse {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dropout_space_must_cover_the_problem() {
+    let mut rng = Rng(7);
+    let q = rng.array([1, 2, 3, 4]);
+    let kv = rng.array([1, 2, 5, 4]);
+    let options = SdpaOptions {
+        dropout: Dropout::new(0.5, 11, 0),
+        ..Default::default()
+    };
+    let space = |heads_q, len_q, len_kv| DropoutSpace {
+        batch_offset: 0,
+        heads_q,
+        len_q,
+        len_kv,
+    };
+    let run = |sp| sdpa_in_space(q.view(), kv.view(), kv.view(), None, &options, Some(sp));
+    // Exactly the problem's space is the default one; a larger space is accepted.
+    let default = sdpa(q.view(), kv.view(), kv.view(), None, &options).unwrap();
+    assert_eq!(run(space(2, 3, 5)).unwrap().out, default.out);
+    assert!(run(space(2, 4, 5)).is_ok());
+    assert!(run(space(2, 3, 6)).is_ok());
+    // A larger space moves the stream: the keep decisions of row i come from i * S'.
+    assert_ne!(run(space(2, 3, 9)).unwrap().out, default.out);
+    for (bad, what) in [
+        (space(1, 3, 5), "fewer heads"),
+        (space(3, 3, 5), "more heads"),
+        (space(2, 2, 5), "fewer queries"),
+        (space(2, 3, 4), "fewer keys"),
+    ] {
+        let err = run(bad).expect_err(what).to_string();
+        assert!(err.contains("dropout space"), "{what}: {err}");
+    }
 }
