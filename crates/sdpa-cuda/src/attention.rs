@@ -2,7 +2,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
-use crate::kernels::{tc_shared_bytes, tc_tile_shape, KernelSpec};
+use crate::kernels::{tc_shared_bytes, tc_tile_shape, wg_tile_shape, wgmma_enabled, KernelSpec};
 use crate::params::SdpaParams;
 use crate::tensor::{
     lse_to_3d, Buffer, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, HostMask,
@@ -58,11 +58,28 @@ fn fits_i32(arg: &'static str, what: &str, value: usize) -> Result<()> {
     Ok(())
 }
 
-/// The fused kernel (spec, grid rows per CTA, threads, dynamic shared bytes) a problem uses.
-fn fused_kernel(problem: &Problem) -> (KernelSpec, u32, u32, u32) {
+/// The fused kernel (spec, grid rows per CTA, threads, dynamic shared bytes) a problem
+/// uses on a device of compute capability `arch`.
+pub(crate) fn fused_kernel(problem: &Problem, arch: u32) -> (KernelSpec, u32, u32, u32) {
     // Masks and dropout take the variant that has them compiled in; the plain flash
     // path carries neither.
     let extras = problem.dropout.is_active() || problem.mask.is_some();
+    // Hopper: the plain path in f16/bf16 up to head dim 128 takes the wgmma kernel.
+    if !extras && problem.dtype != DType::F32 && wgmma_enabled() {
+        if let Some(spec @ KernelSpec::Wg { head_dim, .. }) =
+            KernelSpec::wg(problem.dtype, problem.head_dim, problem.head_dim_v)
+        {
+            if spec.runs_on(arch) {
+                let tiles = wg_tile_shape(head_dim);
+                return (
+                    spec,
+                    tiles.block_rows(),
+                    128 * tiles.warpgroups,
+                    tiles.shared_bytes(head_dim),
+                );
+            }
+        }
+    }
     if problem.dtype == DType::F32 {
         let spec = KernelSpec::simt(problem.dtype, problem.head_dim, problem.head_dim_v, extras);
         (spec, 4, 128, 0)
@@ -467,7 +484,7 @@ impl GpuContext {
     }
 
     fn launch_fused(&self, problem: &Problem, params: &mut SdpaParams) -> Result<()> {
-        let (spec, rows, threads, shared) = fused_kernel(problem);
+        let (spec, rows, threads, shared) = fused_kernel(problem, self.arch());
         let symbol = spec.symbols().remove(0);
         let function = self.function(&spec, &symbol)?;
         let blocks_x = problem.len_q.div_ceil(rows as usize);

@@ -152,8 +152,18 @@ impl GpuContext {
         }
         let module = self.module(spec)?;
         let function = module.load_function(symbol)?;
-        if let KernelSpec::Tc { head_dim, .. } = spec {
-            let bytes = kernels::tc_shared_bytes(*head_dim) as usize;
+        let shared = match spec {
+            KernelSpec::Tc { head_dim, .. } => {
+                Some((*head_dim, kernels::tc_shared_bytes(*head_dim)))
+            }
+            KernelSpec::Wg { head_dim, .. } => Some((
+                *head_dim,
+                kernels::wg_tile_shape(*head_dim).shared_bytes(*head_dim),
+            )),
+            _ => None,
+        };
+        if let Some((head_dim, bytes)) = shared {
+            let bytes = bytes as usize;
             if bytes > self.max_shared {
                 return Err(CudaError::layout(
                     "head_dim",

@@ -90,6 +90,10 @@ struct Case {
     mask_axes: [bool; 4],
     options: SdpaOptions,
     seed: u64,
+    /// A common offset added to every score before scaling (q[.., 0] = sqrt|shift|,
+    /// k[.., 0] = +-sqrt|shift|): the softmax is unchanged, but exp of the raw scores
+    /// overflows (or underflows) unless the kernel subtracts the row max.
+    logit_shift: f64,
 }
 
 const HEAD_DIMS: [usize; 14] = [8, 16, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 200, 256];
@@ -149,6 +153,7 @@ fn case_strategy(dtypes: Vec<DType>, masks: bool, same_dims: bool) -> impl Strat
                         enable_gqa: group > 1,
                     },
                     seed,
+                    logit_shift: 0.0,
                 }
             },
         )
@@ -176,14 +181,19 @@ fn check_case<T: TestElem>(
     let gpu = gpu();
     let mut rng = SplitMix64(case.seed);
     let hq = case.heads_kv * case.group;
-    let q = round::<T>(&random_array(
-        &mut rng,
-        [case.batch, hq, case.len_q, case.head_dim],
-    ));
-    let k = round::<T>(&random_array(
+    let mut q64 = random_array(&mut rng, [case.batch, hq, case.len_q, case.head_dim]);
+    let mut k64 = random_array(
         &mut rng,
         [case.batch, case.heads_kv, case.len_kv, case.head_dim],
-    ));
+    );
+    if case.logit_shift != 0.0 {
+        let c = case.logit_shift.abs().sqrt();
+        q64.index_axis_mut(Axis(3), 0).fill(c);
+        k64.index_axis_mut(Axis(3), 0)
+            .fill(c * case.logit_shift.signum());
+    }
+    let q = round::<T>(&q64);
+    let k = round::<T>(&k64);
     let v = round::<T>(&random_array(
         &mut rng,
         [case.batch, case.heads_kv, case.len_kv, case.head_dim_v],
@@ -233,10 +243,24 @@ fn check_case<T: TestElem>(
     let truth = sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), ref_mask, &case.options)
         .map_err(|e| format!("reference failed: {e}"))?;
     let out = widen(&got.out);
+    let dtype = <T as DeviceElement>::DTYPE;
+    let out_tol = if case.logit_shift != 0.0 && matches!(dtype, DType::F32 | DType::F64) {
+        // The preset assumes scores of order 1. Scores near |shift| = 4096 carry an f32
+        // accumulation error of about 4096 * 2^-24 * sqrt(E) (< 1e-3 nats after the
+        // 1/sqrt(E) scale), i.e. a relative error of the weights, hence the outputs
+        // (|v| <= 1), below 1e-3. (f16/bf16 presets are wider than that already.)
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+            reason: "f32 scores shifted by 4096: weights carry ~1e-3 relative error",
+        }
+    } else {
+        tolerance::for_dtype(dtype)
+    };
     let report = compare_with(
         out.view().into_dyn(),
         truth.out.view().into_dyn(),
-        Some(&tolerance::for_dtype(<T as DeviceElement>::DTYPE)),
+        Some(&out_tol),
     );
     if !report.passes() {
         return Err(format!("out: {report}"));
@@ -317,6 +341,56 @@ fn math_matches_reference() {
     );
 }
 
+/// Scores of +-500 nats and more, the same shift on every key of a row: the softmax is
+/// that of the small random parts, but exp of a raw score overflows f32 (or underflows
+/// to a zero sum). Catches a kernel that skips the max subtraction, which random inputs
+/// of unit size never show (the planted bug `softmax-no-max-wgmma` of VERIFICATION.md).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn shifted_logits_match_reference() {
+    let runs = [
+        (DType::F16, Backend::Flash),
+        (DType::BF16, Backend::Flash),
+        (DType::F16, Backend::Efficient),
+        (DType::F32, Backend::Efficient),
+        (DType::BF16, Backend::Math),
+    ];
+    let shapes = [(130, 130, 64), (77, 200, 128), (64, 33, 32), (40, 90, 256)];
+    let mut failures = Vec::new();
+    for (dtype, backend) in runs {
+        for (len_q, len_kv, e) in shapes {
+            for causal in [Causal::None, Causal::TopLeft] {
+                // 64^2 = 4096: exact in every dtype; times 1/sqrt(E), 256 to 724 nats.
+                for logit_shift in [4096.0, -4096.0] {
+                    let case = Case {
+                        dtype,
+                        batch: 1,
+                        heads_kv: 2,
+                        group: 2,
+                        len_q,
+                        len_kv,
+                        head_dim: e,
+                        head_dim_v: e,
+                        mask_kind: 0,
+                        mask_axes: [false; 4],
+                        options: SdpaOptions {
+                            causal,
+                            enable_gqa: true,
+                            ..SdpaOptions::default()
+                        },
+                        seed: 17,
+                        logit_shift,
+                    };
+                    if let Err(e) = check_any(&case, BackendSet::only(backend), backend) {
+                        failures.push(format!("{backend} {case:?}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn auto_dispatch_picks_flash_then_efficient_then_math() {
@@ -333,6 +407,7 @@ fn auto_dispatch_picks_flash_then_efficient_then_math() {
         mask_axes: [false, false, true, true],
         options: SdpaOptions::default(),
         seed: 5,
+        logit_shift: 0.0,
     };
     check_any(&base, BackendSet::ALL, Backend::Flash).unwrap();
     check_any(
@@ -762,6 +837,7 @@ fn sanitize_small_set() {
             enable_gqa: true,
         },
         seed: 11,
+        logit_shift: 0.0,
     };
     check_any(
         &case(DType::F16, 0, 59, 59, Causal::BottomRight, 0.0),

@@ -13,6 +13,7 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
     let jobs: Vec<(KernelSpec, u32)> = KernelSpec::all()
         .into_iter()
         .flat_map(|spec| [(spec, 80), (spec, 90)])
+        .filter(|(spec, arch)| spec.runs_on(*arch))
         .collect();
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
@@ -36,8 +37,8 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
     });
     let failures = failures.into_inner().unwrap();
     println!(
-        "nvrtc {major}.{minor}: {} variants x 2 archs compiled in {:.1} s on {threads} threads, {} failed",
-        jobs.len() / 2,
+        "nvrtc {major}.{minor}: {} compiles (every variant for each arch it runs on: sm_80, sm_90; the Hopper kernel sm_90a only) in {:.1} s on {threads} threads, {} failed",
+        jobs.len(),
         started.elapsed().as_secs_f64(),
         failures.len()
     );

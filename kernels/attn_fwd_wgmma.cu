@@ -1,0 +1,337 @@
+// Hopper (sm_90a) attention forward for the plain flash path (f16/bf16, no mask, no
+// dropout): warpgroup MMA (wgmma.mma_async) for both GEMMs, f32 accumulators, online
+// softmax, scores never leave registers.
+//
+// One CTA = SDPA_WARPGROUPS warpgroups of 128 threads; each owns 64 query rows (the wgmma
+// M). Q, and K/V tiles of SDPA_BLOCK_N keys (double buffered, cp.async by every thread),
+// sit in shared memory in the swizzled layout wgmma reads through matrix descriptors:
+// a tile's rows are cut into column blocks of RB = min(2 D, 128) bytes, each block stored
+// [rows][RB bytes] with its 16-byte chunks XOR-swizzled by address bits 7.. (128-, 64- or
+// 32-byte swizzle), every block 1024-byte aligned.
+//   S = Q K^T : A = Q (K-major descriptor), B = K (K-major descriptor).
+//   O += P V  : A = P from registers (the S accumulators rounded to 16 bits: the wgmma D
+//               fragment of 16 key columns is the A fragment of the next GEMM), B = V
+//               (N-major descriptor, transposed by the instruction).
+// Pipeline, tile t: issue S_t = Q K_t and O += P_{t-1} V_{t-1}, wait for S_t, softmax of
+// S_t while the P V GEMM runs, wait for it, rescale O, round P_t. K_{t+1} and V_t load
+// during tile t. (Issuing S_{t+1} ahead of the softmax of S_t, FlashAttention-3's
+// intra-warpgroup overlap, measured slower here: kernels/NOTES.md, wgmma v2.)
+//
+// Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (32, 64 or 128: E and Ev
+// padded, zero-filled in shared memory, padded columns never stored), SDPA_BLOCK_N (64
+// or 128), SDPA_WARPGROUPS, SDPA_MIN_BLOCKS, SDPA_KERNEL (symbol).
+// Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
+#include "common.cuh"
+#include "sdpa_params.cuh"
+#include "tensor_core.cuh"
+
+#if SDPA_DTYPE == 2
+#define MMA_TYPE "f16"
+#else
+#define MMA_TYPE "bf16"
+#endif
+#include "wgmma.cuh"
+
+#define D SDPA_HEAD_DIM
+#define BN SDPA_BLOCK_N
+#define NWG SDPA_WARPGROUPS
+#define BM (64 * NWG)
+#define NTHREADS (128 * NWG)
+// Bytes of one swizzled row of a column block, blocks a row, the swizzle mask and the
+// descriptor's swizzle mode (1: 128 B, 2: 64 B, 3: 32 B), 16-element k-steps a block.
+#define RB ((2 * D) < 128 ? (2 * D) : 128)
+#define NCB ((2 * D) / RB)
+#define SW_MASK (RB / 16 - 1)
+#define SW_MODE (RB == 128 ? 1 : (RB == 64 ? 2 : 3))
+#define KPB (RB / 32)
+#define Q_BYTES (BM * 2 * D)
+#define KV_BYTES (BN * 2 * D)
+// Shared memory: Q, two K stages, two V stages.
+
+#if BN == 64
+#define WGMMA_S wgmma_ss_n64
+#elif BN == 128
+#define WGMMA_S wgmma_ss_n128
+#endif
+#if D == 32
+#define WGMMA_O wgmma_rs_n32
+#elif D == 64
+#define WGMMA_O wgmma_rs_n64
+#elif D == 128
+#define WGMMA_O wgmma_rs_n128
+#endif
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void st_shared_v4(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+// Shared-memory writes of the generic proxy (cp.async, st.shared) made visible to the
+// async proxy wgmma reads through; then a CTA barrier.
+__device__ __forceinline__ void tiles_ready() {
+    cp_async_wait_all();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Pins accumulator registers in program order: reads after a wgmma wait stay after it.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Matrix descriptor: start address, leading and stride byte offsets, swizzle mode.
+__device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
+           ((u64)SW_MODE << 62);
+}
+
+// Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into the
+// swizzled tile at shared address `tile`; rows past `len` and columns past `dim` zero.
+template <int ROWS>
+__device__ __forceinline__ void load_tile_sw(u32 tile, const u16* base, i64 stride, int row0, int len,
+                                             int dim, bool vec_ok, int tid) {
+    constexpr int CHUNKS = D / 8;  // 16-byte chunks a row
+    constexpr int CPB = RB / 16;   // chunks a column block
+#pragma unroll 4
+    for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
+        const int r = c / CHUNKS;
+        const int ch = c % CHUNKS;
+        const int cb = ch / CPB;
+        const int cc = ch % CPB;
+        const u32 dst = tile + cb * (ROWS * RB) + r * RB + ((cc ^ ((r * RB >> 7) & SW_MASK)) << 4);
+        const int col = ch * 8;
+        int valid = (row0 + r < len) ? min(8, dim - col) : 0;
+        valid = max(valid, 0);
+        const u16* src = base + (i64)(row0 + r) * stride + col;
+        if (vec_ok) {
+            cp_async16(dst, valid > 0 ? (const void*)src : (const void*)base, valid * 2);
+        } else {
+            u32 w[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 lo = (2 * e < valid) ? (u32)src[2 * e] : 0u;
+                const u32 hi = (2 * e + 1 < valid) ? (u32)src[2 * e + 1] : 0u;
+                w[e] = lo | (hi << 16);
+            }
+            st_shared_v4(dst, w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const SdpaParams p) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    // The swizzle is a function of address bits 4-9: tiles start on 1024-byte boundaries
+    // (the launch asks for 1 KiB more than the tiles need).
+    const u32 s_q = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const u32 s_k = s_q + Q_BYTES;
+    const u32 s_v = s_k + 2 * KV_BYTES;
+
+    const int b = blockIdx.z;
+    const int h = blockIdx.y;
+    // Causal: the last query blocks have the most key tiles; start them first.
+    const int m_block = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int m0 = m_block * BM;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int wg = warp >> 2;
+
+    i64 start_q, start_k;
+    int len_q, len_k;
+    seq_extent(p.varlen, p.cu_seqlens_q, b, p.len_q, start_q, len_q);
+    seq_extent(p.varlen, p.cu_seqlens_k, b, p.len_kv, start_k, len_k);
+    if (m0 >= len_q) return;
+
+    const int hk = h / p.group;
+    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + start_q * p.q_stride_l;
+    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + start_k * p.k_stride_l;
+    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + start_k * p.v_stride_l;
+    const bool vec_ok = p.vec_ok != 0;
+
+    const int last_row = min(m0 + BM, len_q) - 1;
+    const int n_end = key_limit(p.causal, last_row, len_q, len_k);
+    const int n_tiles = (n_end + BN - 1) / BN;
+    // Keys below this bound take part for every row of the CTA.
+    const int unmasked_end = key_limit(p.causal, m0, len_q, len_k);
+
+    // This thread's two rows: (lane / 4) and (lane / 4 + 8) of its warp's 16.
+    const int row0 = m0 + warp * 16 + (lane >> 2);
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float s[BN / 2];
+    u32 pf[BN / 16][4];
+    float row_max[2] = {SDPA_NEG_INF, SDPA_NEG_INF};
+    float row_sum[2] = {0.f, 0.f};
+
+    const u32 sbo = 8 * RB;
+    // S = Q K_(stage)^T into s (async; one commit group).
+    // Descriptors are made fresh each tile from one laundered base (an empty asm the
+    // compiler cannot see through): left to itself it hoists every (stage, k-step)
+    // descriptor out of the loop, 2 registers each, and spills.
+    auto issue_s = [&](float (&s)[BN / 2], int stage) {
+        u32 qa = s_q + wg * (64 * RB);
+        u32 kt = s_k + stage * KV_BYTES;
+        asm volatile("" : "+r"(qa), "+r"(kt));
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const u32 q_at = qa + (ks / KPB) * (BM * RB) + (ks % KPB) * 32;
+            const u32 k_at = kt + (ks / KPB) * (BN * RB) + (ks % KPB) * 32;
+            WGMMA_S(s, make_desc(q_at, 16, sbo), make_desc(k_at, 16, sbo), ks > 0);
+        }
+        wgmma_commit();
+    };
+    // O += P V_(stage) (async; one group).
+    auto issue_o = [&](int stage) {
+        u32 vt = s_v + stage * KV_BYTES;
+        asm volatile("" : "+r"(vt));
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            WGMMA_O(o, pf[kk], make_desc(vt + kk * 16 * RB, BN * RB, sbo), 1);
+        wgmma_commit();
+    };
+    // Bound and exponentiate s (keys from n0) against the running max; alpha = the
+    // factor the accumulators so far must be multiplied by, per row.
+    // A positive scale folds into the exponent's FFMA, exp2(s * c - max), with the max
+    // taken over raw scores. The FFMA's exact product differs from the rounded max
+    // c * s_max by up to half an ulp of the max: harmless (< 2^-13) while |max| < 4096,
+    // but at scores near 1e11 thousands, and exp2 overflows (golden large_const_* caught
+    // that), so a warp whose rows reach that far takes the rounded product instead. Zero
+    // or negative scales multiply first (c = 1).
+    const bool pos_scale = p.scale_log2 > 0.f;
+    const float c = pos_scale ? p.scale_log2 : 1.f;
+    auto softmax_tile = [&](float (&s)[BN / 2], int n0, float (&alpha)[2]) {
+        if (!pos_scale) {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) s[i] *= p.scale_log2;
+        }
+        if (n0 + BN > unmasked_end) {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) {
+                const int j = n0 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
+                if (j >= key_limit(p.causal, row0 + ((i >> 1) & 1) * 8, len_q, len_k)) s[i] = SDPA_NEG_INF;
+            }
+        }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float tile_max = SDPA_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            // -inf stays -inf under a positive factor.
+            const float new_max = fmaxf(row_max[r], __fmul_rn(tile_max, c));
+            // A row with nothing unmasked yet keeps max -inf; subtracting 0 keeps every
+            // exp2 at exactly 0 instead of NaN.
+            base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+            alpha[r] = fast_exp2(row_max[r] - base[r]);
+            row_max[r] = new_max;
+        }
+        float sum[2] = {0.f, 0.f};
+        if (__all_sync(0xffffffffu, fmaxf(fabsf(base[0]), fabsf(base[1])) < 4096.f)) {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) {
+                s[i] = fast_exp2(fmaf(s[i], c, -base[(i >> 1) & 1]));
+                sum[(i >> 1) & 1] += s[i];
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) {
+                s[i] = fast_exp2(__fmul_rn(s[i], c) - base[(i >> 1) & 1]);
+                sum[(i >> 1) & 1] += s[i];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
+    };
+    auto pack_p = [&](const float (&s)[BN / 2]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            pf[kk][0] = pack2(s[8 * kk + 0], s[8 * kk + 1]);
+            pf[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+            pf[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+            pf[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    if (n_tiles > 0) {
+        load_tile_sw<BM>(s_q, q, p.q_stride_l, m0, len_q, p.head_dim, vec_ok, tid);
+        load_tile_sw<BN>(s_k, k, p.k_stride_l, 0, len_k, p.head_dim, vec_ok, tid);
+        load_tile_sw<BN>(s_v, v, p.v_stride_l, 0, len_k, p.head_dim_v, vec_ok, tid);
+        cp_async_commit();
+        tiles_ready();
+        if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, BN, len_k, p.head_dim, vec_ok, tid);
+        cp_async_commit();
+        wgmma_fence();
+        issue_s(s, 0);
+        wgmma_wait<0>();
+        fence_regs(s);
+        float alpha[2];
+        softmax_tile(s, 0, alpha);
+        pack_p(s);
+
+        for (int t = 1; t < n_tiles; ++t) {
+            // K_t and V_{t-1} have landed; every warp is done with S_{t-1} and
+            // P_{t-2} V_{t-2}, so their buffers take K_{t+1} and V_t.
+            tiles_ready();
+            if (t + 1 < n_tiles)
+                load_tile_sw<BN>(s_k + ((t + 1) & 1) * KV_BYTES, k, p.k_stride_l, (t + 1) * BN, len_k, p.head_dim,
+                                 vec_ok, tid);
+            load_tile_sw<BN>(s_v + (t & 1) * KV_BYTES, v, p.v_stride_l, t * BN, len_k, p.head_dim_v, vec_ok, tid);
+            cp_async_commit();
+
+            wgmma_fence();
+            issue_s(s, t & 1);
+            issue_o((t - 1) & 1);
+            wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
+            fence_regs(s);
+            softmax_tile(s, t * BN, alpha);
+            wgmma_wait<0>();
+            fence_regs(o);
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+            pack_p(s);
+        }
+        tiles_ready();
+        wgmma_fence();
+        issue_o((n_tiles - 1) & 1);
+        wgmma_wait<0>();
+        fence_regs(o);
+    }
+
+    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
+    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + start_q * p.lse_stride_l;
+    // Two adjacent outputs in one 4-byte store when every row of out starts 4-byte aligned.
+    const bool out_pairs = ((p.out | (u64)p.out_stride_b | (u64)p.out_stride_h | (u64)p.out_stride_l) & 1) == 0 &&
+                           (p.out & 3) == 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int rr = row0 + 8 * r;
+        if (rr >= len_q) continue;
+        // A fully masked row has sum 0: output 0, log-sum-exp -inf.
+        const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
+        if ((lane & 3) == 0) lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+        elem_t* out_row = out + rr * p.out_stride_l;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const int d = j * 8 + 2 * (lane & 3);
+            const float x0 = o[4 * j + 2 * r] * inv, x1 = o[4 * j + 2 * r + 1] * inv;
+            if (out_pairs && d + 1 < p.head_dim_v) {
+                *(u32*)(out_row + d) = pack2(x0, x1);
+            } else {
+                if (d < p.head_dim_v) out_row[d] = to_elem(x0);
+                if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(x1);
+            }
+        }
+    }
+}
