@@ -18,13 +18,7 @@ export SDPA_CUDA_CACHE=${SDPA_CUDA_CACHE:-$HERE/.kernel-cache}
 
 # The CUDA libraries cudarc loads: the driver's libcuda, and libnvrtc / libcublas from
 # the toolkit or the nvidia wheels (PyTorch's venv has them).
-for lib in libnvrtc.so libcublas.so; do
-  if ! ldconfig -p | grep -q "$lib"; then
-    dir=$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets/*/lib /opt /usr/lib /usr/local/lib \
-            -name "$lib.*" -not -name '*alt*' 2>/dev/null | head -1 | xargs -r dirname)
-    [ -n "$dir" ] && export LD_LIBRARY_PATH=$dir:${LD_LIBRARY_PATH:-}
-  fi
-done
+. "$HERE/gpu_env.sh"
 
 declare -a SUMMARY
 step() { # name, command...

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Planted kernel bugs (issue 7), on a CUDA machine, from the GPU test bundle (ci/gpu.sh
+# copies this as planted-bugs.sh beside run.sh, with ci/planted_bugs.py and kernels/):
+#
+#   bash target/gpu-bundle/planted-bugs.sh [BUG_ID ...]      default: every bug
+#
+# For each bug of the catalogue (ci/planted_bugs.py): a copy of kernels/ with the bug
+# applied, then the bundle's GPU tests (sdpa-cuda-gpu: property tests of flash,
+# efficient and math against the reference, dropout bit-identity, NaN-poisoned outputs,
+# varlen, strided views) with SDPA_KERNEL_DIR pointing at the copy, so the kernels are
+# compiled from the patched sources with no rebuild. A bug in the "missing barrier"
+# category also gets compute-sanitizer racecheck on the small set. Caught = some test
+# failed (or the sanitizer reported a hazard). First the unpatched kernels, which must
+# pass. Bugs run PLANTED_JOBS at a time (separate processes; the GPU is shared).
+# Results: $OUT/planted/ (or the bundle's results/planted/): one log a bug, results.tsv,
+# table.md (the table VERIFICATION.md carries).
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+LOGS=${OUT:-$HERE/results}/planted
+mkdir -p "$LOGS"
+BIN=$HERE/bin
+. "$HERE/gpu_env.sh"
+export SDPA_CUDA_CACHE=$HERE/.kernel-cache
+export PROPTEST_CASES=${PROPTEST_CASES:-32}
+# A failing property test stops at its first failure: no shrinking (minutes of GPU calls).
+export PROPTEST_MAX_SHRINK_ITERS=0
+JOBS=${PLANTED_JOBS:-6}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# One bug (or "none"): exit status 0 when caught, 1 when missed; a line of results.tsv.
+run_one() {
+  local id=$1 dir=$WORK/$1 log=$LOGS/$1.log
+  if [ "$id" = none ]; then
+    cp -r "$HERE/kernels" "$dir"
+  else
+    python3 "$HERE/planted_bugs.py" apply "$id" "$HERE/kernels" "$dir" || return 2
+  fi
+  local start=$(date +%s)
+  SDPA_KERNEL_DIR=$dir timeout 600 "$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 \
+    --skip second_context_reads_kernels_from_the_disk_cache > "$log" 2>&1
+  local rc=$?
+  local failed
+  failed=$(grep -E "^test .* \.\.\. FAILED" "$log" | sed -E 's/^test (.*) \.\.\. FAILED/\1/' | tr '\n' ' ')
+  local by=""
+  [ -n "$failed" ] && by="tests: ${failed% }"
+  [ $rc -ne 0 ] && [ -z "$failed" ] && by="tests: exit $rc (crash or timeout)"
+  if python3 "$HERE/planted_bugs.py" category "$id" 2>/dev/null | grep -q "missing barrier"; then
+    SDPA_KERNEL_DIR=$dir timeout 600 compute-sanitizer --tool racecheck --error-exitcode 9 \
+      "$BIN/sdpa-cuda-gpu" --ignored --exact sanitize_small_set > "$LOGS/$id.racecheck.log" 2>&1
+    local rrc=$?
+    local summary
+    summary=$(grep -E "RACECHECK SUMMARY" "$LOGS/$id.racecheck.log" | tail -1)
+    if [ $rrc -ne 0 ]; then
+      by="${by:+$by; }racecheck: ${summary:-exit $rrc}"
+      rc=1
+    else
+      by="${by:+$by; }racecheck: clean"
+    fi
+  fi
+  local secs=$(( $(date +%s) - start ))
+  local verdict
+  if [ "$id" = none ]; then
+    verdict=$([ $rc -eq 0 ] && echo "passes" || echo "FAILS")
+  else
+    verdict=$([ $rc -ne 0 ] && echo "caught" || echo "MISSED")
+  fi
+  printf '%s\t%s\t%s\t%ss\n' "$id" "$verdict" "${by:-no test failed}" "$secs" >> "$LOGS/results.tsv"
+  echo "$id: $verdict ${by} (${secs}s)"
+}
+export -f run_one
+export HERE LOGS BIN WORK
+
+: > "$LOGS/results.tsv"
+run_one none
+if ! grep -q "^none	passes" "$LOGS/results.tsv"; then
+  echo "the unpatched kernels fail the tests: planted-bug results would mean nothing" >&2
+  exit 1
+fi
+if [ $# -gt 0 ]; then ids=("$@"); else mapfile -t ids < <(python3 "$HERE/planted_bugs.py" list); fi
+printf '%s\n' "${ids[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
+python3 "$HERE/planted_bugs.py" table "$LOGS/results.tsv" | tee "$LOGS/table.md"
+missed=$(grep -c "	MISSED	" "$LOGS/results.tsv")
+echo "planted bugs: $(( ${#ids[@]} - missed )) of ${#ids[@]} caught"
+[ "$missed" -eq 0 ]

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Planted kernel bugs (issue 7): a catalogue of source patches to kernels/ and the
+tools to apply them.
+
+Each bug is one or more exact text substitutions in one kernel file; a substitution
+whose text is not found exactly once is an error, so the catalogue cannot silently go
+stale when the kernels change (`check` runs in CI, no GPU needed).
+
+    planted_bugs.py check KERNELS_DIR          every bug applies to these sources
+    planted_bugs.py list                       ids, one a line
+    planted_bugs.py category ID                the issue's category of bug ID
+    planted_bugs.py apply ID KERNELS_DIR OUT   OUT = a copy of KERNELS_DIR with bug ID
+    planted_bugs.py table RESULTS_TSV          the markdown table of a run
+
+The kernels read their sources from $SDPA_KERNEL_DIR at run time when it is set
+(sdpa_cuda::kernels), so a patched copy needs no rebuild: ci/planted-bugs.sh applies
+each bug, runs the GPU test bundle against it and records which tests caught it.
+"""
+import os
+import shutil
+import sys
+
+# (id, category from the issue, kernel file, [(old, new), ...], what the patch does)
+BUGS = [
+    (
+        "causal-off-by-one",
+        "off-by-one in the causal bound",
+        "common.cuh",
+        [("if (causal == 1) return min(i + 1, len_kv);", "if (causal == 1) return min(i, len_kv);")],
+        "top-left causal lets query i see keys j < i instead of j <= i (every fused kernel)",
+    ),
+    (
+        "causal-mask-compare-wgmma",
+        "off-by-one in the causal bound",
+        "attn_fwd_wgmma.cu",
+        [("if (j >= key_limit(p.causal", "if (j > key_limit(p.causal")],
+        "the Hopper kernel's bound check keeps key j == limit (one key too many on every bounded row)",
+    ),
+    (
+        "scale-twice-wgmma",
+        "scale applied twice",
+        "attn_fwd_wgmma.cu",
+        [
+            ("const float c = pos_scale ? p.scale_log2 : 1.f;", "const float c = pos_scale ? p.scale_log2 * (float)p.scale : 1.f;"),
+            ("s[i] *= p.scale_log2;", "s[i] *= p.scale_log2 * (float)p.scale;"),
+        ],
+        "the Hopper kernel multiplies the scores by the scale a second time (folded and unfolded paths)",
+    ),
+    (
+        "scale-twice-tc",
+        "scale applied twice",
+        "attn_fwd_tc.cu",
+        [("float x = s[mi][nt][e] * p.scale_log2;", "float x = s[mi][nt][e] * p.scale_log2 * (float)p.scale;")],
+        "the mma.sync kernel (masks, dropout, sm_80) multiplies the scores by the scale twice",
+    ),
+    (
+        "softmax-no-max-wgmma",
+        "softmax without max subtraction",
+        "attn_fwd_wgmma.cu",
+        [
+            (
+                "base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;\n"
+                "            alpha[r] = fast_exp2(row_max[r] - base[r]);\n"
+                "            row_max[r] = new_max;",
+                "base[r] = 0.f;\n            alpha[r] = 1.f;\n            row_max[r] = 0.f;",
+            )
+        ],
+        "exp2(score) straight, no running max (consistent algebra: wrong only when exp overflows or underflows)",
+    ),
+    (
+        "softmax-no-max-tc",
+        "softmax without max subtraction",
+        "attn_fwd_tc.cu",
+        [
+            (
+                "const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;\n"
+                "                const float alpha = fast_exp2(row_max[mi][r] - base);\n"
+                "                row_max[mi][r] = new_max;",
+                "const float base = 0.f;\n                const float alpha = 1.f;\n"
+                "                row_max[mi][r] = 0.f;",
+            )
+        ],
+        "the same in the mma.sync kernel",
+    ),
+    (
+        "dropout-no-rescale-tc",
+        "dropout without 1/(1-p)",
+        "attn_fwd_tc.cu",
+        [("const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;", "const float inv = sum > 0.f ? 1.f / sum : 0.f;")],
+        "kept weights are not scaled by 1/(1-p) (tensor-core dropout path)",
+    ),
+    (
+        "dropout-no-rescale-simt",
+        "dropout without 1/(1-p)",
+        "attn_fwd_simt.cu",
+        [("const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;", "const float inv = sum > 0.f ? 1.f / sum : 0.f;")],
+        "the same in the f32 kernel",
+    ),
+    (
+        "gqa-head-map-wgmma",
+        "wrong GQA head map",
+        "attn_fwd_wgmma.cu",
+        [("const int hk = h / p.group;", "const int hk = h % p.heads_kv;")],
+        "query head h reads kv head h mod Hkv (interleaved) instead of h / group (blocked)",
+    ),
+    (
+        "gqa-head-map-tc",
+        "wrong GQA head map",
+        "attn_fwd_tc.cu",
+        [("const int hk = h / p.group;", "const int hk = h % p.heads_kv;")],
+        "the same in the mma.sync kernel",
+    ),
+    (
+        "mask-wrong-axis-tc",
+        "mask broadcast on the wrong axis",
+        "attn_fwd_tc.cu",
+        [("const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +", "const i64 at = h * p.mask_stride_b + b * p.mask_stride_h +")],
+        "batch and head strides of the mask swapped: a per-head mask broadcast over heads, a per-batch one read by head",
+    ),
+    (
+        "mask-wrong-axis-simt",
+        "mask broadcast on the wrong axis",
+        "attn_fwd_simt.cu",
+        [("const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +", "const i64 at = h * p.mask_stride_b + b * p.mask_stride_h +")],
+        "the same in the f32 kernel",
+    ),
+    (
+        "tail-tile-unwritten-wgmma",
+        "a tail tile left unwritten",
+        "attn_fwd_wgmma.cu",
+        [("if (m0 >= len_q) return;", "if (m0 + BM > len_q) return;")],
+        "the last, partial block of query rows returns without writing its output",
+    ),
+    (
+        "tail-tile-unwritten-tc",
+        "a tail tile left unwritten",
+        "attn_fwd_tc.cu",
+        [("if (m0 >= len_q) return;", "if (m0 + BM > len_q) return;")],
+        "the same in the mma.sync kernel",
+    ),
+    (
+        "missing-barrier-wgmma",
+        "a missing barrier",
+        "attn_fwd_wgmma.cu",
+        [("    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");\n    __syncthreads();",
+          "    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");")],
+        "no CTA barrier between the K/V tile loads and the wgmma's that read them (nor before the buffers are refilled)",
+    ),
+    (
+        "missing-barrier-tc",
+        "a missing barrier",
+        "attn_fwd_tc.cu",
+        [("        cp_async_wait<1>();\n        __syncthreads();\n        if (t + 1 < n_tiles)\n            load_tile<BN>(s_v",
+          "        cp_async_wait<1>();\n        if (t + 1 < n_tiles)\n            load_tile<BN>(s_v")],
+        "no barrier before the V tile is read and the next one loaded over the other buffer",
+    ),
+    (
+        "no-rescale-wgmma",
+        "(extra) online softmax: accumulator not rescaled",
+        "attn_fwd_wgmma.cu",
+        [("for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];", "")],
+        "O is not multiplied by exp2(old max - new max) when a later key tile raises the row max",
+    ),
+    (
+        "unswizzled-store-wgmma",
+        "(extra) shared-memory layout disagrees with the wgmma descriptor",
+        "attn_fwd_wgmma.cu",
+        [("((cc ^ ((r * RB >> 7) & SW_MASK)) << 4)", "(cc << 4)")],
+        "tiles stored without the XOR swizzle the descriptors declare",
+    ),
+    (
+        "lse-without-max-wgmma",
+        "(extra) log-sum-exp off by the row max",
+        "attn_fwd_wgmma.cu",
+        [("row_max[r] * SDPA_LN2 + logf(sum)", "logf(sum)")],
+        "the log-sum-exp output drops the running max (the output itself stays right)",
+    ),
+]
+
+
+def apply_to(text, subs, bug_id, name):
+    for old, new in subs:
+        n = text.count(old)
+        if n != 1:
+            raise SystemExit(f"planted bug {bug_id}: {name} has {n} matches of {old!r}, expected 1")
+        text = text.replace(old, new)
+    return text
+
+
+def check(kernels):
+    for bug_id, _, name, subs, _ in BUGS:
+        text = open(os.path.join(kernels, name)).read()
+        patched = apply_to(text, subs, bug_id, name)
+        assert patched != text, bug_id
+    ids = [b[0] for b in BUGS]
+    assert len(ids) == len(set(ids)), "duplicate bug ids"
+    print(f"{len(BUGS)} planted bugs apply cleanly to {kernels}")
+
+
+def apply(bug_id, kernels, out):
+    bug = next((b for b in BUGS if b[0] == bug_id), None)
+    if bug is None:
+        raise SystemExit(f"no planted bug {bug_id!r}")
+    _, _, name, subs, _ = bug
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    shutil.copytree(kernels, out)
+    path = os.path.join(out, name)
+    text = open(path).read()
+    open(path, "w").write(apply_to(text, subs, bug_id, name))
+
+
+def table(results):
+    rows = {}
+    for line in open(results):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) >= 4:
+            rows[parts[0]] = parts[1:]
+    if "none" in rows:
+        verdict, by, secs = rows["none"][:3]
+        print(f"Unpatched kernels: {verdict} ({by}, {secs}).\n")
+    print("| bug | category | kernel | caught | by | time |")
+    print("|---|---|---|---|---|---|")
+    for bug_id, category, name, _, what in BUGS:
+        verdict, by, secs = (rows.get(bug_id) or ["not run", "", ""])[:3]
+        print(f"| `{bug_id}`: {what} | {category} | `{name}` | {verdict} | {by} | {secs} |")
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[1] == "list":
+        print("\n".join(b[0] for b in BUGS))
+    elif len(argv) == 3 and argv[1] == "category":
+        print(next(b[1] for b in BUGS if b[0] == argv[2]))
+    elif len(argv) == 3 and argv[1] == "check":
+        check(argv[2])
+    elif len(argv) == 5 and argv[1] == "apply":
+        apply(argv[2], argv[3], argv[4])
+    elif len(argv) == 3 and argv[1] == "table":
+        table(argv[2])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
