@@ -112,5 +112,22 @@ pub fn run(engine: &Engine) -> Result<ExitCode, CliError> {
         Ok(b) => println!("   flash or efficient, f32 inputs: dispatch picks {b}"),
         Err(e) => println!("   flash or efficient, f32 inputs: {e}"),
     }
+    println!();
+
+    // The tutorial's CausalSelfAttention section and its profile, through the same path
+    // as `sdpa profile` (which also writes a Chrome trace).
+    println!("4. Causal self-attention (the tutorial's nanoGPT module), profiled (`sdpa profile` for the trace)");
+    crate::profile::run(
+        engine,
+        crate::profile::Setup {
+            batch: 32,
+            seq: 256,
+            embed: 512,
+            heads: 8,
+            dtype: DType::F16,
+            iters: 5,
+        },
+        None,
+    )?;
     Ok(ExitCode::SUCCESS)
 }

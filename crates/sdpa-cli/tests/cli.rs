@@ -213,6 +213,12 @@ fn the_tutorial_runs_without_a_gpu() {
         stdout.contains("flash only: no enabled backend can run this problem"),
         "{stdout}"
     );
+    // Section 4: the module, profiled (batch cut for the CPU), with its op table.
+    assert!(
+        stdout.contains("CausalSelfAttention(E=512, heads=8"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CausalSelfAttention.forward"), "{stdout}");
 }
 
 #[test]
