@@ -63,6 +63,7 @@ if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
 fi
 cp ci/bench_torch.py ci/bench_torch_module.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
+cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"
 cp ci/gpu_run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh" "$BUNDLE"/bin/*

@@ -42,7 +42,7 @@ BUGS = [
         "attn_fwd_wgmma.cu",
         [
             ("const float c = pos_scale ? p.scale_log2 : 1.f;", "const float c = pos_scale ? p.scale_log2 * (float)p.scale : 1.f;"),
-            ("s[i] *= p.scale_log2;", "s[i] *= p.scale_log2 * (float)p.scale;"),
+            ("sm[i] *= p.scale_log2;", "sm[i] *= p.scale_log2 * (float)p.scale;"),
         ],
         "the Hopper kernel multiplies the scores by the scale a second time (folded and unfolded paths)",
     ),
@@ -60,9 +60,9 @@ BUGS = [
         [
             (
                 "base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;\n"
-                "            alpha[r] = fast_exp2(row_max[r] - base[r]);\n"
-                "            row_max[r] = new_max;",
-                "base[r] = 0.f;\n            alpha[r] = 1.f;\n            row_max[r] = 0.f;",
+                "                alpha[m][r] = fast_exp2(row_max[m][r] - base[r]);\n"
+                "                row_max[m][r] = new_max;",
+                "base[r] = 0.f;\n                alpha[m][r] = 1.f;\n                row_max[m][r] = 0.f;",
             )
         ],
         "exp2(score) straight, no running max (consistent algebra: wrong only when exp overflows or underflows)",
@@ -158,7 +158,7 @@ BUGS = [
         "no-rescale-wgmma",
         "(extra) online softmax: accumulator not rescaled",
         "attn_fwd_wgmma.cu",
-        [("for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];", "")],
+        [("for (int i = 0; i < D / 2; ++i) o[m][i] *= alpha[m][(i >> 1) & 1];", "")],
         "O is not multiplied by exp2(old max - new max) when a later key tile raises the row max",
     ),
     (
@@ -172,7 +172,7 @@ BUGS = [
         "lse-without-max-wgmma",
         "(extra) log-sum-exp off by the row max",
         "attn_fwd_wgmma.cu",
-        [("row_max[r] * SDPA_LN2 + logf(sum)", "logf(sum)")],
+        [("row_max[m][r] * SDPA_LN2 + logf(sum)", "logf(sum)")],
         "the log-sum-exp output drops the running max (the output itself stays right)",
     ),
 ]

@@ -2,8 +2,8 @@
 // dropout): warpgroup MMA (wgmma.mma_async) for both GEMMs, f32 accumulators, online
 // softmax, scores never leave registers.
 //
-// One CTA = SDPA_WARPGROUPS warpgroups of 128 threads; each owns 64 query rows (the wgmma
-// M). Q, and K/V tiles of SDPA_BLOCK_N keys (double buffered, cp.async by every thread),
+// One CTA = SDPA_WARPGROUPS warpgroups of 128 threads; each owns SDPA_M_TILES tiles of 64
+// query rows (the wgmma M), each with its own S and O accumulators. Q, and K/V tiles of SDPA_BLOCK_N keys (double buffered, cp.async by every thread),
 // sit in shared memory in the swizzled layout wgmma reads through matrix descriptors:
 // a tile's rows are cut into column blocks of RB = min(2 D, 128) bytes, each block stored
 // [rows][RB bytes] with its 16-byte chunks XOR-swizzled by address bits 7.. (128-, 64- or
@@ -12,14 +12,17 @@
 //   O += P V  : A = P from registers (the S accumulators rounded to 16 bits: the wgmma D
 //               fragment of 16 key columns is the A fragment of the next GEMM), B = V
 //               (N-major descriptor, transposed by the instruction).
-// Pipeline, tile t: issue S_t = Q K_t and O += P_{t-1} V_{t-1}, wait for S_t, softmax of
-// S_t while the P V GEMM runs, wait for it, rescale O, round P_t. K_{t+1} and V_t load
-// during tile t. (Issuing S_{t+1} ahead of the softmax of S_t, FlashAttention-3's
-// intra-warpgroup overlap, measured slower here: kernels/NOTES.md, wgmma v2.)
+// Pipeline, key tile t: for each M tile m issue S_m = Q_m K_t and O_m += P_m V_{t-1} (one
+// commit group each, in that order); then for each m: wait for S_m, its softmax while the
+// GEMMs issued after it run, wait for O_m, rescale O_m, round P_m. With two M tiles the
+// softmax of one overlaps the other's GEMMs inside the warp, no register copies needed.
+// K_{t+1} and V_t load during tile t. (Issuing S_{t+1} ahead of the softmax of S_t,
+// FlashAttention-3's intra-warpgroup overlap across key tiles, measured slower here:
+// kernels/NOTES.md, wgmma v2.)
 //
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (32, 64 or 128: E and Ev
 // padded, zero-filled in shared memory, padded columns never stored), SDPA_BLOCK_N (64
-// or 128), SDPA_WARPGROUPS, SDPA_MIN_BLOCKS, SDPA_KERNEL (symbol).
+// or 128), SDPA_WARPGROUPS, SDPA_M_TILES (1 or 2), SDPA_MIN_BLOCKS, SDPA_KERNEL (symbol).
 // Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
 #include "common.cuh"
 #include "sdpa_params.cuh"
@@ -35,7 +38,10 @@
 #define D SDPA_HEAD_DIM
 #define BN SDPA_BLOCK_N
 #define NWG SDPA_WARPGROUPS
-#define BM (64 * NWG)
+#define MT SDPA_M_TILES
+// How far (log2 units) a row's score may rise above its running max before the max moves.
+#define RESCALE_SLACK 8.f
+#define BM (64 * NWG * MT)
 #define NTHREADS (128 * NWG)
 // Bytes of one swizzled row of a column block, blocks a row, the swizzle mask and the
 // descriptor's swizzle mode (1: 128 B, 2: 64 B, 3: 32 B), 16-element k-steps a block.
@@ -78,6 +84,15 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Waits until at most n groups are pending; n is a constant once the M-tile loops unroll.
+__device__ __forceinline__ void wgmma_wait_n(int n) {
+    switch (n) {
+        case 0: wgmma_wait<0>(); break;
+        case 1: wgmma_wait<1>(); break;
+        case 2: wgmma_wait<2>(); break;
+        default: wgmma_wait<3>(); break;
+    }
+}
 // Pins accumulator registers in program order: reads after a wgmma wait stay after it.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -98,6 +113,25 @@ __device__ __forceinline__ void load_tile_sw(u32 tile, const u16* base, i64 stri
                                              int dim, bool vec_ok, int tid) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks a row
     constexpr int CPB = RB / 16;   // chunks a column block
+    if (vec_ok && dim == D && row0 + ROWS <= len) {
+        // Whole tile, 16-byte aligned rows, no padded columns: thread tid copies chunk
+        // tid % CHUNKS of rows tid / CHUNKS + i RSTEP. Rows RSTEP apart have the same
+        // swizzle phase (asserted), so one address computation, then constant steps.
+        constexpr int RSTEP = NTHREADS / CHUNKS;
+        static_assert(NTHREADS % CHUNKS == 0, "a thread's chunk column is fixed");
+        static_assert((RSTEP * RB) % 128 == 0 && ((RSTEP * RB) >> 7) % (SW_MASK + 1) == 0,
+                      "a thread's swizzle phase is fixed");
+        const int r0 = tid / CHUNKS;
+        const int ch = tid % CHUNKS;
+        const u32 dst = tile + (ch / CPB) * (ROWS * RB) + r0 * RB + (((ch % CPB) ^ ((r0 * RB >> 7) & SW_MASK)) << 4);
+        const u16* src = base + (i64)(row0 + r0) * stride + ch * 8;
+#pragma unroll
+        for (int i = 0; i < (ROWS + RSTEP - 1) / RSTEP; ++i) {
+            if (ROWS % RSTEP == 0 || r0 + i * RSTEP < ROWS)
+                cp_async16(dst + i * RSTEP * RB, src + (i64)i * RSTEP * stride, 16);
+        }
+        return;
+    }
 #pragma unroll 4
     for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
         const int r = c / CHUNKS;
@@ -160,45 +194,58 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     // Keys below this bound take part for every row of the CTA.
     const int unmasked_end = key_limit(p.causal, m0, len_q, len_k);
 
-    // This thread's two rows: (lane / 4) and (lane / 4 + 8) of its warp's 16.
-    const int row0 = m0 + warp * 16 + (lane >> 2);
+    // This thread's rows: (lane / 4) and (lane / 4 + 8) of its warp's 16 in each of its
+    // warpgroup's M tiles (M tile m: rows row_base + 64 m).
+    const int row_base = m0 + wg * (64 * MT) + (warp & 3) * 16 + (lane >> 2);
 
-    float o[D / 2];
+    float o[MT][D / 2];
+    float s[MT][BN / 2];
+    u32 pf[MT][BN / 16][4];
+    float row_max[MT][2], row_sum[MT][2], alpha[MT][2];
+    bool rescale[MT];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float s[BN / 2];
-    u32 pf[BN / 16][4];
-    float row_max[2] = {SDPA_NEG_INF, SDPA_NEG_INF};
-    float row_sum[2] = {0.f, 0.f};
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[m][i] = 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_max[m][r] = SDPA_NEG_INF;
+            row_sum[m][r] = 0.f;
+        }
+    }
 
     const u32 sbo = 8 * RB;
-    // S = Q K_(stage)^T into s (async; one commit group).
-    // Descriptors are made fresh each tile from one laundered base (an empty asm the
-    // compiler cannot see through): left to itself it hoists every (stage, k-step)
-    // descriptor out of the loop, 2 registers each, and spills.
-    auto issue_s = [&](float (&s)[BN / 2], int stage) {
-        u32 qa = s_q + wg * (64 * RB);
-        u32 kt = s_k + stage * KV_BYTES;
-        asm volatile("" : "+r"(qa), "+r"(kt));
+    // Matrix descriptors: one per operand tile, the others by adding the byte offset / 16
+    // to its address field (every tile lies below 256 KiB, so the 14-bit field never
+    // carries). The bases are laundered each tile (an empty asm the compiler cannot see
+    // through): left to itself it hoists every (stage, k-step) descriptor out of the loop,
+    // 2 registers each, and spills.
+    const u64 q_desc0 = make_desc(s_q + wg * MT * (64 * RB), 16, sbo);
+    const u64 k_desc0 = make_desc(s_k, 16, sbo);
+    const u64 v_desc0 = make_desc(s_v, BN * RB, sbo);
+    // S_m = Q_m K_(stage)^T into s[m] (async; one commit group).
+    auto issue_s = [&](int m, int stage) {
+        u64 qd = q_desc0 + m * (64 * RB / 16);
+        u64 kd = k_desc0 + stage * (KV_BYTES / 16);
+        asm volatile("" : "+l"(qd), "+l"(kd));
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-            const u32 q_at = qa + (ks / KPB) * (BM * RB) + (ks % KPB) * 32;
-            const u32 k_at = kt + (ks / KPB) * (BN * RB) + (ks % KPB) * 32;
-            WGMMA_S(s, make_desc(q_at, 16, sbo), make_desc(k_at, 16, sbo), ks > 0);
+            const u32 q_off = ((ks / KPB) * (BM * RB) + (ks % KPB) * 32) / 16;
+            const u32 k_off = ((ks / KPB) * (BN * RB) + (ks % KPB) * 32) / 16;
+            WGMMA_S(s[m], qd + q_off, kd + k_off, ks > 0);
         }
         wgmma_commit();
     };
-    // O += P V_(stage) (async; one group).
-    auto issue_o = [&](int stage) {
-        u32 vt = s_v + stage * KV_BYTES;
-        asm volatile("" : "+r"(vt));
+    // O_m += P_m V_(stage) (async; one group).
+    auto issue_o = [&](int m, int stage) {
+        u64 vd = v_desc0 + stage * (KV_BYTES / 16);
+        asm volatile("" : "+l"(vd));
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            WGMMA_O(o, pf[kk], make_desc(vt + kk * 16 * RB, BN * RB, sbo), 1);
+        for (int kk = 0; kk < BN / 16; ++kk) WGMMA_O(o[m], pf[m][kk], vd + kk * (16 * RB / 16), 1);
         wgmma_commit();
     };
-    // Bound and exponentiate s (keys from n0) against the running max; alpha = the
-    // factor the accumulators so far must be multiplied by, per row.
+    // Bound and exponentiate s[m] (keys from n0) against the running max; alpha[m] = the
+    // factor O_m so far must be multiplied by, per row.
     // A positive scale folds into the exponent's FFMA, exp2(s * c - max), with the max
     // taken over raw scores. The FFMA's exact product differs from the rounded max
     // c * s_max by up to half an ulp of the max: harmless (< 2^-13) while |max| < 4096,
@@ -207,58 +254,82 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     // or negative scales multiply first (c = 1).
     const bool pos_scale = p.scale_log2 > 0.f;
     const float c = pos_scale ? p.scale_log2 : 1.f;
-    auto softmax_tile = [&](float (&s)[BN / 2], int n0, float (&alpha)[2]) {
+    auto softmax_tile = [&](int m, int n0) {
+        float (&sm)[BN / 2] = s[m];
+        const int row0 = row_base + 64 * m;
         if (!pos_scale) {
 #pragma unroll
-            for (int i = 0; i < BN / 2; ++i) s[i] *= p.scale_log2;
+            for (int i = 0; i < BN / 2; ++i) sm[i] *= p.scale_log2;
         }
         if (n0 + BN > unmasked_end) {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) {
                 const int j = n0 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
-                if (j >= key_limit(p.causal, row0 + ((i >> 1) & 1) * 8, len_q, len_k)) s[i] = SDPA_NEG_INF;
+                if (j >= key_limit(p.causal, row0 + ((i >> 1) & 1) * 8, len_q, len_k)) sm[i] = SDPA_NEG_INF;
             }
         }
-        float base[2];
+        float tile_max[2];
+        bool grow = false;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float tile_max = SDPA_NEG_INF;
+            float mx = SDPA_NEG_INF;
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sm[4 * j + 2 * r], sm[4 * j + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // -inf stays -inf under a positive factor.
-            const float new_max = fmaxf(row_max[r], __fmul_rn(tile_max, c));
-            // A row with nothing unmasked yet keeps max -inf; subtracting 0 keeps every
-            // exp2 at exactly 0 instead of NaN.
-            base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
-            alpha[r] = fast_exp2(row_max[r] - base[r]);
-            row_max[r] = new_max;
+            tile_max[r] = __fmul_rn(mx, c);
+            grow |= tile_max[r] > row_max[m][r] + RESCALE_SLACK;
+        }
+        // Lazy rescaling (FlashAttention-4's): the running max moves only when a row of
+        // the warp gains more than RESCALE_SLACK on it. Until then the exponents are taken
+        // against the old max (weights up to 2^RESCALE_SLACK; the same max divides out of
+        // O and the sum, so the algebra stays exact) and O needs no rescale. At magnitudes
+        // where RESCALE_SLACK is below an ulp, any gain moves the max, as before.
+        rescale[m] = __any_sync(0xffffffffu, grow);
+        float base[2];
+        if (rescale[m]) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float new_max = fmaxf(row_max[m][r], tile_max[r]);
+                // A row with nothing unmasked yet keeps max -inf; subtracting 0 keeps every
+                // exp2 at exactly 0 instead of NaN.
+                base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+                alpha[m][r] = fast_exp2(row_max[m][r] - base[r]);
+                row_max[m][r] = new_max;
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                base[r] = (row_max[m][r] == SDPA_NEG_INF) ? 0.f : row_max[m][r];
+                alpha[m][r] = 1.f;
+            }
         }
         float sum[2] = {0.f, 0.f};
         if (__all_sync(0xffffffffu, fmaxf(fabsf(base[0]), fabsf(base[1])) < 4096.f)) {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) {
-                s[i] = fast_exp2(fmaf(s[i], c, -base[(i >> 1) & 1]));
-                sum[(i >> 1) & 1] += s[i];
+                sm[i] = fast_exp2(fmaf(sm[i], c, -base[(i >> 1) & 1]));
+                sum[(i >> 1) & 1] += sm[i];
             }
         } else {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) {
-                s[i] = fast_exp2(__fmul_rn(s[i], c) - base[(i >> 1) & 1]);
-                sum[(i >> 1) & 1] += s[i];
+                sm[i] = fast_exp2(__fmul_rn(sm[i], c) - base[(i >> 1) & 1]);
+                sum[(i >> 1) & 1] += sm[i];
             }
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
+        for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * alpha[m][r] + sum[r];
     };
-    auto pack_p = [&](const float (&s)[BN / 2]) {
+    auto pack_p = [&](int m) {
+        const float (&sm)[BN / 2] = s[m];
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            pf[kk][0] = pack2(s[8 * kk + 0], s[8 * kk + 1]);
-            pf[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
-            pf[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
-            pf[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+            pf[m][kk][0] = pack2(sm[8 * kk + 0], sm[8 * kk + 1]);
+            pf[m][kk][1] = pack2(sm[8 * kk + 2], sm[8 * kk + 3]);
+            pf[m][kk][2] = pack2(sm[8 * kk + 4], sm[8 * kk + 5]);
+            pf[m][kk][3] = pack2(sm[8 * kk + 6], sm[8 * kk + 7]);
         }
     };
     if (n_tiles > 0) {
@@ -270,12 +341,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, BN, len_k, p.head_dim, vec_ok, tid);
         cp_async_commit();
         wgmma_fence();
-        issue_s(s, 0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        float alpha[2];
-        softmax_tile(s, 0, alpha);
-        pack_p(s);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) issue_s(m, 0);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            wgmma_wait_n(MT - 1 - m);  // S_m done; the later M tiles' may still run
+            fence_regs(s[m]);
+            softmax_tile(m, 0);
+            pack_p(m);
+        }
 
         for (int t = 1; t < n_tiles; ++t) {
             // K_t and V_{t-1} have landed; every warp is done with S_{t-1} and
@@ -288,22 +362,32 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             cp_async_commit();
 
             wgmma_fence();
-            issue_s(s, t & 1);
-            issue_o((t - 1) & 1);
-            wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
-            fence_regs(s);
-            softmax_tile(s, t * BN, alpha);
-            wgmma_wait<0>();
-            fence_regs(o);
 #pragma unroll
-            for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-            pack_p(s);
+            for (int m = 0; m < MT; ++m) {
+                issue_s(m, t & 1);
+                issue_o(m, (t - 1) & 1);
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                wgmma_wait_n(2 * (MT - 1 - m) + 1);  // S_m done; P_m V_{t-1} may still run
+                fence_regs(s[m]);
+                softmax_tile(m, t * BN);
+                wgmma_wait_n(2 * (MT - 1 - m));  // P_m V_{t-1} done
+                fence_regs(o[m]);
+                if (rescale[m]) {
+#pragma unroll
+                    for (int i = 0; i < D / 2; ++i) o[m][i] *= alpha[m][(i >> 1) & 1];
+                }
+                pack_p(m);
+            }
         }
         tiles_ready();
         wgmma_fence();
-        issue_o((n_tiles - 1) & 1);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) issue_o(m, (n_tiles - 1) & 1);
         wgmma_wait<0>();
-        fence_regs(o);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) fence_regs(o[m]);
     }
 
     elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
@@ -312,25 +396,29 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const bool out_pairs = ((p.out | (u64)p.out_stride_b | (u64)p.out_stride_h | (u64)p.out_stride_l) & 1) == 0 &&
                            (p.out & 3) == 0;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int rr = row0 + 8 * r;
-        if (rr >= len_q) continue;
-        // A fully masked row has sum 0: output 0, log-sum-exp -inf.
-        const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
-        if ((lane & 3) == 0) lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
-        elem_t* out_row = out + rr * p.out_stride_l;
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            const int d = j * 8 + 2 * (lane & 3);
-            const float x0 = o[4 * j + 2 * r] * inv, x1 = o[4 * j + 2 * r + 1] * inv;
-            if (out_pairs && d + 1 < p.head_dim_v) {
-                *(u32*)(out_row + d) = pack2(x0, x1);
-            } else {
-                if (d < p.head_dim_v) out_row[d] = to_elem(x0);
-                if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(x1);
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[m][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int rr = row_base + 64 * m + 8 * r;
+            if (rr >= len_q) continue;
+            // A fully masked row has sum 0: output 0, log-sum-exp -inf.
+            const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
+            if ((lane & 3) == 0)
+                lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[m][r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+            elem_t* out_row = out + rr * p.out_stride_l;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                const int d = j * 8 + 2 * (lane & 3);
+                const float x0 = o[m][4 * j + 2 * r] * inv, x1 = o[m][4 * j + 2 * r + 1] * inv;
+                if (out_pairs && d + 1 < p.head_dim_v) {
+                    *(u32*)(out_row + d) = pack2(x0, x1);
+                } else {
+                    if (d < p.head_dim_v) out_row[d] = to_elem(x0);
+                    if (d + 1 < p.head_dim_v) out_row[d + 1] = to_elem(x1);
+                }
             }
         }
     }

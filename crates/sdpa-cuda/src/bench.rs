@@ -193,7 +193,14 @@ pub fn time_backend(
 /// Every backend on every shape of [`issue_shapes`].
 pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    for shape in issue_shapes() {
+    // SDPA_BENCH_SHAPES=0,1 times only those of the five (tile sweeps).
+    let only_shapes = std::env::var("SDPA_BENCH_SHAPES").ok();
+    for (i, shape) in issue_shapes().into_iter().enumerate() {
+        if let Some(only) = &only_shapes {
+            if !only.split(',').any(|s| s.trim() == i.to_string()) {
+                continue;
+            }
+        }
         for backend in Backend::PRIORITY {
             // SDPA_BENCH_BACKENDS=flash,math times only those.
             if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {

@@ -229,8 +229,11 @@ fn tile_override(head_dim: u32) -> Option<TcTiles> {
 /// Tile shape of the Hopper kernel for one padded head dim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WgTiles {
-    /// Warpgroups (128 threads, 64 query rows each) per CTA.
+    /// Warpgroups (128 threads) per CTA.
     pub warpgroups: u32,
+    /// 64-row M tiles per warpgroup (1 or 2), each with its own S and O accumulators:
+    /// with 2 the softmax of one overlaps the other's GEMMs inside the warp.
+    pub m_tiles: u32,
     /// Keys per K/V tile (64 or 128: the S GEMM's N).
     pub block_n: u32,
     /// CTAs per SM the register budget is sized for (`__launch_bounds__`).
@@ -240,7 +243,7 @@ pub struct WgTiles {
 impl WgTiles {
     /// Query rows per CTA.
     pub fn block_rows(&self) -> u32 {
-        64 * self.warpgroups
+        64 * self.warpgroups * self.m_tiles
     }
 
     /// Dynamic shared memory for padded head dim `head_dim`: the Q tile, two K and two V
@@ -252,33 +255,39 @@ impl WgTiles {
 }
 
 /// The default Hopper tile shape for a padded head dim, 64 keys a tile: three warpgroups
-/// (192 query rows, 162 registers) at D = 128; two CTAs an SM of two warpgroups each
-/// (at most 128 registers) at D = 64 and 32. The fastest of the sweeps in
-/// kernels/NOTES.md.
+/// (192 query rows, 168 registers) at D = 128; at D = 64 and 32 one warpgroup a CTA and
+/// four CTAs an SM (at most 128 registers), so no CTA barrier couples two warpgroups and
+/// the SM's four warpgroups drift apart (one's softmax under another's GEMMs). The
+/// fastest of the sweeps in kernels/NOTES.md.
 fn default_wg_tiles(head_dim: u32) -> WgTiles {
     let t = |warpgroups, block_n, min_blocks| WgTiles {
         warpgroups,
+        m_tiles: 1,
         block_n,
         min_blocks,
     };
     match head_dim {
-        0..=64 => t(2, 64, 2),
+        0..=64 => t(1, 64, 4),
         _ => t(3, 64, 1),
     }
 }
 
-/// `SDPA_CUDA_WG_TILES`: entries `[dim:]warpgroups,block_n,min_blocks` (benchmark
-/// sweeps; the defaults are what the tests cover).
+/// `SDPA_CUDA_WG_TILES`: entries `[dim:]warpgroups,block_n,min_blocks[,m_tiles]`
+/// (benchmark sweeps; the defaults are what the tests cover).
 fn parse_wg_override(text: &str) -> Overrides<WgTiles> {
     parse_overrides(text, |v| {
-        let [warpgroups, block_n, min_blocks] = *v else {
-            return None;
+        let (warpgroups, block_n, min_blocks, m_tiles) = match *v {
+            [g, n, b] => (g, n, b, 1),
+            [g, n, b, m] => (g, n, b, m),
+            _ => return None,
         };
         let ok = (1..=4).contains(&warpgroups)
             && (block_n == 64 || block_n == 128)
-            && (1..=4).contains(&min_blocks);
+            && (1..=4).contains(&min_blocks)
+            && (1..=2).contains(&m_tiles);
         ok.then_some(WgTiles {
             warpgroups,
+            m_tiles,
             block_n,
             min_blocks,
         })
@@ -408,8 +417,8 @@ impl KernelSpec {
             KernelSpec::Wg { dtype, head_dim } => {
                 let t = wg_tile_shape(head_dim);
                 vec![format!(
-                    "attn_fwd_wgmma_{dtype}_d{head_dim}_g{}_n{}_b{}",
-                    t.warpgroups, t.block_n, t.min_blocks
+                    "attn_fwd_wgmma_{dtype}_d{head_dim}_g{}_m{}_n{}_b{}",
+                    t.warpgroups, t.m_tiles, t.block_n, t.min_blocks
                 )]
             }
             KernelSpec::Simt {
@@ -474,6 +483,7 @@ impl KernelSpec {
                 opts.push(format!("-DSDPA_HEAD_DIM={head_dim}"));
                 opts.push(format!("-DSDPA_BLOCK_N={}", t.block_n));
                 opts.push(format!("-DSDPA_WARPGROUPS={}", t.warpgroups));
+                opts.push(format!("-DSDPA_M_TILES={}", t.m_tiles));
                 opts.push(format!("-DSDPA_MIN_BLOCKS={}", t.min_blocks));
                 opts.push(format!("-DSDPA_KERNEL={}", symbols[0]));
             }
@@ -823,23 +833,30 @@ mod tests {
         assert_eq!(
             wg.symbols(),
             vec![format!(
-                "attn_fwd_wgmma_bf16_d128_g{}_n{}_b{}",
-                t.warpgroups, t.block_n, t.min_blocks
+                "attn_fwd_wgmma_bf16_d128_g{}_m{}_n{}_b{}",
+                t.warpgroups, t.m_tiles, t.block_n, t.min_blocks
             )]
         );
-        let w = |warpgroups, block_n, min_blocks| WgTiles {
+        let w = |warpgroups, block_n, min_blocks, m_tiles| WgTiles {
             warpgroups,
+            m_tiles,
             block_n,
             min_blocks,
         };
         assert_eq!(
-            parse_wg_override("64:2,64,2;3,128,1"),
-            vec![(Some(64), w(2, 64, 2)), (None, w(3, 128, 1))]
+            parse_wg_override("64:2,64,2;3,128,1;32:1,64,3,2"),
+            vec![
+                (Some(64), w(2, 64, 2, 1)),
+                (None, w(3, 128, 1, 1)),
+                (Some(32), w(1, 64, 3, 2))
+            ]
         );
-        // block_n other than 64/128, 5 warpgroups, a missing field: dropped.
-        assert!(parse_wg_override("2,96,1;5,64,1;2,64").is_empty());
-        assert_eq!(w(3, 64, 1).block_rows(), 192);
-        assert_eq!(w(3, 64, 1).shared_bytes(128), 1024 + (192 + 256) * 256);
+        // block_n other than 64/128, 5 warpgroups, a missing field, 3 M tiles: dropped.
+        assert!(parse_wg_override("2,96,1;5,64,1;2,64;1,64,2,3").is_empty());
+        assert_eq!(w(3, 64, 1, 1).block_rows(), 192);
+        assert_eq!(w(1, 64, 3, 2).block_rows(), 128);
+        assert_eq!(w(3, 64, 1, 1).shared_bytes(128), 1024 + (192 + 256) * 256);
+        assert!(opts.iter().any(|o| o.starts_with("-DSDPA_M_TILES=")));
         // Every default fits sm_90's 227 KiB and its registers fit the thread count.
         for d in WG_HEAD_DIMS {
             let t = default_wg_tiles(d);
