@@ -127,6 +127,22 @@ impl GpuContext {
         self.poison.store(on, Ordering::Relaxed);
     }
 
+    /// Device 0, created once per process with [`set_poison_outputs`](Self::set_poison_outputs)
+    /// on: the context the workspace's GPU test suites share (sdpa-cuda, sdpa-nested,
+    /// sdpa-nn), so an element a kernel leaves unwritten fails the comparison as NaN.
+    /// The error, if device 0 cannot be opened, is kept and given to every caller.
+    pub fn poisoned_for_tests() -> std::result::Result<&'static GpuContext, String> {
+        static CTX: std::sync::OnceLock<std::result::Result<GpuContext, String>> =
+            std::sync::OnceLock::new();
+        CTX.get_or_init(|| {
+            let gpu = GpuContext::new(0).map_err(|e| e.to_string())?;
+            gpu.set_poison_outputs(true);
+            Ok(gpu)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+    }
+
     pub(crate) fn poison_outputs(&self) -> bool {
         self.poison.load(Ordering::Relaxed)
     }

@@ -16,62 +16,20 @@ use sdpa_cuda::{
     CudaError, DeviceElement, DeviceSeqlens, DeviceTensor, GpuContext, HostMask, Varlen,
 };
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::strategies::{proptest_cases, SplitMix64};
 use sdpa_harness::tolerance::{self, Tolerance};
-use std::sync::OnceLock;
 
 fn gpu() -> &'static GpuContext {
-    static GPU: OnceLock<GpuContext> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let gpu = GpuContext::new(0).expect("a CUDA device with driver and NVRTC");
-        gpu.set_poison_outputs(true);
-        gpu
-    })
+    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(48)
+    proptest_cases(48)
 }
 
-trait TestElem: DeviceElement + sdpa_ref::Element {
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-}
-impl TestElem for f64 {
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-}
-impl TestElem for f32 {
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-}
-impl TestElem for f16 {
-    fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
-    }
-    fn to_f64(self) -> f64 {
-        f16::to_f64(self)
-    }
-}
-impl TestElem for bf16 {
-    fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
-    }
-    fn to_f64(self) -> f64 {
-        bf16::to_f64(self)
-    }
-}
+/// Element types of these tests: the reference's, with a device twin.
+trait TestElem: sdpa_harness::elem::Elem + DeviceElement {}
+impl<T: sdpa_harness::elem::Elem + DeviceElement> TestElem for T {}
 
 /// A random problem, in f64 before rounding to the case dtype.
 #[derive(Debug, Clone)]
@@ -164,11 +122,11 @@ fn random_array(rng: &mut SplitMix64, shape: [usize; 4]) -> Array4<f64> {
 }
 
 fn round<T: TestElem>(a: &Array4<f64>) -> Array4<T> {
-    a.mapv(T::from_f64)
+    a.mapv(T::narrow)
 }
 
 fn widen<T: TestElem>(a: &Array4<T>) -> Array4<f64> {
-    a.mapv(T::to_f64)
+    a.mapv(T::wide)
 }
 
 /// Runs one case on `backends` (`expect` must be the one dispatch picks) and compares
@@ -206,7 +164,7 @@ fn check_case<T: TestElem>(
         Array::from_shape_simple_fn(IxDyn(&mask_shape), || rng.unit() < 0.75);
     let add_mask: ArrayD<T> = Array::from_shape_simple_fn(IxDyn(&mask_shape), || {
         let u = rng.unit();
-        T::from_f64(if u < 0.15 {
+        T::narrow(if u < 0.15 {
             f64::NEG_INFINITY
         } else {
             4.0 * u - 2.0
@@ -234,7 +192,7 @@ fn check_case<T: TestElem>(
         ));
     }
     let (q64, k64, v64) = (widen(&q), widen(&k), widen(&v));
-    let add64 = add_mask.mapv(|x| x.to_f64());
+    let add64 = add_mask.mapv(|x| x.wide());
     let ref_mask = match case.mask_kind {
         1 => Some(sdpa_ref::Mask::Bool(bool_mask.view())),
         2 => Some(sdpa_ref::Mask::Additive(add64.view())),

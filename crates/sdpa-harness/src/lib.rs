@@ -27,6 +27,7 @@
 
 pub mod case;
 pub mod compare;
+pub mod elem;
 mod error;
 pub mod golden;
 pub mod judge;

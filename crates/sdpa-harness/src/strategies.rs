@@ -14,14 +14,19 @@ use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
 /// The proptest configuration of every property suite: `PROPTEST_CASES` cases (64 when
 /// unset), proptest's defaults otherwise.
 pub fn proptest_config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
     ProptestConfig {
-        cases,
+        cases: proptest_cases(64),
         ..ProptestConfig::default()
     }
+}
+
+/// `PROPTEST_CASES` when set to a number, else `default` (the GPU suites, whose cases
+/// cost device launches, pick their own defaults).
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
 }
 
 /// SplitMix64: a tiny, well-mixed, reproducible generator for tensor contents.

@@ -13,56 +13,22 @@ use proptest::test_runner::{Config, TestRunner};
 use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
 use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::strategies::{proptest_cases, SplitMix64};
 use sdpa_harness::tolerance;
 use sdpa_nested::cuda::{sdpa_nested_cuda, DeviceNested};
 use sdpa_nested::{key_padding_mask, sdpa_nested, CuSeqlens, Nested};
-use std::sync::OnceLock;
 
 fn gpu() -> &'static GpuContext {
-    static GPU: OnceLock<GpuContext> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let gpu = GpuContext::new(0).expect("a CUDA device with driver and NVRTC");
-        gpu.set_poison_outputs(true);
-        gpu
-    })
+    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(48)
+    proptest_cases(48)
 }
 
-trait Elem: DeviceElement + sdpa_ref::Element {
-    fn round(x: f64) -> Self;
-    fn wide(self) -> f64;
-}
-impl Elem for f32 {
-    fn round(x: f64) -> Self {
-        x as f32
-    }
-    fn wide(self) -> f64 {
-        self as f64
-    }
-}
-impl Elem for f16 {
-    fn round(x: f64) -> Self {
-        f16::from_f64(x)
-    }
-    fn wide(self) -> f64 {
-        self.to_f64()
-    }
-}
-impl Elem for bf16 {
-    fn round(x: f64) -> Self {
-        bf16::from_f64(x)
-    }
-    fn wide(self) -> f64 {
-        self.to_f64()
-    }
-}
+/// Element types of these tests: the reference's, with a device twin.
+trait Elem: sdpa_harness::elem::Elem + DeviceElement {}
+impl<T: sdpa_harness::elem::Elem + DeviceElement> Elem for T {}
 
 /// Length lists: random (0 included), all length 1, and one long among many short.
 fn lengths(max_batch: usize, max_len: usize) -> impl Strategy<Value = Vec<usize>> {
@@ -174,7 +140,7 @@ fn spec(cross: bool) -> impl Strategy<Value = Spec> {
 
 fn packed<T: Elem>(rng: &mut SplitMix64, lengths: &[usize], heads: usize, dim: usize) -> Nested<T> {
     let total = lengths.iter().sum();
-    let values = Array3::from_shape_simple_fn((total, heads, dim), || T::round(rng.symmetric()));
+    let values = Array3::from_shape_simple_fn((total, heads, dim), || T::narrow(rng.symmetric()));
     Nested::new(values, CuSeqlens::from_lengths(lengths)).unwrap()
 }
 
@@ -226,7 +192,7 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
         return Ok(());
     }
     // Padded dense on the device with the key-padding mask (efficient takes masks).
-    let pad = T::round(0.0);
+    let pad = T::narrow(0.0);
     let (pq, pk, pv) = (
         bhle(q.to_padded(pad)),
         bhle(k.to_padded(pad)),

@@ -13,58 +13,24 @@ use proptest::test_runner::{Config, TestRunner};
 use sdpa_core::DType;
 use sdpa_cuda::{DeviceElement, DeviceTensor, GpuContext};
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::strategies::{proptest_cases, SplitMix64};
 use sdpa_harness::tolerance;
 use sdpa_nested::CuSeqlens;
 use sdpa_nn::cuda::{profile_forward, CudaCausalSelfAttention};
 use sdpa_nn::profile::Profiler;
 use sdpa_nn::{CausalSelfAttention, Linear};
-use std::sync::OnceLock;
 
 fn gpu() -> &'static GpuContext {
-    static GPU: OnceLock<GpuContext> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let gpu = GpuContext::new(0).expect("a CUDA device with driver and NVRTC");
-        gpu.set_poison_outputs(true);
-        gpu
-    })
+    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(24)
+    proptest_cases(24)
 }
 
-trait Elem: DeviceElement + sdpa_ref::Element {
-    fn round(x: f64) -> Self;
-    fn wide(self) -> f64;
-}
-impl Elem for f32 {
-    fn round(x: f64) -> Self {
-        x as f32
-    }
-    fn wide(self) -> f64 {
-        self as f64
-    }
-}
-impl Elem for f16 {
-    fn round(x: f64) -> Self {
-        f16::from_f64(x)
-    }
-    fn wide(self) -> f64 {
-        self.to_f64()
-    }
-}
-impl Elem for bf16 {
-    fn round(x: f64) -> Self {
-        bf16::from_f64(x)
-    }
-    fn wide(self) -> f64 {
-        self.to_f64()
-    }
-}
+/// Element types of these tests: the reference's, with a device twin.
+trait Elem: sdpa_harness::elem::Elem + DeviceElement {}
+impl<T: sdpa_harness::elem::Elem + DeviceElement> Elem for T {}
 
 #[derive(Debug, Clone)]
 struct Spec {
@@ -140,10 +106,10 @@ fn module<T: Elem>(spec: &Spec, rng: &mut SplitMix64) -> CausalSelfAttention<T> 
     let e = spec.embed;
     let bound = 1.0 / (e as f64).sqrt();
     let mut linear = |rows: usize| {
-        let w = Array2::from_shape_simple_fn((rows, e), || T::round(rng.symmetric() * bound));
+        let w = Array2::from_shape_simple_fn((rows, e), || T::narrow(rng.symmetric() * bound));
         let b = spec
             .bias
-            .then(|| Array1::from_shape_simple_fn(rows, || T::round(rng.symmetric() * bound)));
+            .then(|| Array1::from_shape_simple_fn(rows, || T::narrow(rng.symmetric() * bound)));
         Linear::new(w, b).unwrap()
     };
     let (c_attn, c_proj) = (linear(3 * e), linear(e));
@@ -170,7 +136,7 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
         let (got, want) = match &spec.lengths {
             None => {
                 let x = Array3::from_shape_simple_fn((spec.batch, spec.len, e), || {
-                    T::round(rng.symmetric())
+                    T::narrow(rng.symmetric())
                 });
                 let want = cpu.forward(x.view()).unwrap();
                 let got = cuda
@@ -180,7 +146,8 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
             }
             Some(lengths) => {
                 let cu = CuSeqlens::from_lengths(lengths);
-                let x = Array2::from_shape_simple_fn((cu.total(), e), || T::round(rng.symmetric()));
+                let x =
+                    Array2::from_shape_simple_fn((cu.total(), e), || T::narrow(rng.symmetric()));
                 let want = cpu.forward_nested(x.view(), &cu).unwrap();
                 let got = cuda
                     .forward_nested_host(gpu, x.view(), &cu)
