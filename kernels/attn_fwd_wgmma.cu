@@ -3,8 +3,9 @@
 // softmax, scores never leave registers.
 //
 // One CTA = SDPA_WARPGROUPS warpgroups of 128 threads; each owns SDPA_M_TILES tiles of 64
-// query rows (the wgmma M), each with its own S and O accumulators. Q, and K/V tiles of SDPA_BLOCK_N keys (double buffered, cp.async by every thread),
-// sit in shared memory in the swizzled layout wgmma reads through matrix descriptors:
+// query rows (the wgmma M), each with its own S and O accumulators. Q, and K/V tiles of
+// SDPA_BLOCK_N keys (double buffered, cp.async by every thread), sit in shared memory in
+// the swizzled layout wgmma reads through matrix descriptors:
 // a tile's rows are cut into column blocks of RB = min(2 D, 128) bytes, each block stored
 // [rows][RB bytes] with its 16-byte chunks XOR-swizzled by address bits 7.. (128-, 64- or
 // 32-byte swizzle), every block 1024-byte aligned.
@@ -14,7 +15,8 @@
 //               (N-major descriptor, transposed by the instruction).
 // Pipeline, key tile t: for each M tile m issue S_m = Q_m K_t and O_m += P_m V_{t-1} (one
 // commit group each, in that order); then for each m: wait for S_m, its softmax while the
-// GEMMs issued after it run, wait for O_m, rescale O_m, round P_m. With two M tiles the
+// GEMMs issued after it run, wait for O_m, rescale O_m (only when its running max moved:
+// lazy rescaling, below), round P_m. With two M tiles the
 // softmax of one overlaps the other's GEMMs inside the warp, no register copies needed.
 // K_{t+1} and V_t load during tile t. (Issuing S_{t+1} ahead of the softmax of S_t,
 // FlashAttention-3's intra-warpgroup overlap across key tiles, measured slower here:
