@@ -4,6 +4,11 @@
 // static_assert below pins the size.
 #pragma once
 
+// The run-time switches, as sdpa_cuda::params writes them (#[repr(i32)] enums there).
+enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGHT = 2 };
+enum MaskCode : int { MASK_NONE = 0, MASK_BOOL = 1, MASK_ADDITIVE = 2 };
+enum SeqlenCode : int { SEQLEN_DENSE = 0, SEQLEN_VARLEN_U32 = 1, SEQLEN_VARLEN_I32 = 2 };
+
 struct SdpaParams {
     // Device addresses. `out` and `lse` are written; `mask`, `cu_seqlens_q` and
     // `cu_seqlens_k` are 0 when absent.
@@ -56,11 +61,40 @@ struct SdpaParams {
     int head_dim;    // E (actual, before padding)
     int head_dim_v;  // Ev
     float scale_log2;  // scale * log2(e), for the f32 kernels' exp2
-    int causal;        // 0 none, 1 top-left, 2 bottom-right
-    int mask_kind;     // 0 none, 1 bool (u8), 2 additive (element type)
+    int causal;        // CausalCode
+    int mask_kind;     // MaskCode: bool is one byte an element, additive the element type
     int dropout;       // 1 when dropout is active
-    int varlen;        // 0 dense, 1 cu_seqlens are u32, 2 cu_seqlens are i32
+    int varlen;        // SeqlenCode
     int vec_ok;        // 1 when q/k/v rows may be read with 16-byte vector loads
 };
 
 static_assert(sizeof(SdpaParams) == 336, "SdpaParams must match sdpa_cuda::params::SdpaParams");
+
+// The backward's parameters: the forward's (the problem, q, k, v, out, lse) and the
+// gradients'. softmax_d is the f32 row sum D = rowsum(dout * out) [B, Hq, L]; dq_accum
+// an f32 [B, Hq, L, E] accumulator for dq. Mirrored by sdpa_cuda::params::BwdParams.
+struct BwdParams : SdpaParams {
+    unsigned long long dout;
+    unsigned long long dq;
+    unsigned long long dk;
+    unsigned long long dv;
+    unsigned long long dmask;
+    unsigned long long dq_accum;
+    unsigned long long softmax_d;
+    long long dout_stride_b;
+    long long dout_stride_h;
+    long long dout_stride_l;
+    long long dq_stride_b;
+    long long dq_stride_h;
+    long long dq_stride_l;
+    long long dk_stride_b;
+    long long dk_stride_h;
+    long long dk_stride_l;
+    long long dv_stride_b;
+    long long dv_stride_h;
+    long long dv_stride_l;
+    int deterministic;  // 1: dq accumulated in a fixed order, bitwise equal run to run
+    int reserved;
+};
+
+static_assert(sizeof(BwdParams) == 496, "BwdParams must match sdpa_cuda::params::BwdParams");

@@ -1,6 +1,6 @@
 use crate::dtype::DType;
 use crate::error::{Result, SdpaError};
-use crate::problem::Problem;
+use crate::problem::{KvLayout, Problem};
 use std::fmt;
 
 /// Largest head dim (E and Ev) the fused flash kernel takes.
@@ -144,6 +144,12 @@ pub fn check_support(
     device: Device,
 ) -> std::result::Result<(), String> {
     if backend == Backend::Math {
+        if problem.kv_layout == KvLayout::Varlen {
+            return Err(
+                "takes no cu_seqlens (variable-length batches run on flash and efficient)"
+                    .to_string(),
+            );
+        }
         return Ok(());
     }
     if device != Device::Cuda {

@@ -38,4 +38,4 @@ pub use dtype::DType;
 pub use error::{Result, SdpaError};
 pub use layout::{Layout, TensorDesc};
 pub use mask::{Causal, MaskDesc, MaskKind};
-pub use problem::{shape_text, MaskPlan, Problem, SdpaOptions};
+pub use problem::{shape_text, KvLayout, MaskPlan, Problem, SdpaOptions};

@@ -76,6 +76,19 @@ pub struct Problem {
     pub scale: f64,
     /// Whether GQA was requested.
     pub enable_gqa: bool,
+    /// How sequences are laid out: dense, or packed with `cu_seqlens`.
+    pub kv_layout: KvLayout,
+}
+
+/// How the sequences of a batch are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvLayout {
+    /// `[B, H, L, E]` tensors; every sequence has the problem's length.
+    #[default]
+    Dense,
+    /// Packed rows `[total, H, E]` with `cu_seqlens` for queries and keys; the
+    /// problem's lengths are the longest sequences (the padded index space of dropout).
+    Varlen,
 }
 
 fn check_eq(arg: &'static str, what: &str, want: usize, whose: &str, got: usize) -> Result<()> {
@@ -212,7 +225,22 @@ impl Problem {
             dropout: options.dropout,
             scale,
             enable_gqa: options.enable_gqa,
+            kv_layout: KvLayout::Dense,
         })
+    }
+
+    /// The same problem over packed variable-length sequences: `self` was validated on
+    /// the padded dense shapes (B sequences of the longest lengths); `q`, `k`, `v` are
+    /// the packed tensors' `[1, H, total, dim]` views, whose strides the support checks
+    /// read.
+    pub fn into_varlen(self, q: Layout, k: Layout, v: Layout) -> Problem {
+        Problem {
+            q,
+            k,
+            v,
+            kv_layout: KvLayout::Varlen,
+            ..self
+        }
     }
 
     /// Shape of the output, `[B, Hq, L, Ev]`.

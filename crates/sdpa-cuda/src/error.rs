@@ -53,6 +53,25 @@ pub enum CudaError {
     /// The call breaks the SDPA specification, or no enabled backend can run it.
     #[error(transparent)]
     Spec(#[from] SdpaError),
+    /// A configuration value (an `SDPA_*` variable or a [`KernelConfig`](crate::KernelConfig)
+    /// setting) is malformed.
+    #[error("{var}: expected {expected}, got {actual:?}")]
+    Config {
+        /// The variable or setting.
+        var: &'static str,
+        /// What it takes.
+        expected: String,
+        /// What it held.
+        actual: String,
+    },
+    /// A kernel source names a file that is not among the embedded sources.
+    #[error("kernels/{file}: includes {include:?}, which is not an embedded kernel source")]
+    UnknownInclude {
+        /// The including file.
+        file: String,
+        /// The include it names.
+        include: String,
+    },
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(String),
@@ -62,7 +81,8 @@ pub enum CudaError {
 }
 
 impl CudaError {
-    pub(crate) fn layout(
+    /// A [`CudaError::BadLayout`] naming `arg`, what it takes and what it got.
+    pub fn bad_layout(
         arg: &'static str,
         expected: impl Into<String>,
         actual: impl std::fmt::Display,

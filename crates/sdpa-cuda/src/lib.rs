@@ -32,17 +32,26 @@
 //! # Ok::<(), sdpa_cuda::CudaError>(())
 //! ```
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
-mod attention;
 pub mod bench;
+pub mod blas;
+pub mod cache;
 mod context;
 mod error;
-pub mod kernels;
-pub mod nn;
+mod fwd;
+pub mod launch;
+mod math;
+pub mod nvrtc;
 pub mod params;
+pub mod sources;
+pub mod spec;
 mod tensor;
+pub mod tiles;
 
-pub use attention::{Attention, HostOutput, Varlen};
-pub use context::{driver_available, GpuContext};
+pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
 pub use error::{CudaError, Result};
+pub use fwd::{fused_spec, Attention, HostOutput};
+pub use params::Varlen;
 pub use tensor::{lse_to_3d, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, HostMask};
+pub use tiles::KernelConfig;

@@ -1,14 +1,59 @@
-//! The kernels' one parameter struct, mirrored from `kernels/sdpa_params.cuh`.
+//! The kernels' parameter family, mirrored from `kernels/sdpa_params.cuh`:
+//! [`FwdParams`] for every forward kernel and [`BwdParams`] extending it for the
+//! backward (FlashAttention's `Flash_bwd_params : Flash_fwd_params`), with
+//! `#[repr(i32)]` codes for the run-time switches. One builder,
+//! [`FwdParams::build`], fills the struct for dense and variable-length problems after
+//! checking every tensor against its buffer and the problem.
 
+use crate::context::GpuContext;
+use crate::error::{CudaError, Result};
+use crate::tensor::{DeviceMask, DeviceSeqlens, DeviceTensor};
 use cudarc::driver::DeviceRepr;
-use sdpa_core::{Causal, MaskKind, Problem};
+use sdpa_core::{Causal, DType, MaskKind, Problem};
 
-/// `struct SdpaParams` of `kernels/sdpa_params.cuh`, field for field. Device addresses
-/// are plain `u64`; strides count elements.
+/// Causal alignment as the kernels read it (`enum CausalCode` in the `.cuh`).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CausalCode {
+    /// No causal masking.
+    #[default]
+    None = 0,
+    /// PyTorch's `is_causal`: row i sees keys `0..=i`.
+    TopLeft = 1,
+    /// FlashAttention's: row i sees keys `0..=i + S - L`.
+    BottomRight = 2,
+}
+
+/// The mask as the kernels read it (`enum MaskCode`).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaskCode {
+    /// No `attn_mask`.
+    #[default]
+    None = 0,
+    /// Bool, one byte an element: nonzero takes part.
+    Bool = 1,
+    /// Additive, in the query's element type.
+    Additive = 2,
+}
+
+/// Where sequences start (`enum SeqlenCode`).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SeqlenCode {
+    /// Dense: every sequence has the problem's length, strides give the batch.
+    #[default]
+    Dense = 0,
+    /// Packed rows, `cu_seqlens` as `u32`.
+    VarlenU32 = 1,
+    /// Packed rows, `cu_seqlens` as `i32`.
+    VarlenI32 = 2,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[allow(missing_docs)]
-pub struct SdpaParams {
+pub struct FwdParams {
     pub q: u64,
     pub k: u64,
     pub v: u64,
@@ -53,25 +98,106 @@ pub struct SdpaParams {
     pub head_dim: i32,
     pub head_dim_v: i32,
     pub scale_log2: f32,
-    pub causal: i32,
-    pub mask_kind: i32,
+    pub causal: CausalCode,
+    pub mask_kind: MaskCode,
     pub dropout: i32,
-    pub varlen: i32,
+    pub varlen: SeqlenCode,
     pub vec_ok: i32,
 }
 
-// SAFETY: `SdpaParams` is `#[repr(C)]`, made only of integers and floats (no pointers
-// Rust would track, no padding the kernel reads), and matches the layout of the CUDA
-// struct byte for byte (checked by `params_layout_matches_cuh` and a static_assert).
-unsafe impl DeviceRepr for SdpaParams {}
+// SAFETY: `FwdParams` is `#[repr(C)]`, made only of integers, floats and `#[repr(i32)]`
+// enums whose every value this crate writes is a declared variant (no pointers Rust
+// would track, no padding the kernel reads), and matches the layout of the CUDA struct
+// byte for byte (checked by `params_layout_matches_cuh` and a static_assert).
+unsafe impl DeviceRepr for FwdParams {}
 
-impl SdpaParams {
+/// `struct BwdParams : FwdParams` of `kernels/sdpa_params.cuh`: the forward's fields
+/// (the problem, q, k, v, out, lse) and the gradients'. `softmax_d` is the f32 row sum
+/// `D = rowsum(dout * out)`, `dq_accum` an f32 accumulator for `dq`, both `[B, Hq, L]`
+/// / `[B, Hq, L, E]` contiguous scratch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[allow(missing_docs)]
+pub struct BwdParams {
+    pub fwd: FwdParams,
+    pub dout: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub dmask: u64,
+    pub dq_accum: u64,
+    pub softmax_d: u64,
+    pub dout_stride_b: i64,
+    pub dout_stride_h: i64,
+    pub dout_stride_l: i64,
+    pub dq_stride_b: i64,
+    pub dq_stride_h: i64,
+    pub dq_stride_l: i64,
+    pub dk_stride_b: i64,
+    pub dk_stride_h: i64,
+    pub dk_stride_l: i64,
+    pub dv_stride_b: i64,
+    pub dv_stride_h: i64,
+    pub dv_stride_l: i64,
+    pub deterministic: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: as for `FwdParams`: `#[repr(C)]`, plain integers after an embedded
+// `FwdParams`, mirrored field for field (checked by `params_layout_matches_cuh`).
+unsafe impl DeviceRepr for BwdParams {}
+
+/// The `cu_seqlens` of a variable-length call: q `[total_q, Hq, E]`, k `[total_k, Hkv,
+/// E]`, v `[total_k, Hkv, Ev]` seen as `[1, H, total, dim]` views.
+#[derive(Debug, Clone, Copy)]
+pub struct Varlen<'a> {
+    /// Query sequence offsets, length B+1.
+    pub cu_seqlens_q: &'a DeviceSeqlens,
+    /// Key/value sequence offsets, length B+1.
+    pub cu_seqlens_k: &'a DeviceSeqlens,
+}
+
+/// Every device operand of a forward call.
+#[derive(Debug, Clone, Copy)]
+pub struct Operands<'a> {
+    /// `[B, Hq, L, E]`, or packed `[1, Hq, total_q, E]` with `seqlens`.
+    pub q: &'a DeviceTensor,
+    /// `[B, Hkv, S, E]`, or packed.
+    pub k: &'a DeviceTensor,
+    /// `[B, Hkv, S, Ev]`, or packed.
+    pub v: &'a DeviceTensor,
+    /// The `attn_mask`, broadcast by the problem's plan.
+    pub mask: Option<&'a DeviceMask>,
+    /// Written: `[B, Hq, L, Ev]` (packed `[1, Hq, total_q, Ev]`).
+    pub out: &'a DeviceTensor,
+    /// Written: f32 `[B, Hq, L, 1]` (packed `[1, Hq, total_q, 1]`).
+    pub lse: &'a DeviceTensor,
+    /// Variable-length sequences; `None` for a dense batch.
+    pub seqlens: Option<Varlen<'a>>,
+}
+
+/// 16-byte loads are valid when every base address is 16-byte aligned and every
+/// batch, head and row stride is a whole number of 16-byte chunks.
+fn vec_ok(dtype: DType, tensors: &[(&DeviceTensor, u64)]) -> bool {
+    let per_chunk = (16 / dtype.size_bytes()) as isize;
+    tensors.iter().all(|(t, address)| {
+        let s = t.layout().strides;
+        address % 16 == 0 && s[..3].iter().all(|&x| x % per_chunk == 0)
+    })
+}
+
+fn strides3(t: &DeviceTensor) -> [i64; 3] {
+    let s = t.layout().strides;
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+impl FwdParams {
     /// Everything that comes from the validated problem (sizes, scale, causal, dropout,
-    /// mask kind and strides); addresses and tensor strides are filled in by the caller.
+    /// mask kind and strides); addresses and tensor strides come from [`FwdParams::build`].
     pub fn from_problem(problem: &Problem) -> Self {
         let dropout = problem.dropout;
         let mask_strides = problem.mask.map(|m| m.strides).unwrap_or([0; 4]);
-        SdpaParams {
+        FwdParams {
             batch: problem.batch as i32,
             heads_q: problem.heads_q as i32,
             heads_kv: problem.heads_kv as i32,
@@ -88,14 +214,14 @@ impl SdpaParams {
                 1.0
             },
             causal: match problem.causal {
-                Causal::None => 0,
-                Causal::TopLeft => 1,
-                Causal::BottomRight => 2,
+                Causal::None => CausalCode::None,
+                Causal::TopLeft => CausalCode::TopLeft,
+                Causal::BottomRight => CausalCode::BottomRight,
             },
             mask_kind: match problem.mask.map(|m| m.kind) {
-                None => 0,
-                Some(MaskKind::Bool) => 1,
-                Some(MaskKind::Additive(_)) => 2,
+                None => MaskCode::None,
+                Some(MaskKind::Bool) => MaskCode::Bool,
+                Some(MaskKind::Additive(_)) => MaskCode::Additive,
             },
             dropout: dropout.is_active() as i32,
             dropout_seed: dropout.seed,
@@ -108,6 +234,66 @@ impl SdpaParams {
             ..Default::default()
         }
     }
+
+    /// The parameters of `problem` over `ops`, after the launch checks
+    /// ([`crate::launch::check_indexable`]) and a check of every operand against its
+    /// buffer, its dtype's alignment and (mask) the problem's broadcast plan. In varlen
+    /// mode the batch strides are 0 and sequence `b` starts at row `cu_seqlens[b]`.
+    ///
+    /// # Errors
+    /// An operand outside its buffer or misaligned, a mismatched `cu_seqlens` pair, or
+    /// a size the kernels cannot index.
+    pub fn build(gpu: &GpuContext, problem: &Problem, ops: &Operands<'_>) -> Result<Self> {
+        crate::launch::check_indexable(problem, ops.seqlens.is_some())?;
+        let mut p = FwdParams::from_problem(problem);
+        p.q = ops.q.checked_address(gpu, "query")?;
+        p.k = ops.k.checked_address(gpu, "key")?;
+        p.v = ops.v.checked_address(gpu, "value")?;
+        p.out = ops.out.checked_address(gpu, "out")?;
+        p.lse = ops.lse.checked_address(gpu, "lse")?;
+        let (q, k, v) = (
+            ops.q.layout().strides,
+            ops.k.layout().strides,
+            ops.v.layout().strides,
+        );
+        [p.q_stride_b, p.q_stride_h, p.q_stride_l, p.q_stride_e] = q.map(|s| s as i64);
+        [p.k_stride_b, p.k_stride_h, p.k_stride_l, p.k_stride_e] = k.map(|s| s as i64);
+        [p.v_stride_b, p.v_stride_h, p.v_stride_l, p.v_stride_e] = v.map(|s| s as i64);
+        [p.out_stride_b, p.out_stride_h, p.out_stride_l] = strides3(ops.out);
+        [p.lse_stride_b, p.lse_stride_h, p.lse_stride_l] = strides3(ops.lse);
+        if let Some(Varlen {
+            cu_seqlens_q,
+            cu_seqlens_k,
+        }) = ops.seqlens
+        {
+            if cu_seqlens_q.code() != cu_seqlens_k.code() {
+                return Err(CudaError::bad_layout(
+                    "cu_seqlens_k",
+                    "the index type of cu_seqlens_q",
+                    format!("{:?}", cu_seqlens_k.code()),
+                ));
+            }
+            p.cu_seqlens_q = cu_seqlens_q.address(gpu);
+            p.cu_seqlens_k = cu_seqlens_k.address(gpu);
+            p.varlen = cu_seqlens_q.code();
+            [
+                p.q_stride_b,
+                p.k_stride_b,
+                p.v_stride_b,
+                p.out_stride_b,
+                p.lse_stride_b,
+            ] = [0; 5];
+        }
+        if let (Some(m), Some(plan)) = (ops.mask, problem.mask) {
+            let size = match plan.kind {
+                MaskKind::Bool => 1,
+                MaskKind::Additive(dt) => dt.size_bytes(),
+            };
+            p.mask = m.check(gpu, size)?;
+        }
+        p.vec_ok = vec_ok(problem.dtype, &[(ops.q, p.q), (ops.k, p.k), (ops.v, p.v)]) as i32;
+        Ok(p)
+    }
 }
 
 #[cfg(test)]
@@ -116,10 +302,10 @@ mod tests {
     use sdpa_core::{DType, Dropout, MaskDesc, SdpaOptions, TensorDesc};
 
     /// The Rust field names in declaration order, from this file's source.
-    fn rust_fields() -> Vec<String> {
+    fn rust_fields(name: &str) -> Vec<String> {
         let src = include_str!("params.rs");
         let body = src
-            .split("pub struct SdpaParams {")
+            .split(&format!("pub struct {name} {{"))
             .nth(1)
             .unwrap()
             .split('}')
@@ -131,10 +317,10 @@ mod tests {
             .collect()
     }
 
-    fn cuh_fields() -> Vec<String> {
+    fn cuh_fields(name: &str) -> Vec<String> {
         let src = include_str!("../../../kernels/sdpa_params.cuh");
         let body = src
-            .split("struct SdpaParams {")
+            .split(&format!("struct {name}"))
             .nth(1)
             .unwrap()
             .split("};")
@@ -155,16 +341,53 @@ mod tests {
 
     #[test]
     fn params_layout_matches_cuh() {
-        assert_eq!(rust_fields(), cuh_fields());
-        assert_eq!(std::mem::size_of::<SdpaParams>(), 336);
-        assert!(
-            include_str!("../../../kernels/sdpa_params.cuh").contains("sizeof(SdpaParams) == 336")
+        assert_eq!(rust_fields("FwdParams"), cuh_fields("SdpaParams {"));
+        // BwdParams embeds FwdParams as its first field; the .cuh derives from it.
+        let bwd = rust_fields("BwdParams");
+        assert_eq!(bwd[0], "fwd");
+        assert_eq!(bwd[1..], cuh_fields("BwdParams : SdpaParams {")[..]);
+        assert_eq!(std::mem::size_of::<FwdParams>(), 336);
+        assert_eq!(std::mem::size_of::<BwdParams>(), 496);
+        let cuh = include_str!("../../../kernels/sdpa_params.cuh");
+        assert!(cuh.contains("sizeof(SdpaParams) == 336"));
+        assert!(cuh.contains("sizeof(BwdParams) == 496"));
+        assert_eq!(std::mem::offset_of!(FwdParams, dropout_threshold), 256);
+        assert_eq!(std::mem::offset_of!(FwdParams, scale), 264);
+        assert_eq!(std::mem::offset_of!(FwdParams, batch), 280);
+        assert_eq!(std::mem::offset_of!(FwdParams, scale_log2), 312);
+        assert_eq!(std::mem::offset_of!(FwdParams, vec_ok), 332);
+        assert_eq!(std::mem::offset_of!(BwdParams, dout), 336);
+        assert_eq!(std::mem::offset_of!(BwdParams, deterministic), 488);
+        // The codes, value for value.
+        for line in [
+            "enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGHT = 2 };",
+            "enum MaskCode : int { MASK_NONE = 0, MASK_BOOL = 1, MASK_ADDITIVE = 2 };",
+            "enum SeqlenCode : int { SEQLEN_DENSE = 0, SEQLEN_VARLEN_U32 = 1, SEQLEN_VARLEN_I32 = 2 };",
+        ] {
+            assert!(cuh.contains(line), "{line}");
+        }
+        assert_eq!(
+            [
+                CausalCode::None,
+                CausalCode::TopLeft,
+                CausalCode::BottomRight
+            ]
+            .map(|c| c as i32),
+            [0, 1, 2]
         );
-        assert_eq!(std::mem::offset_of!(SdpaParams, dropout_threshold), 256);
-        assert_eq!(std::mem::offset_of!(SdpaParams, scale), 264);
-        assert_eq!(std::mem::offset_of!(SdpaParams, batch), 280);
-        assert_eq!(std::mem::offset_of!(SdpaParams, scale_log2), 312);
-        assert_eq!(std::mem::offset_of!(SdpaParams, vec_ok), 332);
+        assert_eq!(
+            [MaskCode::None, MaskCode::Bool, MaskCode::Additive].map(|c| c as i32),
+            [0, 1, 2]
+        );
+        assert_eq!(
+            [
+                SeqlenCode::Dense,
+                SeqlenCode::VarlenU32,
+                SeqlenCode::VarlenI32
+            ]
+            .map(|c| c as i32),
+            [0, 1, 2]
+        );
     }
 
     #[test]
@@ -179,7 +402,7 @@ mod tests {
             enable_gqa: true,
         };
         let problem = Problem::new(&q, &k, &k, Some(&mask), &options).unwrap();
-        let p = SdpaParams::from_problem(&problem);
+        let p = FwdParams::from_problem(&problem);
         assert_eq!((p.batch, p.heads_q, p.heads_kv, p.group), (2, 8, 2, 4));
         assert_eq!(
             (p.len_q, p.len_kv, p.head_dim, p.head_dim_v),
@@ -187,8 +410,8 @@ mod tests {
         );
         assert_eq!(p.scale, -0.5);
         assert_eq!(p.scale_log2, (-0.5 * std::f64::consts::LOG2_E) as f32);
-        assert_eq!(p.causal, 2);
-        assert_eq!(p.mask_kind, 1);
+        assert_eq!(p.causal, CausalCode::BottomRight);
+        assert_eq!(p.mask_kind, MaskCode::Bool);
         assert_eq!(
             [
                 p.mask_stride_b,
@@ -207,8 +430,11 @@ mod tests {
             ..Default::default()
         };
         let problem = Problem::new(&q, &q, &q, None, &everything_dropped).unwrap();
-        let p = SdpaParams::from_problem(&problem);
+        let p = FwdParams::from_problem(&problem);
         assert_eq!((p.dropout_threshold, p.keep_scale), (1 << 32, 0.0));
-        assert_eq!((p.mask_kind, p.causal, p.group), (0, 0, 1));
+        assert_eq!(
+            (p.mask_kind, p.causal, p.group),
+            (MaskCode::None, CausalCode::None, 1)
+        );
     }
 }

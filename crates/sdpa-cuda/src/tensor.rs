@@ -2,6 +2,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
+use crate::params::SeqlenCode;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 use ndarray::{Array4, ArrayView4, ArrayViewD};
@@ -32,10 +33,19 @@ fn as_bytes<T: Copy>(data: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
 }
 
-/// A device allocation shared by tensors that view it.
+/// Device memory shared by tensors that view it: an allocation of this crate, or
+/// memory a caller (a framework) owns and lends.
 #[derive(Debug)]
-pub(crate) struct Buffer {
-    pub(crate) slice: CudaSlice<u8>,
+pub(crate) enum Buffer {
+    /// Allocated here, freed (stream-ordered) on drop.
+    Owned(CudaSlice<u8>),
+    /// The caller's: `len` bytes from `ptr`, never freed here.
+    Borrowed {
+        /// Device address.
+        ptr: u64,
+        /// Bytes.
+        len: usize,
+    },
 }
 
 impl Buffer {
@@ -44,7 +54,7 @@ impl Buffer {
         // it first or a download of a tensor a kernel (or an upload) has filled.
         let slice = unsafe { gpu.stream().alloc::<u8>(bytes.max(1)) }
             .map_err(CudaError::driver(what, bytes))?;
-        Ok(Arc::new(Buffer { slice }))
+        Ok(Arc::new(Buffer::Owned(slice)))
     }
 
     pub(crate) fn upload(gpu: &GpuContext, bytes: &[u8], what: &'static str) -> Result<Arc<Self>> {
@@ -56,16 +66,24 @@ impl Buffer {
                 .memcpy_htod(bytes, &mut slice)
                 .map_err(CudaError::driver(what, bytes.len()))?;
         }
-        Ok(Arc::new(Buffer { slice }))
+        Ok(Arc::new(Buffer::Owned(slice)))
     }
 
     pub(crate) fn address(&self, gpu: &GpuContext) -> u64 {
-        let (ptr, _sync) = self.slice.device_ptr(gpu.stream());
-        ptr
+        match self {
+            Buffer::Owned(slice) => {
+                let (ptr, _sync) = slice.device_ptr(gpu.stream());
+                ptr
+            }
+            Buffer::Borrowed { ptr, .. } => *ptr,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.slice.len()
+        match self {
+            Buffer::Owned(slice) => slice.len(),
+            Buffer::Borrowed { len, .. } => *len,
+        }
     }
 }
 
@@ -79,24 +97,57 @@ pub struct DeviceTensor {
     byte_offset: usize,
 }
 
-/// Largest element offset a layout reaches, or `Err` for a negative stride.
-fn extent(arg: &'static str, layout: &Layout) -> Result<usize> {
-    if layout.numel() == 0 {
+/// One past the largest element offset a view of `shape` and `strides` reaches (0 for
+/// an empty view), in checked arithmetic: `Err` for a negative stride or an extent that
+/// does not fit `usize`, so a huge stride can never wrap to a small extent.
+pub(crate) fn extent(arg: &'static str, shape: &[usize], strides: &[isize]) -> Result<usize> {
+    if shape.contains(&0) {
         return Ok(0);
     }
+    let overflow = || {
+        CudaError::bad_layout(
+            arg,
+            "a view whose extent fits in memory",
+            format!("shape {shape:?} strides {strides:?}"),
+        )
+    };
     let mut last = 0usize;
-    for axis in 0..4 {
-        let stride = layout.strides[axis];
-        if stride < 0 {
-            return Err(CudaError::layout(
-                arg,
-                "non-negative strides",
-                format!("strides {:?}", layout.strides),
-            ));
-        }
-        last += (layout.shape[axis] - 1) * stride as usize;
+    for (&n, &stride) in shape.iter().zip(strides) {
+        let stride = usize::try_from(stride).map_err(|_| {
+            CudaError::bad_layout(arg, "non-negative strides", format!("strides {strides:?}"))
+        })?;
+        last = (n - 1)
+            .checked_mul(stride)
+            .and_then(|x| last.checked_add(x))
+            .ok_or_else(overflow)?;
     }
-    Ok(last + 1)
+    last.checked_add(1).ok_or_else(overflow)
+}
+
+/// The byte range `[byte_offset, end)` a view of `elements` elements of `dtype` covers,
+/// checked against a buffer of `len` bytes.
+fn check_inside(
+    arg: &'static str,
+    len: usize,
+    elements: usize,
+    dtype_bytes: usize,
+    byte_offset: usize,
+    what: impl Fn() -> String,
+) -> Result<()> {
+    if elements == 0 {
+        return Ok(());
+    }
+    let end = elements
+        .checked_mul(dtype_bytes)
+        .and_then(|b| b.checked_add(byte_offset));
+    match end {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(CudaError::bad_layout(
+            arg,
+            format!("a view inside its buffer of {len} bytes"),
+            what(),
+        )),
+    }
 }
 
 impl DeviceTensor {
@@ -119,7 +170,7 @@ impl DeviceTensor {
             .iter()
             .try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| {
-                CudaError::layout("shape", "a size that fits in memory", format!("{shape:?}"))
+                CudaError::bad_layout("shape", "a size that fits in memory", format!("{shape:?}"))
             })?;
         Ok(DeviceTensor {
             buffer: Buffer::alloc(gpu, bytes, "a tensor")?,
@@ -132,25 +183,52 @@ impl DeviceTensor {
     /// Another view of the same buffer: `shape` and element `strides` from element
     /// `offset` of this tensor's storage, in this dtype. Checked against the buffer.
     pub fn view(&self, shape: [usize; 4], strides: [isize; 4], offset: usize) -> Result<Self> {
-        self.reinterpret(
-            self.dtype,
-            Layout { shape, strides },
-            self.byte_offset + offset * self.dtype.size_bytes(),
-        )
+        let byte_offset = offset
+            .checked_mul(self.dtype.size_bytes())
+            .and_then(|b| b.checked_add(self.byte_offset))
+            .ok_or_else(|| CudaError::bad_layout("view", "an offset inside the buffer", offset))?;
+        self.reinterpret(self.dtype, Layout { shape, strides }, byte_offset)
+    }
+
+    /// A tensor over device memory the caller owns (a framework's tensor): `len` bytes
+    /// from `ptr`, seen as `dtype` with `layout` from byte `byte_offset`. Checked as an
+    /// owned tensor is: the view must lie inside the `len` bytes, strides non-negative,
+    /// the address aligned for the dtype. Nothing is copied or freed.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` is device memory of `gpu`'s context that stays allocated while
+    /// this tensor (or a view of it) is used, and the caller orders its own reads and
+    /// writes of it with the work this crate queues on `gpu`'s stream.
+    pub unsafe fn from_raw(
+        gpu: &GpuContext,
+        ptr: u64,
+        len: usize,
+        dtype: DType,
+        layout: Layout,
+        byte_offset: usize,
+    ) -> Result<Self> {
+        let tensor = DeviceTensor {
+            buffer: Arc::new(Buffer::Borrowed { ptr, len }),
+            dtype,
+            layout,
+            byte_offset,
+        };
+        tensor.checked_address(gpu, "tensor")?;
+        Ok(tensor)
     }
 
     /// A view of the same bytes as another dtype from any byte offset (e.g. a slice of a
     /// packed byte buffer). Checked against the buffer; alignment is checked at launch.
     pub fn reinterpret(&self, dtype: DType, layout: Layout, byte_offset: usize) -> Result<Self> {
-        let elements = extent("view", &layout)?;
-        let end = byte_offset + elements * dtype.size_bytes();
-        if elements > 0 && end > self.buffer.len() {
-            return Err(CudaError::layout(
-                "view",
-                format!("a view inside the buffer of {} bytes", self.buffer.len()),
-                format!("{layout:?} from byte {byte_offset} (ends at byte {end})"),
-            ));
-        }
+        let elements = extent("view", &layout.shape, &layout.strides)?;
+        check_inside(
+            "view",
+            self.buffer.len(),
+            elements,
+            dtype.size_bytes(),
+            byte_offset,
+            || format!("{layout:?} from byte {byte_offset}"),
+        )?;
         Ok(DeviceTensor {
             buffer: self.buffer.clone(),
             dtype,
@@ -188,16 +266,16 @@ impl DeviceTensor {
     }
 
     /// Checks that the view fits its buffer and its address suits its dtype.
-    pub(crate) fn check(&self, gpu: &GpuContext, arg: &'static str) -> Result<u64> {
-        let elements = extent(arg, &self.layout)?;
-        if elements > 0 && self.byte_offset + elements * self.dtype.size_bytes() > self.buffer.len()
-        {
-            return Err(CudaError::layout(
-                arg,
-                format!("a view inside its buffer of {} bytes", self.buffer.len()),
-                format!("{:?} from byte {}", self.layout, self.byte_offset),
-            ));
-        }
+    pub fn checked_address(&self, gpu: &GpuContext, arg: &'static str) -> Result<u64> {
+        let elements = extent(arg, &self.layout.shape, &self.layout.strides)?;
+        check_inside(
+            arg,
+            self.buffer.len(),
+            elements,
+            self.dtype.size_bytes(),
+            self.byte_offset,
+            || format!("{:?} from byte {}", self.layout, self.byte_offset),
+        )?;
         let address = self.address(gpu);
         let align = self.dtype.size_bytes();
         if address % align as u64 != 0 {
@@ -213,23 +291,28 @@ impl DeviceTensor {
     /// Copies the tensor to the host (waits for the stream).
     pub fn download<T: DeviceElement>(&self, gpu: &GpuContext) -> Result<Array4<T>> {
         if T::DTYPE != self.dtype {
-            return Err(CudaError::layout(
+            return Err(CudaError::bad_layout(
                 "download",
                 format!("element type {}", self.dtype),
                 T::DTYPE,
             ));
         }
-        let elements = extent("download", &self.layout)?;
+        let address = self.checked_address(gpu, "download")?;
+        let elements = extent("download", &self.layout.shape, &self.layout.strides)?;
         let size = self.dtype.size_bytes();
         let mut raw = vec![0u8; elements * size];
         if elements > 0 {
-            let view = self
-                .buffer
-                .slice
-                .slice(self.byte_offset..self.byte_offset + elements * size);
-            gpu.stream()
-                .memcpy_dtoh(&view, raw.as_mut_slice())
-                .map_err(CudaError::driver("a download", raw.len()))?;
+            // SAFETY: `check` placed [address, address + elements * size) inside the
+            // buffer, and `raw` has exactly that many bytes; the stream is synchronised
+            // below before `raw` is read.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    raw.as_mut_slice(),
+                    address,
+                    gpu.stream().cu_stream(),
+                )
+            }
+            .map_err(CudaError::driver("a download", raw.len()))?;
         }
         gpu.stream().synchronize()?;
         let s = self.layout.shape;
@@ -251,13 +334,13 @@ impl DeviceTensor {
     /// Fills every byte of the tensor's storage range with 0xFF: NaN in every float
     /// dtype, so a test can tell which elements a kernel wrote.
     pub fn poison(&self, gpu: &GpuContext) -> Result<()> {
-        let elements = extent("poison", &self.layout)?;
+        let elements = extent("poison", &self.layout.shape, &self.layout.strides)?;
         if elements == 0 {
             return Ok(());
         }
         let bytes = elements * self.dtype.size_bytes();
-        // SAFETY: the range [address, address + bytes) lies inside the buffer (checked by
-        // `extent` at construction) and NaN bit patterns are valid floats.
+        // SAFETY: the range [address, address + bytes) lies inside the buffer (checked at
+        // construction) and NaN bit patterns are valid floats.
         unsafe {
             cudarc::driver::result::memset_d8_async(
                 self.address(gpu),
@@ -320,8 +403,22 @@ impl DeviceMask {
         }
     }
 
-    pub(crate) fn address(&self, gpu: &GpuContext) -> u64 {
-        self.buffer.address(gpu)
+    /// Checks the mask's view against its buffer for elements of `size` bytes and
+    /// returns its aligned address.
+    pub(crate) fn check(&self, gpu: &GpuContext, size: usize) -> Result<u64> {
+        let elements = extent("attn_mask", &self.shape, &self.strides)?;
+        check_inside("attn_mask", self.buffer.len(), elements, size, 0, || {
+            format!("shape {:?} strides {:?}", self.shape, self.strides)
+        })?;
+        let address = self.buffer.address(gpu);
+        if address % size as u64 != 0 {
+            return Err(CudaError::Misaligned {
+                arg: "attn_mask",
+                align: size,
+                address,
+            });
+        }
+        Ok(address)
     }
 }
 
@@ -337,7 +434,7 @@ pub struct DeviceSeqlens {
 impl DeviceSeqlens {
     fn new(gpu: &GpuContext, host: Vec<i64>, bytes: &[u8], signed: bool) -> Result<Self> {
         if host.first() != Some(&0) || host.windows(2).any(|w| w[1] < w[0]) {
-            return Err(CudaError::layout(
+            return Err(CudaError::bad_layout(
                 "cu_seqlens",
                 "B+1 offsets starting at 0, non-decreasing",
                 format!("{host:?}"),
@@ -397,12 +494,18 @@ impl DeviceSeqlens {
             .collect()
     }
 
-    pub(crate) fn code(&self) -> i32 {
+    /// The index type of the offsets, as the kernels read it.
+    pub fn code(&self) -> SeqlenCode {
         if self.signed {
-            2
+            SeqlenCode::VarlenI32
         } else {
-            1
+            SeqlenCode::VarlenU32
         }
+    }
+
+    /// Device address of the offsets.
+    pub fn address(&self, gpu: &GpuContext) -> u64 {
+        self.buffer.address(gpu)
     }
 }
 

@@ -1,8 +1,11 @@
-//! Compiles every kernel variant the dispatcher can ask for, for sm_80 and sm_90, with
+//! Compiles every module of the kernel table (attention, math and the module's nn
+//! kernels), for sm_80 and sm_90, with
 //! NVRTC (no GPU needed), failing on any error or warning. Needs libnvrtc:
 //! `bash ci/nvrtc.sh` installs the wheel and runs this with `--ignored`.
 
-use sdpa_cuda::kernels::{compile, nvrtc_version, KernelSpec};
+use sdpa_cuda::nvrtc::nvrtc_version;
+use sdpa_cuda::spec::KernelSpec;
+use sdpa_cuda::{compile, KernelConfig};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -10,6 +13,7 @@ use std::sync::Mutex;
 #[ignore = "needs libnvrtc (ci/nvrtc.sh provides it)"]
 fn every_variant_compiles_clean_for_sm80_and_sm90() {
     let (major, minor) = nvrtc_version().expect("libnvrtc loads");
+    let config = KernelConfig::default().with_cache_dir(None);
     let jobs: Vec<(KernelSpec, u32)> = KernelSpec::all()
         .into_iter()
         .flat_map(|spec| [(spec, 80), (spec, 90)])
@@ -28,7 +32,7 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
                 let Some((spec, arch)) = jobs.get(i) else {
                     break;
                 };
-                match compile(spec, *arch, None) {
+                match compile(spec, *arch, &config, None) {
                     Ok(c) => assert!(!c.cubin.is_empty()),
                     Err(e) => failures.lock().unwrap().push(e.to_string()),
                 }
@@ -43,15 +47,4 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-#[test]
-#[ignore = "needs libnvrtc (ci/nvrtc.sh provides it)"]
-fn module_kernels_compile_clean_for_sm80_and_sm90() {
-    nvrtc_version().expect("libnvrtc loads");
-    for arch in [80, 90] {
-        if let Err(e) = sdpa_cuda::nn::compile_check(arch) {
-            panic!("kernels/nn.cu for sm_{arch}: {e}");
-        }
-    }
 }

@@ -31,11 +31,11 @@
 //! # Ok::<(), sdpa_nn::NnError>(())
 //! ```
 
+use crate::device::{Linear, NnKernels, Timeline};
 use crate::module::{CausalSelfAttention, DropoutGenerator};
 use crate::profile::{Event, Profiler};
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 use sdpa_core::{BackendSet, Causal, Dropout, Layout, SdpaError, SdpaOptions};
-use sdpa_cuda::nn::{Linear, NnKernels, Timeline};
 use sdpa_cuda::{DeviceElement, DeviceSeqlens, DeviceTensor, GpuContext, Result, Varlen};
 use sdpa_nested::CuSeqlens;
 use sdpa_ref::Element;

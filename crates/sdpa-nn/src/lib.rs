@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod cuda;
+pub mod device;
 mod linear;
 mod module;
 pub mod profile;

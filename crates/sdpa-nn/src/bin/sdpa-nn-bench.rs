@@ -15,9 +15,9 @@
 use half::f16;
 use ndarray::Array2;
 use sdpa_core::{BackendSet, SdpaOptions};
-use sdpa_cuda::nn::Timeline;
 use sdpa_cuda::{DeviceSeqlens, DeviceTensor, GpuContext, Varlen};
 use sdpa_nn::cuda::{profile_forward, CudaCausalSelfAttention};
+use sdpa_nn::device::Timeline;
 use sdpa_nn::profile::Profiler;
 use sdpa_nn::{CausalSelfAttention, Linear};
 

@@ -1,111 +1,34 @@
-//! Device building blocks of the `sdpa-nn` module: [`Linear`] through cuBLAS (weights
-//! uploaded once), the residual dropout on the Philox stream of `sdpa-core`, and
-//! [`Timeline`], CUDA events around each op for the profiler.
+//! Device building blocks of the CUDA module ([`crate::cuda`]): [`Linear`] through
+//! cuBLAS (weights uploaded once), the residual dropout on the Philox stream of
+//! `sdpa-core`, and [`Timeline`], CUDA events around each op for the profiler. The
+//! elementwise kernels (`kernels/nn.cu`) compile through `sdpa-cuda`'s registry and
+//! disk cache like the attention kernels.
 //!
 //! # Shapes
 //! Rows are a contiguous `[1, 1, N, features]` tensor: `x [N, in] -> y [N, out]`.
 
-use crate::context::GpuContext;
-use crate::error::{CudaError, Result};
-use crate::tensor::{DeviceElement, DeviceSeqlens, DeviceTensor};
-use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, PushKernelArg};
 use ndarray::{Array1, Array2};
 use sdpa_core::{DType, Dropout, Layout};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use sdpa_cuda::blas::{blas_types, Gemm, Operand};
+use sdpa_cuda::launch::elementwise;
+use sdpa_cuda::spec::{Entry, KernelSpec, Kind};
+use sdpa_cuda::{CudaError, DeviceElement, DeviceSeqlens, DeviceTensor, GpuContext, Result};
 
-const NN_SOURCE: &str = include_str!("../../../kernels/nn.cu");
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
-
-fn nn_source() -> String {
-    // One translation unit: common.cuh inlined (NVRTC has no file system here).
-    NN_SOURCE.replace("#include \"common.cuh\"", COMMON)
-}
-
-fn nn_dtype_code(dtype: DType) -> u32 {
-    match dtype {
-        DType::F64 => 0,
-        DType::F32 => 1,
-        DType::F16 => 2,
-        DType::BF16 => 3,
-    }
-}
-
-/// Compiles `kernels/nn.cu` for every dtype to `sm_{arch}` machine code, failing on any
-/// error or warning: what CI's NVRTC check runs for these kernels (no GPU needed).
-///
-/// # Errors
-/// [`CudaError::Compile`] with NVRTC's log.
-pub fn compile_check(arch: u32) -> Result<()> {
-    let source = nn_source();
-    for dtype in DType::ALL {
-        let options = vec![
-            format!("--gpu-architecture=sm_{arch}"),
-            "--std=c++17".to_string(),
-            format!("-DSDPA_DTYPE={}", nn_dtype_code(dtype)),
-        ];
-        crate::kernels::nvrtc_cubin(&source, "nn.cu", &options).map_err(|log| {
-            CudaError::Compile {
-                kernel: format!("nn_*_{dtype}"),
-                arch: format!("sm_{arch}"),
-                log,
-            }
-        })?;
-    }
-    Ok(())
-}
-
-/// The elementwise kernels of `kernels/nn.cu`, compiled per dtype on first use.
-#[derive(Default)]
-pub struct NnKernels {
-    modules: Mutex<HashMap<DType, Arc<CudaModule>>>,
-}
-
-impl std::fmt::Debug for NnKernels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NnKernels").finish_non_exhaustive()
-    }
-}
+/// The elementwise kernels of `kernels/nn.cu`, per dtype, from the context's registry.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NnKernels;
 
 impl NnKernels {
-    fn function(&self, gpu: &GpuContext, dtype: DType, name: &str) -> Result<CudaFunction> {
-        let mut modules = self.modules.lock().unwrap();
-        let module = match modules.get(&dtype) {
-            Some(m) => m.clone(),
-            None => {
-                let source = nn_source();
-                let code = nn_dtype_code(dtype);
-                let options = cudarc::nvrtc::CompileOptions {
-                    options: vec![
-                        format!("--gpu-architecture=compute_{}", gpu.arch()),
-                        "--std=c++17".to_string(),
-                        format!("-DSDPA_DTYPE={code}"),
-                    ],
-                    name: Some("nn.cu".to_string()),
-                    ..Default::default()
-                };
-                let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, options).map_err(|e| {
-                    CudaError::Compile {
-                        kernel: format!("nn_*_{dtype}"),
-                        arch: format!("compute_{}", gpu.arch()),
-                        log: format!("{e:?}"),
-                    }
-                })?;
-                let m = gpu.cuda().load_module(ptx)?;
-                modules.insert(dtype, m.clone());
-                m
-            }
-        };
-        Ok(module.load_function(name)?)
-    }
-
-    fn grid(total: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (total.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
+    fn function(
+        &self,
+        gpu: &GpuContext,
+        dtype: DType,
+        entry: Entry,
+    ) -> Result<cudarc::driver::CudaFunction> {
+        Ok(gpu
+            .kernel(&KernelSpec::plain(Kind::Nn, dtype), entry)?
+            .function)
     }
 
     /// Writes `bias` into every row of `y` (contiguous `[1, 1, rows, cols]`).
@@ -114,15 +37,18 @@ impl NnKernels {
         if rows * cols == 0 {
             return Ok(());
         }
-        let f = self.function(gpu, y.dtype(), "nn_bias_rows")?;
-        let (y_ptr, b_ptr) = (y.check(gpu, "y")?, bias.check(gpu, "bias")?);
+        let f = self.function(gpu, y.dtype(), Entry::NnBiasRows)?;
+        let (y_ptr, b_ptr) = (
+            y.checked_address(gpu, "y")?,
+            bias.checked_address(gpu, "bias")?,
+        );
         let (rows, cols) = (rows as u64, cols as u64);
         let mut builder = gpu.stream().launch_builder(&f);
         builder.arg(&y_ptr).arg(&b_ptr).arg(&rows).arg(&cols);
         // SAFETY: y is a checked contiguous [rows, cols] tensor of its dtype and bias a
         // checked [cols] tensor of the same dtype; the kernel touches y[0..rows*cols)
         // and bias[0..cols) only.
-        unsafe { builder.launch(Self::grid((rows * cols) as usize)) }?;
+        unsafe { builder.launch(elementwise((rows * cols) as usize)) }?;
         Ok(())
     }
 
@@ -144,21 +70,21 @@ impl NnKernels {
         }
         if let Some(cu) = cu_seqlens {
             if cu.total() != rows {
-                return Err(CudaError::layout(
+                return Err(CudaError::bad_layout(
                     "cu_seqlens",
                     format!("a last offset equal to the rows, {rows}"),
                     cu.total(),
                 ));
             }
         }
-        let f = self.function(gpu, y.dtype(), "nn_dropout_rows")?;
-        let y_ptr = y.check(gpu, "y")?;
+        let f = self.function(gpu, y.dtype(), Entry::NnDropoutRows)?;
+        let y_ptr = y.checked_address(gpu, "y")?;
         let (rows, cols) = (rows as u64, cols as u64);
         let (seed, offset, threshold) = (dropout.seed, dropout.offset, dropout.keep_threshold());
         let (cu_ptr, code, batch, max_len) = match cu_seqlens {
             Some(cu) => (
-                cu.buffer.address(gpu),
-                cu.code(),
+                cu.address(gpu),
+                cu.code() as i32,
                 cu.batch() as i32,
                 cu.max_len() as u64,
             ),
@@ -183,7 +109,7 @@ impl NnKernels {
         // SAFETY: y is a checked contiguous [rows, cols] tensor; cu_seqlens (when given)
         // is a live buffer of B+1 offsets of the type its code names, whose last offset
         // is `rows`, so every packed row lies in one sequence.
-        unsafe { builder.launch(Self::grid((rows * cols) as usize)) }?;
+        unsafe { builder.launch(elementwise((rows * cols) as usize)) }?;
         Ok(())
     }
 }
@@ -197,7 +123,7 @@ fn check_rows(
 ) -> Result<()> {
     let want = [1, 1, rows, cols];
     if t.shape() != want || t.dtype() != dtype || t.layout() != Layout::contiguous(want) {
-        return Err(CudaError::layout(
+        return Err(CudaError::bad_layout(
             arg,
             format!("a contiguous {dtype} [1, 1, {rows}, {cols}] tensor"),
             format!(
@@ -239,7 +165,7 @@ impl Linear {
             .insert_axis(ndarray::Axis(0));
         let bias = match bias {
             Some(b) if b.len() != out_features => {
-                return Err(CudaError::layout(
+                return Err(CudaError::bad_layout(
                     "bias",
                     format!("shape [{out_features}] (the weight's out features)"),
                     format!("[{}]", b.len()),
@@ -311,45 +237,18 @@ impl Linear {
         }
         for (what, value) in [("rows", n), ("in features", k), ("out features", m)] {
             if value > i32::MAX as usize {
-                return Err(CudaError::layout(
+                return Err(CudaError::bad_layout(
                     "input",
                     format!("{what} <= {}", i32::MAX),
                     value,
                 ));
             }
         }
-        let (t_elem, compute) = match self.dtype() {
-            DType::F64 => (
-                blas::cudaDataType::CUDA_R_64F,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_64F,
-            ),
-            DType::F32 => (
-                blas::cudaDataType::CUDA_R_32F,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::F16 => (
-                blas::cudaDataType::CUDA_R_16F,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::BF16 => (
-                blas::cudaDataType::CUDA_R_16BF,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-        };
         let (x_ptr, w_ptr, y_ptr) = (
-            x.check(gpu, "input")?,
-            self.weight.check(gpu, "weight")?,
-            y.check(gpu, "y")?,
+            x.checked_address(gpu, "input")?,
+            self.weight.checked_address(gpu, "weight")?,
+            y.checked_address(gpu, "y")?,
         );
-        let (one64, zero64, one32, zero32) = (1f64, 0f64, 1f32, 0f32);
-        let (alpha, beta): (*const std::ffi::c_void, *const std::ffi::c_void) =
-            match (self.dtype(), accumulate) {
-                (DType::F64, false) => (&one64 as *const f64 as _, &zero64 as *const f64 as _),
-                (DType::F64, true) => (&one64 as *const f64 as _, &one64 as *const f64 as _),
-                (_, false) => (&one32 as *const f32 as _, &zero32 as *const f32 as _),
-                (_, true) => (&one32 as *const f32 as _, &one32 as *const f32 as _),
-            };
-        let blas = gpu.blas()?;
         if k == 0 {
             // An empty product is 0 (plus the bias already in y).
             if !accumulate {
@@ -365,34 +264,31 @@ impl Linear {
             }
             return Ok(());
         }
-        // Column-major: y^T [m x n] = W^T... W row-major [m, k] is column-major [k x m],
-        // so y^T = (W_cm)^T [m x k] * x^T [k x n], x row-major [n, k] = column-major [k x n].
+        let types = blas_types(self.dtype());
+        let matrix = |ptr, ld| Operand {
+            ptr,
+            dtype: types.elem,
+            ld,
+            stride: 0,
+        };
+        // Column-major: W row-major [m, k] is column-major [k x m] and x row-major
+        // [n, k] is column-major [k x n], so y^T [m x n] = (W_cm)^T [m x k] * x_cm.
+        let product = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m,
+            n,
+            k,
+            a: matrix(w_ptr, k),
+            b: matrix(x_ptr, k),
+            c: matrix(y_ptr, m),
+            batch: 1,
+            accumulate,
+            compute: types.compute,
+        };
         // SAFETY: x [n, k], W [m, k] and y [n, m] are checked contiguous tensors of this
-        // dtype; alpha/beta are host values of the compute type; the handle runs on the
-        // context's stream.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                blas::cublasOperation_t::CUBLAS_OP_T,
-                blas::cublasOperation_t::CUBLAS_OP_N,
-                m as i32,
-                n as i32,
-                k as i32,
-                alpha,
-                w_ptr as *const _,
-                t_elem,
-                k as i32,
-                x_ptr as *const _,
-                t_elem,
-                k as i32,
-                beta,
-                y_ptr as *mut _,
-                t_elem,
-                m as i32,
-                compute,
-                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }?;
+        // dtype.
+        unsafe { product.run(gpu) }?;
         Ok(())
     }
 }

@@ -1,0 +1,408 @@
+//! Scaled dot-product attention, `torch.nn.functional.scaled_dot_product_attention` as
+//! PyTorch 2.11 defines it, in one call: [`attention`] takes CPU arrays (ndarray views)
+//! or CUDA tensors (owned, or borrowed from a framework), runs on the device an
+//! [`Exec`] names, and picks the backend with `sdpa_core::select` (flash > efficient >
+//! math among those enabled), or says why none can run.
+//!
+//! # Shapes
+//! `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]` (any strides; a unit
+//! last-dim stride for the fused kernels) -> `out [B, Hq, L, Ev]`, `lse [B, Hq, L]`
+//! (f32). A mask broadcasts to `[B, Hq, L, S]`.
+//!
+//! On the CPU (the f64-accumulating reference, the math backend):
+//! ```
+//! use ndarray::Array4;
+//! use sdpa::{attention, Causal, Exec, SdpaOptions, Tensor};
+//!
+//! let q = Array4::<f32>::from_shape_fn((2, 4, 16, 8), |(b, h, i, e)| ((b + h + i + e) % 7) as f32 * 0.1);
+//! let options = SdpaOptions { causal: Causal::TopLeft, ..Default::default() };
+//! let result = attention(Tensor::Host(q.view()), Tensor::Host(q.view()), Tensor::Host(q.view()), None, &options, &Exec::cpu())?;
+//! assert_eq!(result.backend, sdpa::Backend::Math);
+//! let out = result.out.into_host().unwrap();
+//! assert_eq!(out.shape(), &[2, 4, 16, 8]);
+//! # Ok::<(), sdpa::Error>(())
+//! ```
+//!
+//! On a CUDA device (run in the GPU bundle; on a machine without one, `GpuContext::new`
+//! returns an error naming the missing library):
+//! ```no_run
+//! use ndarray::Array4;
+//! use sdpa::{attention, BackendSet, Exec, GpuContext, SdpaOptions, Tensor};
+//!
+//! let gpu = GpuContext::new(0)?;
+//! let q = Array4::<half::f16>::from_elem((2, 8, 128, 64), half::f16::from_f32(0.1));
+//! let exec = Exec::cuda(&gpu).with_backends(BackendSet::ALL);
+//! // Host arrays in, host arrays out; device tensors in, device tensors out.
+//! let result = attention(Tensor::Host(q.view()), Tensor::Host(q.view()), Tensor::Host(q.view()), None, &SdpaOptions::default(), &exec)?;
+//! assert_eq!(result.backend, sdpa::Backend::Flash);
+//! # Ok::<(), sdpa::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+use ndarray::{Array3, Array4, ArrayView4, ArrayViewD};
+pub use sdpa_core::{
+    select, Backend, BackendSet, Causal, DType, Device, Dropout, Problem, SdpaError, SdpaOptions,
+};
+pub use sdpa_cuda::{
+    CudaError, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext, KernelConfig,
+    Varlen,
+};
+
+/// An element type every backend takes: f64, f32, f16, bf16.
+pub trait Elem: sdpa_ref::Element + DeviceElement {}
+impl<T: sdpa_ref::Element + DeviceElement> Elem for T {}
+
+/// Everything that stops a call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The call breaks the specification, or no enabled backend can run it.
+    #[error(transparent)]
+    Spec(#[from] SdpaError),
+    /// The CUDA side failed (a missing library, a bad layout, the driver).
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    /// Tensors on a device the call does not run on.
+    #[error("{arg}: expected {expected}, got {actual}")]
+    Placement {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Where it had to be.
+        expected: String,
+        /// Where it was.
+        actual: String,
+    },
+}
+
+/// The result type of the facade.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a call runs.
+#[derive(Debug, Clone, Copy)]
+pub enum On<'g> {
+    /// The CPU reference.
+    Cpu,
+    /// A CUDA device, through its context (and its stream).
+    Cuda(&'g GpuContext),
+}
+
+/// Where a call runs and which backends it may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Exec<'g> {
+    /// The device.
+    pub device: On<'g>,
+    /// The backends dispatch may choose from.
+    pub backends: BackendSet,
+}
+
+impl<'g> Exec<'g> {
+    /// The CPU, every backend enabled (only math runs there).
+    pub fn cpu() -> Self {
+        Exec {
+            device: On::Cpu,
+            backends: BackendSet::ALL,
+        }
+    }
+
+    /// A CUDA device, every backend enabled.
+    pub fn cuda(gpu: &'g GpuContext) -> Self {
+        Exec {
+            device: On::Cuda(gpu),
+            backends: BackendSet::ALL,
+        }
+    }
+
+    /// The same device with only `backends` enabled.
+    pub fn with_backends(self, backends: BackendSet) -> Self {
+        Exec { backends, ..self }
+    }
+
+    /// `sdpa_core`'s name of the device.
+    pub fn kind(&self) -> Device {
+        match self.device {
+            On::Cpu => Device::Cpu,
+            On::Cuda(_) => Device::Cuda,
+        }
+    }
+
+    /// The backend dispatch picks for `problem` here, or every enabled backend's reason.
+    ///
+    /// # Errors
+    /// [`SdpaError::NoBackend`] with the reasons.
+    pub fn select(&self, problem: &Problem) -> Result<Backend> {
+        Ok(select(self.backends, problem, self.kind())?)
+    }
+}
+
+/// q, k or v: a host array or a device tensor.
+#[derive(Debug, Clone)]
+pub enum Tensor<'a, T> {
+    /// An ndarray view (any strides).
+    Host(ArrayView4<'a, T>),
+    /// A device tensor of element type `T`.
+    Cuda(&'a DeviceTensor),
+}
+
+/// An `attn_mask`: bool (true = takes part) or additive, on the host or the device.
+#[derive(Debug, Clone)]
+pub enum Mask<'a, T> {
+    /// A host bool mask.
+    Bool(ArrayViewD<'a, bool>),
+    /// A host additive mask in the dtype of q.
+    Additive(ArrayViewD<'a, T>),
+    /// A device mask (bool or additive).
+    Cuda(&'a DeviceMask),
+}
+
+/// A result tensor where the inputs were: host arrays in, host arrays out.
+#[derive(Debug, Clone)]
+pub enum Out<H> {
+    /// On the host.
+    Host(H),
+    /// On the device.
+    Cuda(DeviceTensor),
+}
+
+impl<H> Out<H> {
+    /// The host array, when the call took host arrays.
+    pub fn into_host(self) -> Option<H> {
+        match self {
+            Out::Host(h) => Some(h),
+            Out::Cuda(_) => None,
+        }
+    }
+
+    /// The device tensor, when the call took device tensors.
+    pub fn into_cuda(self) -> Option<DeviceTensor> {
+        match self {
+            Out::Cuda(t) => Some(t),
+            Out::Host(_) => None,
+        }
+    }
+}
+
+/// What [`attention`] returns.
+#[derive(Debug, Clone)]
+pub struct Attention<T> {
+    /// `[B, Hq, L, Ev]` in the inputs' dtype (device: contiguous `[B, Hq, L, Ev]`).
+    pub out: Out<Array4<T>>,
+    /// Log-sum-exp of each query row, f32 `[B, Hq, L]` (device: `[B, Hq, L, 1]`);
+    /// `-inf` for a row with no key.
+    pub lse: Out<Array3<f32>>,
+    /// The backend that ran.
+    pub backend: Backend,
+}
+
+fn placement(arg: &'static str, expected: &str, actual: &str) -> Error {
+    Error::Placement {
+        arg,
+        expected: expected.to_string(),
+        actual: actual.to_string(),
+    }
+}
+
+/// Attention of `q` over `k`, `v` with `mask` and `options`, on `exec`'s device.
+///
+/// Host arrays run on the CPU reference, or on CUDA through an upload and a download
+/// (results come back on the host); device tensors run on CUDA and stay there. q, k, v
+/// and the mask must all be on the host or all on the device.
+///
+/// # Errors
+/// Everything the specification rejects (names the argument, the expected and the
+/// actual value), no enabled backend for the problem on this device (every backend's
+/// reason), device tensors on a CPU call, a device tensor whose dtype is not `T`, and
+/// CUDA failures.
+pub fn attention<T: Elem>(
+    q: Tensor<'_, T>,
+    k: Tensor<'_, T>,
+    v: Tensor<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Attention<T>> {
+    match (q, k, v) {
+        (Tensor::Host(q), Tensor::Host(k), Tensor::Host(v)) => {
+            let mask = match mask {
+                None => None,
+                Some(Mask::Bool(m)) => Some(sdpa_ref::Mask::Bool(m)),
+                Some(Mask::Additive(m)) => Some(sdpa_ref::Mask::Additive(m)),
+                Some(Mask::Cuda(_)) => {
+                    return Err(placement(
+                        "attn_mask",
+                        "a host mask (q, k, v are host arrays)",
+                        "a device mask",
+                    ))
+                }
+            };
+            host(q, k, v, mask, options, exec)
+        }
+        (Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v)) => {
+            let On::Cuda(gpu) = exec.device else {
+                return Err(placement(
+                    "query",
+                    "host arrays for a CPU call",
+                    "a device tensor",
+                ));
+            };
+            for (arg, t) in [("query", q), ("key", k), ("value", v)] {
+                if t.dtype() != <T as DeviceElement>::DTYPE {
+                    return Err(placement(
+                        arg,
+                        <T as DeviceElement>::DTYPE.name(),
+                        t.dtype().name(),
+                    ));
+                }
+            }
+            let mask = match mask {
+                None => None,
+                Some(Mask::Cuda(m)) => Some(m),
+                Some(_) => {
+                    return Err(placement(
+                        "attn_mask",
+                        "a device mask (q, k, v are device tensors)",
+                        "a host mask",
+                    ))
+                }
+            };
+            let r = gpu.sdpa(q, k, v, mask, options, exec.backends)?;
+            Ok(Attention {
+                out: Out::Cuda(r.out),
+                lse: Out::Cuda(r.lse),
+                backend: r.backend,
+            })
+        }
+        _ => Err(placement(
+            "key",
+            "the device of query (q, k, v all host arrays or all device tensors)",
+            "another",
+        )),
+    }
+}
+
+fn host<T: Elem>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<sdpa_ref::Mask<'_, T>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Attention<T>> {
+    match exec.device {
+        On::Cpu => {
+            let problem = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), options)?;
+            let backend = exec.select(&problem)?;
+            let r = sdpa_ref::sdpa(q, k, v, mask, options)?;
+            Ok(Attention {
+                out: Out::Host(r.out),
+                lse: Out::Host(r.lse),
+                backend,
+            })
+        }
+        On::Cuda(gpu) => {
+            let mask = mask.map(|m| match m {
+                sdpa_ref::Mask::Bool(b) => sdpa_cuda::HostMask::Bool(b),
+                sdpa_ref::Mask::Additive(a) => sdpa_cuda::HostMask::Additive(a),
+            });
+            let r = gpu.sdpa_host(q, k, v, mask.as_ref(), options, exec.backends)?;
+            Ok(Attention {
+                out: Out::Host(r.out),
+                lse: Out::Host(r.lse),
+                backend: r.backend,
+            })
+        }
+    }
+}
+
+/// Attention over packed variable-length sequences on CUDA (the fused kernels' varlen
+/// mode): q `[1, Hq, total_q, E]`, k `[1, Hkv, total_k, E]`, v `[1, Hkv, total_k, Ev]`
+/// views of packed `[total, H, dim]` storage; sequence `b` is rows
+/// `cu_seqlens[b]..cu_seqlens[b+1]`. Dispatch is `select`'s over the padded problem
+/// (math takes no `cu_seqlens`). On the CPU, `sdpa-nested` runs nested batches
+/// sequence by sequence through [`attention`].
+///
+/// # Errors
+/// As [`attention`]; a CPU `exec`.
+pub fn attention_varlen(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    varlen: Varlen<'_>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Attention<()>> {
+    let On::Cuda(gpu) = exec.device else {
+        return Err(placement(
+            "query",
+            "a CUDA exec for device tensors (sdpa-nested runs nested batches on the CPU)",
+            "the cpu",
+        ));
+    };
+    let r = gpu.sdpa_varlen(q, k, v, varlen, options, exec.backends)?;
+    Ok(Attention {
+        out: Out::Cuda(r.out),
+        lse: Out::Cuda(r.lse),
+        backend: r.backend,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array4;
+
+    fn inputs() -> Array4<f64> {
+        Array4::from_shape_fn((1, 2, 5, 4), |(_, h, i, e)| {
+            ((h * 7 + i * 3 + e) % 5) as f64 * 0.2 - 0.4
+        })
+    }
+
+    #[test]
+    fn cpu_call_is_the_reference() {
+        let x = inputs();
+        let r = attention(
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            None,
+            &SdpaOptions::default(),
+            &Exec::cpu(),
+        )
+        .unwrap();
+        let want =
+            sdpa_ref::sdpa(x.view(), x.view(), x.view(), None, &SdpaOptions::default()).unwrap();
+        assert_eq!(r.backend, Backend::Math);
+        assert_eq!(r.out.into_host().unwrap(), want.out);
+        assert_eq!(r.lse.into_host().unwrap(), want.lse);
+    }
+
+    #[test]
+    fn cpu_refuses_fused_backends_with_every_reason() {
+        let x = inputs();
+        let e = attention(
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            None,
+            &SdpaOptions::default(),
+            &Exec::cpu().with_backends(BackendSet::only(Backend::Flash)),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("flash: runs on CUDA only"), "{e}");
+    }
+
+    #[test]
+    fn bad_input_names_the_argument() {
+        let x = inputs();
+        let k = Array4::<f64>::zeros((1, 2, 5, 3));
+        let e = attention(
+            Tensor::Host(x.view()),
+            Tensor::Host(k.view()),
+            Tensor::Host(x.view()),
+            None,
+            &SdpaOptions::default(),
+            &Exec::cpu(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("key"), "{e}");
+    }
+}
