@@ -556,16 +556,7 @@ fn source_override(dir: Option<&Path>, name: &str) -> Option<String> {
 /// FNV-1a, 64 bits: the disk-cache key. Not cryptographic; it only has to change when
 /// the source, the options or the compiler change.
 pub fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for &byte in *part {
-            h ^= byte as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    sdpa_core::hash::fnv1a_parts(parts)
 }
 
 /// Whether `libnvrtc` can be loaded.
