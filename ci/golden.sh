@@ -32,7 +32,7 @@
 # --device cuda installs the full wheel and builds with LIBTORCH_USE_PYTORCH=1.
 #
 # Reproducibility. The inputs come from a fixed seed through integer arithmetic (see
-# crates/sdpa-golden). libtorch's arithmetic is pinned by the environment below: one
+# tools/sdpa-golden). libtorch's arithmetic is pinned by the environment below: one
 # thread (OpenMP and MKL), MKL's conditional numerical reproducibility mode
 # (MKL_CBWR=COMPATIBLE: MKL is linked statically into libtorch_cpu.so and would otherwise
 # pick its code path from the CPU), and ATen's and oneDNN's own CPU dispatch pinned to
@@ -43,7 +43,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CRATE="$ROOT/crates/sdpa-golden"
+CRATE="$ROOT/tools/sdpa-golden"
 # Under the crate's target/, which .gitignore keeps out of git.
 VENV="${SDPA_GOLDEN_VENV:-$CRATE/target/venv}"
 TORCH_VERSION=2.11.0

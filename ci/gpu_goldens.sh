@@ -10,7 +10,7 @@
 #   bash ci/gpu_goldens.sh           on the GPU machine, from the repo root, with
 #                                    target/golden-gpu carried: writes
 #                                      golden/cuda/NAME.BACKEND.safetensors + manifest.json
-#                                      (crates/sdpa-golden --device cuda: every f32/f16/bf16
+#                                      (tools/sdpa-golden --device cuda: every f32/f16/bf16
 #                                      case up to MAX_OUT_BYTES, one file per PyTorch
 #                                      backend that accepts it: flash, efficient, cudnn,
 #                                      math; card, driver, date in the manifest)

@@ -26,9 +26,11 @@ mod backend;
 pub mod dropout;
 mod dtype;
 mod error;
+pub mod hash;
 mod layout;
 mod mask;
 mod problem;
+pub mod rng;
 
 pub use backend::{
     check_support, select, Backend, BackendSet, Device, EFFICIENT_MAX_HEAD_DIM, FLASH_MAX_HEAD_DIM,

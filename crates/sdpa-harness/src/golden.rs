@@ -1,5 +1,6 @@
 //! Where the golden cases live, and what a golden folder's manifest lists.
 
+use sdpa_manifest::Manifest;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -12,40 +13,19 @@ pub fn golden_dir() -> PathBuf {
     }
 }
 
-fn collect_files(value: &serde_json::Value, files: &mut BTreeSet<String>) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, v) in map {
-                match (key.as_str(), v) {
-                    ("file", serde_json::Value::String(name)) => {
-                        files.insert(name.clone());
-                    }
-                    _ => collect_files(v, files),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_files(v, files)),
-        _ => {}
-    }
-}
-
-/// Every `"file"` entry of `dir/manifest.json` (at any depth) and its top-level
-/// `case_count`.
+/// The files `dir/manifest.json` lists (see [`Manifest::files`]) and its `case_count`.
 ///
 /// # Errors
-/// A missing or unparsable manifest, or one without a `case_count`, named by path.
+/// A missing manifest, one that is not a [`Manifest`], or one without a `case_count`,
+/// named by path.
 pub fn manifest_files(dir: &Path) -> Result<(BTreeSet<String>, usize), String> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let count = json
-        .get("case_count")
-        .and_then(serde_json::Value::as_u64)
+    let manifest = Manifest::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let count = manifest
+        .case_count
         .ok_or(format!("{}: no case_count", path.display()))?;
-    let mut files = BTreeSet::new();
-    collect_files(&json, &mut files);
-    Ok((files, count as usize))
+    Ok((manifest.files().map(str::to_owned).collect(), count))
 }
 
 /// The `*.safetensors` files of `dir` (not descending) whose names start with
@@ -99,12 +79,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn manifest_files_finds_every_entry() {
+    fn manifest_files_lists_every_case_file() {
         let dir = std::env::temp_dir().join(format!("sdpa-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let module_case = |name: &str| {
+            format!(
+                r#"{{"b": 1, "bytes": 8, "causal_applied": false, "dropout": 0.0, "dtype": "f32",
+                   "e": 8, "file": "{name}.safetensors", "heads": 2, "is_causal": false,
+                   "mode": "eval", "name": "{name}", "t": 3}}"#
+            )
+        };
         std::fs::write(
             dir.join("manifest.json"),
-            r#"{"case_count": 2, "cases": [{"file": "a.safetensors", "x": {"file": "b.safetensors"}}]}"#,
+            format!(
+                r#"{{"case_count": 2, "cases": [{}, {}], "libtorch": "2.11.0", "produced_by": "test"}}"#,
+                module_case("b"),
+                module_case("a")
+            ),
         )
         .unwrap();
         let (files, count) = manifest_files(&dir).unwrap();
@@ -113,8 +104,35 @@ mod tests {
             files.into_iter().collect::<Vec<_>>(),
             ["a.safetensors", "b.safetensors"]
         );
-        std::fs::write(dir.join("manifest.json"), r#"{"cases": []}"#).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            r#"{"cases": [], "libtorch": "2.11.0", "produced_by": "test"}"#,
+        )
+        .unwrap();
         assert!(manifest_files(&dir).unwrap_err().ends_with("no case_count"));
+        std::fs::write(
+            dir.join("manifest.json"),
+            r#"{"case_count": 0, "cases": []}"#,
+        )
+        .unwrap();
+        assert!(manifest_files(&dir)
+            .unwrap_err()
+            .contains("missing field `libtorch`"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The committed folders that `checked_case_files` reads all parse as a manifest.
+    #[test]
+    fn committed_manifests_list_their_files() {
+        for sub in ["module", "nested", "nested/cuda"] {
+            let dir = golden_dir().join(sub);
+            if !dir.join("manifest.json").exists() {
+                continue;
+            }
+            let mut problems = Vec::new();
+            let files = checked_case_files(&dir, "", &mut problems);
+            assert!(problems.is_empty(), "{problems:#?}");
+            assert!(!files.is_empty(), "{}", dir.display());
+        }
     }
 }

@@ -29,30 +29,9 @@ pub fn proptest_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// SplitMix64: a tiny, well-mixed, reproducible generator for tensor contents.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub fn symmetric(&mut self) -> f64 {
-        self.unit() * 2.0 - 1.0
-    }
-}
+/// The workspace's one generator of tensor contents, re-exported so strategies and
+/// their callers name it from here.
+pub use sdpa_core::rng::SplitMix64;
 
 /// The explicit mask of a generated problem.
 #[derive(Debug, Clone, PartialEq)]

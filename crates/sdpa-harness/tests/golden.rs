@@ -1,4 +1,4 @@
-//! The golden cases of `golden/` (libtorch 2.11 through tch, see crates/sdpa-golden and
+//! The golden cases of `golden/` (libtorch 2.11 through tch, see tools/sdpa-golden and
 //! ci/golden.sh) through every CPU backend, judged by DESIGN.md's tolerance policy:
 //! `max|ours - truth| <= 2 * max|libtorch - truth| + floor`, truth being libtorch's f64
 //! math result, never NaN/Inf where the truth is finite, and the lse within

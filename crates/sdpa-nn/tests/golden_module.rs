@@ -5,7 +5,7 @@
 //! truth is finite).
 //!
 //! - `golden/module/`: dense `[B, T, E]` cases from the tch generator (ci/golden.sh,
-//!   crates/sdpa-golden/src/module.rs), checked byte for byte in CI: `forward`.
+//!   tools/sdpa-golden/src/module.rs), checked byte for byte in CI: `forward`.
 //! - `golden/nested/module_*` (and `golden/nested/cuda/module_*` where a GPU run made
 //!   them): libtorch's module on jagged nested tensors (ci/golden_nested.py), packed
 //!   `x [total, E]` + `cu_seqlens`: `forward_nested`.

@@ -9,7 +9,10 @@
 //! loaded and registers the CUDA kernels.
 
 use crate::cases::{Case, DType};
-use crate::{make_inputs, torch_math, write, Result};
+use crate::inputs::make_inputs;
+use crate::torch::{torch_math, Sdpa};
+use crate::{manifest, write, Result};
+use sdpa_manifest::{CudaResult, Manifest};
 use std::path::Path;
 use tch::{Device, Tensor};
 
@@ -97,17 +100,9 @@ pub fn generate(cases: &[Case], dir: &Path, libtorch: &str) -> Result<()> {
         } else {
             for backend in BACKENDS {
                 enable_only(backend);
-                let out = Tensor::f_scaled_dot_product_attention(
-                    &x.q,
-                    &x.k,
-                    &x.v,
-                    x.torch_mask.as_ref(),
-                    0.0,
-                    x.is_causal_flag,
-                    case.scale,
-                    case.enable_gqa,
-                )
-                .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned());
+                let out = Sdpa::of(case, &x)
+                    .run()
+                    .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned());
                 results.push((backend.into(), out));
             }
         }
@@ -122,13 +117,21 @@ pub fn generate(cases: &[Case], dir: &Path, libtorch: &str) -> Result<()> {
                         ("torch_backend".to_owned(), format!("cuda_{backend}")),
                     ];
                     let bytes = write::case_file(&dir.join(&file), &[("out", &out)], &meta)?;
-                    entries.push(serde_json::json!({
-                        "case": case.name, "backend": backend, "file": file, "bytes": bytes,
-                    }));
+                    entries.push(CudaResult {
+                        backend,
+                        bytes: Some(bytes),
+                        case: case.name.clone(),
+                        file: Some(file),
+                        rejected: None,
+                    });
                 }
-                Err(reason) => entries.push(serde_json::json!({
-                    "case": case.name, "backend": backend, "file": null, "rejected": reason,
-                })),
+                Err(reason) => entries.push(CudaResult {
+                    backend,
+                    bytes: None,
+                    case: case.name.clone(),
+                    file: None,
+                    rejected: Some(reason),
+                }),
             }
         }
     }
@@ -137,19 +140,20 @@ pub fn generate(cases: &[Case], dir: &Path, libtorch: &str) -> Result<()> {
         "nvidia-smi",
         &["--query-gpu=name,driver_version", "--format=csv,noheader"],
     );
-    let manifest = serde_json::json!({
-        "libtorch": libtorch,
-        "tch": "0.24.0",
-        "device": gpu,
-        "date": command_line("date", &["-u", "+%Y-%m-%d"]),
-        "produced_by": "ci/golden.sh --device cuda -> crates/sdpa-golden --device cuda",
-        "inputs_and_truth": "the CPU case file NAME.safetensors in the folder above",
-        "max_out_bytes": MAX_OUT_BYTES,
-        "skipped_larger_than_max_out_bytes": skipped,
-        "results": entries,
-    });
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
-    std::fs::write(dir.join("manifest.json"), text).map_err(|e| e.to_string())?;
+    let manifest = Manifest {
+        date: Some(command_line("date", &["-u", "+%Y-%m-%d"])),
+        device: Some(gpu),
+        inputs_and_truth: Some("the CPU case file NAME.safetensors in the folder above".into()),
+        max_out_bytes: Some(MAX_OUT_BYTES),
+        results: Some(entries),
+        skipped_larger_than_max_out_bytes: Some(skipped),
+        // As the committed golden/cuda/manifest.json has it, though the crate moved.
+        ..manifest::base(
+            libtorch,
+            "ci/golden.sh --device cuda -> crates/sdpa-golden --device cuda",
+        )
+    };
+    manifest::write(dir, &manifest)?;
     eprintln!("sdpa-golden: CUDA results into {}", dir.display());
     Ok(())
 }

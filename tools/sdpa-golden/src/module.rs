@@ -14,7 +14,10 @@
 //! ci/golden_nested.py writes them into `golden/nested/` from torch.nested.
 
 use crate::cases::DType;
-use crate::{kind, write, Result, SplitMix64};
+use crate::inputs::{case_rng, normal};
+use crate::torch::{kind, Sdpa};
+use crate::{manifest, write, Result};
+use sdpa_manifest::Manifest;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -85,13 +88,13 @@ struct Drawn {
 }
 
 fn draw(case: &ModuleCase) -> Drawn {
-    let mut rng = SplitMix64::for_case(&case.name, 0);
+    let mut rng = case_rng(&case.name, 0);
     let (b, t, e) = (case.b, case.t, case.e);
     // Weights ~ N(0, 1/E) (nn.Linear's scale), biases ~ N(0, 0.1^2): q.k stays O(1).
     let w_scale = 1.0 / (e as f64).sqrt();
     let mut tensor = |shape: &[usize], scale: f64| {
         let n: usize = shape.iter().product();
-        let values: Vec<f64> = (0..n).map(|_| rng.normal() * scale).collect();
+        let values: Vec<f64> = (0..n).map(|_| normal(&mut rng) * scale).collect();
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         Tensor::from_slice(&values).reshape(&dims)
     };
@@ -118,31 +121,19 @@ fn forward(case: &ModuleCase, w: &Drawn, math: bool) -> std::result::Result<Tens
     let parts = qkv.f_split(e, 2)?;
     let heads = |x: &Tensor| x.f_reshape([b, t, h, e / h])?.f_transpose(1, 2);
     let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
-    let causal = case.causal_applied();
+    let call = Sdpa {
+        q: &q,
+        k: &k,
+        v: &v,
+        mask: None,
+        is_causal: case.causal_applied(),
+        scale: None,
+        enable_gqa: false,
+    };
     let y = if math {
-        Tensor::f_internal_scaled_dot_product_attention_math(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            causal,
-            None::<&Tensor>,
-            None,
-            false,
-        )?
-        .0
+        call.math(0.0, None)?
     } else {
-        Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        )?
+        call.run()?
     };
     let y = y.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, t, e])?;
     y.f_linear(&w.c_proj_weight, Some(&w.c_proj_bias))
@@ -202,39 +193,54 @@ pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> 
         let file = format!("{}.safetensors", case.name);
         let bytes = write::case_file(&dir.join(&file), &tensors, &metadata(case))?;
         total += bytes;
-        entries.push(serde_json::json!({
-            "name": case.name,
-            "file": file,
-            "bytes": bytes,
-            "dtype": case.dtype.name(),
-            "b": case.b, "t": case.t, "e": case.e, "heads": case.heads,
-            "is_causal": case.is_causal,
-            "mode": if case.training { "train" } else { "eval" },
-            "causal_applied": case.causal_applied(),
-            "dropout": 0.0,
+        entries.push(sdpa_manifest::Case::Module(sdpa_manifest::ModuleCase {
+            b: case.b,
+            bytes,
+            causal_applied: case.causal_applied(),
+            dropout: 0.0,
+            dtype: case.dtype.name().to_owned(),
+            e: case.e,
+            file,
+            heads: case.heads,
+            is_causal: case.is_causal,
+            mode: if case.training { "train" } else { "eval" }.to_owned(),
+            name: case.name.clone(),
+            t: case.t,
         }));
     }
-    let manifest = serde_json::json!({
-        "libtorch": libtorch,
-        "tch": "0.24.0",
-        "produced_by": "ci/golden.sh -> crates/sdpa-golden (src/module.rs), libtorch CPU",
-        "module": "the tutorial's CausalSelfAttention: c_attn = Linear(E, 3E), split into q, k, v, view [B, T, H, E/H] and transpose to [B, H, T, E/H], scaled_dot_product_attention (is_causal = training and is_causal; dropout 0), transpose back, view [B, T, E], c_proj = Linear(E, E)",
-        "tensors": {
-            "x": "[B, T, E] in the case dtype",
-            "c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias": "the state_dict, in the case dtype ([3E, E], [3E], [E, E], [E])",
-            "out": "libtorch CPU, every op in the case dtype",
-            "out_f64": "truth: the same ops on the stored tensors upcast to f64, attention through _scaled_dot_product_attention_math",
+    let count = entries.len();
+    manifest::write(
+        dir,
+        &Manifest {
+            case_count: Some(count),
+            cases: Some(entries),
+            metadata: Some(
+                "name, heads, dropout (0), is_causal (the module's flag), mode (train or eval)"
+                    .into(),
+            ),
+            module: Some(
+                "the tutorial's CausalSelfAttention: c_attn = Linear(E, 3E), split into q, k, v, \
+                 view [B, T, H, E/H] and transpose to [B, H, T, E/H], scaled_dot_product_attention \
+                 (is_causal = training and is_causal; dropout 0), transpose back, view [B, T, E], \
+                 c_proj = Linear(E, E)"
+                    .into(),
+            ),
+            tensors: Some(manifest::tensors(&[
+                ("x", "[B, T, E] in the case dtype"),
+                ("c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias", "the state_dict, in the case dtype ([3E, E], [3E], [E, E], [E])"),
+                ("out", "libtorch CPU, every op in the case dtype"),
+                ("out_f64", "truth: the same ops on the stored tensors upcast to f64, attention through _scaled_dot_product_attention_math"),
+            ])),
+            total_bytes: Some(total),
+            // As the committed manifest has it (byte for byte), though the crate moved.
+            ..manifest::base(
+                libtorch,
+                "ci/golden.sh -> crates/sdpa-golden (src/module.rs), libtorch CPU",
+            )
         },
-        "metadata": "name, heads, dropout (0), is_causal (the module's flag), mode (train or eval)",
-        "case_count": entries.len(),
-        "total_bytes": total,
-        "cases": entries,
-    });
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
-    std::fs::write(dir.join("manifest.json"), text).map_err(|e| e.to_string())?;
+    )?;
     eprintln!(
-        "sdpa-golden: {} module cases, {:.2} MB, into {}",
-        entries.len(),
+        "sdpa-golden: {count} module cases, {:.2} MB, into {}",
         total as f64 / 1e6,
         dir.display()
     );

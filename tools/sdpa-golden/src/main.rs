@@ -1,0 +1,190 @@
+//! `sdpa-golden`: regenerates `golden/` through libtorch 2.11 (tch 0.24).
+//!
+//! For every case of [`cases::all`] it draws the inputs from a fixed seed (in Rust,
+//! byte-stable), runs libtorch's CPU `scaled_dot_product_attention` in the case dtype
+//! (`out`, the peer result of the 2x rule), libtorch's math path on the inputs upcast to
+//! f64 (`out_f64`, truth), the log-sum-exp where libtorch returns one (`lse`) and the f64
+//! log-sum-exp of the masked scaled scores (`lse_f64`), and writes one safetensors file
+//! per case plus `manifest.json`. Run it through `ci/golden.sh`, which pins what makes
+//! libtorch reproducible (one thread, MKL's CNR mode, one CPU code path).
+//!
+//! ```text
+//! sdpa-golden [--out DIR] [--device cpu|cuda] [--only SUBSTRING] [--list]
+//! ```
+//! `--device cuda` (a binary built with `SDPA_GOLDEN_CUDA=1`, on a machine with a GPU
+//! and torch 2.11's CUDA libraries) writes `DIR/cuda/`: for every f32/f16/bf16 case,
+//! the result of each PyTorch CUDA backend that accepts it.
+
+mod args;
+mod cases;
+mod cuda;
+mod inputs;
+mod manifest;
+mod module;
+mod torch;
+mod write;
+
+use args::{Args, Device};
+use cases::Case;
+use clap::Parser;
+use sdpa_core::Causal;
+use std::path::Path;
+use tch::Tensor;
+
+type Result<T> = std::result::Result<T, String>;
+
+/// The environment that pins libtorch's CPU arithmetic. Thread counts and the MKL and
+/// oneDNN modes are read when the libraries load, before `main`, so they must come
+/// from the caller (ci/golden.sh sets them).
+pub const PINNED_ENV: [(&str, &str); 5] = [
+    ("OMP_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+    ("MKL_CBWR", "COMPATIBLE"),
+    ("ATEN_CPU_CAPABILITY", "avx2"),
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+];
+
+fn check_env() -> Result<()> {
+    for (name, want) in PINNED_ENV {
+        let have = std::env::var(name).unwrap_or_default();
+        if have != want {
+            return Err(format!(
+                "{name}: expected {want:?}, got {have:?}; run through ci/golden.sh, which pins \
+                 libtorch's threads and CPU code paths so the files come out byte for byte"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `(version, git_version)` of the libtorch this process loaded, read from the wheel's
+/// `torch/version.py` next to the mapped `libtorch_cpu.so`.
+fn libtorch_version() -> Result<(String, String)> {
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("/proc/self/maps: {e}"))?;
+    let lib = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/libtorch_cpu.so"))
+        .ok_or("libtorch_cpu.so is not mapped into this process")?;
+    let torch_dir = Path::new(lib)
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("libtorch_cpu.so has no torch/ folder above it")?;
+    let text = std::fs::read_to_string(torch_dir.join("version.py"))
+        .map_err(|e| format!("{}: {e}", torch_dir.join("version.py").display()))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split('\'').nth(1))
+            .map(str::to_owned)
+            .ok_or(format!("version.py has no {name}"))
+    };
+    let version = field("__version__")?;
+    if !version.starts_with("2.11.0") {
+        return Err(format!(
+            "libtorch: expected 2.11.0 (tch 0.24), got {version}"
+        ));
+    }
+    Ok((version, field("git_version")?))
+}
+
+fn metadata(case: &Case, torch_backend: &str) -> Vec<(String, String)> {
+    let mut m = vec![
+        ("name".to_owned(), case.name.clone()),
+        (
+            "is_causal".to_owned(),
+            (case.causal == Causal::TopLeft).to_string(),
+        ),
+        ("causal".to_owned(), case.causal.name().to_owned()),
+        ("dropout_p".to_owned(), format!("{}", case.dropout.p)),
+        ("seed".to_owned(), case.dropout.seed.to_string()),
+        ("offset".to_owned(), case.dropout.offset.to_string()),
+        ("enable_gqa".to_owned(), case.enable_gqa.to_string()),
+        ("torch_backend".to_owned(), torch_backend.to_owned()),
+    ];
+    if let Some(scale) = case.scale {
+        m.push(("scale".to_owned(), format!("{scale:?}")));
+    }
+    m
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let mut cases = cases::all();
+    let mut names = std::collections::BTreeSet::new();
+    for c in &cases {
+        if !names.insert(c.name.clone()) {
+            return Err(format!("two cases are named {}", c.name));
+        }
+    }
+    let mut module_cases = module::all();
+    if let Some(only) = &args.only {
+        cases.retain(|c| c.name.contains(only.as_str()));
+        module_cases.retain(|c| c.name.contains(only.as_str()));
+    }
+    if args.list {
+        for c in &cases {
+            println!("{}", c.name);
+        }
+        for c in &module_cases {
+            println!("module/{}", c.name);
+        }
+        return Ok(());
+    }
+    check_env()?;
+    tch::set_num_threads(1);
+    tch::set_num_interop_threads(1);
+    let (version, git_version) = libtorch_version()?;
+
+    if args.device == Device::Cuda {
+        return cuda::generate(&cases, &args.out.join("cuda"), &version);
+    }
+
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let mut entries = Vec::new();
+    let mut total = 0usize;
+    for case in &cases {
+        let x = inputs::make_inputs(case);
+        let r = torch::run_cpu(case, &x)?;
+        let mut tensors: Vec<(&str, &Tensor)> = vec![("q", &x.q), ("k", &x.k), ("v", &x.v)];
+        if let Some(m) = &x.stored_mask {
+            tensors.push(("attn_mask", m));
+        }
+        tensors.push(("out", &r.out));
+        tensors.push(("out_f64", &r.out_f64));
+        if let Some(lse) = &r.lse {
+            tensors.push(("lse", lse));
+        }
+        tensors.push(("lse_f64", &r.lse_f64));
+        let file = format!("{}.safetensors", case.name);
+        let bytes = write::case_file(
+            &args.out.join(&file),
+            &tensors,
+            &metadata(case, &r.torch_backend),
+        )?;
+        total += bytes;
+        entries.push(manifest::attention_case(case, &r, &file, bytes));
+    }
+    manifest::write(
+        &args.out,
+        &manifest::dense(&version, &git_version, entries, total),
+    )?;
+    eprintln!(
+        "sdpa-golden: {} cases, {:.2} MB, libtorch {version}, into {}",
+        cases.len(),
+        total as f64 / 1e6,
+        args.out.display()
+    );
+    if !module_cases.is_empty() {
+        module::generate(&module_cases, &args.out.join("module"), &version)?;
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("sdpa-golden: {e}");
+        std::process::exit(1);
+    }
+}
