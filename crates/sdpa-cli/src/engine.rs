@@ -1,11 +1,10 @@
 //! Where computations run: the CPU reference, or a CUDA device when one is found.
 
 use crate::error::CliError;
-use sdpa_core::{check_support, select, Backend, BackendSet, DType, Device, Problem};
-use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
+use sdpa::{Exec, GpuContext, KernelConfig};
+use sdpa_core::{check_support, select, Backend, BackendSet, Device, Problem};
 use sdpa_harness::case::Case;
 use sdpa_harness::run::{self, RunOutput};
-use sdpa_harness::Tensor;
 
 /// `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,9 +63,15 @@ impl Engine {
             gpu: None,
             no_cuda_reason: reason,
         };
+        if requested == DeviceArg::Cpu {
+            return Ok(cpu(None));
+        }
+        // A malformed SDPA_* variable is the user's error, not a reason to fall back.
+        let config = KernelConfig::from_env()?;
+        let open = || GpuContext::with_config(0, config.clone());
         match requested {
             DeviceArg::Cpu => Ok(cpu(None)),
-            DeviceArg::Auto => Ok(match GpuContext::new(0) {
+            DeviceArg::Auto => Ok(match open() {
                 Ok(gpu) => Engine {
                     device: Device::Cuda,
                     gpu: Some(gpu),
@@ -74,7 +79,7 @@ impl Engine {
                 },
                 Err(e) => cpu(Some(e.to_string())),
             }),
-            DeviceArg::Cuda => match GpuContext::new(0) {
+            DeviceArg::Cuda => match open() {
                 Ok(gpu) => Ok(Engine {
                     device: Device::Cuda,
                     gpu: Some(gpu),
@@ -112,72 +117,22 @@ impl Engine {
         })
     }
 
+    /// Where calls run, with only `backend` enabled.
+    pub fn exec(&self, backend: Backend) -> Exec<'_> {
+        let exec = match &self.gpu {
+            Some(gpu) => Exec::cuda(gpu),
+            None => Exec::cpu(),
+        };
+        exec.with_backends(BackendSet::only(backend))
+    }
+
     /// Runs `case` with `backend` (which must support it here).
     pub fn run(&self, backend: Backend, case: &Case) -> Result<RunOutput, CliError> {
-        match &self.gpu {
-            None if backend == Backend::Math => Ok(run::run_reference(case)?),
-            None => Err(CliError::Usage(format!(
+        if self.gpu.is_none() && backend != Backend::Math {
+            return Err(CliError::Usage(format!(
                 "--backend: expected a backend that runs on the cpu (math), got {backend}"
-            ))),
-            Some(gpu) => run_cuda(gpu, backend, case),
+            )));
         }
-    }
-}
-
-fn cuda_typed<T: DeviceElement>(
-    gpu: &GpuContext,
-    backend: Backend,
-    case: &Case,
-    [q, k, v]: [&ndarray::ArrayD<T>; 3],
-    mask: Option<HostMask<'_, T>>,
-    wrap: fn(ndarray::ArrayD<T>) -> Tensor,
-) -> Result<RunOutput, CliError> {
-    let r = gpu.sdpa_host(
-        four("q", q)?,
-        four("k", k)?,
-        four("v", v)?,
-        mask.as_ref(),
-        &case.options,
-        BackendSet::only(backend),
-    )?;
-    Ok(RunOutput {
-        out: wrap(r.out.into_dyn()),
-        lse: r.lse.into_dyn(),
-    })
-}
-
-fn four<'a, T>(
-    name: &str,
-    a: &'a ndarray::ArrayD<T>,
-) -> Result<ndarray::ArrayView4<'a, T>, CliError> {
-    a.view()
-        .into_dimensionality::<ndarray::Ix4>()
-        .map_err(|_| CliError::Usage(format!("{name}: expected 4 dims, got {}", a.ndim())))
-}
-
-/// Runs a case on the GPU in its own dtype.
-fn run_cuda(gpu: &GpuContext, backend: Backend, case: &Case) -> Result<RunOutput, CliError> {
-    let problem = run::problem(case)?;
-    macro_rules! dispatch {
-        ($variant:ident) => {{
-            let (Tensor::$variant(q), Tensor::$variant(k), Tensor::$variant(v)) =
-                (&case.q, &case.k, &case.v)
-            else {
-                unreachable!("run::problem checked that q, k, v share a dtype")
-            };
-            let mask = match &case.attn_mask {
-                Some(Tensor::$variant(m)) => Some(HostMask::Additive(m.view())),
-                Some(Tensor::Bool(b)) => Some(HostMask::Bool(b.view())),
-                None => None,
-                Some(_) => unreachable!("run::problem checked the mask dtype"),
-            };
-            cuda_typed(gpu, backend, case, [q, k, v], mask, Tensor::$variant)
-        }};
-    }
-    match problem.dtype {
-        DType::F64 => dispatch!(F64),
-        DType::F32 => dispatch!(F32),
-        DType::F16 => dispatch!(F16),
-        DType::BF16 => dispatch!(BF16),
+        Ok(run::run_case(case, &self.exec(backend))?)
     }
 }

@@ -24,6 +24,18 @@ pub enum HarnessError {
     /// The specification rejects the call the case describes.
     #[error(transparent)]
     Sdpa(#[from] SdpaError),
+    /// The call failed on its device (no backend there, a CUDA failure).
+    #[error(transparent)]
+    Run(sdpa::Error),
+}
+
+impl From<sdpa::Error> for HarnessError {
+    fn from(e: sdpa::Error) -> Self {
+        match e {
+            sdpa::Error::Spec(spec) => HarnessError::Sdpa(spec),
+            other => HarnessError::Run(other),
+        }
+    }
 }
 
 impl HarnessError {

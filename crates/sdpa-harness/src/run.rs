@@ -5,7 +5,7 @@ use crate::error::{HarnessError, Result};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, ArrayView4, ArrayViewD, Ix4};
 use sdpa_core::{DType, Layout, MaskDesc, MaskKind, Problem, TensorDesc};
-use sdpa_ref::{Element, Mask};
+use sdpa::Exec;
 
 /// Output and log-sum-exp of one run.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,32 +58,37 @@ pub fn problem(case: &Case) -> Result<Problem> {
     )?)
 }
 
-fn typed<T: Element>(
-    q: &ArrayD<T>,
-    k: &ArrayD<T>,
-    v: &ArrayD<T>,
-    mask: Option<Mask<'_, T>>,
+fn typed<T: sdpa::Elem>(
+    [q, k, v]: [&ArrayD<T>; 3],
+    mask: Option<sdpa::Mask<'_, T>>,
     case: &Case,
+    exec: &Exec<'_>,
     wrap: fn(ArrayD<T>) -> Tensor,
 ) -> Result<RunOutput> {
-    let r = sdpa_ref::sdpa(
-        four_d("q", q.view())?,
-        four_d("k", k.view())?,
-        four_d("v", v.view())?,
+    let r = sdpa::attention(
+        sdpa::Tensor::Host(four_d("q", q.view())?),
+        sdpa::Tensor::Host(four_d("k", k.view())?),
+        sdpa::Tensor::Host(four_d("v", v.view())?),
         mask,
         &case.options,
+        exec,
     )?;
+    let (Some(out), Some(lse)) = (r.out.into_host(), r.lse.into_host()) else {
+        unreachable!("host arrays in, host arrays out")
+    };
     Ok(RunOutput {
-        out: wrap(r.out.into_dyn()),
-        lse: r.lse.into_dyn(),
+        out: wrap(out.into_dyn()),
+        lse: lse.into_dyn(),
     })
 }
 
-/// Runs the case through the reference in its own dtype.
+/// Runs the case in its own dtype on `exec` (the CPU reference, or a CUDA device with
+/// the backends it enables): the one per-dtype dispatch of the workspace's case runners.
 ///
 /// # Errors
-/// Everything the specification rejects (mismatched dtypes, shapes, masks, options).
-pub fn run_reference(case: &Case) -> Result<RunOutput> {
+/// Everything the specification rejects (mismatched dtypes, shapes, masks, options), no
+/// enabled backend for the case on that device, CUDA failures.
+pub fn run_case(case: &Case, exec: &Exec<'_>) -> Result<RunOutput> {
     problem(case)?;
     macro_rules! dispatch {
         ($variant:ident) => {{
@@ -93,12 +98,12 @@ pub fn run_reference(case: &Case) -> Result<RunOutput> {
                 unreachable!("problem() checked that q, k, v share a dtype")
             };
             let mask = match &case.attn_mask {
-                Some(Tensor::$variant(m)) => Some(Mask::Additive(m.view())),
-                Some(Tensor::Bool(b)) => Some(Mask::Bool(b.view())),
+                Some(Tensor::$variant(m)) => Some(sdpa::Mask::Additive(m.view())),
+                Some(Tensor::Bool(b)) => Some(sdpa::Mask::Bool(b.view())),
                 None => None,
                 Some(_) => unreachable!("problem() checked the mask dtype"),
             };
-            typed(q, k, v, mask, case, Tensor::$variant)
+            typed([q, k, v], mask, case, exec, Tensor::$variant)
         }};
     }
     match case.q.dtype() {
@@ -108,6 +113,14 @@ pub fn run_reference(case: &Case) -> Result<RunOutput> {
         Some(DType::BF16) => dispatch!(BF16),
         None => unreachable!("problem() checked that q is floating point"),
     }
+}
+
+/// Runs the case through the CPU reference in its own dtype.
+///
+/// # Errors
+/// Everything the specification rejects (mismatched dtypes, shapes, masks, options).
+pub fn run_reference(case: &Case) -> Result<RunOutput> {
+    run_case(case, &Exec::cpu())
 }
 
 /// The case with q, k, v and an additive mask widened (exactly) to f64.
