@@ -11,31 +11,61 @@ use sdpa_core::DType;
 use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
 
-/// Embedded kernel sources, by file name.
-pub const SOURCES: [(&str, &str); 8] = [
-    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+/// Embedded kernel sources, by path relative to `kernels/`.
+pub const SOURCES: [(&str, &str); 14] = [
     (
-        "sdpa_params.cuh",
-        include_str!("../../../kernels/sdpa_params.cuh"),
+        "common/dtype.cuh",
+        include_str!("../../../kernels/common/dtype.cuh"),
     ),
     (
-        "attn_fwd_tc.cu",
-        include_str!("../../../kernels/attn_fwd_tc.cu"),
+        "common/epilogue.cuh",
+        include_str!("../../../kernels/common/epilogue.cuh"),
     ),
     (
-        "attn_fwd_simt.cu",
-        include_str!("../../../kernels/attn_fwd_simt.cu"),
-    ),
-    ("math.cu", include_str!("../../../kernels/math.cu")),
-    ("wgmma.cuh", include_str!("../../../kernels/wgmma.cuh")),
-    (
-        "tensor_core.cuh",
-        include_str!("../../../kernels/tensor_core.cuh"),
+        "common/load.cuh",
+        include_str!("../../../kernels/common/load.cuh"),
     ),
     (
-        "attn_fwd_wgmma.cu",
-        include_str!("../../../kernels/attn_fwd_wgmma.cu"),
+        "common/mask.cuh",
+        include_str!("../../../kernels/common/mask.cuh"),
     ),
+    (
+        "common/params.cuh",
+        include_str!("../../../kernels/common/params.cuh"),
+    ),
+    (
+        "common/philox.cuh",
+        include_str!("../../../kernels/common/philox.cuh"),
+    ),
+    (
+        "common/seqlen.cuh",
+        include_str!("../../../kernels/common/seqlen.cuh"),
+    ),
+    (
+        "common/softmax.cuh",
+        include_str!("../../../kernels/common/softmax.cuh"),
+    ),
+    (
+        "common/wgmma.cuh",
+        include_str!("../../../kernels/common/wgmma.cuh"),
+    ),
+    (
+        "fwd/attn_fwd_tc.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_tc.cu"),
+    ),
+    (
+        "fwd/attn_fwd_simt.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_simt.cu"),
+    ),
+    (
+        "fwd/attn_fwd_wgmma.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_wgmma.cu"),
+    ),
+    (
+        "math/math.cu",
+        include_str!("../../../kernels/math/math.cu"),
+    ),
+    ("nn/nn.cu", include_str!("../../../kernels/nn/nn.cu")),
 ];
 
 /// Padded head dims of the tensor-core kernel: every E (and Ev) up to 256 rounds up to
@@ -43,7 +73,7 @@ pub const SOURCES: [(&str, &str); 8] = [
 /// down; the padding is zero-filled in shared memory and never stored.
 pub const TC_HEAD_DIMS: [u32; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
 
-/// Padded head dims of the Hopper kernel (`attn_fwd_wgmma.cu`): every E (and Ev) up to
+/// Padded head dims of the Hopper kernel (`fwd/attn_fwd_wgmma.cu`): every E (and Ev) up to
 /// 128 rounds up to the next of these (one swizzled column block of 64, 128 bytes, or
 /// two of 128).
 pub const WG_HEAD_DIMS: [u32; 3] = [32, 64, 128];
@@ -390,10 +420,10 @@ impl KernelSpec {
     /// The source file this specialisation compiles.
     pub fn source_name(&self) -> &'static str {
         match self {
-            KernelSpec::Tc { .. } => "attn_fwd_tc.cu",
-            KernelSpec::Simt { .. } => "attn_fwd_simt.cu",
-            KernelSpec::Wg { .. } => "attn_fwd_wgmma.cu",
-            KernelSpec::Math { .. } => "math.cu",
+            KernelSpec::Tc { .. } => "fwd/attn_fwd_tc.cu",
+            KernelSpec::Simt { .. } => "fwd/attn_fwd_simt.cu",
+            KernelSpec::Wg { .. } => "fwd/attn_fwd_wgmma.cu",
+            KernelSpec::Math { .. } => "math/math.cu",
         }
     }
 
@@ -507,21 +537,30 @@ impl KernelSpec {
     }
 }
 
-/// `name`'s source with every `#include "x.cuh"` replaced by the embedded file (once
-/// each) and `#pragma once` dropped, so NVRTC sees one self-contained translation unit.
-/// Files of `$SDPA_KERNEL_DIR` replace the embedded ones (see [`source_override`]).
-pub fn expanded_source(name: &str) -> String {
+/// `name`'s source (a path relative to `kernels/`) with every `#include "x.cuh"` (also
+/// relative to `kernels/`) replaced by the embedded file (once each) and `#pragma once`
+/// dropped, so NVRTC sees one self-contained translation unit. Files of
+/// `$SDPA_KERNEL_DIR` replace the embedded ones (see [`source_override`]).
+///
+/// # Errors
+/// [`CudaError::Compile`] when `name` or a file it includes is not in [`SOURCES`].
+pub fn expanded_source(name: &str) -> Result<String> {
     let dir = std::env::var_os("SDPA_KERNEL_DIR").map(PathBuf::from);
     expanded_source_from(name, dir.as_deref())
 }
 
-fn expanded_source_from(name: &str, dir: Option<&Path>) -> String {
-    fn expand(name: &str, dir: Option<&Path>, seen: &mut Vec<String>, out: &mut String) {
+fn expanded_source_from(name: &str, dir: Option<&Path>) -> Result<String> {
+    fn expand(
+        name: &str,
+        dir: Option<&Path>,
+        seen: &mut Vec<String>,
+        out: &mut String,
+    ) -> std::result::Result<(), String> {
         let embedded = SOURCES
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, t)| *t)
-            .unwrap_or_else(|| panic!("kernels/{name} is not embedded"));
+            .ok_or_else(|| format!("kernels/{name} is not one of the embedded sources"))?;
         let text = source_override(dir, name).unwrap_or_else(|| embedded.to_string());
         for line in text.lines() {
             let trimmed = line.trim();
@@ -532,20 +571,27 @@ fn expanded_source_from(name: &str, dir: Option<&Path>) -> String {
                 let inc = rest.trim_end_matches('"');
                 if !seen.iter().any(|s| s == inc) {
                     seen.push(inc.to_string());
-                    expand(inc, dir, seen, out);
+                    expand(inc, dir, seen, out)
+                        .map_err(|e| format!("{e}\n  included by kernels/{name}"))?;
                 }
                 continue;
             }
             out.push_str(line);
             out.push('\n');
         }
+        Ok(())
     }
     let mut out = String::new();
-    expand(name, dir, &mut vec![name.to_string()], &mut out);
-    out
+    expand(name, dir, &mut vec![name.to_string()], &mut out).map_err(|log| CudaError::Compile {
+        kernel: format!("kernels/{name}"),
+        arch: "any arch".to_string(),
+        log,
+    })?;
+    Ok(out)
 }
 
-/// `SDPA_KERNEL_DIR`: a folder whose `name` replaces the embedded source at run time
+/// `SDPA_KERNEL_DIR`: a folder mirroring `kernels/` whose `name` (a path inside it, e.g.
+/// `common/mask.cuh`) replaces the embedded source at run time
 /// (the planted-bug runs of `ci/planted-bugs.sh` patch a copy of `kernels/` and point
 /// here, so no rebuild is needed). Files the folder lacks stay embedded. The disk cache
 /// is keyed by the expanded source, so patched kernels never meet stale binaries.
@@ -609,7 +655,7 @@ pub struct Compiled {
 /// log (a warning) is an error: the kernels compile clean or not at all.
 pub fn compile(spec: &KernelSpec, arch: u32, cache_dir: Option<&Path>) -> Result<Compiled> {
     let (major, minor) = nvrtc_version()?;
-    let source = expanded_source(spec.source_name());
+    let source = expanded_source(spec.source_name())?;
     let options = spec.options(arch);
     let joined = options.join(" ");
     let version = format!("nvrtc {major}.{minor}");
@@ -700,6 +746,24 @@ pub(crate) fn nvrtc_cubin(
     outcome
 }
 
+/// PTX of one translation unit, for `options` as [`compile`] passes them (a real `sm_`
+/// target compiles as its `compute_` twin, whose PTX is what the cubin is built from):
+/// `ci/ptx-compare.sh` diffs it between revisions. `Err` carries the log.
+#[doc(hidden)]
+pub fn nvrtc_ptx(source: &str, options: &[String]) -> std::result::Result<String, String> {
+    let options = options
+        .iter()
+        .map(|o| o.replace("--gpu-architecture=sm_", "--gpu-architecture=compute_"))
+        .collect();
+    let opts = cudarc::nvrtc::CompileOptions {
+        options,
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map(|ptx| ptx.to_src())
+        .map_err(|e| format!("{e:?}"))
+}
+
 /// The disk cache directory: `$SDPA_CUDA_CACHE`, else `$XDG_CACHE_HOME/sdpa-cuda`, else
 /// `$HOME/.cache/sdpa-cuda`; `None` when none is set or `SDPA_CUDA_CACHE` is empty.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -721,17 +785,21 @@ mod tests {
     #[test]
     fn includes_are_expanded_once_and_pragma_once_dropped() {
         for name in [
-            "attn_fwd_tc.cu",
-            "attn_fwd_simt.cu",
-            "math.cu",
-            "attn_fwd_wgmma.cu",
+            "fwd/attn_fwd_tc.cu",
+            "fwd/attn_fwd_simt.cu",
+            "math/math.cu",
+            "fwd/attn_fwd_wgmma.cu",
         ] {
-            let src = expanded_source(name);
+            let src = expanded_source(name).unwrap();
             assert!(!src.contains("#include"), "{name}");
             assert!(!src.contains("#pragma once"), "{name}");
             assert_eq!(src.matches("struct SdpaParams {").count(), 1, "{name}");
-            assert_eq!(src.matches("philox4x32_10(uint4").count(), 1, "{name}");
+            assert!(src.matches("philox4x32_10(uint4").count() <= 1, "{name}");
+            assert!(src.matches("struct KeyRange {").count() <= 1, "{name}");
         }
+        let tc = expanded_source("fwd/attn_fwd_tc.cu").unwrap();
+        assert_eq!(tc.matches("philox4x32_10(uint4").count(), 1);
+        assert_eq!(tc.matches("struct SeqLens {").count(), 1);
     }
 
     #[test]
@@ -868,12 +936,34 @@ mod tests {
     fn source_override_replaces_named_files_only() {
         let dir = std::env::temp_dir().join(format!("sdpa-kernel-dir-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("math.cu"), "// planted\n").unwrap();
-        let math = expanded_source_from("math.cu", Some(&dir));
-        let tc = expanded_source_from("attn_fwd_tc.cu", Some(&dir));
+        std::fs::create_dir_all(dir.join("math")).unwrap();
+        std::fs::create_dir_all(dir.join("common")).unwrap();
+        std::fs::write(dir.join("math/math.cu"), "// planted\n").unwrap();
+        std::fs::write(dir.join("common/mask.cuh"), "// planted mask\n").unwrap();
+        let math = expanded_source_from("math/math.cu", Some(&dir)).unwrap();
+        let tc = expanded_source_from("fwd/attn_fwd_tc.cu", Some(&dir)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(math, "// planted\n");
         assert!(tc.contains("SDPA_KERNEL"));
+        assert!(tc.contains("// planted mask\n"));
+        assert!(!tc.contains("struct KeyRange"));
+    }
+
+    #[test]
+    fn an_include_of_a_file_not_embedded_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("sdpa-kernel-inc-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("math")).unwrap();
+        std::fs::write(
+            dir.join("math/math.cu"),
+            "#include \"common/dtype.cuh\"\n#include \"common/nowhere.cuh\"\n",
+        )
+        .unwrap();
+        let result = expanded_source_from("math/math.cu", Some(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("kernels/common/nowhere.cuh"), "{err}");
+        assert!(err.contains("included by kernels/math/math.cu"), "{err}");
+        assert!(expanded_source_from("fwd/nowhere.cu", None).is_err());
     }
 
     #[test]

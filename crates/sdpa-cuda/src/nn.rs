@@ -15,12 +15,8 @@ use sdpa_core::{DType, Dropout, Layout};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-const NN_SOURCE: &str = include_str!("../../../kernels/nn.cu");
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
-
-fn nn_source() -> String {
-    // One translation unit: common.cuh inlined (NVRTC has no file system here).
-    NN_SOURCE.replace("#include \"common.cuh\"", COMMON)
+fn nn_source() -> Result<String> {
+    crate::kernels::expanded_source("nn/nn.cu")
 }
 
 fn nn_dtype_code(dtype: DType) -> u32 {
@@ -32,13 +28,13 @@ fn nn_dtype_code(dtype: DType) -> u32 {
     }
 }
 
-/// Compiles `kernels/nn.cu` for every dtype to `sm_{arch}` machine code, failing on any
+/// Compiles `kernels/nn/nn.cu` for every dtype to `sm_{arch}` machine code, failing on any
 /// error or warning: what CI's NVRTC check runs for these kernels (no GPU needed).
 ///
 /// # Errors
 /// [`CudaError::Compile`] with NVRTC's log.
 pub fn compile_check(arch: u32) -> Result<()> {
-    let source = nn_source();
+    let source = nn_source()?;
     for dtype in DType::ALL {
         let options = vec![
             format!("--gpu-architecture=sm_{arch}"),
@@ -56,7 +52,7 @@ pub fn compile_check(arch: u32) -> Result<()> {
     Ok(())
 }
 
-/// The elementwise kernels of `kernels/nn.cu`, compiled per dtype on first use.
+/// The elementwise kernels of `kernels/nn/nn.cu`, compiled per dtype on first use.
 #[derive(Default)]
 pub struct NnKernels {
     modules: Mutex<HashMap<DType, Arc<CudaModule>>>,
@@ -74,7 +70,7 @@ impl NnKernels {
         let module = match modules.get(&dtype) {
             Some(m) => m.clone(),
             None => {
-                let source = nn_source();
+                let source = nn_source()?;
                 let code = nn_dtype_code(dtype);
                 let options = cudarc::nvrtc::CompileOptions {
                     options: vec![

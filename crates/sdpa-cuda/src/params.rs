@@ -1,9 +1,9 @@
-//! The kernels' one parameter struct, mirrored from `kernels/sdpa_params.cuh`.
+//! The kernels' one parameter struct, mirrored from `kernels/common/params.cuh`.
 
 use cudarc::driver::DeviceRepr;
 use sdpa_core::{Causal, MaskKind, Problem};
 
-/// `struct SdpaParams` of `kernels/sdpa_params.cuh`, field for field. Device addresses
+/// `struct SdpaParams` of `kernels/common/params.cuh`, field for field. Device addresses
 /// are plain `u64`; strides count elements.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -132,7 +132,7 @@ mod tests {
     }
 
     fn cuh_fields() -> Vec<String> {
-        let src = include_str!("../../../kernels/sdpa_params.cuh");
+        let src = include_str!("../../../kernels/common/params.cuh");
         let body = src
             .split("struct SdpaParams {")
             .nth(1)
@@ -157,9 +157,8 @@ mod tests {
     fn params_layout_matches_cuh() {
         assert_eq!(rust_fields(), cuh_fields());
         assert_eq!(std::mem::size_of::<SdpaParams>(), 336);
-        assert!(
-            include_str!("../../../kernels/sdpa_params.cuh").contains("sizeof(SdpaParams) == 336")
-        );
+        assert!(include_str!("../../../kernels/common/params.cuh")
+            .contains("sizeof(SdpaParams) == 336"));
         assert_eq!(std::mem::offset_of!(SdpaParams, dropout_threshold), 256);
         assert_eq!(std::mem::offset_of!(SdpaParams, scale), 264);
         assert_eq!(std::mem::offset_of!(SdpaParams, batch), 280);

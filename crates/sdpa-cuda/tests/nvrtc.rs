@@ -51,7 +51,7 @@ fn module_kernels_compile_clean_for_sm80_and_sm90() {
     nvrtc_version().expect("libnvrtc loads");
     for arch in [80, 90] {
         if let Err(e) = sdpa_cuda::nn::compile_check(arch) {
-            panic!("kernels/nn.cu for sm_{arch}: {e}");
+            panic!("kernels/nn/nn.cu for sm_{arch}: {e}");
         }
     }
 }

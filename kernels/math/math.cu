@@ -7,8 +7,10 @@
 // Compile-time: SDPA_DTYPE, SDPA_KERNEL_GATHER, SDPA_KERNEL_SOFTMAX. Scores are acc_t
 // (f64 for f64, else f32); probabilities are elem_t, written over the scores row with the
 // same byte pitch (row `i` of P starts where row `i` of the scores starts).
-#include "common.cuh"
-#include "sdpa_params.cuh"
+#include "common/dtype.cuh"
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
 
 // which: 0 q [B, Hq, L, E], 1 k [B, Hq, S, E] (head h reads kv head h / group),
 // 2 v [B, Hq, S, Ev].
@@ -68,7 +70,7 @@ __device__ __forceinline__ acc_t masked_score(const SdpaParams& p, const acc_t* 
     if (j >= limit) return acc_neg_inf();
     acc_t x = row[j] * (acc_t)p.scale;
     if (p.mask_kind != 0) {
-        const i64 at = b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_l + j * p.mask_stride_s;
+        const i64 at = mask_offset(p, b, h, i, j);
         if (p.mask_kind == 1) {
             if (((const unsigned char*)p.mask)[at] == 0) x = acc_neg_inf();
         } else {
@@ -88,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const Sdpa
     const u64 row_index = ((u64)b * p.heads_q + h) * p.len_q + i;
     acc_t* row = (acc_t*)scores + row_index * len;
     elem_t* probs = (elem_t*)row;
-    const int limit = key_limit(p.causal, i, p.len_q, len);
+    const int limit = row_keys(p.causal, i, p.len_q, len).hi;
 
     acc_t mx = acc_neg_inf();
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
