@@ -20,26 +20,28 @@ import os
 import shutil
 import sys
 
-# (id, category from the issue, kernel file, [(old, new), ...], what the patch does)
+# (id, category from the issue, kernel file (relative to kernels/), [(old, new), ...], what
+# the patch does). A bug meant for one kernel patches that kernel's call of a shared
+# piece (kernels/common/), not the piece, so the other kernels stay correct.
 BUGS = [
     (
         "causal-off-by-one",
         "off-by-one in the causal bound",
-        "common.cuh",
+        "common/mask.cuh",
         [("if (causal == 1) return min(i + 1, len_kv);", "if (causal == 1) return min(i, len_kv);")],
         "top-left causal lets query i see keys j < i instead of j <= i (every fused kernel)",
     ),
     (
         "causal-mask-compare-wgmma",
         "off-by-one in the causal bound",
-        "attn_fwd_wgmma.cu",
-        [("if (j >= key_limit(p.causal", "if (j > key_limit(p.causal")],
+        "fwd/attn_fwd_wgmma.cu",
+        [("if (j >= row_keys(p.causal", "if (j > row_keys(p.causal")],
         "the Hopper kernel's bound check keeps key j == limit (one key too many on every bounded row)",
     ),
     (
         "scale-twice-wgmma",
         "scale applied twice",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [
             ("const float c = pos_scale ? p.scale_log2 : 1.f;", "const float c = pos_scale ? p.scale_log2 * (float)p.scale : 1.f;"),
             ("sm[i] *= p.scale_log2;", "sm[i] *= p.scale_log2 * (float)p.scale;"),
@@ -49,17 +51,17 @@ BUGS = [
     (
         "scale-twice-tc",
         "scale applied twice",
-        "attn_fwd_tc.cu",
+        "fwd/attn_fwd_tc.cu",
         [("float x = s[mi][nt][e] * p.scale_log2;", "float x = s[mi][nt][e] * p.scale_log2 * (float)p.scale;")],
         "the mma.sync kernel (masks, dropout, sm_80) multiplies the scores by the scale twice",
     ),
     (
         "softmax-no-max-wgmma",
         "softmax without max subtraction",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [
             (
-                "base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;\n"
+                "base[r] = exp_base(new_max);\n"
                 "                alpha[m][r] = fast_exp2(row_max[m][r] - base[r]);\n"
                 "                row_max[m][r] = new_max;",
                 "base[r] = 0.f;\n                alpha[m][r] = 1.f;\n                row_max[m][r] = 0.f;",
@@ -70,10 +72,10 @@ BUGS = [
     (
         "softmax-no-max-tc",
         "softmax without max subtraction",
-        "attn_fwd_tc.cu",
+        "fwd/attn_fwd_tc.cu",
         [
             (
-                "const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;\n"
+                "const float base = exp_base(new_max);\n"
                 "                const float alpha = fast_exp2(row_max[mi][r] - base);\n"
                 "                row_max[mi][r] = new_max;",
                 "const float base = 0.f;\n                const float alpha = 1.f;\n"
@@ -85,63 +87,63 @@ BUGS = [
     (
         "dropout-no-rescale-tc",
         "dropout without 1/(1-p)",
-        "attn_fwd_tc.cu",
-        [("const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;", "const float inv = sum > 0.f ? 1.f / sum : 0.f;")],
+        "fwd/attn_fwd_tc.cu",
+        [("const float inv = out_scale(sum, p.keep_scale);", "const float inv = out_scale(sum, 1.0);")],
         "kept weights are not scaled by 1/(1-p) (tensor-core dropout path)",
     ),
     (
         "dropout-no-rescale-simt",
         "dropout without 1/(1-p)",
-        "attn_fwd_simt.cu",
-        [("const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;", "const float inv = sum > 0.f ? 1.f / sum : 0.f;")],
+        "fwd/attn_fwd_simt.cu",
+        [("const float inv = out_scale(sum, p.keep_scale);", "const float inv = out_scale(sum, 1.0);")],
         "the same in the f32 kernel",
     ),
     (
         "gqa-head-map-wgmma",
         "wrong GQA head map",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [("const int hk = h / p.group;", "const int hk = h % p.heads_kv;")],
         "query head h reads kv head h mod Hkv (interleaved) instead of h / group (blocked)",
     ),
     (
         "gqa-head-map-tc",
         "wrong GQA head map",
-        "attn_fwd_tc.cu",
+        "fwd/attn_fwd_tc.cu",
         [("const int hk = h / p.group;", "const int hk = h % p.heads_kv;")],
         "the same in the mma.sync kernel",
     ),
     (
         "mask-wrong-axis-tc",
         "mask broadcast on the wrong axis",
-        "attn_fwd_tc.cu",
-        [("const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +", "const i64 at = h * p.mask_stride_b + b * p.mask_stride_h +")],
+        "fwd/attn_fwd_tc.cu",
+        [("x = masked_log2(p, b, h, rr, j, x);", "x = masked_log2(p, h, b, rr, j, x);")],
         "batch and head strides of the mask swapped: a per-head mask broadcast over heads, a per-batch one read by head",
     ),
     (
         "mask-wrong-axis-simt",
         "mask broadcast on the wrong axis",
-        "attn_fwd_simt.cu",
-        [("const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +", "const i64 at = h * p.mask_stride_b + b * p.mask_stride_h +")],
+        "fwd/attn_fwd_simt.cu",
+        [("x = masked_log2(p, b, h, i, j, x);", "x = masked_log2(p, h, b, i, j, x);")],
         "the same in the f32 kernel",
     ),
     (
         "tail-tile-unwritten-wgmma",
         "a tail tile left unwritten",
-        "attn_fwd_wgmma.cu",
-        [("if (m0 >= len_q) return;", "if (m0 + BM > len_q) return;")],
+        "fwd/attn_fwd_wgmma.cu",
+        [("if (m0 >= seq.len_q) return;", "if (m0 + BM > seq.len_q) return;")],
         "the last, partial block of query rows returns without writing its output",
     ),
     (
         "tail-tile-unwritten-tc",
         "a tail tile left unwritten",
-        "attn_fwd_tc.cu",
-        [("if (m0 >= len_q) return;", "if (m0 + BM > len_q) return;")],
+        "fwd/attn_fwd_tc.cu",
+        [("if (m0 >= seq.len_q) return;", "if (m0 + BM > seq.len_q) return;")],
         "the same in the mma.sync kernel",
     ),
     (
         "missing-barrier-wgmma",
         "a missing barrier",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [("    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");\n    __syncthreads();",
           "    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");")],
         "no CTA barrier between the K/V tile loads and the wgmma's that read them (nor before the buffers are refilled)",
@@ -149,7 +151,7 @@ BUGS = [
     (
         "missing-barrier-tc",
         "a missing barrier",
-        "attn_fwd_tc.cu",
+        "fwd/attn_fwd_tc.cu",
         [("        cp_async_wait<1>();\n        __syncthreads();\n        if (t + 1 < n_tiles)\n            load_tile<BN>(s_v",
           "        cp_async_wait<1>();\n        if (t + 1 < n_tiles)\n            load_tile<BN>(s_v")],
         "no barrier before the V tile is read and the next one loaded over the other buffer",
@@ -157,22 +159,22 @@ BUGS = [
     (
         "no-rescale-wgmma",
         "(extra) online softmax: accumulator not rescaled",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [("for (int i = 0; i < D / 2; ++i) o[m][i] *= alpha[m][(i >> 1) & 1];", "")],
         "O is not multiplied by exp2(old max - new max) when a later key tile raises the row max",
     ),
     (
         "unswizzled-store-wgmma",
         "(extra) shared-memory layout disagrees with the wgmma descriptor",
-        "attn_fwd_wgmma.cu",
+        "fwd/attn_fwd_wgmma.cu",
         [("((cc ^ ((r * RB >> 7) & SW_MASK)) << 4)", "(cc << 4)")],
         "tiles stored without the XOR swizzle the descriptors declare",
     ),
     (
         "lse-without-max-wgmma",
         "(extra) log-sum-exp off by the row max",
-        "attn_fwd_wgmma.cu",
-        [("row_max[m][r] * SDPA_LN2 + logf(sum)", "logf(sum)")],
+        "fwd/attn_fwd_wgmma.cu",
+        [("row_lse(sum, row_max[m][r])", "row_lse(sum, 0.f)")],
         "the log-sum-exp output drops the running max (the output itself stays right)",
     ),
 ]

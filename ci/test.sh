@@ -21,7 +21,7 @@ cargo test --workspace
 step "goldens: regenerate through libtorch 2.11 and compare bytes (ci/golden.sh --check)"
 bash ci/golden.sh --check
 step "kernels: generated wgmma wrappers current, planted-bug catalogue applies (ci/planted_bugs.py)"
-python3 ci/gen_wgmma.py | cmp - kernels/wgmma.cuh
+python3 ci/gen_wgmma.py | cmp - kernels/common/wgmma.cuh
 python3 ci/planted_bugs.py check kernels
 step "kernels: compile every variant with NVRTC for sm_80 and sm_90, the Hopper kernel for sm_90a (ci/nvrtc.sh)"
 bash ci/nvrtc.sh

@@ -8,7 +8,7 @@
 //!   strides and `Ev != E` for f16/bf16; a scalar kernel for f32.
 //! - **math**: two cuBLAS GEMMs around a softmax kernel, every dtype including f64.
 //!
-//! Kernels (`kernels/*.cu`) are embedded, compiled with NVRTC for the device's arch on
+//! Kernels (`kernels/*/*.cu`) are embedded, compiled with NVRTC for the device's arch on
 //! first use, and cached in memory and on disk. cudarc loads the CUDA libraries at run
 //! time, so this crate builds (and `GpuContext::new` returns an error naming the
 //! missing library) on a machine without CUDA. Varlen (`cu_seqlens`) is a mode of the

@@ -1,4 +1,4 @@
-//! The kernels' parameter family, mirrored from `kernels/sdpa_params.cuh`:
+//! The kernels' parameter family, mirrored from `kernels/common/params.cuh`:
 //! [`FwdParams`] for every forward kernel and [`BwdParams`] extending it for the
 //! backward (FlashAttention's `Flash_bwd_params : Flash_fwd_params`), with
 //! `#[repr(i32)]` codes for the run-time switches. One builder,
@@ -111,7 +111,7 @@ pub struct FwdParams {
 // byte for byte (checked by `params_layout_matches_cuh` and a static_assert).
 unsafe impl DeviceRepr for FwdParams {}
 
-/// `struct BwdParams : FwdParams` of `kernels/sdpa_params.cuh`: the forward's fields
+/// `struct BwdParams : FwdParams` of `kernels/common/params.cuh`: the forward's fields
 /// (the problem, q, k, v, out, lse) and the gradients'. `softmax_d` is the f32 row sum
 /// `D = rowsum(dout * out)`, `dq_accum` an f32 accumulator for `dq`, both `[B, Hq, L]`
 /// / `[B, Hq, L, E]` contiguous scratch.
@@ -318,7 +318,7 @@ mod tests {
     }
 
     fn cuh_fields(name: &str) -> Vec<String> {
-        let src = include_str!("../../../kernels/sdpa_params.cuh");
+        let src = include_str!("../../../kernels/common/params.cuh");
         let body = src
             .split(&format!("struct {name}"))
             .nth(1)
@@ -341,15 +341,15 @@ mod tests {
 
     #[test]
     fn params_layout_matches_cuh() {
-        assert_eq!(rust_fields("FwdParams"), cuh_fields("SdpaParams {"));
+        assert_eq!(rust_fields("FwdParams"), cuh_fields("FwdParams {"));
         // BwdParams embeds FwdParams as its first field; the .cuh derives from it.
         let bwd = rust_fields("BwdParams");
         assert_eq!(bwd[0], "fwd");
-        assert_eq!(bwd[1..], cuh_fields("BwdParams : SdpaParams {")[..]);
+        assert_eq!(bwd[1..], cuh_fields("BwdParams : FwdParams {")[..]);
         assert_eq!(std::mem::size_of::<FwdParams>(), 336);
         assert_eq!(std::mem::size_of::<BwdParams>(), 496);
-        let cuh = include_str!("../../../kernels/sdpa_params.cuh");
-        assert!(cuh.contains("sizeof(SdpaParams) == 336"));
+        let cuh = include_str!("../../../kernels/common/params.cuh");
+        assert!(cuh.contains("sizeof(FwdParams) == 336"));
         assert!(cuh.contains("sizeof(BwdParams) == 496"));
         assert_eq!(std::mem::offset_of!(FwdParams, dropout_threshold), 256);
         assert_eq!(std::mem::offset_of!(FwdParams, scale), 264);

@@ -6,31 +6,60 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 9] = [
-    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+pub const SOURCES: [(&str, &str); 14] = [
     (
-        "sdpa_params.cuh",
-        include_str!("../../../kernels/sdpa_params.cuh"),
+        "common/dtype.cuh",
+        include_str!("../../../kernels/common/dtype.cuh"),
     ),
     (
-        "attn_fwd_tc.cu",
-        include_str!("../../../kernels/attn_fwd_tc.cu"),
+        "common/epilogue.cuh",
+        include_str!("../../../kernels/common/epilogue.cuh"),
     ),
     (
-        "attn_fwd_simt.cu",
-        include_str!("../../../kernels/attn_fwd_simt.cu"),
-    ),
-    ("math.cu", include_str!("../../../kernels/math.cu")),
-    ("nn.cu", include_str!("../../../kernels/nn.cu")),
-    ("wgmma.cuh", include_str!("../../../kernels/wgmma.cuh")),
-    (
-        "tensor_core.cuh",
-        include_str!("../../../kernels/tensor_core.cuh"),
+        "common/load.cuh",
+        include_str!("../../../kernels/common/load.cuh"),
     ),
     (
-        "attn_fwd_wgmma.cu",
-        include_str!("../../../kernels/attn_fwd_wgmma.cu"),
+        "common/mask.cuh",
+        include_str!("../../../kernels/common/mask.cuh"),
     ),
+    (
+        "common/params.cuh",
+        include_str!("../../../kernels/common/params.cuh"),
+    ),
+    (
+        "common/philox.cuh",
+        include_str!("../../../kernels/common/philox.cuh"),
+    ),
+    (
+        "common/seqlen.cuh",
+        include_str!("../../../kernels/common/seqlen.cuh"),
+    ),
+    (
+        "common/softmax.cuh",
+        include_str!("../../../kernels/common/softmax.cuh"),
+    ),
+    (
+        "common/wgmma.cuh",
+        include_str!("../../../kernels/common/wgmma.cuh"),
+    ),
+    (
+        "fwd/attn_fwd_tc.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_tc.cu"),
+    ),
+    (
+        "fwd/attn_fwd_simt.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_simt.cu"),
+    ),
+    (
+        "fwd/attn_fwd_wgmma.cu",
+        include_str!("../../../kernels/fwd/attn_fwd_wgmma.cu"),
+    ),
+    (
+        "math/math.cu",
+        include_str!("../../../kernels/math/math.cu"),
+    ),
+    ("nn/nn.cu", include_str!("../../../kernels/nn/nn.cu")),
 ];
 
 fn embedded(name: &str) -> Option<&'static str> {
@@ -96,31 +125,37 @@ mod tests {
     #[test]
     fn includes_are_expanded_once_and_pragma_once_dropped() {
         for name in [
-            "attn_fwd_tc.cu",
-            "attn_fwd_simt.cu",
-            "math.cu",
-            "attn_fwd_wgmma.cu",
+            "fwd/attn_fwd_tc.cu",
+            "fwd/attn_fwd_simt.cu",
+            "math/math.cu",
+            "fwd/attn_fwd_wgmma.cu",
         ] {
             let src = expanded_source(name, None).unwrap();
             assert!(!src.contains("#include"), "{name}");
             assert!(!src.contains("#pragma once"), "{name}");
-            assert_eq!(src.matches("struct SdpaParams {").count(), 1, "{name}");
-            assert_eq!(src.matches("philox4x32_10(uint4").count(), 1, "{name}");
+            assert_eq!(src.matches("struct FwdParams {").count(), 1, "{name}");
+            // The Hopper kernel has no dropout, so no Philox.
+            let philox = usize::from(name != "fwd/attn_fwd_wgmma.cu");
+            assert_eq!(src.matches("philox4x32_10(uint4").count(), philox, "{name}");
         }
     }
 
     #[test]
     fn override_replaces_named_files_only_and_unknown_includes_are_errors() {
         let dir = std::env::temp_dir().join(format!("sdpa-kernel-dir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("math.cu"), "// planted\n").unwrap();
-        std::fs::write(dir.join("attn_fwd_simt.cu"), "#include \"nowhere.cuh\"\n").unwrap();
-        let math = expanded_source("math.cu", Some(&dir));
-        let tc = expanded_source("attn_fwd_tc.cu", Some(&dir));
-        let simt = expanded_source("attn_fwd_simt.cu", Some(&dir));
+        for sub in ["math", "fwd", "common"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("math/math.cu"), "// planted\n").unwrap();
+        std::fs::write(dir.join("common/mask.cuh"), "// planted mask\n").unwrap();
+        std::fs::write(dir.join("fwd/attn_fwd_simt.cu"), "#include \"nowhere.cuh\"\n").unwrap();
+        let math = expanded_source("math/math.cu", Some(&dir));
+        let tc = expanded_source("fwd/attn_fwd_tc.cu", Some(&dir));
+        let simt = expanded_source("fwd/attn_fwd_simt.cu", Some(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(math.unwrap(), "// planted\n");
-        assert!(tc.unwrap().contains("SDPA_KERNEL"));
+        let tc = tc.unwrap();
+        assert!(tc.contains("SDPA_KERNEL") && tc.contains("// planted mask"));
         let e = simt.unwrap_err().to_string();
         assert!(
             e.contains("nowhere.cuh") && e.contains("attn_fwd_simt.cu"),

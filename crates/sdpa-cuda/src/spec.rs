@@ -77,7 +77,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 pub const TABLE: [Variant; 5] = [
     Variant {
         kind: Kind::FwdTc,
-        source: "attn_fwd_tc.cu",
+        source: "fwd/attn_fwd_tc.cu",
         prefix: "attn_fwd_tc",
         dtypes: HALF,
         // Multiples of 32 keep the variant count (and CI's compile time) down; padding
@@ -89,7 +89,7 @@ pub const TABLE: [Variant; 5] = [
     },
     Variant {
         kind: Kind::FwdWgmma,
-        source: "attn_fwd_wgmma.cu",
+        source: "fwd/attn_fwd_wgmma.cu",
         prefix: "attn_fwd_wgmma",
         dtypes: HALF,
         // One swizzled column block of 64 (128 bytes), or two.
@@ -100,7 +100,7 @@ pub const TABLE: [Variant; 5] = [
     },
     Variant {
         kind: Kind::FwdSimt,
-        source: "attn_fwd_simt.cu",
+        source: "fwd/attn_fwd_simt.cu",
         prefix: "attn_fwd_simt",
         dtypes: &[DType::F32],
         // Value-dim buckets: 32-lane chunks of 2, 4 or 8 (dims up to 64, 128, 256).
@@ -111,7 +111,7 @@ pub const TABLE: [Variant; 5] = [
     },
     Variant {
         kind: Kind::Math,
-        source: "math.cu",
+        source: "math/math.cu",
         prefix: "math",
         dtypes: &DType::ALL,
         head_dims: &[0],
@@ -121,7 +121,7 @@ pub const TABLE: [Variant; 5] = [
     },
     Variant {
         kind: Kind::Nn,
-        source: "nn.cu",
+        source: "nn/nn.cu",
         prefix: "nn",
         dtypes: &DType::ALL,
         head_dims: &[0],

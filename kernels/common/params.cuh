@@ -1,5 +1,5 @@
 // The one parameter struct every attention kernel takes, mirrored field for field by
-// `sdpa_cuda::params::SdpaParams` (`#[repr(C)]`). Change both together: the Rust unit
+// `sdpa_cuda::params::FwdParams` (`#[repr(C)]`). Change both together: the Rust unit
 // test `params_layout_matches_cuh` parses this file and compares the field order, and the
 // static_assert below pins the size.
 #pragma once
@@ -9,7 +9,7 @@ enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGH
 enum MaskCode : int { MASK_NONE = 0, MASK_BOOL = 1, MASK_ADDITIVE = 2 };
 enum SeqlenCode : int { SEQLEN_DENSE = 0, SEQLEN_VARLEN_U32 = 1, SEQLEN_VARLEN_I32 = 2 };
 
-struct SdpaParams {
+struct FwdParams {
     // Device addresses. `out` and `lse` are written; `mask`, `cu_seqlens_q` and
     // `cu_seqlens_k` are 0 when absent.
     unsigned long long q;
@@ -68,12 +68,12 @@ struct SdpaParams {
     int vec_ok;        // 1 when q/k/v rows may be read with 16-byte vector loads
 };
 
-static_assert(sizeof(SdpaParams) == 336, "SdpaParams must match sdpa_cuda::params::SdpaParams");
+static_assert(sizeof(FwdParams) == 336, "FwdParams must match sdpa_cuda::params::FwdParams");
 
 // The backward's parameters: the forward's (the problem, q, k, v, out, lse) and the
 // gradients'. softmax_d is the f32 row sum D = rowsum(dout * out) [B, Hq, L]; dq_accum
 // an f32 [B, Hq, L, E] accumulator for dq. Mirrored by sdpa_cuda::params::BwdParams.
-struct BwdParams : SdpaParams {
+struct BwdParams : FwdParams {
     unsigned long long dout;
     unsigned long long dq;
     unsigned long long dk;

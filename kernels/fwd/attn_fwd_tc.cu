@@ -13,10 +13,15 @@
 // SDPA_EXTRAS (0: the plain flash path; 1: mask and dropout compiled in, chosen at run
 // time by mask_kind and dropout), SDPA_KERNEL (symbol).
 // SDPA_MIN_BLOCKS (CTAs per SM for __launch_bounds__).
-// Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
-#include "common.cuh"
-#include "sdpa_params.cuh"
-#include "tensor_core.cuh"
+// Run time (FwdParams): causal alignment, scale, GQA group, varlen, strides.
+#include "common/dtype.cuh"
+#include "common/epilogue.cuh"
+#include "common/load.cuh"
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
+#include "common/seqlen.cuh"
+#include "common/softmax.cuh"
 
 #define D SDPA_HEAD_DIM
 #define MW SDPA_ROW_FRAGS
@@ -30,17 +35,19 @@
 #define NTHREADS (32 * SDPA_WARPS)
 // Shared-memory row stride: 16 bytes of padding keep ldmatrix free of bank conflicts.
 #define SROW (D + 8)
+// Shared memory (16-bit elements): the Q tile, then two K and two V stages of KV_ELEMS.
+#define Q_ELEMS (BM * SROW)
+#define KV_ELEMS (BN * SROW)
+#define SHARED_BYTES (2 * (Q_ELEMS + 4 * KV_ELEMS))
 
-#if SDPA_DTYPE == 2
-#define MMA_TYPE "f16"
+// What the host launches this module with: the layout above, not a second formula.
+extern "C" __constant__ unsigned int sdpa_shared_bytes = SHARED_BYTES;
+// The opt-in per-block maxima: 227 KiB on sm_90, 163 KiB on sm_80.
+#if __CUDA_ARCH__ >= 900
+static_assert(SHARED_BYTES <= 232448, "Q, K and V tiles exceed sm_90's shared memory");
 #else
-#define MMA_TYPE "bf16"
+static_assert(SHARED_BYTES <= 166912, "Q, K and V tiles exceed sm_80's shared memory");
 #endif
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -71,8 +78,7 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* base, i64 stride
         const int r = c / CHUNKS;
         const int col = (c % CHUNKS) * 8;
         u16* dst = smem + r * SROW + col;
-        int valid = (row0 + r < len) ? min(8, dim - col) : 0;
-        valid = max(valid, 0);
+        const int valid = chunk_valid(row0 + r, len, col, dim);
         const u16* src = base + (i64)(row0 + r) * stride + col;
         if (vec_ok) {
             cp_async16(smem_addr(dst), valid > 0 ? (const void*)src : (const void*)base, valid * 2);
@@ -89,11 +95,11 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* base, i64 stride
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const SdpaParams p) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const FwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* s_q = (u16*)smem_raw;
-    u16* s_k = s_q + BM * SROW;
-    u16* s_v = s_k + 2 * BN * SROW;
+    u16* s_k = s_q + Q_ELEMS;
+    u16* s_v = s_k + 2 * KV_ELEMS;
 
     const int b = blockIdx.z;
     const int h = blockIdx.y;
@@ -105,29 +111,25 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const int warp = tid >> 5;
     const int lane = tid & 31;
 
-    i64 start_q, start_k;
-    int len_q, len_k;
-    seq_extent(p.varlen, p.cu_seqlens_q, b, p.len_q, start_q, len_q);
-    seq_extent(p.varlen, p.cu_seqlens_k, b, p.len_kv, start_k, len_k);
-    if (m0 >= len_q) return;
+    const SeqLens seq(p, b);
+    if (m0 >= seq.len_q) return;
 
     const int hk = h / p.group;
-    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + start_q * p.q_stride_l;
-    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + start_k * p.k_stride_l;
-    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + start_k * p.v_stride_l;
+    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + seq.start_q * p.q_stride_l;
+    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + seq.start_k * p.k_stride_l;
+    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + seq.start_k * p.v_stride_l;
     const bool vec_ok = p.vec_ok != 0;
 
-    const int last_row = min(m0 + BM, len_q) - 1;
-    const int n_end = key_limit(p.causal, last_row, len_q, len_k);
-    const int n_tiles = (n_end + BN - 1) / BN;
-    // Keys below this bound take part for every row of the CTA: tiles under it need no
-    // causal or length masking.
-    const int unmasked_end = key_limit(p.causal, m0, len_q, len_k);
+    const int last_row = min(m0 + BM, seq.len_q) - 1;
+    const KeyRange visit = block_keys_any(p.causal, m0, last_row, seq.len_q, seq.len_k);
+    const int n_tiles = (visit.hi + BN - 1) / BN;
+    // Tiles inside this range need no causal or length masking.
+    const KeyRange unmasked = block_keys_all(p.causal, m0, last_row, seq.len_q, seq.len_k);
 
-    load_tile<BM>(s_q, q, p.q_stride_l, m0, len_q, p.head_dim, vec_ok, tid);
-    if (n_tiles > 0) load_tile<BN>(s_k, k, p.k_stride_l, 0, len_k, p.head_dim, vec_ok, tid);
+    load_tile<BM>(s_q, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
+    if (n_tiles > 0) load_tile<BN>(s_k, k, p.k_stride_l, 0, seq.len_k, p.head_dim, vec_ok, tid);
     cp_async_commit();
-    if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, 0, len_k, p.head_dim_v, vec_ok, tid);
+    if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, 0, seq.len_k, p.head_dim_v, vec_ok, tid);
     cp_async_commit();
 
     // This thread's rows: fragment mi, half r (lane / 4, then + 8). Recomputed where
@@ -163,7 +165,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         cp_async_wait<1>();
         __syncthreads();
         if (t + 1 < n_tiles)
-            load_tile<BN>(s_k + ((t + 1) & 1) * BN * SROW, k, p.k_stride_l, n0 + BN, len_k,
+            load_tile<BN>(s_k + ((t + 1) & 1) * BN * SROW, k, p.k_stride_l, n0 + BN, seq.len_k,
                           p.head_dim, vec_ok, tid);
         cp_async_commit();
 
@@ -214,23 +216,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                     if (p.mask_kind != 0) {
                         const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
                         const int rr = ROW(mi, e >> 1);
-                        if (rr < len_q && j < len_k) {
-                            const i64 at = b * p.mask_stride_b + h * p.mask_stride_h +
-                                           rr * p.mask_stride_l + j * p.mask_stride_s;
-                            if (p.mask_kind == 1) {
-                                if (((const unsigned char*)p.mask)[at] == 0) x = SDPA_NEG_INF;
-                            } else {
-                                x += load_elem((const elem_t*)p.mask + at) * SDPA_LOG2E;
-                            }
-                        }
+                        if (rr < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, rr, j, x);
                     }
 #endif
                     s[mi][nt][e] = x;
                 }
             }
         }
-        // Causal and length bounds: only tiles that reach past `unmasked_end`.
-        if (n0 + BN > unmasked_end) {
+        // Causal and length bounds: only tiles that reach past the unmasked keys.
+        if (n0 + BN > unmasked.hi) {
 #pragma unroll
             for (int mi = 0; mi < MW; ++mi)
 #pragma unroll
@@ -238,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                        if (j >= key_limit(p.causal, ROW(mi, e >> 1), len_q, len_k)) s[mi][nt][e] = SDPA_NEG_INF;
+                        if (j >= row_keys(p.causal, ROW(mi, e >> 1), seq.len_q, seq.len_k).hi) s[mi][nt][e] = SDPA_NEG_INF;
                     }
         }
 
@@ -251,12 +245,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
                 for (int nt = 0; nt < BN / 8; ++nt)
                     tile_max = fmaxf(tile_max, fmaxf(s[mi][nt][2 * r], s[mi][nt][2 * r + 1]));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                tile_max = quad_max(tile_max);
                 const float new_max = fmaxf(row_max[mi][r], tile_max);
-                // A row with nothing unmasked yet keeps max -inf; subtracting 0 then keeps
-                // every exp2 at exactly 0 instead of NaN.
-                const float base = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+                const float base = exp_base(new_max);
                 const float alpha = fast_exp2(row_max[mi][r] - base);
                 row_max[mi][r] = new_max;
                 row_sum[mi][r] *= alpha;
@@ -286,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         const int j = n0 + nt * 8 + 2 * (lane & 3);
-                        const u64 n = (((u64)b * p.heads_q + h) * (u64)p.len_q + (u64)ROW(mi, r)) * (u64)p.len_kv + (u64)j;
+                        const u64 n = dropout_index(p, b, h, ROW(mi, r), j);
                         bool keep0, keep1;
                         dropout_keep2(p.dropout_seed, p.dropout_offset, p.dropout_threshold, n, keep0, keep1);
                         if (!keep0) s[mi][nt][2 * r] = 0.f;
@@ -300,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         cp_async_wait<1>();
         __syncthreads();
         if (t + 1 < n_tiles)
-            load_tile<BN>(s_v + ((t + 1) & 1) * BN * SROW, v, p.v_stride_l, n0 + BN, len_k,
+            load_tile<BN>(s_v + ((t + 1) & 1) * BN * SROW, v, p.v_stride_l, n0 + BN, seq.len_k,
                           p.head_dim_v, vec_ok, tid);
         cp_async_commit();
 
@@ -330,21 +321,17 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     }
     cp_async_wait<0>();
 
-    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
-    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + start_q * p.lse_stride_l;
+    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + seq.start_q * p.out_stride_l;
+    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.start_q * p.lse_stride_l;
 #pragma unroll
     for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[mi][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = quad_sum(row_sum[mi][r]);
             const int rr = ROW(mi, r);
-            if (rr >= len_q) continue;
-            // A fully masked row has sum 0: output 0, log-sum-exp -inf.
-            const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
-            if ((lane & 3) == 0)
-                lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[mi][r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+            if (rr >= seq.len_q) continue;
+            const float inv = out_scale(sum, p.keep_scale);
+            if ((lane & 3) == 0) lse[rr * p.lse_stride_l] = row_lse(sum, row_max[mi][r]);
             elem_t* out_row = out + rr * p.out_stride_l;
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {

@@ -25,17 +25,15 @@
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (32, 64 or 128: E and Ev
 // padded, zero-filled in shared memory, padded columns never stored), SDPA_BLOCK_N (64
 // or 128), SDPA_WARPGROUPS, SDPA_M_TILES (1 or 2), SDPA_MIN_BLOCKS, SDPA_KERNEL (symbol).
-// Run time (SdpaParams): causal alignment, scale, GQA group, varlen, strides.
-#include "common.cuh"
-#include "sdpa_params.cuh"
-#include "tensor_core.cuh"
-
-#if SDPA_DTYPE == 2
-#define MMA_TYPE "f16"
-#else
-#define MMA_TYPE "bf16"
-#endif
-#include "wgmma.cuh"
+// Run time (FwdParams): causal alignment, scale, GQA group, varlen, strides.
+#include "common/dtype.cuh"
+#include "common/epilogue.cuh"
+#include "common/load.cuh"
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/seqlen.cuh"
+#include "common/softmax.cuh"
+#include "common/wgmma.cuh"
 
 #define D SDPA_HEAD_DIM
 #define BN SDPA_BLOCK_N
@@ -52,9 +50,16 @@
 #define SW_MASK (RB / 16 - 1)
 #define SW_MODE (RB == 128 ? 1 : (RB == 64 ? 2 : 3))
 #define KPB (RB / 32)
+// Shared memory: Q, two K stages, two V stages, from a 1024-byte boundary the kernel
+// rounds its base up to (the extra KiB).
 #define Q_BYTES (BM * 2 * D)
 #define KV_BYTES (BN * 2 * D)
-// Shared memory: Q, two K stages, two V stages.
+#define SHARED_BYTES (1024 + Q_BYTES + 4 * KV_BYTES)
+
+// What the host launches this module with: the layout above, not a second formula.
+extern "C" __constant__ unsigned int sdpa_shared_bytes = SHARED_BYTES;
+// The opt-in per-block maximum of sm_90: 227 KiB.
+static_assert(SHARED_BYTES <= 232448, "Q, K and V tiles exceed sm_90's shared memory");
 
 #if BN == 64
 #define WGMMA_S wgmma_ss_n64
@@ -69,14 +74,13 @@
 #define WGMMA_O wgmma_rs_n128
 #endif
 
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 __device__ __forceinline__ void st_shared_v4(u32 addr, u32 a, u32 b, u32 c, u32 d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 // Shared-memory writes of the generic proxy (cp.async, st.shared) made visible to the
 // async proxy wgmma reads through; then a CTA barrier.
 __device__ __forceinline__ void tiles_ready() {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
 }
@@ -142,8 +146,7 @@ __device__ __forceinline__ void load_tile_sw(u32 tile, const u16* base, i64 stri
         const int cc = ch % CPB;
         const u32 dst = tile + cb * (ROWS * RB) + r * RB + ((cc ^ ((r * RB >> 7) & SW_MASK)) << 4);
         const int col = ch * 8;
-        int valid = (row0 + r < len) ? min(8, dim - col) : 0;
-        valid = max(valid, 0);
+        const int valid = chunk_valid(row0 + r, len, col, dim);
         const u16* src = base + (i64)(row0 + r) * stride + col;
         if (vec_ok) {
             cp_async16(dst, valid > 0 ? (const void*)src : (const void*)base, valid * 2);
@@ -160,7 +163,7 @@ __device__ __forceinline__ void load_tile_sw(u32 tile, const u16* base, i64 stri
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const SdpaParams p) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const FwdParams p) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // The swizzle is a function of address bits 4-9: tiles start on 1024-byte boundaries
     // (the launch asks for 1 KiB more than the tiles need).
@@ -178,23 +181,20 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const int lane = tid & 31;
     const int wg = warp >> 2;
 
-    i64 start_q, start_k;
-    int len_q, len_k;
-    seq_extent(p.varlen, p.cu_seqlens_q, b, p.len_q, start_q, len_q);
-    seq_extent(p.varlen, p.cu_seqlens_k, b, p.len_kv, start_k, len_k);
-    if (m0 >= len_q) return;
+    const SeqLens seq(p, b);
+    if (m0 >= seq.len_q) return;
 
     const int hk = h / p.group;
-    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + start_q * p.q_stride_l;
-    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + start_k * p.k_stride_l;
-    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + start_k * p.v_stride_l;
+    const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + seq.start_q * p.q_stride_l;
+    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + seq.start_k * p.k_stride_l;
+    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + seq.start_k * p.v_stride_l;
     const bool vec_ok = p.vec_ok != 0;
 
-    const int last_row = min(m0 + BM, len_q) - 1;
-    const int n_end = key_limit(p.causal, last_row, len_q, len_k);
-    const int n_tiles = (n_end + BN - 1) / BN;
-    // Keys below this bound take part for every row of the CTA.
-    const int unmasked_end = key_limit(p.causal, m0, len_q, len_k);
+    const int last_row = min(m0 + BM, seq.len_q) - 1;
+    const KeyRange visit = block_keys_any(p.causal, m0, last_row, seq.len_q, seq.len_k);
+    const int n_tiles = (visit.hi + BN - 1) / BN;
+    // Tiles inside this range need no causal or length masking.
+    const KeyRange unmasked = block_keys_all(p.causal, m0, last_row, seq.len_q, seq.len_k);
 
     // This thread's rows: (lane / 4) and (lane / 4 + 8) of its warp's 16 in each of its
     // warpgroup's M tiles (M tile m: rows row_base + 64 m).
@@ -263,11 +263,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) sm[i] *= p.scale_log2;
         }
-        if (n0 + BN > unmasked_end) {
+        if (n0 + BN > unmasked.hi) {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) {
                 const int j = n0 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
-                if (j >= key_limit(p.causal, row0 + ((i >> 1) & 1) * 8, len_q, len_k)) sm[i] = SDPA_NEG_INF;
+                if (j >= row_keys(p.causal, row0 + ((i >> 1) & 1) * 8, seq.len_q, seq.len_k).hi) sm[i] = SDPA_NEG_INF;
             }
         }
         float tile_max[2];
@@ -277,8 +277,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             float mx = SDPA_NEG_INF;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sm[4 * j + 2 * r], sm[4 * j + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = quad_max(mx);
             // -inf stays -inf under a positive factor.
             tile_max[r] = __fmul_rn(mx, c);
             grow |= tile_max[r] > row_max[m][r] + RESCALE_SLACK;
@@ -294,16 +293,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float new_max = fmaxf(row_max[m][r], tile_max[r]);
-                // A row with nothing unmasked yet keeps max -inf; subtracting 0 keeps every
-                // exp2 at exactly 0 instead of NaN.
-                base[r] = (new_max == SDPA_NEG_INF) ? 0.f : new_max;
+                base[r] = exp_base(new_max);
                 alpha[m][r] = fast_exp2(row_max[m][r] - base[r]);
                 row_max[m][r] = new_max;
             }
         } else {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                base[r] = (row_max[m][r] == SDPA_NEG_INF) ? 0.f : row_max[m][r];
+                base[r] = exp_base(row_max[m][r]);
                 alpha[m][r] = 1.f;
             }
         }
@@ -335,12 +332,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         }
     };
     if (n_tiles > 0) {
-        load_tile_sw<BM>(s_q, q, p.q_stride_l, m0, len_q, p.head_dim, vec_ok, tid);
-        load_tile_sw<BN>(s_k, k, p.k_stride_l, 0, len_k, p.head_dim, vec_ok, tid);
-        load_tile_sw<BN>(s_v, v, p.v_stride_l, 0, len_k, p.head_dim_v, vec_ok, tid);
+        load_tile_sw<BM>(s_q, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
+        load_tile_sw<BN>(s_k, k, p.k_stride_l, 0, seq.len_k, p.head_dim, vec_ok, tid);
+        load_tile_sw<BN>(s_v, v, p.v_stride_l, 0, seq.len_k, p.head_dim_v, vec_ok, tid);
         cp_async_commit();
         tiles_ready();
-        if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, BN, len_k, p.head_dim, vec_ok, tid);
+        if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, BN, seq.len_k, p.head_dim, vec_ok, tid);
         cp_async_commit();
         wgmma_fence();
 #pragma unroll
@@ -358,9 +355,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             // P_{t-2} V_{t-2}, so their buffers take K_{t+1} and V_t.
             tiles_ready();
             if (t + 1 < n_tiles)
-                load_tile_sw<BN>(s_k + ((t + 1) & 1) * KV_BYTES, k, p.k_stride_l, (t + 1) * BN, len_k, p.head_dim,
+                load_tile_sw<BN>(s_k + ((t + 1) & 1) * KV_BYTES, k, p.k_stride_l, (t + 1) * BN, seq.len_k, p.head_dim,
                                  vec_ok, tid);
-            load_tile_sw<BN>(s_v + (t & 1) * KV_BYTES, v, p.v_stride_l, t * BN, len_k, p.head_dim_v, vec_ok, tid);
+            load_tile_sw<BN>(s_v + (t & 1) * KV_BYTES, v, p.v_stride_l, t * BN, seq.len_k, p.head_dim_v, vec_ok, tid);
             cp_async_commit();
 
             wgmma_fence();
@@ -392,8 +389,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         for (int m = 0; m < MT; ++m) fence_regs(o[m]);
     }
 
-    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + start_q * p.out_stride_l;
-    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + start_q * p.lse_stride_l;
+    elem_t* out = (elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + seq.start_q * p.out_stride_l;
+    float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.start_q * p.lse_stride_l;
     // Two adjacent outputs in one 4-byte store when every row of out starts 4-byte aligned.
     const bool out_pairs = ((p.out | (u64)p.out_stride_b | (u64)p.out_stride_h | (u64)p.out_stride_l) & 1) == 0 &&
                            (p.out & 3) == 0;
@@ -401,15 +398,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     for (int m = 0; m < MT; ++m) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[m][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = quad_sum(row_sum[m][r]);
             const int rr = row_base + 64 * m + 8 * r;
-            if (rr >= len_q) continue;
-            // A fully masked row has sum 0: output 0, log-sum-exp -inf.
-            const float inv = sum > 0.f ? (float)p.keep_scale / sum : 0.f;
-            if ((lane & 3) == 0)
-                lse[rr * p.lse_stride_l] = sum > 0.f ? row_max[m][r] * SDPA_LN2 + logf(sum) : SDPA_NEG_INF;
+            if (rr >= seq.len_q) continue;
+            const float inv = out_scale(sum, p.keep_scale);
+            if ((lane & 3) == 0) lse[rr * p.lse_stride_l] = row_lse(sum, row_max[m][r]);
             elem_t* out_row = out + rr * p.out_stride_l;
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) {

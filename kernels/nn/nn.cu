@@ -2,7 +2,8 @@
 // cuBLAS product then accumulates onto (beta = 1, so the bias is added in f32 and the
 // sum rounded once, as the CPU Linear does), and the residual dropout with the Philox
 // stream of sdpa-core, indexed in the padded [B, Tmax, E] space for nested batches.
-#include "common.cuh"
+#include "common/dtype.cuh"
+#include "common/philox.cuh"
 
 // y[r, c] = bias[c] for r < rows, c < cols (y contiguous [rows, cols]).
 extern "C" __global__ void nn_bias_rows(elem_t* y, const elem_t* bias, u64 rows, u64 cols) {

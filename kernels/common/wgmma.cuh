@@ -5,6 +5,7 @@
 // mma.m16n8k16 A-fragment order per warp), B from a descriptor, N-major (transposed).
 // scale_d = 0 ignores D's old value (the first k-step of a fresh accumulator).
 #pragma once
+#include "common/dtype.cuh"
 
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
     asm volatile(

@@ -7,12 +7,14 @@
 // Compile-time: SDPA_DTYPE, SDPA_KERNEL_GATHER, SDPA_KERNEL_SOFTMAX. Scores are acc_t
 // (f64 for f64, else f32); probabilities are elem_t, written over the scores row with the
 // same byte pitch (row `i` of P starts where row `i` of the scores starts).
-#include "common.cuh"
-#include "sdpa_params.cuh"
+#include "common/dtype.cuh"
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
 
 // which: 0 q [B, Hq, L, E], 1 k [B, Hq, S, E] (head h reads kv head h / group),
 // 2 v [B, Hq, S, Ev].
-extern "C" __global__ void SDPA_KERNEL_GATHER(const SdpaParams p, int which, u64 dst) {
+extern "C" __global__ void SDPA_KERNEL_GATHER(const FwdParams p, int which, u64 dst) {
     const int heads = p.heads_q;
     const int rows = which == 0 ? p.len_q : p.len_kv;
     const int cols = which == 2 ? p.head_dim_v : p.head_dim;
@@ -63,12 +65,12 @@ __device__ __forceinline__ acc_t block_reduce(acc_t x, bool is_max, acc_t* scrat
     return x;
 }
 
-__device__ __forceinline__ acc_t masked_score(const SdpaParams& p, const acc_t* row, int b, int h,
+__device__ __forceinline__ acc_t masked_score(const FwdParams& p, const acc_t* row, int b, int h,
                                               int i, int j, int limit) {
     if (j >= limit) return acc_neg_inf();
     acc_t x = row[j] * (acc_t)p.scale;
     if (p.mask_kind != 0) {
-        const i64 at = b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_l + j * p.mask_stride_s;
+        const i64 at = mask_offset(p, b, h, i, j);
         if (p.mask_kind == 1) {
             if (((const unsigned char*)p.mask)[at] == 0) x = acc_neg_inf();
         } else {
@@ -79,7 +81,7 @@ __device__ __forceinline__ acc_t masked_score(const SdpaParams& p, const acc_t* 
 }
 
 // One block per row (i, h, b) = (blockIdx.x, blockIdx.y, blockIdx.z).
-extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const SdpaParams p, u64 scores) {
+extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const FwdParams p, u64 scores) {
     __shared__ acc_t scratch[32];
     const int i = blockIdx.x;
     const int h = blockIdx.y;
@@ -88,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const Sdpa
     const u64 row_index = ((u64)b * p.heads_q + h) * p.len_q + i;
     acc_t* row = (acc_t*)scores + row_index * len;
     elem_t* probs = (elem_t*)row;
-    const int limit = key_limit(p.causal, i, p.len_q, len);
+    const int limit = row_keys(p.causal, i, p.len_q, len).hi;
 
     acc_t mx = acc_neg_inf();
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
