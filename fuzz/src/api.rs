@@ -264,7 +264,27 @@ fn run_typed<T: Element>(input: &Input) {
     };
 
     let validated = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), &options);
-    let result = sdpa_ref::sdpa(q.view(), k.view(), v.view(), mask.clone(), &options);
+    // Through the facade on the CPU: what a user calls.
+    let facade_mask = mask.clone().map(|m| match m {
+        Mask::Bool(b) => sdpa::Mask::Bool(b),
+        Mask::Additive(a) => sdpa::Mask::Additive(a),
+    });
+    let result = sdpa::attention(
+        sdpa::Tensor::Host(q.view()),
+        sdpa::Tensor::Host(k.view()),
+        sdpa::Tensor::Host(v.view()),
+        facade_mask,
+        &options,
+        &sdpa::Exec::cpu(),
+    )
+    .map_err(|e| match e {
+        sdpa::Error::Spec(spec) => spec,
+        other => panic!("a CPU call of host arrays failed off the spec: {other}"),
+    })
+    .map(|r| {
+        let (out, lse) = r.into_host().expect("host arrays in, host arrays out");
+        sdpa_ref::Output { out, lse }
+    });
     let (problem, output) = match (validated, result) {
         (Err(want), Err(got)) => {
             assert_eq!(

@@ -10,15 +10,12 @@
 //! target builds and runs on machines with no CUDA.
 
 use arbitrary::{Arbitrary, Unstructured};
-use half::{bf16, f16};
-use ndarray::{ArrayD, Ix4};
 use sdpa_core::{check_support, Backend, BackendSet, Causal, DType, Device, Dropout, SdpaOptions};
-use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
+use sdpa_cuda::GpuContext;
 use sdpa_harness::case::Case;
 use sdpa_harness::compare::compare_with;
 use sdpa_harness::run::RunOutput;
 use sdpa_harness::strategies::{MaskSpec, ProblemSpec};
-use sdpa_harness::Tensor;
 use sdpa_harness::{judge, run, tolerance};
 use std::sync::OnceLock;
 
@@ -170,18 +167,9 @@ fn cuda_backends_agree(case: &Case, truth: &RunOutput, dtype: DType) {
         if check_support(backend, &problem, Device::Cuda).is_err() {
             continue;
         }
-        let got = match (&case.q, &case.k, &case.v) {
-            (Tensor::F32(q), Tensor::F32(k), Tensor::F32(v)) => {
-                on_device(gpu, backend, q, k, v, case, Tensor::F32)
-            }
-            (Tensor::F16(q), Tensor::F16(k), Tensor::F16(v)) => {
-                on_device(gpu, backend, q, k, v, case, Tensor::F16)
-            }
-            (Tensor::BF16(q), Tensor::BF16(k), Tensor::BF16(v)) => {
-                on_device(gpu, backend, q, k, v, case, Tensor::BF16)
-            }
-            _ => unreachable!("cases are made in one dtype"),
-        };
+        let exec = sdpa::Exec::cuda(gpu).with_backends(BackendSet::only(backend));
+        let got = sdpa_harness::run::run_case(case, &exec)
+            .unwrap_or_else(|e| panic!("cuda {backend} refused a supported problem: {e}"));
         let out = compare_with(
             got.out.to_f64().view(),
             truth.out.to_f64().view(),
@@ -223,80 +211,5 @@ pub fn cuda_tolerance(dtype: DType, case: &Case) -> tolerance::Tolerance {
         atol: preset.atol + unit_roundoff * v_max * case.options.dropout.keep_scale(),
         rtol: preset.rtol,
         reason: "CUDA backends: softmax weights rounded to the input dtype before P V",
-    }
-}
-
-fn on_device<T: DeviceElement>(
-    gpu: &GpuContext,
-    backend: Backend,
-    q: &ArrayD<T>,
-    k: &ArrayD<T>,
-    v: &ArrayD<T>,
-    case: &Case,
-    wrap: fn(ArrayD<T>) -> Tensor,
-) -> RunOutput
-where
-    Tensor: AdditiveOf<T>,
-{
-    let mask = case.attn_mask.as_ref().map(|m| match m {
-        Tensor::Bool(b) => HostMask::Bool(b.view()),
-        other => HostMask::Additive(
-            other
-                .additive()
-                .expect("an additive mask has the case's dtype")
-                .view(),
-        ),
-    });
-    let r = gpu
-        .sdpa_host(
-            four(q),
-            four(k),
-            four(v),
-            mask.as_ref(),
-            &case.options,
-            BackendSet::only(backend),
-        )
-        .unwrap_or_else(|e| panic!("cuda {backend} refused a supported problem: {e}"));
-    RunOutput {
-        out: wrap(r.out.into_dyn()),
-        lse: r.lse.into_dyn(),
-    }
-}
-
-fn four<T>(a: &ArrayD<T>) -> ndarray::ArrayView4<'_, T> {
-    a.view()
-        .into_dimensionality::<Ix4>()
-        .expect("q, k, v are 4-d")
-}
-
-/// The additive mask of a case as an array of its dtype.
-trait AdditiveOf<T> {
-    fn additive(&self) -> Option<&ArrayD<T>>;
-}
-
-impl AdditiveOf<f32> for Tensor {
-    fn additive(&self) -> Option<&ArrayD<f32>> {
-        match self {
-            Tensor::F32(a) => Some(a),
-            _ => None,
-        }
-    }
-}
-
-impl AdditiveOf<f16> for Tensor {
-    fn additive(&self) -> Option<&ArrayD<f16>> {
-        match self {
-            Tensor::F16(a) => Some(a),
-            _ => None,
-        }
-    }
-}
-
-impl AdditiveOf<bf16> for Tensor {
-    fn additive(&self) -> Option<&ArrayD<bf16>> {
-        match self {
-            Tensor::BF16(a) => Some(a),
-            _ => None,
-        }
     }
 }

@@ -19,7 +19,6 @@ use sdpa_harness::compare::compare_with;
 use sdpa_harness::strategies::SplitMix64;
 use sdpa_harness::tolerance;
 use sdpa_nested::{key_padding_mask, sdpa_nested, CuSeqlens, Nested};
-use sdpa_ref::Mask;
 
 #[derive(Debug, Clone, Arbitrary)]
 struct Input {
@@ -191,18 +190,21 @@ fn pad_and_attend(input: &Input) {
     };
     let nested = sdpa_nested(&q, &k, &v, &options).expect("a consistent nested batch");
     let key_mask = key_padding_mask(k.cu_seqlens());
-    let dense = sdpa_ref::sdpa(
-        to_bhle(&q_pad),
-        to_bhle(&k_pad),
-        to_bhle(&v_pad),
-        Some(Mask::Bool(key_mask.view())),
+    let (dense_out, _) = sdpa::attention(
+        sdpa::Tensor::Host(to_bhle(&q_pad)),
+        sdpa::Tensor::Host(to_bhle(&k_pad)),
+        sdpa::Tensor::Host(to_bhle(&v_pad)),
+        Some(sdpa::Mask::Bool(key_mask.view())),
         &options,
+        &sdpa::Exec::cpu(),
     )
-    .expect("a consistent dense batch");
+    .expect("a consistent dense batch")
+    .into_host()
+    .expect("host arrays in, host arrays out");
     let nested_out = nested.out.to_padded(0.0);
     for (b, &len) in lengths_q.iter().enumerate() {
         let got = nested_out.slice(s![b, ..len, .., ..]);
-        let want = dense.out.slice(s![b, .., ..len, ..]);
+        let want = dense_out.slice(s![b, .., ..len, ..]);
         let want = want.permuted_axes([1, 0, 2]);
         let report = compare_with(got.into_dyn(), want.into_dyn(), Some(&tolerance::F64));
         assert!(

@@ -63,3 +63,23 @@ impl FromStr for DType {
         }
     }
 }
+
+/// A Rust element type of one [`DType`]: `f64`, `f32`, `half::f16`, `half::bf16`. The
+/// one place a type names its dtype, for the reference and the device alike.
+pub trait Scalar: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
+    /// The dtype this type stands for.
+    const DTYPE: DType;
+}
+
+impl Scalar for f64 {
+    const DTYPE: DType = DType::F64;
+}
+impl Scalar for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Scalar for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Scalar for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}

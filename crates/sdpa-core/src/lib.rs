@@ -36,7 +36,7 @@ pub use backend::{
     check_support, select, Backend, BackendSet, Device, EFFICIENT_MAX_HEAD_DIM, FLASH_MAX_HEAD_DIM,
 };
 pub use dropout::{philox4x32_10, Dropout};
-pub use dtype::DType;
+pub use dtype::{DType, Scalar};
 pub use error::{Result, SdpaError};
 pub use layout::{Layout, TensorDesc};
 pub use mask::{Causal, MaskDesc, MaskKind};

@@ -4,28 +4,12 @@ use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
 use crate::params::SeqlenCode;
 use cudarc::driver::{CudaSlice, DevicePtr};
-use half::{bf16, f16};
 use ndarray::{Array4, ArrayView4, ArrayViewD};
 use sdpa_core::{DType, Layout, MaskDesc, MaskKind, TensorDesc};
 use std::sync::Arc;
 
-/// An element type the kernels take.
-pub trait DeviceElement: Copy + Send + Sync + std::fmt::Debug + 'static {
-    /// Its dtype.
-    const DTYPE: DType;
-}
-impl DeviceElement for f64 {
-    const DTYPE: DType = DType::F64;
-}
-impl DeviceElement for f32 {
-    const DTYPE: DType = DType::F32;
-}
-impl DeviceElement for f16 {
-    const DTYPE: DType = DType::F16;
-}
-impl DeviceElement for bf16 {
-    const DTYPE: DType = DType::BF16;
-}
+/// An element type the kernels take: `sdpa_core`'s one element trait.
+pub use sdpa_core::Scalar as DeviceElement;
 
 fn as_bytes<T: Copy>(data: &[T]) -> &[u8] {
     // SAFETY: T is one of the plain float types of `DeviceElement` (or u8/u32/i32/bool

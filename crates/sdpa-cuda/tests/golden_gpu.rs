@@ -13,8 +13,9 @@
 //! Ignored by default (needs a CUDA device); the GPU bundle's run.sh runs it with
 //! `--ignored`. The goldens are read at run time from `SDPA_GOLDEN_DIR` (run.sh points
 //! it at the working tree's golden/, so a golden/cuda/ made earlier in the same session
-//! on the device is used), else from the source tree. Outputs are poisoned (NaN) before
-//! every launch.
+//! on the device is used), else from the source tree. The context is the suites' shared
+//! one (`sdpa_harness::gpu::gpu`): outputs poisoned (NaN) before every launch, kernels
+//! configured from the environment (`SDPA_KERNEL_DIR` for planted-bug runs).
 
 use ndarray::{ArrayD, ArrayView4, Ix4};
 use sdpa_core::{check_support, Backend, BackendSet, DType, Device};
@@ -188,8 +189,7 @@ fn torch_name(backend: Backend) -> &'static str {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn golden_cases_pass_on_every_cuda_backend() {
-    let gpu = GpuContext::new(0).expect("a CUDA device with driver and NVRTC");
-    gpu.set_poison_outputs(true);
+    let gpu = sdpa_harness::gpu::gpu();
     let dir = golden_dir();
     let manifest = read_json(&dir.join("manifest.json")).unwrap_or_else(|e| panic!("{e}"));
     let entries = manifest["cases"]
@@ -230,7 +230,7 @@ fn golden_cases_pass_on_every_cuda_backend() {
         for backend in backends {
             runs += 1;
             let label = format!("{name} on {backend}");
-            let (out, lse) = match run_cuda(&gpu, &case, backend) {
+            let (out, lse) = match run_cuda(gpu, &case, backend) {
                 Ok(r) => r,
                 Err(e) => {
                     problems.push(format!("{label}: {e}"));

@@ -7,181 +7,42 @@
 //! with `--ignored`. `PROPTEST_CASES` scales the property tests (default 48 each).
 //! Tests named `sanitize_*` are the small set compute-sanitizer runs.
 
-use half::{bf16, f16};
+use half::f16;
 use ndarray::{Array, Array4, ArrayD, Axis, IxDyn};
-use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
-use sdpa_cuda::{
-    CudaError, DeviceElement, DeviceSeqlens, DeviceTensor, GpuContext, HostMask, Varlen,
-};
+use sdpa_cuda::{CudaError, DeviceSeqlens, DeviceTensor, GpuContext, HostMask, Varlen};
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::{proptest_cases, SplitMix64};
+use sdpa_harness::elem::Elem;
+use sdpa_harness::gpu::{self, gpu, gpu_case, random, GpuCase, GpuElem};
+use sdpa_harness::strategies::{MaskSpec, ProblemSpec, SplitMix64};
 use sdpa_harness::tolerance::{self, Tolerance};
+use sdpa_harness::with_dtype;
 
-fn gpu() -> &'static GpuContext {
-    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
-}
-
-fn cases() -> u32 {
-    proptest_cases(48)
-}
-
-/// Element types of these tests: the reference's, with a device twin.
-trait TestElem: sdpa_harness::elem::Elem + DeviceElement {}
-impl<T: sdpa_harness::elem::Elem + DeviceElement> TestElem for T {}
-
-/// A random problem, in f64 before rounding to the case dtype.
-#[derive(Debug, Clone)]
-struct Case {
-    dtype: DType,
-    batch: usize,
-    heads_kv: usize,
-    group: usize,
-    len_q: usize,
-    len_kv: usize,
-    head_dim: usize,
-    head_dim_v: usize,
-    /// 0 none, 1 bool, 2 additive.
-    mask_kind: u8,
-    /// Which axes of [B, Hq, L, S] the mask has (others broadcast).
-    mask_axes: [bool; 4],
-    options: SdpaOptions,
-    seed: u64,
-    /// A common offset added to every score before scaling (q[.., 0] = sqrt|shift|,
-    /// k[.., 0] = +-sqrt|shift|): the softmax is unchanged, but exp of the raw scores
-    /// overflows (or underflows) unless the kernel subtracts the row max.
-    logit_shift: f64,
-}
-
-const HEAD_DIMS: [usize; 14] = [8, 16, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 200, 256];
-const LENGTHS: [usize; 10] = [1, 2, 17, 63, 64, 65, 97, 113, 127, 200];
-
-fn case_strategy(dtypes: Vec<DType>, masks: bool, same_dims: bool) -> impl Strategy<Value = Case> {
-    let len = prop_oneof![proptest::sample::select(LENGTHS.to_vec()), 1usize..260];
-    (
-        proptest::sample::select(dtypes),
-        (1usize..=2, 1usize..=2, 1usize..=3),
-        len.clone(),
-        len,
-        proptest::sample::select(HEAD_DIMS.to_vec()),
-        proptest::sample::select(HEAD_DIMS.to_vec()),
-        if masks { 0u8..=2 } else { 0u8..=0 },
-        any::<[bool; 4]>(),
-        (
-            0u8..3,
-            prop_oneof![Just(0.0), 0.05f64..0.7, Just(1.0)],
-            any::<u64>(),
-            0u64..1 << 40,
-        ),
-        prop_oneof![Just(None), (-1.5f64..1.5).prop_map(Some)],
-        any::<u64>(),
-    )
-        .prop_map(
-            move |(
-                dtype,
-                (batch, heads_kv, group),
-                len_q,
-                len_kv,
-                e,
-                ev,
-                mask_kind,
-                mask_axes,
-                drop,
-                scale,
-                seed,
-            )| {
-                let (causal, p, dseed, offset) = drop;
-                Case {
-                    dtype,
-                    batch,
-                    heads_kv,
-                    group,
-                    len_q,
-                    len_kv,
-                    head_dim: e,
-                    head_dim_v: if same_dims { e } else { ev },
-                    mask_kind,
-                    mask_axes,
-                    options: SdpaOptions {
-                        causal: [Causal::None, Causal::TopLeft, Causal::BottomRight]
-                            [causal as usize],
-                        dropout: Dropout::new(p, dseed, offset),
-                        scale,
-                        enable_gqa: group > 1,
-                    },
-                    seed,
-                    logit_shift: 0.0,
-                }
-            },
-        )
-}
-
-fn random_array(rng: &mut SplitMix64, shape: [usize; 4]) -> Array4<f64> {
-    Array4::from_shape_simple_fn((shape[0], shape[1], shape[2], shape[3]), || rng.symmetric())
-}
-
-fn round<T: TestElem>(a: &Array4<f64>) -> Array4<T> {
-    a.mapv(T::narrow)
-}
-
-fn widen<T: TestElem>(a: &Array4<T>) -> Array4<f64> {
-    a.mapv(T::wide)
-}
+/// Default number of cases of each property (`PROPTEST_CASES` overrides it).
+const CASES: u32 = 48;
 
 /// Runs one case on `backends` (`expect` must be the one dispatch picks) and compares
 /// out and lse with the f64 reference on the same rounded inputs.
-fn check_case<T: TestElem>(
-    case: &Case,
+fn check_case<T: GpuElem>(
+    case: &GpuCase,
     backends: BackendSet,
     expect: Backend,
 ) -> Result<(), String> {
     let gpu = gpu();
-    let mut rng = SplitMix64(case.seed);
-    let hq = case.heads_kv * case.group;
-    let mut q64 = random_array(&mut rng, [case.batch, hq, case.len_q, case.head_dim]);
-    let mut k64 = random_array(
-        &mut rng,
-        [case.batch, case.heads_kv, case.len_kv, case.head_dim],
-    );
-    if case.logit_shift != 0.0 {
-        let c = case.logit_shift.abs().sqrt();
-        q64.index_axis_mut(Axis(3), 0).fill(c);
-        k64.index_axis_mut(Axis(3), 0)
-            .fill(c * case.logit_shift.signum());
-    }
-    let q = round::<T>(&q64);
-    let k = round::<T>(&k64);
-    let v = round::<T>(&random_array(
-        &mut rng,
-        [case.batch, case.heads_kv, case.len_kv, case.head_dim_v],
-    ));
-    let full = [case.batch, hq, case.len_q, case.len_kv];
-    let mask_shape: Vec<usize> = (0..4)
-        .map(|a| if case.mask_axes[a] { full[a] } else { 1 })
-        .collect();
-    let bool_mask: ArrayD<bool> =
-        Array::from_shape_simple_fn(IxDyn(&mask_shape), || rng.unit() < 0.75);
-    let add_mask: ArrayD<T> = Array::from_shape_simple_fn(IxDyn(&mask_shape), || {
-        let u = rng.unit();
-        T::narrow(if u < 0.15 {
-            f64::NEG_INFINITY
-        } else {
-            4.0 * u - 2.0
-        })
-    });
-    let host_mask = match case.mask_kind {
-        1 => Some(HostMask::Bool(bool_mask.view())),
-        2 => Some(HostMask::Additive(add_mask.view())),
+    let x = case.inputs::<T>();
+    let host_mask = match (&x.bool_mask, &x.additive_mask) {
+        (Some(b), _) => Some(HostMask::Bool(b.view())),
+        (_, Some(a)) => Some(HostMask::Additive(a.view())),
         _ => None,
     };
+    let options = &case.problem.options;
     let got = gpu
         .sdpa_host(
-            q.view(),
-            k.view(),
-            v.view(),
+            x.q.view(),
+            x.k.view(),
+            x.v.view(),
             host_mask.as_ref(),
-            &case.options,
+            options,
             backends,
         )
         .map_err(|e| format!("GPU call failed: {e}"))?;
@@ -191,17 +52,17 @@ fn check_case<T: TestElem>(
             got.backend
         ));
     }
-    let (q64, k64, v64) = (widen(&q), widen(&k), widen(&v));
-    let add64 = add_mask.mapv(|x| x.wide());
-    let ref_mask = match case.mask_kind {
-        1 => Some(sdpa_ref::Mask::Bool(bool_mask.view())),
-        2 => Some(sdpa_ref::Mask::Additive(add64.view())),
+    let (q64, k64, v64) = (x.q.mapv(T::wide), x.k.mapv(T::wide), x.v.mapv(T::wide));
+    let add64: Option<ArrayD<f64>> = x.additive_mask.as_ref().map(|a| a.mapv(T::wide));
+    let ref_mask = match (&x.bool_mask, &add64) {
+        (Some(b), _) => Some(sdpa_ref::Mask::Bool(b.view())),
+        (_, Some(a)) => Some(sdpa_ref::Mask::Additive(a.view())),
         _ => None,
     };
-    let truth = sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), ref_mask, &case.options)
+    let truth = sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), ref_mask, options)
         .map_err(|e| format!("reference failed: {e}"))?;
-    let out = widen(&got.out);
-    let dtype = <T as DeviceElement>::DTYPE;
+    let out = got.out.mapv(T::wide);
+    let dtype = <T as sdpa_cuda::DeviceElement>::DTYPE;
     let out_tol = if case.logit_shift != 0.0 && matches!(dtype, DType::F32 | DType::F64) {
         // The preset assumes scores of order 1. Scores near |shift| = 4096 carry an f32
         // accumulation error of about 4096 * 2^-24 * sqrt(E) (< 1e-3 nats after the
@@ -241,35 +102,54 @@ fn check_case<T: TestElem>(
     Ok(())
 }
 
-fn check_any(case: &Case, backends: BackendSet, expect: Backend) -> Result<(), String> {
-    match case.dtype {
-        DType::F64 => check_case::<f64>(case, backends, expect),
-        DType::F32 => check_case::<f32>(case, backends, expect),
-        DType::F16 => check_case::<f16>(case, backends, expect),
-        DType::BF16 => check_case::<bf16>(case, backends, expect),
-    }
+fn check_any(case: &GpuCase, backends: BackendSet, expect: Backend) -> Result<(), String> {
+    with_dtype!(case.dtype, T => check_case::<T>(case, backends, expect))
 }
 
-fn property(strategy: impl Strategy<Value = Case>, backends: BackendSet, expect: Backend) {
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let result = runner.run(&strategy, |case| {
+fn property(
+    strategy: impl proptest::strategy::Strategy<Value = GpuCase>,
+    backends: BackendSet,
+    expect: Backend,
+) {
+    gpu::property(CASES, &strategy, |case| {
         check_any(&case, backends, expect)
-            .map_err(|e| TestCaseError::fail(format!("{case:?}: {e}")))
+            .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{case:?}: {e}")))
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+}
+
+/// A fixed case: B = 1, GQA as `group` says, no logit shift.
+#[allow(clippy::too_many_arguments)]
+fn fixed_case(
+    dtype: DType,
+    (heads_kv, group): (usize, usize),
+    (len_q, len_kv): (usize, usize),
+    (head_dim, head_dim_v): (usize, usize),
+    mask: MaskSpec,
+    options: SdpaOptions,
+    data_seed: u64,
+) -> GpuCase {
+    GpuCase::new(
+        dtype,
+        ProblemSpec {
+            batch: 1,
+            heads_kv,
+            group,
+            len_q,
+            len_kv,
+            head_dim,
+            head_dim_v,
+            mask,
+            options,
+            data_seed,
+        },
+    )
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn flash_matches_reference() {
     property(
-        case_strategy(vec![DType::F16, DType::BF16], false, true),
+        gpu_case(vec![DType::F16, DType::BF16], false, true),
         BackendSet::only(Backend::Flash),
         Backend::Flash,
     );
@@ -279,7 +159,7 @@ fn flash_matches_reference() {
 #[ignore = "needs a CUDA device"]
 fn efficient_matches_reference() {
     property(
-        case_strategy(vec![DType::F32, DType::F16, DType::BF16], true, false),
+        gpu_case(vec![DType::F32, DType::F16, DType::BF16], true, false),
         BackendSet::only(Backend::Efficient),
         Backend::Efficient,
     );
@@ -289,7 +169,7 @@ fn efficient_matches_reference() {
 #[ignore = "needs a CUDA device"]
 fn math_matches_reference() {
     property(
-        case_strategy(
+        gpu_case(
             vec![DType::F64, DType::F32, DType::F16, DType::BF16],
             true,
             false,
@@ -320,24 +200,21 @@ fn shifted_logits_match_reference() {
             for causal in [Causal::None, Causal::TopLeft] {
                 // 64^2 = 4096: exact in every dtype; times 1/sqrt(E), 256 to 724 nats.
                 for logit_shift in [4096.0, -4096.0] {
-                    let case = Case {
-                        dtype,
-                        batch: 1,
-                        heads_kv: 2,
-                        group: 2,
-                        len_q,
-                        len_kv,
-                        head_dim: e,
-                        head_dim_v: e,
-                        mask_kind: 0,
-                        mask_axes: [false; 4],
-                        options: SdpaOptions {
-                            causal,
-                            enable_gqa: true,
-                            ..SdpaOptions::default()
-                        },
-                        seed: 17,
+                    let case = GpuCase {
                         logit_shift,
+                        ..fixed_case(
+                            dtype,
+                            (2, 2),
+                            (len_q, len_kv),
+                            (e, e),
+                            MaskSpec::None,
+                            SdpaOptions {
+                                causal,
+                                enable_gqa: true,
+                                ..SdpaOptions::default()
+                            },
+                            17,
+                        )
                     };
                     if let Err(e) = check_any(&case, BackendSet::only(backend), backend) {
                         failures.push(format!("{backend} {case:?}: {e}"));
@@ -352,103 +229,72 @@ fn shifted_logits_match_reference() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn auto_dispatch_picks_flash_then_efficient_then_math() {
-    let base = Case {
-        dtype: DType::F16,
-        batch: 1,
-        heads_kv: 2,
-        group: 1,
-        len_q: 33,
-        len_kv: 47,
-        head_dim: 64,
-        head_dim_v: 64,
-        mask_kind: 0,
-        mask_axes: [false, false, true, true],
-        options: SdpaOptions::default(),
-        seed: 5,
-        logit_shift: 0.0,
+    // The mask has axes L and S (broadcast over B and H) where a case has one.
+    let base = |dtype, e, mask| {
+        fixed_case(
+            dtype,
+            (2, 1),
+            (33, 47),
+            (e, e),
+            gpu::mask_spec(mask, [false, false, true, true], [1, 2, 33, 47]),
+            SdpaOptions::default(),
+            5,
+        )
     };
-    check_any(&base, BackendSet::ALL, Backend::Flash).unwrap();
+    check_any(&base(DType::F16, 64, 0), BackendSet::ALL, Backend::Flash).unwrap();
     check_any(
-        &Case {
-            mask_kind: 1,
-            ..base.clone()
-        },
+        &base(DType::F16, 64, 1),
         BackendSet::ALL,
         Backend::Efficient,
     )
     .unwrap();
     check_any(
-        &Case {
-            dtype: DType::F32,
-            ..base.clone()
-        },
+        &base(DType::F32, 64, 0),
         BackendSet::ALL,
         Backend::Efficient,
     )
     .unwrap();
-    check_any(
-        &Case {
-            dtype: DType::F64,
-            ..base.clone()
-        },
-        BackendSet::ALL,
-        Backend::Math,
-    )
-    .unwrap();
-    check_any(
-        &Case {
-            head_dim: 300,
-            head_dim_v: 300,
-            ..base
-        },
-        BackendSet::ALL,
-        Backend::Math,
-    )
-    .unwrap();
+    check_any(&base(DType::F64, 64, 0), BackendSet::ALL, Backend::Math).unwrap();
+    check_any(&base(DType::F16, 300, 0), BackendSet::ALL, Backend::Math).unwrap();
+}
+
+/// The output of [`keep_pattern`]'s call in `T`, widened.
+fn keep_pattern_out<T: GpuElem>(
+    backend: Backend,
+    (b, h): (usize, usize),
+    len_q: usize,
+    len_kv: usize,
+    dropout: Dropout,
+) -> Array4<f64> {
+    let mut rng = SplitMix64(dropout.seed ^ 0x5eed);
+    let q = random::<T, _>(&mut rng, [b, h, len_q, len_kv]);
+    let k = random::<T, _>(&mut rng, [b, h, len_kv, len_kv]);
+    let eye = Array4::from_shape_fn((b, h, len_kv, len_kv), |(_, _, i, j)| {
+        T::narrow((i == j) as u8 as f64)
+    });
+    let options = SdpaOptions {
+        dropout,
+        ..Default::default()
+    };
+    let r = gpu()
+        .sdpa_host(
+            q.view(),
+            k.view(),
+            eye.view(),
+            None,
+            &options,
+            BackendSet::only(backend),
+        )
+        .unwrap();
+    r.out.mapv(T::wide)
 }
 
 /// With v = identity (Ev = S), out[i][j] = softmax weight * keep / (1-p): zero exactly
 /// where the element was dropped. The zero pattern must equal sdpa-core's stream.
 fn keep_pattern(backend: Backend, dtype: DType, len_q: usize, len_kv: usize, dropout: Dropout) {
-    let gpu = gpu();
     let (b, h) = (2, 3);
-    let mut rng = SplitMix64(dropout.seed ^ 0x5eed);
-    let q = random_array(&mut rng, [b, h, len_q, len_kv]);
-    let k = random_array(&mut rng, [b, h, len_kv, len_kv]);
-    let eye = Array4::from_shape_fn((b, h, len_kv, len_kv), |(_, _, i, j)| (i == j) as u8 as f64);
-    let options = SdpaOptions {
-        dropout,
-        ..Default::default()
-    };
-    let got: Array4<f64> = match dtype {
-        DType::F16 => {
-            let r = gpu
-                .sdpa_host(
-                    round::<f16>(&q).view(),
-                    round::<f16>(&k).view(),
-                    round::<f16>(&eye).view(),
-                    None,
-                    &options,
-                    BackendSet::only(backend),
-                )
-                .unwrap();
-            widen(&r.out)
-        }
-        DType::F32 => {
-            let r = gpu
-                .sdpa_host(
-                    round::<f32>(&q).view(),
-                    round::<f32>(&k).view(),
-                    round::<f32>(&eye).view(),
-                    None,
-                    &options,
-                    BackendSet::only(backend),
-                )
-                .unwrap();
-            widen(&r.out)
-        }
-        _ => unreachable!(),
-    };
+    let got =
+        with_dtype!(dtype, T => keep_pattern_out::<T>(backend, (b, h), len_q, len_kv, dropout));
     let mut dropped = 0;
     for ((bi, hi, i, j), &x) in got.indexed_iter() {
         let n = sdpa_core::dropout::flat_index(bi, hi, i, j, h, len_q, len_kv);
@@ -494,8 +340,7 @@ fn packed_qkv_views_match_reference() {
     for (e, l) in [(64, 100), (40, 77), (128, 256)] {
         let (b, h) = (2, 4);
         let mut rng = SplitMix64(e as u64);
-        let packed =
-            Array::from_shape_simple_fn((b, l, 3, h, e), || f16::from_f64(rng.symmetric()));
+        let packed = random::<f16, _>(&mut rng, (b, l, 3, h, e));
         let flat = packed
             .view()
             .into_shape_with_order((1, 1, 1, b * l * 3 * h * e))
@@ -531,7 +376,7 @@ fn packed_qkv_views_match_reference() {
             let r = gpu
                 .sdpa(&q, &k, &v, None, &options, BackendSet::only(backend))
                 .unwrap();
-            let out = widen(&r.out.download::<f16>(gpu).unwrap());
+            let out = r.out.download::<f16>(gpu).unwrap().mapv(f16::wide);
             let report = compare_with(
                 out.view().into_dyn(),
                 truth.out.view().into_dyn(),
@@ -557,9 +402,9 @@ fn varlen_case(
     let batch = lens_q.len();
     let (max_q, max_k) = (*lens_q.iter().max().unwrap(), *lens_k.iter().max().unwrap());
     let mut rng = SplitMix64(lens_q.iter().sum::<usize>() as u64 * 31 + p.to_bits());
-    let q = random_array(&mut rng, [batch, hq, max_q, e]).mapv(f16::from_f64);
-    let k = random_array(&mut rng, [batch, hkv, max_k, e]).mapv(f16::from_f64);
-    let v = random_array(&mut rng, [batch, hkv, max_k, e]).mapv(f16::from_f64);
+    let q = random::<f16, _>(&mut rng, [batch, hq, max_q, e]);
+    let k = random::<f16, _>(&mut rng, [batch, hkv, max_k, e]);
+    let v = random::<f16, _>(&mut rng, [batch, hkv, max_k, e]);
     // Pack: [total, H, E] stored as [1, 1, total*H, E], viewed as [1, H, total, E].
     let pack = |a: &Array4<f16>, lens: &[usize]| {
         let heads = a.shape()[1];
@@ -777,25 +622,22 @@ fn second_context_reads_kernels_from_the_disk_cache() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn sanitize_small_set() {
-    let case = |dtype, mask_kind, e, ev, causal, p| Case {
-        dtype,
-        batch: 1,
-        heads_kv: 2,
-        group: 2,
-        len_q: 37,
-        len_kv: 70,
-        head_dim: e,
-        head_dim_v: ev,
-        mask_kind,
-        mask_axes: [true, false, true, true],
-        options: SdpaOptions {
-            causal,
-            dropout: Dropout::new(p, 9, 1),
-            scale: None,
-            enable_gqa: true,
-        },
-        seed: 11,
-        logit_shift: 0.0,
+    // The mask has axes B, L and S (broadcast over H) where a case has one.
+    let case = |dtype, mask_kind, e, ev, causal, p| {
+        fixed_case(
+            dtype,
+            (2, 2),
+            (37, 70),
+            (e, ev),
+            gpu::mask_spec(mask_kind, [true, false, true, true], [1, 4, 37, 70]),
+            SdpaOptions {
+                causal,
+                dropout: Dropout::new(p, 9, 1),
+                scale: None,
+                enable_gqa: true,
+            },
+            11,
+        )
     };
     check_any(
         &case(DType::F16, 0, 59, 59, Causal::BottomRight, 0.0),

@@ -30,6 +30,7 @@ pub mod compare;
 pub mod elem;
 mod error;
 pub mod golden;
+pub mod gpu;
 pub mod judge;
 pub mod run;
 pub mod strategies;

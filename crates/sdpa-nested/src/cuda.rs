@@ -211,7 +211,7 @@ pub fn sdpa_nested_cuda(
             backend,
         });
     }
-    let result = gpu.sdpa_varlen(
+    let result = sdpa::attention_varlen(
         &q.values,
         &k.values,
         &v.values,
@@ -220,15 +220,19 @@ pub fn sdpa_nested_cuda(
             cu_seqlens_k: &k.cu_seqlens,
         },
         options,
-        backends,
+        &sdpa::Exec::cuda(gpu).with_backends(backends),
     )?;
+    let backend = result.backend;
+    let (out, lse) = result
+        .into_cuda()
+        .expect("device tensors in, device tensors out");
     Ok(DeviceNestedOutput {
         out: DeviceNested {
-            values: result.out,
+            values: out,
             cu_seqlens: q.cu_seqlens.clone(),
             offsets: q.offsets.clone(),
         },
-        lse: result.lse,
-        backend: result.backend,
+        lse,
+        backend,
     })
 }

@@ -33,8 +33,9 @@ pub mod cuda;
 
 use ndarray::{s, Array2, Array3, Array4, ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
+use sdpa::{BackendSet, DropoutSpace};
 use sdpa_core::{Result, SdpaError, SdpaOptions};
-use sdpa_ref::{DropoutSpace, Element};
+use sdpa_ref::Element;
 
 /// Validated cumulative sequence lengths: `offsets[b]..offsets[b + 1]` are the rows of
 /// sequence `b` in the packed values.
@@ -309,7 +310,7 @@ pub struct NestedOutput<T> {
 /// # Errors
 /// Batch counts of q and k/v that differ, k and v offsets that differ, dtype/head/dim
 /// mismatches as the dense call reports them.
-pub fn sdpa_nested<T: Element>(
+pub fn sdpa_nested<T: sdpa::Elem>(
     q: &Nested<T>,
     k: &Nested<T>,
     v: &Nested<T>,
@@ -344,21 +345,21 @@ pub fn sdpa_nested<T: Element>(
         None,
         options,
     )?;
-    let results: Vec<Result<sdpa_ref::Output<T>>> = (0..q.batch())
+    let results: Vec<Result<sdpa::Attention<T>, sdpa::Error>> = (0..q.batch())
         .into_par_iter()
         .map(|b| {
-            sdpa_ref::sdpa_in_space(
+            sdpa::attention_in_space(
                 as_bhle(q.seq(b)),
                 as_bhle(k.seq(b)),
                 as_bhle(v.seq(b)),
-                None,
                 options,
-                Some(DropoutSpace {
+                DropoutSpace {
                     batch_offset: b,
                     heads_q,
                     len_q: space.0,
                     len_kv: space.1,
-                }),
+                },
+                BackendSet::ALL,
             )
         })
         .collect();
@@ -366,13 +367,20 @@ pub fn sdpa_nested<T: Element>(
     let mut out = Array3::from_elem((total_q, heads_q, head_dim_v), pad0());
     let mut lse = Array2::from_elem((total_q, heads_q), f32::NEG_INFINITY);
     for (b, result) in results.into_iter().enumerate() {
-        let r = result?;
+        // A CPU call of host arrays fails only on the specification.
+        let (seq_out, seq_lse) = result
+            .map_err(|e| match e {
+                sdpa::Error::Spec(spec) => spec,
+                other => SdpaError::invalid("query", "a call the CPU reference runs", other),
+            })?
+            .into_host()
+            .expect("host arrays in, host arrays out");
         let o = q.cu_seqlens.offsets();
         // [1, Hq, L_b, Ev] -> [L_b, Hq, Ev]
         out.slice_mut(s![o[b]..o[b + 1], .., ..])
-            .assign(&r.out.index_axis(Axis(0), 0).permuted_axes([1, 0, 2]));
+            .assign(&seq_out.index_axis(Axis(0), 0).permuted_axes([1, 0, 2]));
         lse.slice_mut(s![o[b]..o[b + 1], ..])
-            .assign(&r.lse.index_axis(Axis(0), 0).t());
+            .assign(&seq_lse.index_axis(Axis(0), 0).t());
     }
     Ok(NestedOutput {
         out: Nested {

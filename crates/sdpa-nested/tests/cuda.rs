@@ -6,29 +6,20 @@
 //! `--ignored`. `PROPTEST_CASES` scales them (default 48 each). Outputs are poisoned with
 //! NaN before every launch.
 
-use half::{bf16, f16};
-use ndarray::{s, Array3, Array4, ArrayD};
+use half::f16;
+use ndarray::{s, Array4, ArrayD};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
-use sdpa_cuda::{DeviceElement, GpuContext, HostMask};
+use sdpa_cuda::{DeviceElement, HostMask};
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::{proptest_cases, SplitMix64};
-use sdpa_harness::tolerance;
+use sdpa_harness::gpu::{self, gpu, random, GpuElem};
+use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::{tolerance, with_dtype};
 use sdpa_nested::cuda::{sdpa_nested_cuda, DeviceNested};
 use sdpa_nested::{key_padding_mask, sdpa_nested, CuSeqlens, Nested};
 
-fn gpu() -> &'static GpuContext {
-    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
-}
-
-fn cases() -> u32 {
-    proptest_cases(48)
-}
-
-/// Element types of these tests: the reference's, with a device twin.
-trait Elem: sdpa_harness::elem::Elem + DeviceElement {}
-impl<T: sdpa_harness::elem::Elem + DeviceElement> Elem for T {}
+/// Default number of cases of each property (`PROPTEST_CASES` overrides it).
+const CASES: u32 = 48;
 
 /// Length lists: random (0 included), all length 1, and one long among many short.
 fn lengths(max_batch: usize, max_len: usize) -> impl Strategy<Value = Vec<usize>> {
@@ -138,13 +129,18 @@ fn spec(cross: bool) -> impl Strategy<Value = Spec> {
         )
 }
 
-fn packed<T: Elem>(rng: &mut SplitMix64, lengths: &[usize], heads: usize, dim: usize) -> Nested<T> {
+fn packed<T: GpuElem>(
+    rng: &mut SplitMix64,
+    lengths: &[usize],
+    heads: usize,
+    dim: usize,
+) -> Nested<T> {
     let total = lengths.iter().sum();
-    let values = Array3::from_shape_simple_fn((total, heads, dim), || T::narrow(rng.symmetric()));
+    let values = random::<T, _>(rng, (total, heads, dim));
     Nested::new(values, CuSeqlens::from_lengths(lengths)).unwrap()
 }
 
-fn wide3<T: Elem>(n: &Nested<T>) -> Nested<f64> {
+fn wide3<T: GpuElem>(n: &Nested<T>) -> Nested<f64> {
     Nested::new(n.values().mapv(T::wide), n.cu_seqlens().clone()).unwrap()
 }
 
@@ -156,7 +152,7 @@ fn bhle<T: Clone>(padded: Array4<T>) -> Array4<T> {
         .into_owned()
 }
 
-fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
+fn check<T: GpuElem>(spec: &Spec) -> Result<(), TestCaseError> {
     let gpu = gpu();
     let mut rng = SplitMix64(spec.seed);
     let heads_q = spec.heads_kv * spec.group;
@@ -243,18 +239,11 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
 }
 
 fn property(cross: bool) {
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&spec(cross), |s| match s.dtype {
-            DType::F16 => check::<f16>(&s),
-            DType::BF16 => check::<bf16>(&s),
-            _ => check::<f32>(&s),
-        })
-        .unwrap();
+    gpu::property(
+        CASES,
+        &spec(cross),
+        |s| with_dtype!(s.dtype, T => check::<T>(&s)),
+    );
 }
 
 #[test]

@@ -78,7 +78,7 @@ fn three_d(name: &str, t: &Tensor, dtype: DType) -> Result<[usize; 3], String> {
 }
 
 /// `sdpa_nested` on the case's tensors in element type `T`, as f64.
-fn run_typed<T: sdpa_ref::Element>(
+fn run_typed<T: sdpa::Elem>(
     q: ArrayD<T>,
     k: ArrayD<T>,
     v: ArrayD<T>,

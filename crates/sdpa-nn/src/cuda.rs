@@ -75,7 +75,7 @@ impl CudaCausalSelfAttention {
         Ok(CudaCausalSelfAttention {
             c_attn: Linear::upload(gpu, a.weight(), a.bias())?,
             c_proj: Linear::upload(gpu, p.weight(), p.bias())?,
-            kernels: NnKernels::default(),
+            kernels: NnKernels,
             heads: module.heads(),
             dropout: module.dropout(),
             is_causal: module.is_causal(),
@@ -278,7 +278,7 @@ impl CudaCausalSelfAttention {
         let options = self.attention_options(batch, max_len);
         let backends = self.backends;
         let attn = timed("sdpa", &mut timeline, &mut || {
-            let a = gpu.sdpa_varlen(
+            let a = sdpa::attention_varlen(
                 &q,
                 &k,
                 &v,
@@ -287,11 +287,14 @@ impl CudaCausalSelfAttention {
                     cu_seqlens_k: cu,
                 },
                 &options,
-                backends,
+                &sdpa::Exec::cuda(gpu).with_backends(backends),
             )?;
             let label = format!("sdpa ({} varlen kernel)", a.backend);
+            let (out, _lse) = a
+                .into_cuda()
+                .expect("device tensors in, device tensors out");
             // The packed [N, H, D] output is the [N, E] rows c_proj reads.
-            Ok((rows_view(&a.out, n, e)?, Some(label)))
+            Ok((rows_view(&out, n, e)?, Some(label)))
         })?;
         let mut out = timed("c_proj (cublas gemm)", &mut timeline, &mut || {
             Ok((self.c_proj.forward(gpu, &self.kernels, &attn)?, None))

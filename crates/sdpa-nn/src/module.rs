@@ -2,9 +2,9 @@ use crate::linear::Linear;
 use crate::profile::Profiler;
 use crate::{NnError, Result};
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis};
+use sdpa::{Elem as Element, Exec, Tensor};
 use sdpa_core::{Causal, DType, Dropout, SdpaError, SdpaOptions};
 use sdpa_nested::{CuSeqlens, Nested};
-use sdpa_ref::Element;
 use std::collections::HashMap;
 
 /// The dropout stream of a module: a Philox seed and a counter offset that advances by
@@ -343,10 +343,23 @@ impl<T: Element> CausalSelfAttention<T> {
         let view = |i: usize| qkv.index_axis(Axis(2), i).permuted_axes([0, 2, 1, 3]);
         let options = self.attention_options(batch, len);
         let attn = profiler.cpu("sdpa (math, cpu)", || {
-            sdpa_ref::sdpa(view(0), view(1), view(2), None, &options)
-        })?;
+            sdpa::attention(
+                Tensor::Host(view(0)),
+                Tensor::Host(view(1)),
+                Tensor::Host(view(2)),
+                None,
+                &options,
+                &Exec::cpu(),
+            )
+        });
+        // A CPU call of host arrays fails only on the specification.
+        let (attn, _lse) = match attn {
+            Ok(a) => a.into_host().expect("host arrays in, host arrays out"),
+            Err(sdpa::Error::Spec(e)) => return Err(e.into()),
+            Err(other) => return Err(SdpaError::invalid("x", "a CPU call", other).into()),
+        };
         // [B, H, T, D] -> [B, T, H, D] -> [B*T, E]
-        let y = attn.out.permuted_axes([0, 2, 1, 3]);
+        let y = attn.permuted_axes([0, 2, 1, 3]);
         let y = y.as_standard_layout();
         let y = y
             .view()

@@ -6,31 +6,22 @@
 //! Ignored by default (they need a CUDA device): the GPU bundle's `run.sh` runs them with
 //! `--ignored`. `PROPTEST_CASES` scales them (default 24 each).
 
-use half::{bf16, f16};
-use ndarray::{Array1, Array2, Array3};
+use half::f16;
+use ndarray::{Array2, Array3};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use sdpa_core::DType;
-use sdpa_cuda::{DeviceElement, DeviceTensor, GpuContext};
+use sdpa_cuda::DeviceElement;
 use sdpa_harness::compare::compare_with;
-use sdpa_harness::strategies::{proptest_cases, SplitMix64};
-use sdpa_harness::tolerance;
+use sdpa_harness::gpu::{self, gpu, random, random_device, uniform, GpuElem};
+use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::{tolerance, with_dtype};
 use sdpa_nested::CuSeqlens;
 use sdpa_nn::cuda::{profile_forward, CudaCausalSelfAttention};
 use sdpa_nn::profile::Profiler;
 use sdpa_nn::{CausalSelfAttention, Linear};
 
-fn gpu() -> &'static GpuContext {
-    GpuContext::poisoned_for_tests().expect("a CUDA device with driver and NVRTC")
-}
-
-fn cases() -> u32 {
-    proptest_cases(24)
-}
-
-/// Element types of these tests: the reference's, with a device twin.
-trait Elem: sdpa_harness::elem::Elem + DeviceElement {}
-impl<T: sdpa_harness::elem::Elem + DeviceElement> Elem for T {}
+/// Default number of cases of the property (`PROPTEST_CASES` overrides it).
+const CASES: u32 = 24;
 
 #[derive(Debug, Clone)]
 struct Spec {
@@ -102,14 +93,12 @@ fn spec() -> impl Strategy<Value = Spec> {
         )
 }
 
-fn module<T: Elem>(spec: &Spec, rng: &mut SplitMix64) -> CausalSelfAttention<T> {
+fn module<T: GpuElem>(spec: &Spec, rng: &mut SplitMix64) -> CausalSelfAttention<T> {
     let e = spec.embed;
     let bound = 1.0 / (e as f64).sqrt();
     let mut linear = |rows: usize| {
-        let w = Array2::from_shape_simple_fn((rows, e), || T::narrow(rng.symmetric() * bound));
-        let b = spec
-            .bias
-            .then(|| Array1::from_shape_simple_fn(rows, || T::narrow(rng.symmetric() * bound)));
+        let w = uniform::<T, _>(rng, (rows, e), bound);
+        let b = spec.bias.then(|| uniform::<T, _>(rng, rows, bound));
         Linear::new(w, b).unwrap()
     };
     let (c_attn, c_proj) = (linear(3 * e), linear(e));
@@ -122,7 +111,7 @@ fn module<T: Elem>(spec: &Spec, rng: &mut SplitMix64) -> CausalSelfAttention<T> 
     m
 }
 
-fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
+fn check<T: GpuElem>(spec: &Spec) -> Result<(), TestCaseError> {
     let gpu = gpu();
     let mut rng = SplitMix64(spec.seed);
     let mut cpu = module::<T>(spec, &mut rng);
@@ -135,9 +124,7 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
     for call in 0..2 {
         let (got, want) = match &spec.lengths {
             None => {
-                let x = Array3::from_shape_simple_fn((spec.batch, spec.len, e), || {
-                    T::narrow(rng.symmetric())
-                });
+                let x: Array3<T> = random(&mut rng, (spec.batch, spec.len, e));
                 let want = cpu.forward(x.view()).unwrap();
                 let got = cuda
                     .forward_host(gpu, x.view())
@@ -146,8 +133,7 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
             }
             Some(lengths) => {
                 let cu = CuSeqlens::from_lengths(lengths);
-                let x =
-                    Array2::from_shape_simple_fn((cu.total(), e), || T::narrow(rng.symmetric()));
+                let x: Array2<T> = random(&mut rng, (cu.total(), e));
                 let want = cpu.forward_nested(x.view(), &cu).unwrap();
                 let got = cuda
                     .forward_nested_host(gpu, x.view(), &cu)
@@ -170,18 +156,11 @@ fn check<T: Elem>(spec: &Spec) -> Result<(), TestCaseError> {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn module_on_cuda_equals_module_on_cpu() {
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&spec(), |s| match s.dtype {
-            DType::F16 => check::<f16>(&s),
-            DType::BF16 => check::<bf16>(&s),
-            _ => check::<f32>(&s),
-        })
-        .unwrap();
+    gpu::property(
+        CASES,
+        &spec(),
+        |s| with_dtype!(s.dtype, T => check::<T>(&s)),
+    );
 }
 
 /// The tutorial's setup scaled down, in f16 training with dropout 0.1: the residual
@@ -230,8 +209,7 @@ fn profile_records_every_op_as_a_cuda_event() {
     let mut rng = SplitMix64(9);
     let cpu = module::<f16>(&spec, &mut rng);
     let mut cuda = CudaCausalSelfAttention::upload(gpu, &cpu).unwrap();
-    let x = Array3::from_shape_simple_fn((2, 32, 128), || f16::from_f64(rng.symmetric()));
-    let dx = DeviceTensor::upload(gpu, x.view().insert_axis(ndarray::Axis(0))).unwrap();
+    let dx = random_device(gpu, &mut rng, [1, 2, 32, 128], DType::F16).unwrap();
     let mut profiler = Profiler::enabled();
     profile_forward(gpu, &mut cuda, &dx, 3, &mut profiler).unwrap();
     let events = profiler.events();

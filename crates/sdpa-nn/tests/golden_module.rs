@@ -343,8 +343,7 @@ fn module_goldens_pass_on_the_cpu() {
 /// The same cases through the CUDA module (cuBLAS projections, fused attention on
 /// strided views), in the GPU bundle.
 #[test]
-#[ignore = "needs a CUDA device (the GPU bundle runs it)"]
+#[ignore = "needs a CUDA device"]
 fn module_goldens_pass_on_cuda() {
-    let gpu = GpuContext::new(0).expect("a CUDA device");
-    run_module_goldens(Some(&gpu));
+    run_module_goldens(Some(sdpa_harness::gpu::gpu()));
 }

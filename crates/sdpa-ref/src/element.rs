@@ -1,7 +1,6 @@
 use half::{bf16, f16};
 use ndarray::LinalgScalar;
 use num_traits::Float;
-use sdpa_core::DType;
 use std::fmt::Debug;
 
 /// The type intermediates are kept in: f64 for f64 inputs, f32 for everything else
@@ -85,11 +84,9 @@ pub(crate) fn exp_nonpositive_f32(x: f32) -> f32 {
 }
 
 /// An input/output element type of the reference: `f64`, `f32`, `f16` or `bf16`.
-pub trait Element: Copy + Send + Sync + Debug + PartialEq + 'static {
+pub trait Element: sdpa_core::Scalar {
     /// Accumulation type.
     type Acc: Accum;
-    /// The dtype this type stands for.
-    const DTYPE: DType;
     /// Exact widening to the accumulation type.
     fn to_acc(self) -> Self::Acc;
     /// Rounding (to nearest even) from the accumulation type.
@@ -98,7 +95,6 @@ pub trait Element: Copy + Send + Sync + Debug + PartialEq + 'static {
 
 impl Element for f64 {
     type Acc = f64;
-    const DTYPE: DType = DType::F64;
     fn to_acc(self) -> f64 {
         self
     }
@@ -109,7 +105,6 @@ impl Element for f64 {
 
 impl Element for f32 {
     type Acc = f32;
-    const DTYPE: DType = DType::F32;
     fn to_acc(self) -> f32 {
         self
     }
@@ -120,7 +115,6 @@ impl Element for f32 {
 
 impl Element for f16 {
     type Acc = f32;
-    const DTYPE: DType = DType::F16;
     fn to_acc(self) -> f32 {
         self.to_f32()
     }
@@ -131,7 +125,6 @@ impl Element for f16 {
 
 impl Element for bf16 {
     type Acc = f32;
-    const DTYPE: DType = DType::BF16;
     fn to_acc(self) -> f32 {
         self.to_f32()
     }

@@ -48,10 +48,11 @@ pub use sdpa_cuda::{
     CudaError, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext, KernelConfig,
     Varlen,
 };
+pub use sdpa_ref::DropoutSpace;
 
-/// An element type every backend takes: f64, f32, f16, bf16.
-pub trait Elem: sdpa_ref::Element + DeviceElement {}
-impl<T: sdpa_ref::Element + DeviceElement> Elem for T {}
+/// An element type every backend takes: f64, f32, f16, bf16 (the reference's
+/// `Element`, whose dtype is `sdpa_core::Scalar`'s, the one the device reads too).
+pub use sdpa_ref::Element as Elem;
 
 /// Everything that stops a call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -72,6 +73,26 @@ pub enum Error {
         /// Where it was.
         actual: String,
     },
+}
+
+impl From<Error> for CudaError {
+    /// For callers whose own error type is `CudaError` (the CUDA halves of sdpa-nested
+    /// and sdpa-nn): the spec and CUDA errors as they are, a placement as a bad layout.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Spec(s) => CudaError::Spec(s),
+            Error::Cuda(c) => c,
+            Error::Placement {
+                arg,
+                expected,
+                actual,
+            } => CudaError::BadLayout {
+                arg,
+                expected,
+                actual,
+            },
+        }
+    }
 }
 
 /// The result type of the facade.
@@ -193,6 +214,18 @@ pub struct Attention<T> {
     pub backend: Backend,
 }
 
+impl<T> Attention<T> {
+    /// `(out, lse)` on the host, when the call took host arrays.
+    pub fn into_host(self) -> Option<(Array4<T>, Array3<f32>)> {
+        Some((self.out.into_host()?, self.lse.into_host()?))
+    }
+
+    /// `(out, lse)` on the device, when the call took device tensors.
+    pub fn into_cuda(self) -> Option<(DeviceTensor, DeviceTensor)> {
+        Some((self.out.into_cuda()?, self.lse.into_cuda()?))
+    }
+}
+
 fn placement(arg: &'static str, expected: &str, actual: &str) -> Error {
     Error::Placement {
         arg,
@@ -245,12 +278,8 @@ pub fn attention<T: Elem>(
                 ));
             };
             for (arg, t) in [("query", q), ("key", k), ("value", v)] {
-                if t.dtype() != <T as DeviceElement>::DTYPE {
-                    return Err(placement(
-                        arg,
-                        <T as DeviceElement>::DTYPE.name(),
-                        t.dtype().name(),
-                    ));
+                if t.dtype() != T::DTYPE {
+                    return Err(placement(arg, T::DTYPE.name(), t.dtype().name()));
                 }
             }
             let mask = match mask {
@@ -311,6 +340,31 @@ fn host<T: Elem>(
             })
         }
     }
+}
+
+/// [`attention`] of host arrays on the CPU with the call's elements placed in a larger
+/// dropout index space: what a nested batch needs so that sequence `b` draws the
+/// dropout bits of row `b` of the padded `[B, Hq, Lmax, Smax]` problem (on CUDA the
+/// varlen kernels index that space themselves: [`attention_varlen`]).
+///
+/// # Errors
+/// As [`attention`], and a `space` that does not contain the problem.
+pub fn attention_in_space<T: Elem>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    options: &SdpaOptions,
+    space: DropoutSpace,
+    backends: BackendSet,
+) -> Result<Attention<T>> {
+    let problem = sdpa_ref::problem(&q, &k, &v, None, options)?;
+    let backend = Exec::cpu().with_backends(backends).select(&problem)?;
+    let r = sdpa_ref::sdpa_in_space(q, k, v, None, options, Some(space))?;
+    Ok(Attention {
+        out: Out::Host(r.out),
+        lse: Out::Host(r.lse),
+        backend,
+    })
 }
 
 /// Attention over packed variable-length sequences on CUDA (the fused kernels' varlen
