@@ -8,7 +8,6 @@ mod error;
 mod profile;
 mod tutorial;
 
-use bench::Shape;
 use clap::{Parser, Subcommand};
 use engine::{BackendArg, DeviceArg, Engine};
 use error::CliError;
@@ -55,27 +54,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Times each backend (median of repeats after a warm-up) and prints GFLOP/s.
-    Bench {
-        /// Where to run.
-        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-        device: DeviceArg,
-        /// One problem `B,H,L,E` instead of the default set.
-        #[arg(long, value_parser = parse_shape)]
-        shape: Option<[usize; 4]>,
-        /// Element type of `--shape`.
-        #[arg(long, default_value = "f16")]
-        dtype: DType,
-        /// Causal (top-left) for `--shape`.
-        #[arg(long)]
-        causal: bool,
-        /// Timed calls per backend.
-        #[arg(long, default_value_t = 10)]
-        repeats: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Times every backend on any problem (GQA, L != S, Ev != E, causal, dropout, masks,
+    /// varlen on CUDA) or the default set: median of repeats after a warm-up, TFLOP/s on
+    /// CUDA, GFLOP/s on the CPU.
+    Bench(bench::BenchArgs),
     /// Profiles the tutorial's CausalSelfAttention module: a per-op table (calls, total,
     /// mean, share) and optionally a Chrome trace.
     Profile {
@@ -115,21 +97,6 @@ enum Command {
     },
 }
 
-fn parse_shape(s: &str) -> Result<[usize; 4], String> {
-    let parts: Vec<&str> = s.split(',').collect();
-    let dims: Vec<usize> = parts
-        .iter()
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("expected B,H,L,E (four positive integers), got {s:?}"))?;
-    match dims[..] {
-        [b, h, l, e] if dims.iter().all(|d| *d > 0) => Ok([b, h, l, e]),
-        _ => Err(format!(
-            "expected B,H,L,E (four positive integers), got {s:?}"
-        )),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Tutorial {
@@ -142,14 +109,7 @@ fn main() -> ExitCode {
             device,
             out,
         } => eval(&case, backend, device, &out),
-        Command::Bench {
-            device,
-            shape,
-            dtype,
-            causal,
-            repeats,
-            json,
-        } => bench_cmd(device, shape, dtype, causal, repeats, json),
+        Command::Bench(args) => bench::run(args),
         Command::Check { paths, device } => check(paths, device),
         Command::Profile {
             device,
@@ -231,77 +191,6 @@ fn eval(
             Some(&sdpa_harness::tolerance::for_dtype(problem.dtype)),
         );
         println!("  vs out: {report}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The default benchmark set. On the CPU: the speed target (f32 [4,8,512,64]), the
-/// same causal, and the tutorial's problem with its batch cut to 2. On CUDA: the
-/// tutorial's problem and the larger shapes the CUDA issue measures.
-fn default_shapes(engine: &Engine) -> Vec<Shape> {
-    let s = |batch, heads, len, head_dim, dtype, causal| Shape {
-        batch,
-        heads,
-        len,
-        head_dim,
-        dtype,
-        causal,
-    };
-    match engine.device {
-        sdpa_core::Device::Cpu => vec![
-            s(4, 8, 512, 64, DType::F32, false),
-            s(4, 8, 512, 64, DType::F32, true),
-            s(2, 32, 1024, 32, DType::F16, false),
-        ],
-        sdpa_core::Device::Cuda => sdpa_cuda::bench::issue_shapes()
-            .into_iter()
-            .map(|b| Shape {
-                batch: b.batch,
-                heads: b.heads,
-                len: b.len,
-                head_dim: b.head_dim,
-                dtype: b.dtype.parse().expect("issue shapes use f16/bf16/f32"),
-                causal: b.causal,
-            })
-            .collect(),
-    }
-}
-
-fn bench_cmd(
-    device: DeviceArg,
-    shape: Option<[usize; 4]>,
-    dtype: DType,
-    causal: bool,
-    repeats: usize,
-    as_json: bool,
-) -> Result<ExitCode, CliError> {
-    let engine = Engine::new(device)?;
-    let shapes = match shape {
-        Some([batch, heads, len, head_dim]) => vec![Shape {
-            batch,
-            heads,
-            len,
-            head_dim,
-            dtype,
-            causal,
-        }],
-        None => default_shapes(&engine),
-    };
-    let mut rows = Vec::new();
-    for s in shapes {
-        rows.extend(bench::bench_shape(&engine, s, repeats)?);
-    }
-    if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&bench::json(&rows)).expect("JSON of plain values")
-        );
-    } else {
-        match &engine.no_cuda_reason {
-            Some(why) => println!("device: {} (no CUDA device: {why})", engine.describe()),
-            None => println!("device: {}", engine.describe()),
-        }
-        print!("{}", bench::table(&rows));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,14 +1,23 @@
 //! Timing of the CUDA backends with CUDA events: warm-up, then the median of many runs,
 //! rotating through input sets that together exceed the L2 cache so that no run reads
 //! its inputs from cache.
+//!
+//! [`time_backend`] times one of the issue's five square shapes ([`BenchShape`], what
+//! `sdpa-cuda-bench` prints); [`time_problem`] times any problem ([`BenchProblem`]: GQA,
+//! L != S, Ev != E, causal alignment, dropout, masks, varlen), what `sdpa bench` runs.
 
 use crate::context::GpuContext;
 use crate::error::Result;
-use crate::tensor::DeviceTensor;
+use crate::params::Varlen;
+use crate::tensor::{DeviceMask, DeviceSeqlens, DeviceTensor};
 use cudarc::driver::sys::CUevent_flags;
 use half::{bf16, f16};
-use ndarray::Array4;
-use sdpa_core::{check_support, Backend, Causal, DType, Device, SdpaOptions};
+use ndarray::{Array4, ArrayD, IxDyn};
+use sdpa_core::rng::SplitMix64;
+use sdpa_core::{
+    check_support, Backend, BackendSet, Causal, DType, Device, Layout, MaskDesc, MaskKind, Problem,
+    SdpaOptions, TensorDesc,
+};
 use serde::Serialize;
 
 /// One benchmark shape: `(B, H, L=S, E)`, dtype, causal.
@@ -42,6 +51,30 @@ impl BenchShape {
     fn dtype(&self) -> DType {
         self.dtype.parse().expect("bench dtypes are f16/bf16/f32")
     }
+
+    /// The shape as a general problem.
+    pub fn problem(&self) -> BenchProblem {
+        BenchProblem {
+            batch: self.batch,
+            heads_q: self.heads,
+            heads_kv: self.heads,
+            len_q: self.len,
+            len_kv: self.len,
+            head_dim: self.head_dim,
+            head_dim_v: self.head_dim,
+            dtype: self.dtype(),
+            options: SdpaOptions {
+                causal: if self.causal {
+                    Causal::TopLeft
+                } else {
+                    Causal::None
+                },
+                ..Default::default()
+            },
+            mask: BenchMask::None,
+            varlen: None,
+        }
+    }
 }
 
 /// The issue's five shapes: the tutorial's, two more, one causal, one long.
@@ -63,6 +96,190 @@ pub fn issue_shapes() -> Vec<BenchShape> {
     ]
 }
 
+/// The `attn_mask` a benchmark problem carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchMask {
+    /// No mask.
+    None,
+    /// Bool `[B, 1, 1, S]`: sequence `b` keeps its first `S - (b % 4) * S / 8` keys
+    /// (a padded batch).
+    KeyPadding,
+    /// Bool `[B, Hq, L, S]`, each element kept with probability 0.9.
+    DenseBool,
+    /// Additive `[B, Hq, L, S]` in the dtype of q, uniform in `[-1, 0)`.
+    DenseAdditive,
+}
+
+impl BenchMask {
+    /// Its shape for a problem of `[B, Hq, L, S]` scores; `None` without a mask.
+    pub fn shape(self, [b, h, l, s]: [usize; 4]) -> Option<Vec<usize>> {
+        match self {
+            BenchMask::None => None,
+            BenchMask::KeyPadding => Some(vec![b, 1, 1, s]),
+            BenchMask::DenseBool | BenchMask::DenseAdditive => Some(vec![b, h, l, s]),
+        }
+    }
+
+    /// How it acts, for a problem of element type `dtype`.
+    pub fn kind(self, dtype: DType) -> Option<MaskKind> {
+        match self {
+            BenchMask::None => None,
+            BenchMask::KeyPadding | BenchMask::DenseBool => Some(MaskKind::Bool),
+            BenchMask::DenseAdditive => Some(MaskKind::Additive(dtype)),
+        }
+    }
+
+    /// The bool mask's contents (key padding or dense); `None` for the others.
+    pub fn bool_values(self, shape: &[usize], seed: u64) -> Option<ArrayD<bool>> {
+        let mut rng = SplitMix64(seed);
+        match self {
+            BenchMask::KeyPadding => {
+                let s = shape[3];
+                Some(ArrayD::from_shape_fn(IxDyn(shape), |ix| {
+                    // Every sequence keeps at least one key, so no row is fully masked.
+                    ix[3] < (s - (ix[0] % 4) * s / 8).max(1)
+                }))
+            }
+            BenchMask::DenseBool => Some(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+                rng.unit() < 0.9
+            })),
+            BenchMask::None | BenchMask::DenseAdditive => None,
+        }
+    }
+
+    /// The additive mask's contents, as f64 (converted to the dtype by the caller).
+    pub fn additive_values(self, shape: &[usize], seed: u64) -> Option<ArrayD<f64>> {
+        let mut rng = SplitMix64(seed);
+        (self == BenchMask::DenseAdditive)
+            .then(|| ArrayD::from_shape_simple_fn(IxDyn(shape), || -rng.unit()))
+    }
+}
+
+/// Per-sequence lengths of a varlen problem (CUDA only): `q[b]` query rows and `k[b]`
+/// keys for sequence `b`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VarlenLens {
+    /// Query lengths.
+    pub q: Vec<usize>,
+    /// Key/value lengths (as many as `q`).
+    pub k: Vec<usize>,
+}
+
+/// Any benchmark problem: `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]`,
+/// contiguous, with options and a mask; or packed variable-length sequences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchProblem {
+    /// `B` (the number of sequences under varlen).
+    pub batch: usize,
+    /// `Hq`.
+    pub heads_q: usize,
+    /// `Hkv`.
+    pub heads_kv: usize,
+    /// `L` (the longest query sequence under varlen).
+    pub len_q: usize,
+    /// `S` (the longest key sequence under varlen).
+    pub len_kv: usize,
+    /// `E`.
+    pub head_dim: usize,
+    /// `Ev`.
+    pub head_dim_v: usize,
+    /// Element type of q, k, v and out.
+    pub dtype: DType,
+    /// Causal, dropout, scale, GQA.
+    pub options: SdpaOptions,
+    /// The mask (none under varlen).
+    pub mask: BenchMask,
+    /// Packed sequences instead of dense tensors.
+    pub varlen: Option<VarlenLens>,
+}
+
+impl BenchProblem {
+    /// `[B, Hq, L, E]`, `[B, Hkv, S, E]`, `[B, Hkv, S, Ev]`: dense, or padded under varlen.
+    pub fn shapes(&self) -> [[usize; 4]; 3] {
+        [
+            [self.batch, self.heads_q, self.len_q, self.head_dim],
+            [self.batch, self.heads_kv, self.len_kv, self.head_dim],
+            [self.batch, self.heads_kv, self.len_kv, self.head_dim_v],
+        ]
+    }
+
+    /// `[B, Hq, L, S]`.
+    pub fn scores_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.len_q, self.len_kv]
+    }
+
+    /// The mask's shape, if any.
+    pub fn mask_shape(&self) -> Option<Vec<usize>> {
+        self.mask.shape(self.scores_shape())
+    }
+
+    /// Total query and key rows under varlen.
+    pub fn totals(&self) -> Option<(usize, usize)> {
+        self.varlen
+            .as_ref()
+            .map(|v| (v.q.iter().sum(), v.k.iter().sum()))
+    }
+
+    /// The validated problem: dense, or the padded problem turned varlen over the packed
+    /// `[1, H, total, dim]` views the kernels read. Callers with sizes from users check
+    /// that every tensor's element count fits `isize` first (`Layout` multiplies them).
+    ///
+    /// # Errors
+    /// What [`Problem::new`] rejects.
+    pub fn problem(&self) -> sdpa_core::Result<Problem> {
+        let [qs, ks, vs] = self.shapes();
+        let mask = self
+            .mask_shape()
+            .zip(self.mask.kind(self.dtype))
+            .map(|(shape, kind)| MaskDesc::contiguous(kind, &shape));
+        let t = |shape| TensorDesc::contiguous(self.dtype, shape);
+        let problem = Problem::new(&t(qs), &t(ks), &t(vs), mask.as_ref(), &self.options)?;
+        Ok(match self.totals() {
+            None => problem,
+            Some((tq, tk)) => problem.into_varlen(
+                packed_layout(self.heads_q, tq, self.head_dim),
+                packed_layout(self.heads_kv, tk, self.head_dim),
+                packed_layout(self.heads_kv, tk, self.head_dim_v),
+            ),
+        })
+    }
+
+    /// `2*B*Hq*L*S*(E + Ev)` as [`Problem::flops`] counts it (halved under causal), or
+    /// under varlen the same summed over the sequences' own `L_b * S_b`. Masks and
+    /// dropout do not change the count.
+    pub fn flops(&self) -> f64 {
+        let pairs = match &self.varlen {
+            None => self.batch as f64 * self.len_q as f64 * self.len_kv as f64,
+            Some(v) => {
+                v.q.iter()
+                    .zip(&v.k)
+                    .map(|(&l, &s)| l as f64 * s as f64)
+                    .sum()
+            }
+        };
+        let full = 2.0 * self.heads_q as f64 * pairs * (self.head_dim + self.head_dim_v) as f64;
+        if self.options.causal == Causal::None {
+            full
+        } else {
+            full / 2.0
+        }
+    }
+}
+
+/// `[total, H, dim]` storage seen as `[1, H, total, dim]`.
+fn packed_layout(heads: usize, total: usize, dim: usize) -> Layout {
+    Layout {
+        shape: [1, heads, total, dim],
+        strides: [0, dim as isize, (heads * dim) as isize, 1],
+    }
+}
+
+/// Input sets the timing rotates through so that together they exceed twice the L2
+/// cache (2 to 16 sets of `set_bytes` each).
+pub fn input_sets(set_bytes: usize, l2_bytes: usize) -> usize {
+    (2 * l2_bytes).div_ceil(set_bytes.max(1)).clamp(2, 16)
+}
+
 /// One timing.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
@@ -80,82 +297,157 @@ pub struct BenchRow {
     pub tflops: f64,
 }
 
+/// Event times of one backend on one problem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// Median milliseconds per call.
+    pub median_ms: f64,
+    /// Fastest call.
+    pub min_ms: f64,
+    /// Timed calls.
+    pub runs: usize,
+}
+
 fn random_tensor(
     gpu: &GpuContext,
     dtype: DType,
     shape: [usize; 4],
     seed: u64,
 ) -> Result<DeviceTensor> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
-    };
+    let mut rng = SplitMix64(seed);
+    let mut next = move || rng.symmetric();
     let dims = (shape[0], shape[1], shape[2], shape[3]);
     match dtype {
         DType::F16 => DeviceTensor::upload(
             gpu,
-            Array4::from_shape_simple_fn(dims, || f16::from_f32(next())).view(),
+            Array4::from_shape_simple_fn(dims, || f16::from_f64(next())).view(),
         ),
         DType::BF16 => DeviceTensor::upload(
             gpu,
-            Array4::from_shape_simple_fn(dims, || bf16::from_f32(next())).view(),
+            Array4::from_shape_simple_fn(dims, || bf16::from_f64(next())).view(),
         ),
-        DType::F32 => {
-            DeviceTensor::upload(gpu, Array4::from_shape_simple_fn(dims, &mut next).view())
-        }
-        DType::F64 => DeviceTensor::upload(
+        DType::F32 => DeviceTensor::upload(
             gpu,
-            Array4::from_shape_simple_fn(dims, || next() as f64).view(),
+            Array4::from_shape_simple_fn(dims, || next() as f32).view(),
         ),
+        DType::F64 => DeviceTensor::upload(gpu, Array4::from_shape_simple_fn(dims, next).view()),
     }
 }
 
-/// Times `backend` on `shape`: `warmup` untimed calls, then up to `max_runs` timed ones
+fn upload_mask(gpu: &GpuContext, bench: &BenchProblem, seed: u64) -> Result<Option<DeviceMask>> {
+    let Some(shape) = bench.mask_shape() else {
+        return Ok(None);
+    };
+    if let Some(b) = bench.mask.bool_values(&shape, seed) {
+        return DeviceMask::upload_bool(gpu, b.view()).map(Some);
+    }
+    let a = bench
+        .mask
+        .additive_values(&shape, seed)
+        .expect("a mask is bool or additive");
+    match bench.dtype {
+        DType::F64 => DeviceMask::upload_additive(gpu, a.view()),
+        DType::F32 => DeviceMask::upload_additive(gpu, a.mapv(|x| x as f32).view()),
+        DType::F16 => DeviceMask::upload_additive(gpu, a.mapv(f16::from_f64).view()),
+        DType::BF16 => DeviceMask::upload_additive(gpu, a.mapv(bf16::from_f64).view()),
+    }
+    .map(Some)
+}
+
+fn cu_seqlens(gpu: &GpuContext, lens: &[usize]) -> Result<DeviceSeqlens> {
+    let mut cu = Vec::with_capacity(lens.len() + 1);
+    let mut total = 0i64;
+    cu.push(0i32);
+    for &len in lens {
+        total += len as i64;
+        cu.push(i32::try_from(total).map_err(|_| {
+            crate::CudaError::bad_layout("cu_seqlens", "offsets that fit i32", total)
+        })?);
+    }
+    DeviceSeqlens::upload_i32(gpu, &cu)
+}
+
+/// Times `backend` on `bench`: `warmup` untimed calls, then up to `max_runs` timed ones
 /// (fewer when they would take over `budget_ms` in all), each between two CUDA events,
-/// over enough input sets to exceed twice the L2 cache. `None` if the backend does not
-/// take the shape.
-pub fn time_backend(
+/// over enough input sets (q, k, v; one mask shared) to exceed twice the L2 cache.
+/// Dense problems run into preallocated outputs ([`GpuContext::run`]); varlen ones
+/// through [`GpuContext::sdpa_varlen`], whose stream-ordered output allocation is inside
+/// the timed region. `Ok(None)` if the backend does not take the problem.
+pub fn time_problem(
     gpu: &GpuContext,
-    shape: &BenchShape,
+    bench: &BenchProblem,
     backend: Backend,
     warmup: usize,
     max_runs: usize,
     budget_ms: f64,
-) -> Result<Option<BenchRow>> {
-    let dtype = shape.dtype();
-    let dims = [shape.batch, shape.heads, shape.len, shape.head_dim];
-    let set_bytes = 3 * dims.iter().product::<usize>() * dtype.size_bytes();
-    let sets = (2 * gpu.l2_bytes()?).div_ceil(set_bytes).clamp(2, 16);
-    let mut inputs = Vec::with_capacity(sets);
-    for i in 0..sets {
-        let seed = 3 * i as u64;
-        inputs.push([
-            random_tensor(gpu, dtype, dims, seed)?,
-            random_tensor(gpu, dtype, dims, seed + 1)?,
-            random_tensor(gpu, dtype, dims, seed + 2)?,
-        ]);
-    }
-    let options = SdpaOptions {
-        causal: if shape.causal {
-            Causal::TopLeft
-        } else {
-            Causal::None
-        },
-        ..Default::default()
-    };
-    let [q0, k0, v0] = &inputs[0];
-    let problem = gpu.problem(q0, k0, v0, None, &options)?;
+) -> Result<Option<Timing>> {
+    let problem = bench.problem()?;
     if check_support(backend, &problem, Device::Cuda).is_err() {
         return Ok(None);
     }
+    let dtype = bench.dtype;
+    let shapes = match bench.totals() {
+        None => bench.shapes(),
+        Some((tq, tk)) => [
+            [1, 1, tq * bench.heads_q, bench.head_dim],
+            [1, 1, tk * bench.heads_kv, bench.head_dim],
+            [1, 1, tk * bench.heads_kv, bench.head_dim_v],
+        ],
+    };
+    let set_bytes: usize = shapes
+        .iter()
+        .map(|s| s.iter().product::<usize>() * dtype.size_bytes())
+        .sum();
+    let sets = input_sets(set_bytes, gpu.l2_bytes()?);
+    let mut inputs = Vec::with_capacity(sets);
+    for i in 0..sets {
+        let seed = 3 * i as u64;
+        let mut set = Vec::with_capacity(3);
+        for (j, &shape) in shapes.iter().enumerate() {
+            let t = random_tensor(gpu, dtype, shape, seed + j as u64)?;
+            set.push(match bench.totals() {
+                None => t,
+                Some((tq, tk)) => {
+                    let (heads, total) = if j == 0 {
+                        (bench.heads_q, tq)
+                    } else {
+                        (bench.heads_kv, tk)
+                    };
+                    let l = packed_layout(heads, total, shape[3]);
+                    t.view(l.shape, l.strides, 0)?
+                }
+            });
+        }
+        inputs.push(set);
+    }
+    let mask = upload_mask(gpu, bench, 0x6d61_736b)?;
+    let seqlens = match &bench.varlen {
+        None => None,
+        Some(v) => Some((cu_seqlens(gpu, &v.q)?, cu_seqlens(gpu, &v.k)?)),
+    };
     let out = DeviceTensor::alloc(gpu, dtype, problem.out_shape())?;
-    let lse = DeviceTensor::alloc(gpu, DType::F32, [shape.batch, shape.heads, shape.len, 1])?;
+    let [b, h, l] = problem.lse_shape();
+    let lse = DeviceTensor::alloc(gpu, DType::F32, [b, h, l, 1])?;
     let call = |i: usize| -> Result<()> {
-        let [q, k, v] = &inputs[i % sets];
-        gpu.run(backend, &problem, q, k, v, None, &out, &lse)
+        let [q, k, v] = &inputs[i % sets][..] else {
+            unreachable!("three tensors per set")
+        };
+        match &seqlens {
+            None => gpu.run(backend, &problem, q, k, v, mask.as_ref(), &out, &lse),
+            Some((cq, ck)) => gpu
+                .sdpa_varlen(
+                    q,
+                    k,
+                    v,
+                    Varlen {
+                        cu_seqlens_q: cq,
+                        cu_seqlens_k: ck,
+                    },
+                    &bench.options,
+                    BackendSet::only(backend),
+                )
+                .map(drop),
+        }
     };
     for i in 0..warmup {
         call(i)?;
@@ -164,7 +456,7 @@ pub fn time_backend(
     let ctx = gpu.cuda();
     let mut times = Vec::new();
     let mut spent = 0.0;
-    for i in 0..max_runs {
+    for i in 0..max_runs.max(1) {
         let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(gpu.stream())?;
@@ -178,16 +470,42 @@ pub fn time_backend(
             break;
         }
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median_ms = times[times.len() / 2];
-    Ok(Some(BenchRow {
-        shape: *shape,
-        backend: backend.name().to_string(),
-        median_ms,
+    times.sort_by(f64::total_cmp);
+    Ok(Some(Timing {
+        median_ms: times[times.len() / 2],
         min_ms: times[0],
         runs: times.len(),
-        tflops: shape.flops() / (median_ms * 1e-3) / 1e12,
     }))
+}
+
+/// Times `backend` on one of the square shapes ([`time_problem`] on
+/// [`BenchShape::problem`]). `None` if the backend does not take the shape.
+pub fn time_backend(
+    gpu: &GpuContext,
+    shape: &BenchShape,
+    backend: Backend,
+    warmup: usize,
+    max_runs: usize,
+    budget_ms: f64,
+) -> Result<Option<BenchRow>> {
+    let timing = time_problem(gpu, &shape.problem(), backend, warmup, max_runs, budget_ms)?;
+    Ok(timing.map(|t| BenchRow {
+        shape: *shape,
+        backend: backend.name().to_string(),
+        median_ms: t.median_ms,
+        min_ms: t.min_ms,
+        runs: t.runs,
+        tflops: shape.flops() / (t.median_ms * 1e-3) / 1e12,
+    }))
+}
+
+/// Warm-up calls, timed calls at most, and the time budget (ms) of one backend: math is
+/// slow on the large shapes, so it gets fewer runs.
+pub fn runs_for(backend: Backend) -> (usize, usize, f64) {
+    match backend {
+        Backend::Math => (2, 10, 1500.0),
+        _ => (5, 50, 1500.0),
+    }
 }
 
 /// Every backend on every shape of [`issue_shapes`].
@@ -208,10 +526,7 @@ pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
                     continue;
                 }
             }
-            let (warmup, runs, budget) = match backend {
-                Backend::Math => (2, 10, 1500.0),
-                _ => (5, 50, 1500.0),
-            };
+            let (warmup, runs, budget) = runs_for(backend);
             if let Some(row) = time_backend(gpu, &shape, backend, warmup, runs, budget)? {
                 rows.push(row);
             }

@@ -100,7 +100,11 @@ fn kernel_bodies_match_the_baseline_revision() {
                 let file = format!("{}-{}-sm{arch}.ptx", symbol(spec), spec.dtype);
                 let ptx = |src: &str, side: &str| {
                     nvrtc::ptx(src, name, &options)
-                        .map(|bytes| String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_string())
+                        .map(|bytes| {
+                            String::from_utf8_lossy(&bytes)
+                                .trim_end_matches('\0')
+                                .to_string()
+                        })
                         .unwrap_or_else(|e| panic!("{side} {file}: {e}"))
                 };
                 let (ptx_before, ptx_after) = (ptx(&before, "before"), ptx(&after, "after"));

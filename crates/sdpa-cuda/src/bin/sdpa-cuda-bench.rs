@@ -1,10 +1,13 @@
 //! `sdpa-cuda-bench [--json]`: times flash, efficient and math on the five
-//! shapes on CUDA device 0 and prints a table (or JSON lines).
-use sdpa_cuda::{bench, GpuContext};
+//! shapes on CUDA device 0 and prints a table (or JSON lines). The kernel configuration
+//! comes from the environment (`SDPA_CUDA_WG_TILES`, `SDPA_CUDA_TC_TILES`,
+//! `SDPA_CUDA_WGMMA`: the variables `ci/tile-sweep.sh` sweeps); `SDPA_BENCH_SHAPES` and
+//! `SDPA_BENCH_BACKENDS` pick shapes and backends.
+use sdpa_cuda::{bench, GpuContext, KernelConfig};
 
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
-    let gpu = match GpuContext::new(0) {
+    let gpu = match KernelConfig::from_env().and_then(|config| GpuContext::with_config(0, config)) {
         Ok(gpu) => gpu,
         Err(e) => {
             eprintln!("sdpa-cuda-bench: {e}");
