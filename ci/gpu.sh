@@ -54,6 +54,14 @@ cargo build --release -p sdpa-nn --bin sdpa-nn-bench
 cp "$TARGET_DIR/release/sdpa-nn-bench" "$BUNDLE/bin/"
 cargo build --release -p sdpa-cli --bin sdpa
 cp "$TARGET_DIR/release/sdpa" "$BUNDLE/bin/"
+# The facade's CUDA example (crates/sdpa/examples/cuda.rs).
+cargo build --release -p sdpa --example cuda
+cp "$TARGET_DIR/release/examples/cuda" "$BUNDLE/bin/sdpa-example-cuda"
+# A bench binary of an earlier revision, for a before/after table in the same device call
+# (run.sh bench-compare): BEFORE_BENCH=path/to/sdpa-cuda-bench bash ci/gpu.sh.
+if [ -n "${BEFORE_BENCH:-}" ]; then
+  cp "$BEFORE_BENCH" "$BUNDLE/bin/sdpa-cuda-bench-before"
+fi
 # Debug info is most of the size; line tables are not needed on the device.
 for f in "$BUNDLE"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
 
@@ -61,7 +69,7 @@ cp -r kernels "$BUNDLE/kernels"
 if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
-cp ci/bench_torch.py ci/bench_torch_module.py ci/planted_bugs.py "$BUNDLE/"
+cp ci/bench_torch.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"

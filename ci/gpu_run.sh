@@ -7,7 +7,9 @@
 # `nn` (also part of `all`): the nested-batch and module GPU tests, then the module
 # benchmarks (issues 5 and 6) beside PyTorch and the module's CUDA profile.
 # `cli` (also part of `all`): the sdpa command's tutorial, check and bench on CUDA.
-# Usage: run.sh [tests|sanitize|bench|nn|cli|all]   (default all)
+# `bench-compare`: this bench and bin/sdpa-cuda-bench-before (BEFORE_BENCH in ci/gpu.sh)
+# alternately, and a before/after table.
+# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -47,6 +49,11 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step unit "$BIN/sdpa-cuda-unit"
   step nvrtc "$BIN/sdpa-cuda-nvrtc" --ignored
   step gpu "$GPU_TESTS" --ignored --test-threads=1
+  # Many processes on a cold kernel cache, device out-of-memory, a context on the
+  # caller's stream over borrowed memory, shared memory read from the kernels.
+  step limits "$BIN/sdpa-cuda-device_limits" --ignored --test-threads=1
+  # The facade's CUDA example: host arrays and device tensors, every backend.
+  step facade "$BIN/sdpa-example-cuda"
   # Every golden case through every CUDA backend (tests/golden_gpu.rs). Goldens from the
   # working tree the bundle sits in (target/gpu-bundle), so a golden/cuda/ made earlier
   # on this machine (ci/gpu_goldens.sh) counts; else the bundle's copy.
@@ -73,6 +80,14 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   cp "$LOGS/bench-ours.log" "$LOGS/bench-ours.jsonl"
   step bench-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch.py" --ours "$LOGS/bench-ours.jsonl" --json "$LOGS/bench-torch.json"
   cat "$LOGS/bench-torch.log"
+fi
+if [ "$WHAT" = bench-compare ] && [ -x "$BIN/sdpa-cuda-bench-before" ]; then
+  # This revision's bench and an earlier one's, alternately, twice each.
+  for i in 1 2; do
+    step "after$i" "$BIN/sdpa-cuda-bench" --json
+    step "before$i" "$BIN/sdpa-cuda-bench-before" --json
+  done
+  python3 "$HERE/bench_compare.py" "$LOGS/after1.log" "$LOGS/before1.log" "$LOGS/after2.log" "$LOGS/before2.log" | tee "$LOGS/bench-compare.md"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = nn ]; then
   step nested "$BIN/sdpa-nested-cuda" --ignored --test-threads=1
