@@ -16,6 +16,24 @@ pub enum CliError {
     /// A bad command-line argument or an impossible request.
     #[error("{0}")]
     Usage(String),
+    /// Something went wrong with one case file; the cause does not name the file.
+    #[error("{path}: {source}")]
+    InCase {
+        /// The case file.
+        path: String,
+        /// The cause.
+        source: Box<CliError>,
+    },
+    /// An output the writer will not replace (a device, folder, symlink, the input).
+    #[error("{path}: expected {expected}, got {actual}")]
+    Refused {
+        /// The output named on the command line.
+        path: String,
+        /// What it may be.
+        expected: String,
+        /// What it is.
+        actual: String,
+    },
     /// Writing a result failed.
     #[error("{path}: {source}")]
     Io {
@@ -24,4 +42,21 @@ pub enum CliError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+impl CliError {
+    /// Names `case` in the message unless the cause already starts with it (the case
+    /// reader prefixes its own errors with the path).
+    pub fn in_case(case: &std::path::Path, e: impl Into<CliError>) -> CliError {
+        let e = e.into();
+        let path = case.display().to_string();
+        if e.to_string().starts_with(&path) {
+            e
+        } else {
+            CliError::InCase {
+                path,
+                source: Box::new(e),
+            }
+        }
+    }
 }

@@ -5,6 +5,8 @@
 mod bench;
 mod engine;
 mod error;
+mod expected;
+mod output;
 mod profile;
 mod tutorial;
 
@@ -19,11 +21,22 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// One table for `--help` and the README.
+const EXIT_CODES: &str = "Exit status: 0 = done (and every verdict passed); \
+1 = a verdict failed (eval against the case's out_f64 or out, check on any case); \
+2 = bad input or usage, a refused or failed write, or a device failure (nothing is written)";
+
+/// A verdict failed: the run itself was fine.
+const VERDICT_FAILED: u8 = 1;
+/// Bad input or usage, or any failure of the command itself (clap uses 2 as well).
+const BAD_INPUT: u8 = 2;
+
 #[derive(Parser)]
 #[command(
     name = "sdpa",
     version,
-    about = "Scaled dot-product attention: the tutorial, case replay, benchmarks and golden checks"
+    about = "Scaled dot-product attention: the tutorial, case replay, benchmarks and golden checks",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,7 +53,14 @@ enum Command {
         device: DeviceArg,
     },
     /// Runs a case file (safetensors: q, k, v, optional attn_mask, options in the
-    /// metadata) and writes `out` (the case dtype) and `lse` (f32) to OUT.
+    /// metadata) and writes `out` (the case dtype) and `lse` (f32) to OUT; judges it
+    /// against the case's `out_f64` (or `out`) when it has one.
+    ///
+    /// Every input is checked first (the case, its stored results' dtypes and shapes,
+    /// OUT): bad input exits 2 and writes nothing. A failed verdict exits 1 with OUT
+    /// written. OUT is replaced whole or not at all; it must be a new name or a regular
+    /// file other than the case (not a folder, device, FIFO, socket or symlink).
+    #[command(after_help = EXIT_CODES)]
     Eval {
         /// The case file.
         case: PathBuf,
@@ -50,7 +70,7 @@ enum Command {
         /// Where to run.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
-        /// Output file (safetensors with `out` and `lse`).
+        /// Output file (safetensors with `out` and `lse`), replaced atomically.
         #[arg(long)]
         out: PathBuf,
     },
@@ -82,12 +102,17 @@ enum Command {
         /// Forward calls profiled.
         #[arg(long, default_value_t = 25)]
         iters: usize,
-        /// Write a Chrome trace (chrome://tracing, Perfetto) here.
+        /// Write a Chrome trace (chrome://tracing, Perfetto) here, replaced atomically
+        /// (the same rules as `eval --out`).
         #[arg(long)]
         trace: Option<PathBuf>,
     },
     /// Runs every case in the given files or folders (default `golden/`) through each
     /// backend that supports it here and judges it by the tolerance policy.
+    ///
+    /// A file that cannot be read or run is named on stderr and skipped; the counts are
+    /// printed at the end. Exit 2 if any file was bad, else 1 if any verdict failed.
+    #[command(after_help = EXIT_CODES)]
     Check {
         /// Case files or folders of them.
         paths: Vec<PathBuf>,
@@ -120,27 +145,31 @@ fn main() -> ExitCode {
             dtype,
             iters,
             trace,
-        } => Engine::new(device).and_then(|e| {
-            profile::run(
-                &e,
-                profile::Setup {
-                    batch,
-                    seq,
-                    embed,
-                    heads,
-                    dtype,
-                    iters,
-                },
-                trace.as_deref(),
-            )
-            .map(|()| ExitCode::SUCCESS)
-        }),
+        } => trace
+            .as_deref()
+            .map_or(Ok(()), |t| output::check_target(t, &[]))
+            .and_then(|()| Engine::new(device))
+            .and_then(|e| {
+                profile::run(
+                    &e,
+                    profile::Setup {
+                        batch,
+                        seq,
+                        embed,
+                        heads,
+                        dtype,
+                        iters,
+                    },
+                    trace.as_deref(),
+                )
+                .map(|()| ExitCode::SUCCESS)
+            }),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(BAD_INPUT)
         }
     }
 }
@@ -151,11 +180,29 @@ fn eval(
     device: DeviceArg,
     out_path: &Path,
 ) -> Result<ExitCode, CliError> {
-    let case = Case::read(case_path)?;
+    let case = Case::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
+    let problem = run::problem(&case).map_err(|e| CliError::in_case(case_path, e))?;
+    expected::check(case_path, &case, &problem)?;
+    output::check_target(out_path, &[case_path])?;
     let engine = Engine::new(device)?;
-    let problem = run::problem(&case)?;
     let chosen = engine.select(backend.set(), &problem)?;
     let result = engine.run(chosen, &case)?;
+    let verdict = if case.result("out_f64").is_some() {
+        let verdict = judge(&case, problem.dtype, &result.out, Some(&result.lse))
+            .map_err(|e| CliError::in_case(case_path, e))?;
+        Some(("out_f64", verdict.passed, verdict.to_string()))
+    } else {
+        case.result("out").map(|expected| {
+            let report = sdpa_harness::compare::compare_with(
+                result.out.to_f64().view(),
+                expected.to_f64().view(),
+                Some(&sdpa_harness::tolerance::for_dtype(problem.dtype)),
+            );
+            let passed = report.passes();
+            let word = if passed { "pass" } else { "FAIL" };
+            ("out", passed, format!("{word}: {report}"))
+        })
+    };
     let lse = Tensor::F32(result.lse.clone());
     let mut meta = BTreeMap::new();
     meta.insert("backend".to_string(), chosen.to_string());
@@ -165,14 +212,7 @@ fn eval(
         &[("out".to_string(), &result.out), ("lse".to_string(), &lse)],
         &meta,
     );
-    // Write beside the target and rename, so a failure never leaves a partial file.
-    let tmp = out_path.with_extension("partial");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, out_path))
-        .map_err(|source| CliError::Io {
-            path: out_path.display().to_string(),
-            source,
-        })?;
+    output::write(out_path, &bytes, &[case_path])?;
     println!(
         "{}: {} on {} ({}) -> {}",
         case_path.display(),
@@ -181,39 +221,65 @@ fn eval(
         problem.summary(),
         out_path.display()
     );
-    if case.result("out_f64").is_some() {
-        let verdict = judge(&case, problem.dtype, &result.out, Some(&result.lse))?;
-        println!("  vs out_f64: {verdict}");
-    } else if let Some(expected) = case.result("out") {
-        let report = sdpa_harness::compare::compare_with(
-            result.out.to_f64().view(),
-            expected.to_f64().view(),
-            Some(&sdpa_harness::tolerance::for_dtype(problem.dtype)),
-        );
-        println!("  vs out: {report}");
+    match verdict {
+        Some((against, passed, line)) => {
+            println!("  vs {against}: {line}");
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(VERDICT_FAILED)
+            })
+        }
+        None => Ok(ExitCode::SUCCESS),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
-    let mut files = Vec::new();
+/// The case files under `paths` (folders listed one level deep), and the paths that
+/// could not be listed, each as its error.
+fn case_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<CliError>) {
+    let (mut files, mut bad) = (Vec::new(), Vec::new());
     for p in paths {
         if p.is_dir() {
-            let entries = std::fs::read_dir(p).map_err(|source| CliError::Io {
-                path: p.display().to_string(),
-                source,
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
+            let entries = match std::fs::read_dir(p) {
+                Ok(entries) => entries,
+                Err(source) => {
+                    bad.push(CliError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    });
+                    continue;
+                }
+            };
+            let mut found = Vec::new();
+            for entry in entries {
+                match entry {
+                    Ok(e) => {
+                        let f = e.path();
+                        if f.extension().is_some_and(|x| x == "safetensors") {
+                            found.push(f);
+                        }
+                    }
+                    Err(source) => bad.push(CliError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    }),
+                }
+            }
             found.sort();
             files.extend(found);
         } else {
             files.push(p.clone());
         }
     }
-    Ok(files)
+    (files, bad)
+}
+
+/// Reads and validates one case for `check`, naming the file in any error.
+fn load_case(file: &Path) -> Result<(Case, sdpa_core::Problem), CliError> {
+    let case = Case::read(file).map_err(|e| CliError::in_case(file, e))?;
+    let problem = run::problem(&case).map_err(|e| CliError::in_case(file, e))?;
+    expected::check(file, &case, &problem)?;
+    Ok((case, problem))
 }
 
 fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
@@ -223,34 +289,52 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
     } else {
         paths
     };
-    let files = case_files(&paths)?;
-    if files.is_empty() {
+    let (files, listing_errors) = case_files(&paths);
+    if files.is_empty() && listing_errors.is_empty() {
         return Err(CliError::Usage(format!(
             "paths: expected case files (*.safetensors), got none in {paths:?}"
         )));
     }
+    let mut bad = listing_errors.len();
+    for e in &listing_errors {
+        eprintln!("error: {e}");
+    }
     let (mut passed, mut failed) = (0usize, 0usize);
     for file in &files {
-        let case = Case::read(file)?;
-        let problem = run::problem(&case)?;
+        let (case, problem) = match load_case(file) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                bad += 1;
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
         for backend in Backend::PRIORITY {
             if engine.supports(backend, &problem).is_err() {
                 continue;
             }
-            let result = engine.run(backend, &case)?;
-            let verdict = judge(&case, problem.dtype, &result.out, Some(&result.lse))?;
-            if verdict.passed {
-                passed += 1;
-            } else {
-                failed += 1;
-                println!("{} [{backend}]: {verdict}", file.display());
+            let verdict = engine
+                .run(backend, &case)
+                .and_then(|r| Ok(judge(&case, problem.dtype, &r.out, Some(&r.lse))?));
+            match verdict {
+                Ok(v) if v.passed => passed += 1,
+                Ok(v) => {
+                    failed += 1;
+                    println!("{} [{backend}]: {v}", file.display());
+                }
+                Err(e) => {
+                    bad += 1;
+                    eprintln!("error: {} [{backend}]: {e}", file.display());
+                }
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
+    println!("{passed} passed, {failed} failed, {bad} errors");
+    Ok(if bad > 0 {
+        ExitCode::from(BAD_INPUT)
+    } else if failed > 0 {
+        ExitCode::from(VERDICT_FAILED)
     } else {
-        ExitCode::FAILURE
+        ExitCode::SUCCESS
     })
 }

@@ -134,10 +134,7 @@ pub fn run(engine: &Engine, setup: Setup, trace: Option<&Path>) -> Result<(), Cl
     }
     print!("{}", profiler.table());
     if let Some(path) = trace {
-        std::fs::write(path, profiler.chrome_trace()).map_err(|source| CliError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        crate::output::write(path, profiler.chrome_trace().as_bytes(), &[])?;
         println!(
             "trace: {} ({} events)",
             path.display(),

@@ -4,6 +4,35 @@
 //! `is_causal`, `causal` (`none`/`top_left`/`bottom_right`), `dropout_p`, `seed`,
 //! `offset`, `scale`, `enable_gqa`. Files written by `safetensors.torch.save_file`
 //! replay as they are.
+//!
+//! # Reading a file
+//! Nothing is read that has not been checked ([`Case::read`]): the file must be a
+//! regular file; the header length must fit the file and [`HEADER_CAP`]; every tensor's
+//! `data_offsets` must lie inside the file and span its dtype x shape bytes; the case
+//! must fit the budget; only then is the tensor data read. Duplicate tensor names,
+//! metadata keys or tensor fields are refused, not resolved.
+//!
+//! # The budget
+//! A guard against hostile or broken files, not a performance estimate. Zero-size
+//! tensors store no data whatever their other dims, so a file of a few hundred bytes
+//! can declare `L = 2^60` or `L = S = 2^20` with `E = 0`, and the reference would
+//! allocate the output and lse or score every pair. The budget counts, from the
+//! declared shapes, the reference's operations (per score the softmax and the
+//! `E + Ev` multiply-adds of the two GEMMs; per query row, per head and per kv head
+//! their own work) and the bytes it allocates (out, lse, the widened k and v, a
+//! `[64, S]` score block per worker, the f64 copies of the inputs), and refuses a case
+//! that needs more than
+//! - what its data justifies: `5e7 + n^2` operations and `16 MiB + 8 n^2` bytes for
+//!   the `n` elements q, k, v and the mask store. A case whose tensors hold their data
+//!   needs at most `n^2 / 2 + 2n` operations and `4.25 n^2 + 148 n` bytes, so this
+//!   refuses only dims no data backs; a file of a few KiB gets about 0.3 s and a few
+//!   tens of MB at most;
+//! - `1e13` operations: above the largest case replayed on the CPU reference
+//!   (`L = S = 32768`, 32 heads, `E = Ev = 128`: 8.8e12);
+//! - `MemAvailable` of `/proc/meminfo` (4 GiB where it cannot be read).
+//!
+//! The math backend on a GPU stores the whole `[B, Hq, L, S]`; its memory is the
+//! device's, which `sdpa-core`'s `Problem::new` and the CUDA crate bound.
 
 use crate::error::{HarnessError, Result};
 use crate::tensor::Tensor;
@@ -158,9 +187,16 @@ impl Case {
 
     /// Parses a case from the bytes of a safetensors file.
     ///
+    /// Checks, in this order: the header length against the buffer and
+    /// [`HEADER_CAP`]; the header JSON (duplicate tensor names, metadata keys or tensor
+    /// fields refused); every tensor's `data_offsets` against the data the buffer holds
+    /// and its dtype x shape byte count; the case's work and memory against the
+    /// [budget](Case::check_budget); only then are tensors built from the data.
+    ///
     /// # Errors
-    /// An empty, truncated or non-safetensors buffer; a missing `q`, `k` or `v`; an
-    /// unsupported dtype; q/k/v not 4-d or not floating point; malformed metadata.
+    /// An empty, truncated or non-safetensors buffer; a duplicate key; a missing `q`,
+    /// `k` or `v`; an unsupported dtype; q/k/v not 4-d or not floating point; malformed
+    /// metadata; a case over the budget.
     pub fn from_bytes(bytes: &[u8]) -> Result<Case> {
         if bytes.is_empty() {
             return Err(HarnessError::case(
@@ -169,40 +205,403 @@ impl Case {
                 "an empty file",
             ));
         }
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        let Some((prefix, rest)) = bytes.split_first_chunk::<8>() else {
+            return Err(too_short(bytes.len() as u64));
+        };
+        let header_len = header_len(*prefix, bytes.len() as u64)?;
+        let (json, data) = rest.split_at(header_len);
+        let header = Header::parse(json, data.len())?;
+        header.check_budget()?;
+        header.into_case(data)
+    }
+
+    /// Reads a case file.
+    ///
+    /// Reads no more than it has checked: opens the file without blocking (a FIFO
+    /// cannot stall the open), refuses anything but a regular file (FIFO, device,
+    /// directory, socket) from the metadata of the opened handle, reads the 8-byte
+    /// header length and checks it against the file size and [`HEADER_CAP`], reads and
+    /// checks the header as [`Case::from_bytes`] does (offsets against the file size,
+    /// then the budget), and only then reads the tensor data.
+    ///
+    /// # Errors
+    /// I/O errors and everything [`Case::from_bytes`] rejects, prefixed with the path.
+    pub fn read(path: impl AsRef<Path>) -> Result<Case> {
+        let path = path.as_ref();
+        read_case_file(path).map_err(|e| match e {
+            HarnessError::Case {
+                what,
+                expected,
+                actual,
+            } => HarnessError::Case {
+                what: format!("{}: {what}", path.display()),
+                expected,
+                actual,
+            },
+            other => other,
+        })
+    }
+
+    /// Refuses a case whose forward pass on the CPU reference would need more work or
+    /// memory than [the budget](crate::case#the-budget) allows. [`Case::read`] and
+    /// [`Case::from_bytes`] call it before reading any tensor data; call it for a case
+    /// built some other way before running it.
+    ///
+    /// # Errors
+    /// The operations or bytes needed and the limit they exceed, with the dims.
+    pub fn check_budget(&self) -> Result<()> {
+        let mask = self.attn_mask.as_ref().map(Tensor::shape);
+        check_budget(self.q.shape(), self.k.shape(), self.v.shape(), mask)
+    }
+
+    /// Serialises the case (inputs, results and metadata) as safetensors bytes.
+    /// Deterministic: the same case gives the same bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut named: Vec<(String, &Tensor)> = vec![
+            ("q".into(), &self.q),
+            ("k".into(), &self.k),
+            ("v".into(), &self.v),
+        ];
+        if let Some(m) = &self.attn_mask {
+            named.push(("attn_mask".into(), m));
+        }
+        named.extend(self.results.iter().map(|(n, t)| (n.clone(), t)));
+        let mut meta = options_metadata(&self.options);
+        meta.extend(self.extra_metadata.clone());
+        Ok(serialize(&named, &meta))
+    }
+
+    /// Writes the case to `path`.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|source| HarnessError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// A stored result tensor by name.
+    pub fn result(&self, name: &str) -> Option<&Tensor> {
+        self.results.get(name)
+    }
+
+    /// `name` from the metadata, if the file has one.
+    pub fn name(&self) -> Option<&str> {
+        self.extra_metadata.get("name").map(String::as_str)
+    }
+}
+
+/// The largest header a case file may declare, in bytes. safetensors allows 100 MB,
+/// for checkpoints with thousands of tensors; a case holds a dozen tensors and a few
+/// metadata strings (the goldens' headers are under 1 KiB), so 1 MiB is three orders of
+/// magnitude of headroom while keeping what a hostile length field can make us read
+/// and parse small.
+pub const HEADER_CAP: u64 = 1 << 20;
+
+/// Operations any case may ask for whatever data it holds: about 0.3 s of the
+/// reference on one core (1e8 softmax-only scores, E = 0, measured 0.55 s), so that
+/// degenerate cases (E = 0, S = 0) stay runnable while a few-byte file cannot buy
+/// more than a fraction of a second.
+const WORK_FREE: u128 = 50_000_000;
+
+/// Operations no case may ask for: above the largest problem anyone replays on the
+/// CPU reference (L = S = 32768, 32 heads, E = Ev = 128 is 8.8e12), and already
+/// about an hour of the reference on a 16-core host.
+const WORK_CAP: u128 = 10_000_000_000_000;
+
+/// Bytes any case may ask for whatever data it holds (see [`WORK_FREE`]).
+const MEMORY_FREE: u128 = 16 << 20;
+
+/// Bytes a case may ask for when `/proc/meminfo` cannot be read.
+const MEMORY_FALLBACK: u128 = 4 << 30;
+
+/// Query rows the reference scores at a time (`sdpa_ref`'s `QUERY_BLOCK`).
+const REFERENCE_QUERY_BLOCK: u128 = 64;
+
+fn too_short(len: u64) -> HarnessError {
+    HarnessError::case(
+        "case file",
+        "a safetensors file (an 8-byte header length, then the header)",
+        format!("{len} bytes"),
+    )
+}
+
+/// The header length from the first 8 bytes of a file of `file_len` bytes.
+fn header_len(prefix: [u8; 8], file_len: u64) -> Result<usize> {
+    let n = u64::from_le_bytes(prefix);
+    let room = file_len.saturating_sub(8);
+    if n > room {
+        return Err(HarnessError::case(
+            "case file header length",
+            format!("at most {room} bytes (what follows the length field)"),
+            format!("{n} bytes"),
+        ));
+    }
+    if n > HEADER_CAP {
+        return Err(HarnessError::case(
+            "case file header length",
+            format!("at most {HEADER_CAP} bytes (HEADER_CAP)"),
+            format!("{n} bytes"),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// One tensor as the header declares it, checked against the data it points into.
+struct Entry {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A parsed and checked header: every tensor's bytes lie inside the data and tile it.
+struct Header {
+    tensors: Vec<Entry>,
+    metadata: HashMap<String, String>,
+}
+
+/// JSON as written, objects as ordered key-value pairs: unlike `serde_json::Value`,
+/// whose map keeps the last of duplicate keys, it lets the reader see duplicates.
+enum Json {
+    Scalar(serde_json::Value),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl<'de> serde::Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Json, E> {
+        Ok(Json::Scalar(v.into()))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Scalar(serde_json::Value::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Json::Object(entries))
+    }
+}
+
+impl Json {
+    /// The value as `serde_json` holds it, refusing an object that repeats a key:
+    /// `what` names the object in the error (`tensor q`, `metadata`).
+    fn into_value(self, what: &str) -> Result<serde_json::Value> {
+        Ok(match self {
+            Json::Scalar(v) => v,
+            Json::Array(items) => serde_json::Value::Array(
+                items
+                    .into_iter()
+                    .map(|item| item.into_value(what))
+                    .collect::<Result<_>>()?,
+            ),
+            Json::Object(entries) => {
+                let mut map = serde_json::Map::new();
+                for (key, value) in entries {
+                    if map.contains_key(&key) {
+                        return Err(duplicate(what, "key", &key));
+                    }
+                    let value = value.into_value(what)?;
+                    map.insert(key, value);
+                }
+                serde_json::Value::Object(map)
+            }
+        })
+    }
+}
+
+fn duplicate(what: &str, kind: &str, key: &str) -> HarnessError {
+    HarnessError::case(
+        format!("{what} {kind} {key:?}"),
+        format!("each {kind} once"),
+        "it twice (readers keep one silently)",
+    )
+}
+
+impl Header {
+    /// Parses the header JSON and checks every tensor's offsets against the `data_len`
+    /// bytes that follow the header, as safetensors validates them: each tensor's
+    /// byte count is its dtype size times its shape's product (checked), the tensors
+    /// tile the data in offset order, with no gap, overlap or trailing byte.
+    fn parse(json: &[u8], data_len: usize) -> Result<Header> {
+        let unreadable = |e: &dyn std::fmt::Display| {
             HarnessError::case(
                 "case file",
                 "a safetensors file",
                 format!("unreadable header ({e})"),
             )
-        })?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-            HarnessError::case(
-                "case file",
-                "a safetensors file",
-                format!("unreadable data ({e})"),
-            )
-        })?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let tensor = Tensor::from_le_bytes(view.dtype(), view.shape(), view.data())
+        };
+        let Json::Object(entries) =
+            serde_json::from_slice::<Json>(json).map_err(|e| unreadable(&e))?
+        else {
+            return Err(unreadable(&"not a JSON object"));
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut metadata = HashMap::new();
+        let mut tensors = Vec::new();
+        for (name, value) in entries {
+            if !seen.insert(name.clone()) {
+                return Err(if name == "__metadata__" {
+                    duplicate("header", "key", &name)
+                } else {
+                    duplicate("tensor", "name", &name)
+                });
+            }
+            if name == "__metadata__" {
+                metadata = parse_metadata(value)?;
+                continue;
+            }
+            let what = format!("tensor {name}");
+            let info: safetensors::tensor::TensorInfo =
+                serde_json::from_value(value.into_value(&what)?).map_err(|e| {
+                    HarnessError::case(
+                        &what,
+                        "{\"dtype\", \"shape\", \"data_offsets\": [start, end]}",
+                        e,
+                    )
+                })?;
+            let (start, end) = info.data_offsets;
+            let nbytes = info
+                .shape
+                .iter()
+                .try_fold(info.dtype.size(), |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| {
                     HarnessError::case(
-                        format!("tensor {name}"),
-                        format!("data matching shape {:?}", view.shape()),
-                        format!("{} bytes", view.data().len()),
+                        &what,
+                        "a shape whose byte count fits in 64 bits",
+                        format!("{:?} {:?}", info.dtype, info.shape),
+                    )
+                })?;
+            if nbytes > data_len {
+                return Err(HarnessError::case(
+                    &what,
+                    format!("at most {data_len} bytes (the data the file holds)"),
+                    format!("{nbytes} bytes for {:?} {:?}", info.dtype, info.shape),
+                ));
+            }
+            if start > end || end > data_len {
+                return Err(HarnessError::case(
+                    &what,
+                    format!("data_offsets [start, end] with start <= end <= {data_len}"),
+                    format!("[{start}, {end}]"),
+                ));
+            }
+            if end - start != nbytes {
+                return Err(HarnessError::case(
+                    &what,
+                    format!(
+                        "data_offsets spanning {nbytes} bytes ({:?} {:?})",
+                        info.dtype, info.shape
+                    ),
+                    format!("[{start}, {end}], {} bytes", end - start),
+                ));
+            }
+            tensors.push(Entry {
+                name,
+                dtype: info.dtype,
+                shape: info.shape,
+                start,
+                end,
+            });
+        }
+        tensors.sort_by_key(|t| (t.start, t.end));
+        let mut next = 0;
+        for t in &tensors {
+            if t.start != next {
+                return Err(HarnessError::case(
+                    format!("tensor {}", t.name),
+                    format!("data starting at byte {next}, where the previous tensor ends"),
+                    format!("data_offsets [{}, {}]", t.start, t.end),
+                ));
+            }
+            next = t.end;
+        }
+        if next != data_len {
+            return Err(HarnessError::case(
+                "case file",
+                format!("{next} data bytes after the header (what its tensors span)"),
+                format!("{data_len} bytes"),
+            ));
+        }
+        Ok(Header { tensors, metadata })
+    }
+
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        Some(&t.shape)
+    }
+
+    /// [`Case::check_budget`] from the declared shapes, before any data is read.
+    fn check_budget(&self) -> Result<()> {
+        match (self.shape("q"), self.shape("k"), self.shape("v")) {
+            (Some(q), Some(k), Some(v)) => check_budget(q, k, v, self.shape("attn_mask")),
+            // A case without q, k or v is refused when it is built.
+            _ => Ok(()),
+        }
+    }
+
+    /// Builds the case from the `data` the header describes (already checked).
+    fn into_case(self, data: &[u8]) -> Result<Case> {
+        let mut tensors = BTreeMap::new();
+        for t in self.tensors {
+            let bytes = &data[t.start..t.end];
+            let tensor = Tensor::from_le_bytes(t.dtype, &t.shape, bytes)
+                .ok_or_else(|| {
+                    HarnessError::case(
+                        format!("tensor {}", t.name),
+                        format!("data matching shape {:?}", t.shape),
+                        format!("{} bytes", bytes.len()),
                     )
                 })?
                 .map_err(|got| {
                     HarnessError::case(
-                        format!("tensor {name}"),
+                        format!("tensor {}", t.name),
                         "dtype F64, F32, F16, BF16 or BOOL",
                         got,
                     )
                 })?;
-            tensors.insert(name, tensor);
+            tensors.insert(t.name, tensor);
         }
-        let meta = metadata.metadata().clone().unwrap_or_default();
+        let meta = self.metadata;
         let options = parse_options(&meta)?;
         let mut take = |name: &str| {
             tensors.remove(name).ok_or_else(|| {
@@ -243,67 +642,247 @@ impl Case {
             extra_metadata,
         })
     }
+}
 
-    /// Reads a case file.
-    ///
-    /// # Errors
-    /// I/O errors and everything [`Case::from_bytes`] rejects, prefixed with the path.
-    pub fn read(path: impl AsRef<Path>) -> Result<Case> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| HarnessError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Case::from_bytes(&bytes).map_err(|e| match e {
-            HarnessError::Case {
-                what,
-                expected,
-                actual,
-            } => HarnessError::Case {
-                what: format!("{}: {what}", path.display()),
-                expected,
-                actual,
-            },
-            other => other,
-        })
-    }
-
-    /// Serialises the case (inputs, results and metadata) as safetensors bytes.
-    /// Deterministic: the same case gives the same bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut named: Vec<(String, &Tensor)> = vec![
-            ("q".into(), &self.q),
-            ("k".into(), &self.k),
-            ("v".into(), &self.v),
-        ];
-        if let Some(m) = &self.attn_mask {
-            named.push(("attn_mask".into(), m));
+/// `__metadata__`: an object of strings (or null, as safetensors reads it).
+fn parse_metadata(value: Json) -> Result<HashMap<String, String>> {
+    let entries = match value {
+        Json::Scalar(serde_json::Value::Null) => return Ok(HashMap::new()),
+        Json::Object(entries) => entries,
+        _ => {
+            return Err(HarnessError::case(
+                "metadata",
+                "an object of strings",
+                "another JSON value",
+            ))
         }
-        named.extend(self.results.iter().map(|(n, t)| (n.clone(), t)));
-        let mut meta = options_metadata(&self.options);
-        meta.extend(self.extra_metadata.clone());
-        Ok(serialize(&named, &meta))
+    };
+    let mut metadata = HashMap::new();
+    for (key, value) in entries {
+        let Json::Scalar(serde_json::Value::String(value)) = value else {
+            return Err(HarnessError::case(
+                format!("metadata {key}"),
+                "a string",
+                "another JSON value",
+            ));
+        };
+        if metadata.contains_key(&key) {
+            return Err(duplicate("metadata", "key", &key));
+        }
+        metadata.insert(key, value);
     }
+    Ok(metadata)
+}
 
-    /// Writes the case to `path`.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|source| HarnessError::Io {
-            path: path.display().to_string(),
-            source,
+fn read_case_file(path: &Path) -> Result<Case> {
+    use std::io::Read as _;
+    let io = |source| HarnessError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = open_without_blocking(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(HarnessError::case(
+            "case file",
+            "a regular file",
+            file_kind(&meta.file_type()),
+        ));
+    }
+    let size = meta.len();
+    if size == 0 {
+        return Err(HarnessError::case(
+            "case file",
+            "a safetensors file",
+            "an empty file",
+        ));
+    }
+    let mut prefix = [0u8; 8];
+    if size < 8 {
+        return Err(too_short(size));
+    }
+    file.read_exact(&mut prefix).map_err(io)?;
+    let header_len = header_len(prefix, size)?;
+    let mut json = vec![0u8; header_len];
+    file.read_exact(&mut json).map_err(io)?;
+    let data_len = usize::try_from(size - 8 - header_len as u64).map_err(|_| {
+        HarnessError::case(
+            "case file",
+            "a size this machine can address",
+            format!("{size} bytes"),
+        )
+    })?;
+    let header = Header::parse(&json, data_len)?;
+    header.check_budget()?;
+    let mut data = Vec::with_capacity(data_len);
+    // One byte more than expected, so that a file that grew since `metadata` shows.
+    file.take(data_len as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    if data.len() != data_len {
+        return Err(HarnessError::case(
+            "case file",
+            format!("{data_len} data bytes (its size when opened)"),
+            format!("{} bytes (it changed while being read)", data.len()),
+        ));
+    }
+    header.into_case(&data)
+}
+
+#[cfg(unix)]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // A FIFO's open blocks until a writer appears; O_NONBLOCK returns at once, and on a
+    // regular file it changes nothing.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, or [`MEMORY_FALLBACK`].
+fn memory_available() -> u128 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
         })
-    }
+        .unwrap_or(MEMORY_FALLBACK)
+}
 
-    /// A stored result tensor by name.
-    pub fn result(&self, name: &str) -> Option<&Tensor> {
-        self.results.get(name)
+/// The budget of the module docs, for `q`, `k`, `v` and mask shapes as declared.
+fn check_budget(q: &[usize], k: &[usize], v: &[usize], mask: Option<&[usize]>) -> Result<()> {
+    let (Ok(q4), Ok(k4), Ok(v4)) = (
+        <[usize; 4]>::try_from(q),
+        <[usize; 4]>::try_from(k),
+        <[usize; 4]>::try_from(v),
+    ) else {
+        // Not 4-d: refused when the case is built, before anything runs.
+        return Ok(());
+    };
+    let [q, k, v] = [q4, k4, v4].map(|s| s.map(|d| d as u128));
+    // Mismatched dims are refused by the specification before anything runs; until
+    // then count the largest, so that no dim escapes the budget.
+    let b = q[0].max(k[0]).max(v[0]);
+    let (hq, hkv) = (q[1], k[1].max(v[1]));
+    let (l, s) = (q[2], k[2].max(v[2]));
+    let (e, ev) = (q[3].max(k[3]), v[3]);
+    let stored: u128 = [&q[..], &k[..], &v[..]]
+        .into_iter()
+        .map(|t| t.iter().fold(1, |x: u128, &d| x.saturating_mul(d)))
+        .fold(0, u128::saturating_add)
+        .saturating_add(mask.map_or(0, |m| {
+            m.iter().fold(1, |x: u128, &d| x.saturating_mul(d as u128))
+        }));
+    let m = |x: u128, y: u128| x.saturating_mul(y);
+    let a = |x: u128, y: u128| x.saturating_add(y);
+    // Per (b, h): a task; per query row: lse, the output row; per score: the
+    // softmax passes, the two GEMMs' E + Ev multiply-adds. Per (b, kv head): k and v
+    // widened once.
+    let per_row = a(a(1, ev), m(s, a(a(1, e), ev)));
+    let ops = a(
+        m(m(b, hq), a(1, m(l, per_row))),
+        m(m(b, hkv), a(1, m(s, a(e, ev)))),
+    );
+    // f64 (the truth run) is the widest: out [B, Hq, L, Ev] and the widened inputs in
+    // 8 bytes, lse [B, Hq, L] in f32, k and v per (b, kv head) widened with an array
+    // header each, and per worker a [64, S] score block and an S-byte keep row.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u128;
+    let blocks = m(m(b, hq), l.div_ceil(REFERENCE_QUERY_BLOCK));
+    let block_bytes = a(m(m(l.min(REFERENCE_QUERY_BLOCK), s), 8), s);
+    let memory = [
+        m(m(m(m(b, hq), l), ev), 8),
+        m(m(m(b, hq), l), 4),
+        m(m(b, hkv), a(m(m(s, a(e, ev)), 8), 128)),
+        m(workers.min(blocks), block_bytes),
+        m(stored, 8),
+    ]
+    .into_iter()
+    .fold(0, a);
+    let dims = format!(
+        "B {b}, Hq {hq}, Hkv {hkv}, L {l}, S {s}, E {e}, Ev {ev} with {stored} stored elements"
+    );
+    let count = |x: u128| {
+        if x == u128::MAX {
+            "more than 2^128".to_string()
+        } else {
+            x.to_string()
+        }
+    };
+    // A file whose q, k and v hold their data (every dim at least 1) needs at most
+    // n^2 / 2 + 2n operations and 4.25 n^2 + 148 n bytes for n stored elements, so
+    // these never refuse it; they refuse dims that no data backs (zero-size tensors).
+    let justified_ops = a(WORK_FREE, m(stored, stored));
+    let justified_memory = a(MEMORY_FREE, m(m(stored, stored), 8));
+    if ops > justified_ops {
+        return Err(HarnessError::case(
+            "case size",
+            format!(
+                "at most {justified_ops} operations (5e7 + n^2, n = elements q, k, v and \
+                 attn_mask store: dims must be backed by data)"
+            ),
+            format!("{} operations for {dims}", count(ops)),
+        ));
     }
-
-    /// `name` from the metadata, if the file has one.
-    pub fn name(&self) -> Option<&str> {
-        self.extra_metadata.get("name").map(String::as_str)
+    if ops > WORK_CAP {
+        return Err(HarnessError::case(
+            "case size",
+            format!("at most {WORK_CAP} operations (the work cap)"),
+            format!("{} operations for {dims}", count(ops)),
+        ));
     }
+    if memory > justified_memory {
+        return Err(HarnessError::case(
+            "case size",
+            format!(
+                "at most {justified_memory} bytes (16 MiB + 8 n^2, n = elements q, k, v \
+                 and attn_mask store: dims must be backed by data)"
+            ),
+            format!("{} bytes for {dims}", count(memory)),
+        ));
+    }
+    if memory > MEMORY_FREE {
+        let available = memory_available();
+        if memory > available {
+            return Err(HarnessError::case(
+                "case size",
+                format!("at most {available} bytes (MemAvailable)"),
+                format!("{} bytes for {dims}", count(memory)),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Every tensor and the metadata of any safetensors file, whatever the tensors' ranks:

@@ -91,7 +91,7 @@ impl Tensor {
             bytes: &[u8],
             f: impl Fn([u8; N]) -> T,
         ) -> Option<ArrayD<T>> {
-            let numel: usize = shape.iter().product();
+            let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
             if bytes.len() != numel.checked_mul(N)? {
                 return None;
             }
