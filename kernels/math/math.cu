@@ -102,10 +102,12 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const FwdP
     acc_t sum = 0;
     for (int j = threadIdx.x; j < len; j += blockDim.x) sum += acc_exp(masked_score(p, row, b, h, i, j, limit) - base);
     sum = block_reduce(sum, false, scratch);
-    const acc_t inv = sum > 0 ? (acc_t)p.keep_scale / sum : (acc_t)0;
+    // sum is 0 for a fully masked row (output 0, lse -inf) and NaN for a row that read a
+    // NaN, which must stay NaN in the weights and the lse (sdpa_core's NaN rule).
+    const acc_t inv = sum != 0 ? (acc_t)p.keep_scale / sum : (acc_t)0;
     if (threadIdx.x == 0) {
         float* lse = (float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_l;
-        *lse = sum > 0 ? (float)(base + acc_log(sum)) : SDPA_NEG_INF;
+        *lse = sum != 0 ? (float)(base + acc_log(sum)) : SDPA_NEG_INF;
     }
     const u64 first = row_index * (u64)len;
     // In place, a chunk at a time: every thread reads its score before any thread writes,

@@ -1,6 +1,7 @@
 //! `sdpa`: PyTorch's scaled dot-product attention tutorial rebuilt in Rust, plus the
 //! tools around it (replay a case file, benchmark the backends, check goldens).
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 mod bench;
 mod engine;
@@ -122,7 +123,19 @@ enum Command {
     },
 }
 
+/// A write past the file-size limit must be an error the output writer cleans up
+/// after (no temp file left), not SIGXFSZ killing the process mid-write.
+#[allow(unsafe_code)]
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread
+    // exists, installs no handler code and has no other effect.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Tutorial {
         device: DeviceArg::Auto,

@@ -104,22 +104,101 @@ impl Dropout {
 
     /// Counters one call over `[B, Hq, L, S]` consumes: `ceil(B*Hq*L*S / 4)`. The caller
     /// advances `offset` by this before the next call.
+    ///
+    /// # Panics
+    /// When the count does not fit in a u64 (never for the dims of a validated
+    /// [`Problem`](crate::Problem)); [`Dropout::checked_counters_used`] returns `None`.
     pub fn counters_used(batch: usize, heads_q: usize, len_q: usize, len_kv: usize) -> u64 {
-        let elements = batch as u128 * heads_q as u128 * len_q as u128 * len_kv as u128;
-        elements.div_ceil(4) as u64
+        Self::checked_counters_used(batch, heads_q, len_q, len_kv).unwrap_or_else(|| {
+            panic!(
+                "Dropout::counters_used: ceil({batch}*{heads_q}*{len_q}*{len_kv} / 4) overflows u64"
+            )
+        })
+    }
+
+    /// `ceil(B*Hq*L*S / 4)`, or `None` when `B*Hq*L*S` does not fit in a u64 (the flat
+    /// index `n` of the spec is a u64).
+    pub fn checked_counters_used(
+        batch: usize,
+        heads_q: usize,
+        len_q: usize,
+        len_kv: usize,
+    ) -> Option<u64> {
+        let dims = [batch, heads_q, len_q, len_kv];
+        if dims.contains(&0) {
+            return Some(0);
+        }
+        let elements = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))?;
+        Some(elements.div_ceil(4))
     }
 
     /// The same stream advanced past one call over `[B, Hq, L, S]`.
+    ///
+    /// # Panics
+    /// When `offset + ceil(B*Hq*L*S / 4)` overflows u64: the stream would wrap and
+    /// repeat counters an earlier call used. A validated [`Problem`](crate::Problem)
+    /// guarantees it does not; [`Dropout::checked_advanced`] returns `None` instead.
     pub fn advanced(&self, batch: usize, heads_q: usize, len_q: usize, len_kv: usize) -> Self {
-        Dropout {
-            offset: self
-                .offset
-                .wrapping_add(Self::counters_used(batch, heads_q, len_q, len_kv)),
-            ..*self
-        }
+        self.checked_advanced(batch, heads_q, len_q, len_kv)
+            .unwrap_or_else(|| {
+                panic!(
+                    "Dropout::advanced: offset {} plus the counters of [{batch}, {heads_q}, {len_q}, {len_kv}] overflows u64",
+                    self.offset
+                )
+            })
     }
 
-    /// The four Philox words of counter `offset + block`.
+    /// The same stream advanced past one call over `[B, Hq, L, S]`, or `None` when the
+    /// new offset does not fit in a u64.
+    pub fn checked_advanced(
+        &self,
+        batch: usize,
+        heads_q: usize,
+        len_q: usize,
+        len_kv: usize,
+    ) -> Option<Self> {
+        let used = Self::checked_counters_used(batch, heads_q, len_q, len_kv)?;
+        Some(Dropout {
+            offset: self.offset.checked_add(used)?,
+            ..*self
+        })
+    }
+
+    /// `Err` naming `dropout_offset` unless the counters one call over
+    /// `[B, Hq, L, S]` uses, `offset .. offset + ceil(B*Hq*L*S / 4)`, fit in a u64
+    /// (so no counter repeats within the call and [`Dropout::advanced`] cannot wrap).
+    pub fn validate_counters(
+        &self,
+        batch: usize,
+        heads_q: usize,
+        len_q: usize,
+        len_kv: usize,
+    ) -> Result<()> {
+        let Some(used) = Self::checked_counters_used(batch, heads_q, len_q, len_kv) else {
+            return Err(SdpaError::invalid(
+                "query",
+                "dims whose dropout index space B*Hq*L*S fits in u64",
+                format!("[{batch}, {heads_q}, {len_q}, {len_kv}]"),
+            ));
+        };
+        if self.offset.checked_add(used).is_none() {
+            return Err(SdpaError::invalid(
+                "dropout_offset",
+                format!(
+                    "an offset of at most {} (2^64 - 1 minus the {used} Philox counters the call uses)",
+                    u64::MAX - used
+                ),
+                self.offset,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The four Philox words of counter `offset + block`. The Philox counter is taken
+    /// modulo 2^64, as the kernels take it; a validated [`Problem`](crate::Problem)
+    /// guarantees that no block of the call wraps ([`Dropout::validate_counters`]).
     #[inline]
     pub fn words(&self, block: u64) -> [u32; 4] {
         let counter = self.offset.wrapping_add(block);
@@ -168,6 +247,10 @@ impl Dropout {
 }
 
 /// Flat dropout index of `(b, h, i, j)` in `[B, Hq, L, S]`.
+///
+/// # Panics
+/// When the index overflows u64 (never for an element of a validated
+/// [`Problem`](crate::Problem)); [`checked_flat_index`] returns `None` instead.
 #[inline]
 pub fn flat_index(
     b: usize,
@@ -178,7 +261,31 @@ pub fn flat_index(
     len_q: usize,
     len_kv: usize,
 ) -> u64 {
-    ((b as u64 * heads_q as u64 + h as u64) * len_q as u64 + i as u64) * len_kv as u64 + j as u64
+    checked_flat_index(b, h, i, j, heads_q, len_q, len_kv).unwrap_or_else(|| {
+        panic!("flat_index: (({b}*{heads_q} + {h})*{len_q} + {i})*{len_kv} + {j} overflows u64")
+    })
+}
+
+/// Flat dropout index of `(b, h, i, j)` in `[B, Hq, L, S]`, or `None` when it does
+/// not fit in a u64.
+#[inline]
+pub fn checked_flat_index(
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+    heads_q: usize,
+    len_q: usize,
+    len_kv: usize,
+) -> Option<u64> {
+    let wide = |x: usize| u64::try_from(x).ok();
+    wide(b)?
+        .checked_mul(wide(heads_q)?)?
+        .checked_add(wide(h)?)?
+        .checked_mul(wide(len_q)?)?
+        .checked_add(wide(i)?)?
+        .checked_mul(wide(len_kv)?)?
+        .checked_add(wide(j)?)
 }
 
 #[cfg(test)]

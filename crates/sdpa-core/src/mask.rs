@@ -26,18 +26,33 @@ pub struct MaskDesc {
 
 impl MaskDesc {
     /// A row-major mask of `shape`.
+    ///
+    /// # Panics
+    /// When the shape has more than `isize::MAX` elements (zero extents counted as 1);
+    /// [`MaskDesc::checked_contiguous`] returns `None` instead.
     pub fn contiguous(kind: MaskKind, shape: &[usize]) -> Self {
+        Self::checked_contiguous(kind, shape).unwrap_or_else(|| {
+            panic!(
+                "MaskDesc::contiguous: shape {} has more than isize::MAX elements",
+                fmt_shape(shape)
+            )
+        })
+    }
+
+    /// A row-major mask of `shape`, or `None` when its element count (zero extents
+    /// counted as 1) does not fit in `isize`.
+    pub fn checked_contiguous(kind: MaskKind, shape: &[usize]) -> Option<Self> {
         let mut strides = vec![0isize; shape.len()];
         let mut step = 1isize;
         for axis in (0..shape.len()).rev() {
             strides[axis] = step;
-            step *= shape[axis].max(1) as isize;
+            step = step.checked_mul(isize::try_from(shape[axis].max(1)).ok()?)?;
         }
-        MaskDesc {
+        Some(MaskDesc {
             kind,
             shape: shape.to_vec(),
             strides,
-        }
+        })
     }
 
     /// Element strides that read this mask as a `[B, Hq, L, S]` tensor: broadcast axes

@@ -1,7 +1,7 @@
 use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Result, SdpaError};
-use crate::layout::{fmt_shape, Layout, TensorDesc};
+use crate::layout::{checked_offset_bounds, checked_storage_len, fmt_shape, Layout, TensorDesc};
 use crate::mask::{Causal, MaskDesc, MaskKind};
 
 /// Everything about a call that is not a tensor.
@@ -12,7 +12,10 @@ pub struct SdpaOptions {
     pub causal: Causal,
     /// Attention dropout; `Dropout::NONE` by default.
     pub dropout: Dropout,
-    /// Softmax scale; `None` means `1 / sqrt(E)`. May be negative; must be finite.
+    /// Softmax scale; `None` means `1 / sqrt(E)`. May be negative or 0; must be finite
+    /// in f32 (`|scale| <= f32::MAX`) for every dtype, f64 included: the fused kernels
+    /// keep it (as `scale * log2(e)`) in f32 and f16/bf16/f32 scores are f32, so a
+    /// larger scale would turn finite scores into infinities and the output into NaN.
     pub scale: Option<f64>,
     /// Grouped-query attention: query head `h` reads kv head `h / (Hq / Hkv)`.
     pub enable_gqa: bool,
@@ -41,7 +44,27 @@ impl MaskPlan {
 /// A validated SDPA call: `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]`
 /// -> `out [B, Hq, L, Ev]`, plus mask, causal, dropout and the resolved scale.
 ///
-/// Only [`Problem::new`] makes one, so every backend may rely on its invariants.
+/// Only [`Problem::new`] makes one, so every backend may rely on its invariants:
+/// - every size fits: each of q, k, v and the mask has at most `isize::MAX` elements
+///   (zero extents counted as 1) and every element offset its strides reach fits in
+///   `isize`; the output `[B, Hq, L, Ev]` and the scores `[B, Hq, L, S]` fit in
+///   `isize::MAX` bytes of f32 (or of the dtype, if wider), so `B*Hq*L*S`, `B*Hq*L*Ev`
+///   and every flat dropout index fit in `usize` and u64;
+/// - the dropout counters of the call, `offset .. offset + ceil(B*Hq*L*S / 4)`, fit in
+///   a u64: no counter repeats within the call, and [`Dropout::advanced`] over the
+///   problem's dims does not overflow;
+/// - `scale` is finite in f32.
+///
+/// # NaN and Inf
+/// A NaN in anything a query row reads gives NaN in that row: its q row or a key it
+/// attends to (a NaN score) gives NaN in the whole output row and in its lse; a NaN in
+/// an additive mask entry of a key it attends to likewise; a NaN in `v` of a key it
+/// attends to gives NaN in the output elements that read it (the lse does not read
+/// `v`). Keys masked out (bool mask `false`, outside the causal range) are not read, so
+/// a NaN in their `k`, `v` or additive mask entry changes nothing. An additive `-inf`
+/// is added like any other value (`NaN + -inf` is NaN). Dropout does not hide a NaN:
+/// a dropped key was still read. Finite inputs never produce NaN or Inf, and a fully
+/// masked row gives 0 with lse `-inf`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
     /// `B`.
@@ -102,6 +125,30 @@ fn check_eq(arg: &'static str, what: &str, want: usize, whose: &str, got: usize)
     Ok(())
 }
 
+/// `Err` naming `arg` unless its element count (zero extents counted as 1, as ndarray
+/// counts them) fits in `isize` and every element offset its strides reach does too.
+fn check_layout(arg: &'static str, layout: &Layout) -> Result<()> {
+    if checked_storage_len(&layout.shape).is_none() {
+        return Err(SdpaError::invalid(
+            arg,
+            "a shape of at most isize::MAX elements",
+            fmt_shape(&layout.shape),
+        ));
+    }
+    if layout.checked_offset_bounds().is_none() {
+        return Err(SdpaError::invalid(
+            arg,
+            "strides whose element offsets fit in isize",
+            format!(
+                "shape {} strides {:?}",
+                fmt_shape(&layout.shape),
+                layout.strides
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Problem {
     /// Validates a call the way PyTorch does and resolves its defaults.
     ///
@@ -109,7 +156,11 @@ impl Problem {
     /// An [`SdpaError::InvalidArgument`] naming the first bad argument: dtypes that
     /// differ, batch or length or head-dim mismatches, heads that do not match (or do not
     /// divide under GQA), a mask of another float dtype or one that does not broadcast,
-    /// dropout `p` outside `[0, 1]`, a scale that is not finite.
+    /// dropout `p` outside `[0, 1]`, a `dropout_offset` whose counter range for this
+    /// call passes `u64::MAX`, a scale that is not finite in f32, and any size that
+    /// overflows: a tensor or mask of more than `isize::MAX` elements or with strides
+    /// whose offsets do not fit in `isize` (naming that tensor), or an output or score
+    /// matrix past `isize::MAX` bytes (naming `query`).
     pub fn new(
         q: &TensorDesc,
         k: &TensorDesc,
@@ -125,6 +176,9 @@ impl Problem {
                     t.dtype,
                 ));
             }
+        }
+        for (arg, t) in [("query", q), ("key", k), ("value", v)] {
+            check_layout(arg, &t.layout)?;
         }
         let [batch, heads_q, len_q, head_dim] = q.layout.shape;
         let [kb, heads_kv, len_kv, ke] = k.layout.shape;
@@ -170,7 +224,22 @@ impl Problem {
                         ));
                     }
                 }
-                let strides = m.broadcast_strides([batch, heads_q, len_q, len_kv])?;
+                let target = [batch, heads_q, len_q, len_kv];
+                let strides = m.broadcast_strides(target)?;
+                if checked_storage_len(&m.shape).is_none() {
+                    return Err(SdpaError::invalid(
+                        "attn_mask",
+                        "a shape of at most isize::MAX elements",
+                        fmt_shape(&m.shape),
+                    ));
+                }
+                if checked_offset_bounds(&target, &strides).is_none() {
+                    return Err(SdpaError::invalid(
+                        "attn_mask",
+                        "strides whose element offsets fit in isize",
+                        format!("shape {} strides {:?}", fmt_shape(&m.shape), m.strides),
+                    ));
+                }
                 Some(MaskPlan {
                     kind: m.kind,
                     strides,
@@ -201,9 +270,21 @@ impl Problem {
             }
         }
         options.dropout.validate()?;
+        options
+            .dropout
+            .validate_counters(batch, heads_q, len_q, len_kv)?;
         let scale = match options.scale {
-            Some(s) if !s.is_finite() => {
-                return Err(SdpaError::invalid("scale", "a finite number", s));
+            // The f16/bf16/f32 paths keep scores and the scale (the fused kernels as
+            // `scale_log2`, f32 in FwdParams) in f32: a scale past f32's range turns every
+            // score into an infinity and the row into NaN. One bound for every dtype,
+            // f64 included (only its math path keeps the scale in f64), so a problem
+            // valid in one dtype stays valid in another.
+            Some(s) if !(s as f32).is_finite() => {
+                return Err(SdpaError::invalid(
+                    "scale",
+                    format!("a number finite in f32 (|scale| <= {:e})", f32::MAX),
+                    format!("{s:e}"),
+                ));
             }
             Some(s) => s,
             None => 1.0 / (head_dim as f64).sqrt(),

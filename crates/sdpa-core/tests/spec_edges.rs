@@ -466,7 +466,8 @@ fn validation_boundaries() {
         })
         .is_err());
     }
-    for s in [0.0, -3.0, f64::MAX] {
+    // Finite in f32 is the bound, for every dtype (the kernels keep the scale in f32).
+    for s in [0.0, -3.0, f32::MAX as f64, -(f32::MAX as f64)] {
         assert_eq!(
             ok(SdpaOptions {
                 scale: Some(s),
@@ -477,11 +478,13 @@ fn validation_boundaries() {
             s
         );
     }
-    assert!(ok(SdpaOptions {
-        scale: Some(f64::NEG_INFINITY),
-        ..Default::default()
-    })
-    .is_err());
+    for s in [f64::NEG_INFINITY, f64::MAX, 1e39, -1e300] {
+        assert!(ok(SdpaOptions {
+            scale: Some(s),
+            ..Default::default()
+        })
+        .is_err());
+    }
     // GQA with equal heads is plain attention; enable_gqa with heads that divide.
     let gqa = SdpaOptions {
         enable_gqa: true,
@@ -528,11 +531,18 @@ fn dropout_stream_boundaries() {
         assert_eq!(Dropout::counters_used(1, 1, 1, n), want, "n = {n}");
     }
     assert_eq!(Dropout::counters_used(2, 3, 5, 7), 53); // ceil(210 / 4)
-    let d = Dropout::new(0.5, 9, u64::MAX - 1);
+                                                        // Advancing to exactly u64::MAX fits; one counter more would wrap and is refused.
+    let d = Dropout::new(0.5, 9, u64::MAX - 3);
     let next = d.advanced(1, 1, 1, 12);
-    assert_eq!(next.offset, 1, "offset wraps modulo 2^64");
+    assert_eq!(next.offset, u64::MAX);
     assert_eq!((next.p, next.seed), (0.5, 9));
-    // The counter wraps modulo 2^64 too: block 2 of offset 2^64 - 1 is counter 1.
+    assert_eq!(d.checked_advanced(1, 1, 1, 12), Some(next));
+    assert_eq!(
+        Dropout::new(0.5, 9, u64::MAX - 1).checked_advanced(1, 1, 1, 12),
+        None
+    );
+    // The Philox counter itself is modulo 2^64, as on the device: block 2 of offset
+    // 2^64 - 1 is counter 1 (a validated problem never gets there).
     assert_eq!(
         Dropout::new(0.5, 9, u64::MAX).words(2),
         philox4x32_10([1, 0, 0, 0], [9, 0])

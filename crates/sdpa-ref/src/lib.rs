@@ -7,6 +7,12 @@
 //! shared Philox stream, fully masked rows giving 0. Intermediates are f64 for f64
 //! inputs and f32 otherwise; the output is rounded once.
 //!
+//! NaN follows sdpa-core's rule ([`Problem`]'s "NaN and Inf"): a NaN in a query row,
+//! in a key or additive mask entry it attends to gives NaN in that row's output and
+//! lse (also where PyTorch's CPU math path, whose safe softmax turns an all-NaN row into
+//! 0, does not); a NaN in `v` of an attended key gives NaN in the output columns that
+//! read it; keys masked out (bool mask, causal) are not read.
+//!
 //! # Shapes
 //! `q [B, Hq, L, E]`, `k [B, Hkv, S, E]`, `v [B, Hkv, S, Ev]`, any strides ->
 //! `out [B, Hq, L, Ev]` (contiguous) and `lse [B, Hq, L]` (f32).
@@ -180,6 +186,34 @@ impl DropoutSpace {
                 ),
             ));
         }
+        let counters = space
+            .batch_offset
+            .checked_add(p.batch)
+            .and_then(|batch| {
+                sdpa_core::Dropout::checked_counters_used(
+                    batch,
+                    space.heads_q,
+                    space.len_q,
+                    space.len_kv,
+                )
+            })
+            .and_then(|used| p.dropout.offset.checked_add(used));
+        if counters.is_none() {
+            return Err(SdpaError::invalid(
+                "dropout space",
+                "a space whose flat indices (batch_offset + B)*Hq*L*S and Philox counters \
+                 from dropout_offset fit in u64",
+                format!(
+                    "batch_offset {}, B {}, {} heads, {} queries, {} keys, offset {}",
+                    space.batch_offset,
+                    p.batch,
+                    space.heads_q,
+                    space.len_q,
+                    space.len_kv,
+                    p.dropout.offset
+                ),
+            ));
+        }
         Ok(space)
     }
 }
@@ -188,9 +222,15 @@ impl DropoutSpace {
 struct Context<'a, T: Element> {
     problem: &'a Problem,
     q: ArrayView4<'a, T>,
-    /// `k` and `v` of each `(b, kv_head)`, widened to the accumulation type once.
+    /// `k` and `v` of each `(b, kv_head)`, widened to the accumulation type once; NaN
+    /// entries of `v` are stored as 0 and listed in `value_nans`.
     keys: Vec<Array2<T::Acc>>,
     values: Vec<Array2<T::Acc>>,
+    /// `(key, column)` of every NaN in `v` of each `(b, kv_head)`. A masked-out key's
+    /// weight is 0, and `0 * NaN` in the GEMM would give NaN in a row that never reads
+    /// that key; so the GEMM sees 0 there, and the rows that do read the key get their
+    /// NaN back afterwards. Empty for NaN-free values, which take the GEMM path alone.
+    value_nans: Vec<Vec<(usize, usize)>>,
     mask: Broadcast<'a, T>,
     space: DropoutSpace,
 }
@@ -213,14 +253,40 @@ impl<'a, T: Element> Context<'a, T> {
                 })
                 .collect()
         };
+        let mut values = widen(&v);
+        let value_nans = values
+            .par_iter_mut()
+            .map(|value| {
+                let mut nans = Vec::new();
+                for ((j, c), x) in value.indexed_iter_mut() {
+                    if x.is_nan() {
+                        nans.push((j, c));
+                        *x = T::Acc::zero();
+                    }
+                }
+                nans
+            })
+            .collect();
         Context {
             problem,
             keys: widen(&k),
-            values: widen(&v),
+            values,
+            value_nans,
             q,
             mask,
             space,
         }
+    }
+
+    /// Whether query `i` of `(b, h)` reads key `j`: causal and a bool mask allow it (an
+    /// additive mask masks nothing out; its `-inf` is added like any value).
+    fn reads_key(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        let p = self.problem;
+        p.causal.allows(i, j, p.len_q, p.len_kv)
+            && match &self.mask {
+                Broadcast::Bool(m) => m[[b, h, i, j]],
+                Broadcast::None | Broadcast::Additive(_) => true,
+            }
     }
 
     /// Post-softmax, post-dropout weights of queries `i0 .. i0 + rows` of `(b, h)`,
@@ -268,19 +334,36 @@ impl<'a, T: Element> Context<'a, T> {
                     }
                 }
                 Broadcast::Additive(m) => {
-                    for (x, &add) in row.iter_mut().zip(m.slice(s![b, h, i, ..])) {
+                    // Keys past the causal limit are not read: an entry there (NaN, or
+                    // +inf, which would meet the -inf) must not reach the row.
+                    for (x, &add) in row[..limit].iter_mut().zip(m.slice(s![b, h, i, ..])) {
                         *x = *x + add.to_acc();
                     }
                 }
             }
+            // Float::max skips NaN, so a row of NaN scores (a NaN in its q row) has max
+            // -inf like a fully masked row; the NaN is looked for before the safe
+            // softmax's 0 can hide it.
             let max = row.iter().copied().fold(neg_inf, Float::max);
             if max == neg_inf {
-                // Every key masked out: PyTorch's safe softmax gives 0, never NaN.
-                row.fill(T::Acc::zero());
-                lse[r] = f32::NEG_INFINITY;
+                if row.iter().any(|x| x.is_nan()) {
+                    row.fill(T::Acc::nan());
+                    lse[r] = f32::NAN;
+                } else {
+                    // Every key masked out: PyTorch's safe softmax gives 0, never NaN.
+                    row.fill(T::Acc::zero());
+                    lse[r] = f32::NEG_INFINITY;
+                }
                 continue;
             }
             let sum = T::Acc::exp_shifted(row, max);
+            if sum.is_nan() {
+                // A NaN score (or +inf meeting +inf): NaN in every weight, dropped or
+                // kept, as PyTorch's math backend multiplies the NaN by the keep mask.
+                row.fill(T::Acc::nan());
+                lse[r] = f32::NAN;
+                continue;
+            }
             lse[r] = (max + sum.ln()).to_f32();
             let inv = T::Acc::one() / sum;
             if p.dropout.is_active() {
@@ -307,11 +390,12 @@ impl<'a, T: Element> Context<'a, T> {
     }
 
     /// For every query block, in parallel: computes its weights and hands them to
-    /// `f(kv, weights, rows)` with `rows` the block's slice of `target [B, Hq, L, X]`.
+    /// `f([b, h, i0], kv, weights, rows)` with `rows` the block's slice (queries `i0 ..`)
+    /// of `target [B, Hq, L, X]`.
     fn for_each_block<X, F>(&self, lse: &mut Array3<f32>, target: &mut Array4<X>, f: F)
     where
         X: Send + Sync,
-        F: Fn(usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
+        F: Fn([usize; 3], usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
     {
         let p = self.problem;
         lse.outer_iter_mut()
@@ -344,7 +428,7 @@ impl<'a, T: Element> Context<'a, T> {
                                     lse_rows,
                                 );
                                 let kv = b * p.heads_kv + p.kv_head(h);
-                                f(kv, weights.view(), target_rows);
+                                f([b, h, blk * QUERY_BLOCK], kv, weights.view(), target_rows);
                             });
                     });
             });
@@ -392,10 +476,17 @@ pub fn sdpa_in_space<T: Element>(
         T::from_acc(T::Acc::zero()),
     );
     let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
-    ctx.for_each_block(&mut lse, &mut out, |kv, weights, mut rows| {
+    ctx.for_each_block(&mut lse, &mut out, |[b, h, i0], kv, weights, mut rows| {
         let values = &ctx.values[kv];
         if values.ncols() > 0 {
             rows.assign(&weights.dot(values).mapv(T::from_acc));
+            for &(j, c) in &ctx.value_nans[kv] {
+                for (r, mut row) in rows.outer_iter_mut().enumerate() {
+                    if ctx.reads_key(b, h, i0 + r, j) {
+                        row[c] = T::from_acc(T::Acc::nan());
+                    }
+                }
+            }
         }
     });
     Ok(Output { out, lse })
@@ -421,7 +512,7 @@ pub fn attention_weights<T: Element>(
     let mut lse = Array3::zeros((batch, heads_q, len_q));
     let mut all = Array4::zeros((batch, heads_q, len_q, len_kv));
     let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
-    ctx.for_each_block(&mut lse, &mut all, |_, weights, mut rows| {
+    ctx.for_each_block(&mut lse, &mut all, |_, _, weights, mut rows| {
         rows.assign(&weights)
     });
     Ok(all)

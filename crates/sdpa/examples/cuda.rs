@@ -63,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(a, t)| (a.to_f64() - t).abs())
             .fold(0.0, f64::max);
         println!("{backend}: max |out - f64 reference| = {worst:.2e}");
-        if out != dout || !(worst < 2e-3) {
+        if out != dout || worst.is_nan() || worst >= 2e-3 {
             return Err(
                 format!("{backend}: host and device paths disagree or error {worst}").into(),
             );
