@@ -348,6 +348,7 @@ pub fn compile(
         source.as_bytes(),
         options.join(" ").as_bytes(),
         format!("nvrtc {major}.{minor}").as_bytes(),
+        nvrtc::nvrtc_library_identity().as_bytes(),
         format!("sm_{arch}").as_bytes(),
     ]);
     let file = format!("{name}-{}-sm{arch}", spec.dtype);

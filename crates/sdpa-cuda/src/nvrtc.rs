@@ -36,6 +36,34 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
+/// Which `libnvrtc` this process loaded: its path, size and modification time, read from
+/// `/proc/self/maps` once the library is loaded. NVRTC reports only major.minor, so this
+/// is what tells two patch releases (or a rebuilt library) apart in the disk cache's
+/// key. Empty where the map cannot be read.
+pub fn nvrtc_library_identity() -> String {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return String::new();
+    };
+    let Some(path) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("libnvrtc.so") || p.contains("libnvrtc-"))
+    else {
+        return String::new();
+    };
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{path} {} {mtime}", m.len())
+        }
+        Err(_) => path.to_string(),
+    }
+}
+
 /// A live NVRTC program, destroyed on drop.
 struct Program(sys::nvrtcProgram);
 

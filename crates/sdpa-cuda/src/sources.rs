@@ -148,7 +148,11 @@ mod tests {
         }
         std::fs::write(dir.join("math/math.cu"), "// planted\n").unwrap();
         std::fs::write(dir.join("common/mask.cuh"), "// planted mask\n").unwrap();
-        std::fs::write(dir.join("fwd/attn_fwd_simt.cu"), "#include \"nowhere.cuh\"\n").unwrap();
+        std::fs::write(
+            dir.join("fwd/attn_fwd_simt.cu"),
+            "#include \"nowhere.cuh\"\n",
+        )
+        .unwrap();
         let math = expanded_source("math/math.cu", Some(&dir));
         let tc = expanded_source("fwd/attn_fwd_tc.cu", Some(&dir));
         let simt = expanded_source("fwd/attn_fwd_simt.cu", Some(&dir));

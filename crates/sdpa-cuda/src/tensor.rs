@@ -518,3 +518,25 @@ pub fn lse_to_3d(lse: Array4<f32>) -> ndarray::Array3<f32> {
     lse.into_shape_with_order((s[0], s[1], s[2]))
         .expect("lse is [B, Hq, L, 1]")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::extent;
+
+    #[test]
+    fn extents_are_checked_not_wrapped() {
+        assert_eq!(extent("t", &[2, 3, 4, 5], &[60, 20, 5, 1]).unwrap(), 120);
+        assert_eq!(extent("t", &[2, 0, 4, 5], &[60, 20, 5, 1]).unwrap(), 0);
+        // Shape 5 with stride 2^62 + 1: 4 * (2^62 + 1) wraps a 64-bit usize to 4, a
+        // small extent that would pass a buffer check and read out of bounds.
+        let huge = (1isize << 62) + 1;
+        let e = extent("view", &[1, 1, 1, 5], &[0, 0, 0, huge]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("view: expected a view whose extent fits"),
+            "{e}"
+        );
+        assert!(extent("view", &[1, 1, 2, 1], &[0, 0, -1, 1]).is_err());
+        assert!(extent("view", &[usize::MAX, 1, 1, 2], &[1, 0, 0, 1]).is_err());
+    }
+}

@@ -63,6 +63,18 @@ pub enum Error {
     /// The CUDA side failed (a missing library, a bad layout, the driver).
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    /// The call's outputs and working set do not fit the memory available.
+    #[error("query: expected a problem whose {what} fit the {available} bytes of memory available, got {bytes} bytes ({sizes})")]
+    TooLarge {
+        /// What was counted.
+        what: &'static str,
+        /// Bytes needed.
+        bytes: u128,
+        /// Bytes available.
+        available: u128,
+        /// The problem's sizes.
+        sizes: String,
+    },
     /// Tensors on a device the call does not run on.
     #[error("{arg}: expected {expected}, got {actual}")]
     Placement {
@@ -90,6 +102,11 @@ impl From<Error> for CudaError {
                 arg,
                 expected,
                 actual,
+            },
+            too_large @ Error::TooLarge { .. } => CudaError::BadLayout {
+                arg: "query",
+                expected: "a problem that fits memory".into(),
+                actual: too_large.to_string(),
             },
         }
     }
@@ -320,6 +337,7 @@ fn host<T: Elem>(
         On::Cpu => {
             let problem = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), options)?;
             let backend = exec.select(&problem)?;
+            check_host_memory::<T>(&problem)?;
             let r = sdpa_ref::sdpa(q, k, v, mask, options)?;
             Ok(Attention {
                 out: Out::Host(r.out),
@@ -367,6 +385,50 @@ pub fn attention_in_space<T: Elem>(
     })
 }
 
+/// Bytes of memory available to this process: `MemAvailable` of `/proc/meminfo`, or
+/// `None` where it cannot be read (then only the checked sizes of `Problem::new` guard).
+fn available_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses, before anything is allocated, a CPU call whose output, lse and the
+/// reference's working set (k and v widened to the accumulator type, a 64-row score
+/// block per worker) exceed the memory available: a problem of stride-0 views can
+/// declare sizes no data backs.
+fn check_host_memory<T: Elem>(problem: &Problem) -> Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let n = |x: usize| x as u128;
+    let acc = n(std::mem::size_of::<T::Acc>());
+    let (b, hq, hkv, l, s, e, ev) = (
+        n(problem.batch),
+        n(problem.heads_q),
+        n(problem.heads_kv),
+        n(problem.len_q),
+        n(problem.len_kv),
+        n(problem.head_dim),
+        n(problem.head_dim_v),
+    );
+    let workers = n(std::thread::available_parallelism().map_or(1, |w| w.get()));
+    let bytes = b * hq * l * ev * n(std::mem::size_of::<T>())
+        + b * hq * l * 4
+        + b * hkv * s * (e + ev) * acc
+        + workers * 64 * s * (acc + 1);
+    if bytes > available {
+        return Err(Error::TooLarge {
+            what: "output, lse and working set",
+            bytes,
+            available,
+            sizes: problem.summary(),
+        });
+    }
+    Ok(())
+}
+
 /// Attention over packed variable-length sequences on CUDA (the fused kernels' varlen
 /// mode): q `[1, Hq, total_q, E]`, k `[1, Hkv, total_k, E]`, v `[1, Hkv, total_k, Ev]`
 /// views of packed `[total, H, dim]` storage; sequence `b` is rows
@@ -402,7 +464,7 @@ pub fn attention_varlen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array4;
+    use ndarray::{Array4, ShapeBuilder};
 
     fn inputs() -> Array4<f64> {
         Array4::from_shape_fn((1, 2, 5, 4), |(_, h, i, e)| {
@@ -442,6 +504,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("flash: runs on CUDA only"), "{e}");
+    }
+
+    #[test]
+    fn a_problem_no_memory_holds_is_refused_before_allocation() {
+        // Stride-0 views: 2^40 query rows declared, one element stored.
+        let one = [0.5f32];
+        let q =
+            ArrayView4::from_shape((1, 1, 1usize << 40, 1).strides((0, 0, 0, 0)), &one).unwrap();
+        let k = ArrayView4::from_shape((1, 1, 4, 1).strides((0, 0, 0, 0)), &one).unwrap();
+        let started = std::time::Instant::now();
+        let e = attention(
+            Tensor::Host(q),
+            Tensor::Host(k),
+            Tensor::Host(k),
+            None,
+            &SdpaOptions::default(),
+            &Exec::cpu(),
+        )
+        .unwrap_err();
+        assert!(started.elapsed().as_secs_f64() < 1.0);
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("bytes of memory available"), "{e}");
     }
 
     #[test]
