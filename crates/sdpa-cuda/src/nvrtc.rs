@@ -47,7 +47,13 @@ pub fn nvrtc_library_identity() -> String {
     let Some(path) = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.contains("libnvrtc.so") || p.contains("libnvrtc-"))
+        // The library itself, not libnvrtc-builtins, which NVRTC maps only at its first
+        // compile: the identity must not change within a process.
+        .find(|p| {
+            p.rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with("libnvrtc.so"))
+        })
     else {
         return String::new();
     };
