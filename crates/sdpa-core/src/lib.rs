@@ -21,6 +21,7 @@
 //! # Ok::<(), sdpa_core::SdpaError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod backend;
 pub mod dropout;

@@ -24,6 +24,7 @@
 //! # Ok::<(), sdpa_harness::HarnessError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod case;
 pub mod compare;

@@ -25,6 +25,7 @@
 //! # Ok::<(), sdpa_nn::NnError>(())
 //! ```
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cuda;
 pub mod device;

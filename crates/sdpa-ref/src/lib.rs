@@ -30,6 +30,8 @@
 //! # Ok::<(), sdpa_core::SdpaError>(())
 //! ```
 #![warn(missing_docs)]
+// deny, not forbid: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
+#![deny(unsafe_code)]
 
 mod element;
 
