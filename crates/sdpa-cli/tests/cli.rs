@@ -100,7 +100,11 @@ fn eval_rejects_bad_files_with_one_line_and_no_output() {
     assert_rejected(&path, &out, "empty file");
 
     std::fs::write(&path, b"this is not a safetensors file at all").unwrap();
-    assert_rejected(&path, &out, "case file header length: expected at most 29 bytes");
+    assert_rejected(
+        &path,
+        &out,
+        "case file header length: expected at most 29 bytes",
+    );
 
     let good = spec().to_case(DType::F32).to_bytes().unwrap();
     std::fs::write(&path, &good[..good.len() - 10]).unwrap();

@@ -4,8 +4,8 @@ use crate::case::Case;
 use crate::error::{HarnessError, Result};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, ArrayView4, ArrayViewD, Ix4};
-use sdpa_core::{DType, Layout, MaskDesc, MaskKind, Problem, TensorDesc};
 use sdpa::Exec;
+use sdpa_core::{DType, Layout, MaskDesc, MaskKind, Problem, TensorDesc};
 
 /// Output and log-sum-exp of one run.
 #[derive(Debug, Clone, PartialEq)]
