@@ -175,28 +175,17 @@ impl Shape {
         .to_case(self.dtype)
     }
 
-    /// The shape as a general problem.
+    /// The shape as a general problem (sdpa-cuda's square shapes make the same one).
     pub fn problem(&self) -> BenchProblem {
-        BenchProblem {
+        sdpa_cuda::bench::BenchShape {
             batch: self.batch,
-            heads_q: self.heads,
-            heads_kv: self.heads,
-            len_q: self.len,
-            len_kv: self.len,
+            heads: self.heads,
+            len: self.len,
             head_dim: self.head_dim,
-            head_dim_v: self.head_dim,
-            dtype: self.dtype,
-            options: SdpaOptions {
-                causal: if self.causal {
-                    Causal::TopLeft
-                } else {
-                    Causal::None
-                },
-                ..Default::default()
-            },
-            mask: BenchMask::None,
-            varlen: None,
+            dtype: self.dtype.name(),
+            causal: self.causal,
         }
+        .problem()
     }
 }
 
@@ -319,11 +308,18 @@ fn time_cpu_typed<T: BenchElem>(p: &BenchProblem, repeats: usize) -> Result<Timi
         .map(|a| a.mapv(T::from_f64));
     let call = || {
         let mask = match (&bool_mask, &additive) {
-            (Some(b), _) => Some(sdpa_ref::Mask::Bool(b.view())),
-            (_, Some(a)) => Some(sdpa_ref::Mask::Additive(a.view())),
+            (Some(b), _) => Some(sdpa::Mask::Bool(b.view())),
+            (_, Some(a)) => Some(sdpa::Mask::Additive(a.view())),
             _ => None,
         };
-        sdpa_ref::sdpa(q.view(), k.view(), v.view(), mask, &p.options)
+        sdpa::attention(
+            sdpa::Tensor::Host(q.view()),
+            sdpa::Tensor::Host(k.view()),
+            sdpa::Tensor::Host(v.view()),
+            mask,
+            &p.options,
+            &sdpa::Exec::cpu(),
+        )
     };
     std::hint::black_box(call()?);
     let mut times = Vec::with_capacity(repeats.max(1));

@@ -68,7 +68,14 @@ impl Engine {
         }
         // A malformed SDPA_* variable is the user's error, not a reason to fall back.
         let config = KernelConfig::from_env()?;
-        let open = || GpuContext::with_config(0, config.clone());
+        let open = || {
+            let gpu = GpuContext::with_config(0, config.clone())?;
+            // A cache folder another user could write is not used; say so once.
+            if let Some(why) = gpu.disk_cache_refused() {
+                eprintln!("warning: kernel disk cache off, compiling in this process: {why}");
+            }
+            Ok::<_, sdpa::CudaError>(gpu)
+        };
         match requested {
             DeviceArg::Cpu => Ok(cpu(None)),
             DeviceArg::Auto => Ok(match open() {

@@ -13,6 +13,9 @@ pub enum CliError {
     /// A CUDA failure (driver, NVRTC, cuBLAS, a launch the kernels refuse).
     #[error(transparent)]
     Cuda(#[from] sdpa_cuda::CudaError),
+    /// A call of the facade failed off the spec (memory, placement).
+    #[error(transparent)]
+    Facade(sdpa::Error),
     /// A bad command-line argument or an impossible request.
     #[error("{0}")]
     Usage(String),
@@ -42,6 +45,16 @@ pub enum CliError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+impl From<sdpa::Error> for CliError {
+    fn from(e: sdpa::Error) -> Self {
+        match e {
+            sdpa::Error::Spec(spec) => CliError::Sdpa(spec),
+            sdpa::Error::Cuda(cuda) => CliError::Cuda(cuda),
+            other => CliError::Facade(other),
+        }
+    }
 }
 
 impl CliError {

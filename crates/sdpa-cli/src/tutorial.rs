@@ -74,8 +74,17 @@ pub fn run(engine: &Engine) -> Result<ExitCode, CliError> {
     let q = randn([2, 1, 3, 8], &mut rng);
     let k = randn([2, 1, 3, 8], &mut rng);
     let v = randn([2, 1, 3, 8], &mut rng);
-    let out = sdpa_ref::sdpa(q.view(), k.view(), v.view(), None, &SdpaOptions::default())?;
-    print_tensor("out", &out.out);
+    let (out, _lse) = sdpa::attention(
+        sdpa::Tensor::Host(q.view()),
+        sdpa::Tensor::Host(k.view()),
+        sdpa::Tensor::Host(v.view()),
+        None,
+        &SdpaOptions::default(),
+        &sdpa::Exec::cpu(),
+    )?
+    .into_host()
+    .expect("host arrays in, host arrays out");
+    print_tensor("out", &out);
     println!();
 
     let (shape, scaling) = tutorial_shape(engine.device);
