@@ -153,7 +153,9 @@ fn gpu() -> Option<&'static GpuContext> {
         if !sdpa_cuda::driver_available() {
             return None;
         }
-        GpuContext::new(0).ok()
+        sdpa_cuda::KernelConfig::from_env()
+            .and_then(|config| GpuContext::with_config(0, config))
+            .ok()
     })
     .as_ref()
 }

@@ -16,18 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"SDPACUB1";
 
-/// The default folder: `$SDPA_CUDA_CACHE`, else `$XDG_CACHE_HOME/sdpa-cuda`, else
-/// `$HOME/.cache/sdpa-cuda`; `None` when none is set or `SDPA_CUDA_CACHE` is empty.
+/// The default folder: `$XDG_CACHE_HOME/sdpa-cuda`, else `$HOME/.cache/sdpa-cuda`;
+/// `None` when neither is set. (`SDPA_CUDA_CACHE` is an override that binaries read
+/// through [`KernelConfig::from_env`](crate::KernelConfig::from_env).)
 pub fn default_cache_dir() -> Option<PathBuf> {
-    match std::env::var_os("SDPA_CUDA_CACHE") {
-        Some(dir) if dir.is_empty() => None,
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(|d| PathBuf::from(d).join("sdpa-cuda"))
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sdpa-cuda"))
-            }),
-    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(|d| PathBuf::from(d).join("sdpa-cuda"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sdpa-cuda")))
 }
 
 /// The key of a compile: everything that can change the cubin.

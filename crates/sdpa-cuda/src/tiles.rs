@@ -255,6 +255,9 @@ impl KernelConfig {
         if let Some(dir) = std::env::var_os("SDPA_KERNEL_DIR") {
             config = config.with_kernel_dir(Some(PathBuf::from(dir)))?;
         }
+        if let Some(dir) = std::env::var_os("SDPA_CUDA_CACHE") {
+            config.cache_dir = (!dir.is_empty()).then(|| PathBuf::from(dir));
+        }
         Ok(config)
     }
 

@@ -78,7 +78,7 @@ fn main() -> Res<()> {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let gpu = GpuContext::new(0)?;
+    let gpu = GpuContext::with_config(0, sdpa_cuda::KernelConfig::from_env()?)?;
     let mut rng = SplitMix64(112);
     let (batch, max_len, e, heads) = (32usize, 512usize, 512usize, 8usize);
     let d = e / heads;
