@@ -119,7 +119,15 @@ fn widen<T: Element>(x: T) -> f64 {
 }
 
 /// The argument names `Problem::new` may blame.
-const ARGUMENTS: [&str; 6] = ["query", "key", "value", "attn_mask", "dropout_p", "scale"];
+const ARGUMENTS: [&str; 7] = [
+    "query",
+    "key",
+    "value",
+    "attn_mask",
+    "dropout_p",
+    "dropout_offset",
+    "scale",
+];
 
 /// One fuzz input; panics on a violated property.
 pub fn run(data: &[u8]) {

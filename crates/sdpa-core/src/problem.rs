@@ -270,9 +270,12 @@ impl Problem {
             }
         }
         options.dropout.validate()?;
-        options
-            .dropout
-            .validate_counters(batch, heads_q, len_q, len_kv)?;
+        // Without dropout no counter is drawn, so the offset cannot run past 2^64.
+        if options.dropout.is_active() {
+            options
+                .dropout
+                .validate_counters(batch, heads_q, len_q, len_kv)?;
+        }
         let scale = match options.scale {
             // The f16/bf16/f32 paths keep scores and the scale (the fused kernels as
             // `scale_log2`, f32 in FwdParams) in f32: a scale past f32's range turns every
