@@ -33,8 +33,10 @@
 // deny, not forbid: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
 #![deny(unsafe_code)]
 
+pub mod bwd;
 mod element;
 
+pub use bwd::{sdpa_backward, Gradients};
 pub use element::{Accum, Element};
 
 use ndarray::{

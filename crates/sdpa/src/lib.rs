@@ -40,7 +40,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-use ndarray::{Array3, Array4, ArrayView4, ArrayViewD};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, ArrayViewD};
 pub use sdpa_core::{
     select, Backend, BackendSet, Causal, DType, Device, Dropout, Problem, SdpaError, SdpaOptions,
 };
@@ -48,6 +48,7 @@ pub use sdpa_cuda::{
     CudaError, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext, KernelConfig,
     Varlen,
 };
+pub use sdpa_ref::bwd::Gradients;
 pub use sdpa_ref::DropoutSpace;
 
 /// An element type every backend takes: f64, f32, f16, bf16 (the reference's
@@ -461,6 +462,56 @@ pub fn attention_varlen(
     })
 }
 
+/// Gradients of attention (`dq`, `dk`, `dv`, and `dmask` for an additive mask) from
+/// the forward call's inputs, its `out` and `lse`, and the incoming gradient `dout`,
+/// with the forward's `options` (dropout replays its keep bits from the same seed and
+/// offset). Host arrays only, computed by the CPU reference
+/// ([`sdpa_ref::bwd::sdpa_backward`]): the CUDA backward is not built yet, so a CUDA
+/// `exec` is refused with [`Error::Placement`].
+///
+/// # Errors
+/// As [`attention`]; `out`, `lse` or `grad_out` of a shape other than the problem's; a
+/// device mask; a CUDA `exec`.
+// PyTorch's `_scaled_dot_product_*_backward` argument list, plus where it runs.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<T: Elem>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, f32>,
+    dout: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Gradients<T>> {
+    if let On::Cuda(_) = exec.device {
+        return Err(placement(
+            "query",
+            "a CPU exec (the CUDA backward is not built yet)",
+            "a CUDA exec",
+        ));
+    }
+    let mask = match mask {
+        None => None,
+        Some(Mask::Bool(m)) => Some(sdpa_ref::Mask::Bool(m)),
+        Some(Mask::Additive(m)) => Some(sdpa_ref::Mask::Additive(m)),
+        Some(Mask::Cuda(_)) => {
+            return Err(placement(
+                "attn_mask",
+                "a host mask (the backward runs on the CPU)",
+                "a device mask",
+            ))
+        }
+    };
+    let problem = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), options)?;
+    exec.select(&problem)?;
+    check_host_memory::<T>(&problem)?;
+    Ok(sdpa_ref::bwd::sdpa_backward(
+        q, k, v, out, lse, dout, mask, options,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,5 +593,49 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("key"), "{e}");
+    }
+
+    #[test]
+    fn cpu_backward_is_the_reference() {
+        let x = inputs();
+        let mask = ndarray::Array2::from_shape_fn((5, 5), |(i, j)| (i * j) as f64 * 0.1).into_dyn();
+        let options = SdpaOptions {
+            causal: Causal::TopLeft,
+            ..Default::default()
+        };
+        let fwd = sdpa_ref::sdpa(
+            x.view(),
+            x.view(),
+            x.view(),
+            Some(sdpa_ref::Mask::Additive(mask.view())),
+            &options,
+        )
+        .unwrap();
+        let dout = x.mapv(|x| 1.0 - x);
+        let got = attention_backward(
+            x.view(),
+            x.view(),
+            x.view(),
+            fwd.out.view(),
+            fwd.lse.view(),
+            dout.view(),
+            Some(Mask::Additive(mask.view())),
+            &options,
+            &Exec::cpu(),
+        )
+        .unwrap();
+        let want = sdpa_ref::sdpa_backward(
+            x.view(),
+            x.view(),
+            x.view(),
+            fwd.out.view(),
+            fwd.lse.view(),
+            dout.view(),
+            Some(sdpa_ref::Mask::Additive(mask.view())),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        assert_eq!(got.dmask.unwrap().shape(), &[5, 5]);
     }
 }
