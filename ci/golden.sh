@@ -2,11 +2,13 @@
 # Regenerates the golden cases through libtorch 2.11 (tch 0.24), or checks that the
 # committed ones still come out byte for byte.
 #
-#   bash ci/golden.sh                  regenerate golden/ (CPU cases + manifest.json, and the
-#                                      module cases in golden/module/)
+#   bash ci/golden.sh                  regenerate golden/ (CPU cases + manifest.json, the
+#                                      module cases in golden/module/ and the backward
+#                                      cases in golden/backward/)
 #   bash ci/golden.sh --out DIR        regenerate into DIR instead
 #   bash ci/golden.sh --check          regenerate into a scratch folder; fail if any byte
-#                                      differs from the committed golden/ and golden/module/
+#                                      differs from the committed golden/, golden/module/
+#                                      and golden/backward/
 #                                      (golden/cuda/ is produced on a GPU by
 #                                      ci/gpu_goldens.sh, golden/nested/ by
 #                                      ci/golden_nested.py: not checked here)
@@ -58,7 +60,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --device) device="$2"; shift ;;
     --build-only) build_only=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "golden.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -132,21 +134,22 @@ if [ "$check" = 1 ]; then
       say "golden/$name differs from what the generator writes now"; differ=1
     fi
   done < <( (cd "$committed" && find . -maxdepth 1 -type f -printf '%P\n'; \
-             { find module -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }; \
+             { find module backward -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }; \
              cd "$scratch" && find . -maxdepth 1 -type f -printf '%P\n'; \
-             { find module -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }) | sort -u)
+             { find module backward -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }) | sort -u)
   if [ "$differ" = 1 ]; then
     say "FAILED: golden/ is not what the generator produces; regenerate with bash ci/golden.sh and review the diff"
     exit 1
   fi
   count=$(find "$committed" -maxdepth 1 -name '*.safetensors' | wc -l)
   modules=$(find "$committed/module" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
-  say "golden/ reproduced byte for byte: $count case files + manifest.json, module/: $modules case files + manifest.json ($((SECONDS - start)) s)"
+  backwards=$(find "$committed/backward" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
+  say "golden/ reproduced byte for byte: $count case files + manifest.json, module/: $modules case files + manifest.json, backward/: $backwards case files + manifest.json ($((SECONDS - start)) s)"
 else
   if [ "$device" = cpu ]; then
-    mkdir -p "$out" "$out/module"
+    mkdir -p "$out" "$out/module" "$out/backward"
     # Stale cases of an earlier generator must not linger.
-    find "$out" "$out/module" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
+    find "$out" "$out/module" "$out/backward" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
   else
     mkdir -p "$out/cuda"
     find "$out/cuda" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete

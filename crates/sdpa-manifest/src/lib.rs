@@ -1,5 +1,5 @@
 //! `manifest.json` of a golden folder, as one serde type: `tools/sdpa-golden` writes
-//! it (`golden/`, `golden/module/`, `golden/cuda/`), `ci/golden_nested.py` writes the
+//! it (`golden/`, `golden/backward/`, `golden/module/`, `golden/cuda/`), `ci/golden_nested.py` writes the
 //! same shape from Python (`golden/nested/`, `golden/nested/cuda/`), and
 //! `sdpa-harness` reads every one of them back.
 //!
@@ -131,7 +131,7 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Case {
-    /// A dense SDPA case of `golden/`.
+    /// A dense SDPA case of `golden/`, or of `golden/backward/` (with `has_dmask`).
     Attention(AttentionCase),
     /// A dense `CausalSelfAttention` case of `golden/module/`.
     Module(ModuleCase),
@@ -179,6 +179,10 @@ pub struct AttentionCase {
     pub fill: String,
     /// Which family of cases it belongs to.
     pub group: String,
+    /// Backward cases (`golden/backward/`) only: whether the file holds `dmask` and
+    /// `dmask_f64` (additive masks); absent from forward cases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_dmask: Option<bool>,
     /// Whether the file holds libtorch's `lse`.
     pub has_lse: bool,
     /// Key/value heads.
@@ -337,7 +341,7 @@ mod tests {
     #[test]
     fn committed_manifests_round_trip_byte_for_byte() {
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden");
-        for dir in ["", "module", "cuda", "nested", "nested/cuda"] {
+        for dir in ["", "backward", "module", "cuda", "nested", "nested/cuda"] {
             let path = golden.join(dir).join("manifest.json");
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

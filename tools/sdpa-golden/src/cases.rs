@@ -99,17 +99,17 @@ pub struct Case {
     pub fill: Fill,
 }
 
-struct Shape {
-    b: usize,
-    hq: usize,
-    hkv: usize,
-    l: usize,
-    s: usize,
-    e: usize,
-    ev: usize,
+pub struct Shape {
+    pub b: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub l: usize,
+    pub s: usize,
+    pub e: usize,
+    pub ev: usize,
 }
 
-fn shape(b: usize, h: usize, l: usize, s: usize, e: usize) -> Shape {
+pub fn shape(b: usize, h: usize, l: usize, s: usize, e: usize) -> Shape {
     Shape {
         b,
         hq: h,
@@ -121,7 +121,7 @@ fn shape(b: usize, h: usize, l: usize, s: usize, e: usize) -> Shape {
     }
 }
 
-fn case(group: &'static str, name: String, dtype: DType, sh: Shape) -> Case {
+pub fn case(group: &'static str, name: String, dtype: DType, sh: Shape) -> Case {
     Case {
         name: format!("{group}_{name}_{}", dtype.name()),
         group,
@@ -142,7 +142,7 @@ fn case(group: &'static str, name: String, dtype: DType, sh: Shape) -> Case {
     }
 }
 
-fn bool_mask(axes: &'static str, pattern: MaskPattern) -> Option<MaskSpec> {
+pub fn bool_mask(axes: &'static str, pattern: MaskPattern) -> Option<MaskSpec> {
     Some(MaskSpec {
         bool_mask: true,
         axes,
@@ -150,7 +150,7 @@ fn bool_mask(axes: &'static str, pattern: MaskPattern) -> Option<MaskSpec> {
     })
 }
 
-fn float_mask(axes: &'static str, pattern: MaskPattern) -> Option<MaskSpec> {
+pub fn float_mask(axes: &'static str, pattern: MaskPattern) -> Option<MaskSpec> {
     Some(MaskSpec {
         bool_mask: false,
         axes,
@@ -537,6 +537,6 @@ pub fn all() -> Vec<Case> {
     cases
 }
 
-fn p_tag(p: f64) -> String {
+pub fn p_tag(p: f64) -> String {
     format!("{p}").replace('.', "p")
 }

@@ -126,27 +126,7 @@ pub fn make_inputs(case: &Case) -> Inputs {
         }
     });
 
-    let (l, s) = (case.l as i64, case.s as i64);
-    let tril = |diagonal: i64| Tensor::ones([l, s], (Kind::Bool, Device::Cpu)).tril(diagonal);
-    let causal_mask = match case.causal {
-        Causal::None => None,
-        Causal::TopLeft if stored_mask.is_none() => None,
-        Causal::TopLeft => Some(tril(0)),
-        Causal::BottomRight => Some(tril(s - l)),
-    };
-    let is_causal_flag = case.causal == Causal::TopLeft && stored_mask.is_none();
-    let torch_mask = match (&stored_mask, causal_mask) {
-        (None, None) => None,
-        (None, Some(c)) => Some(c),
-        (Some(m), None) => Some(m.shallow_clone()),
-        (Some(m), Some(c)) if m.kind() == Kind::Bool => Some(m.logical_and(&c)),
-        (Some(m), Some(c)) => {
-            let bias = Tensor::zeros([l, s], (k_kind, Device::Cpu))
-                .masked_fill(&c.logical_not(), f64::NEG_INFINITY);
-            Some(m + bias)
-        }
-    };
-
+    let (torch_mask, is_causal_flag) = torch_mask(case, stored_mask.as_ref());
     let dropout_mask = case.dropout.is_active().then(|| {
         let (b, hq, l, s) = (case.b, case.hq, case.l, case.s);
         let mut keep = vec![false; b * hq * l * s];
@@ -165,6 +145,35 @@ pub fn make_inputs(case: &Case) -> Inputs {
         is_causal_flag,
         dropout_mask,
     }
+}
+
+/// `(torch_mask, is_causal_flag)`: the mask libtorch gets for a case whose stored mask
+/// is `stored_mask` (the stored one combined with the causal mask, except top-left
+/// causal alone, which goes as `is_causal`). An additive result is built from
+/// `stored_mask` by tensor ops, so a gradient reaches it when it is a leaf.
+pub fn torch_mask(case: &Case, stored_mask: Option<&Tensor>) -> (Option<Tensor>, bool) {
+    let (l, s) = (case.l as i64, case.s as i64);
+    let tril = |diagonal: i64| Tensor::ones([l, s], (Kind::Bool, Device::Cpu)).tril(diagonal);
+    let causal_mask = match case.causal {
+        Causal::None => None,
+        Causal::TopLeft if stored_mask.is_none() => None,
+        Causal::TopLeft => Some(tril(0)),
+        Causal::BottomRight => Some(tril(s - l)),
+    };
+    let is_causal_flag = case.causal == Causal::TopLeft && stored_mask.is_none();
+    let torch_mask = match (stored_mask, causal_mask) {
+        (None, None) => None,
+        (None, Some(c)) => Some(c),
+        (Some(m), None) => Some(m.shallow_clone()),
+        (Some(m), Some(c)) if m.kind() == Kind::Bool => Some(m.logical_and(&c)),
+        (Some(m), Some(c)) => {
+            let bias = Tensor::zeros([l, s], (m.kind(), Device::Cpu))
+                .masked_fill(&c.logical_not(), f64::NEG_INFINITY);
+            Some(m + bias)
+        }
+    };
+
+    (torch_mask, is_causal_flag)
 }
 
 impl Inputs {

@@ -5,7 +5,9 @@
 //! (`out`, the peer result of the 2x rule), libtorch's math path on the inputs upcast to
 //! f64 (`out_f64`, truth), the log-sum-exp where libtorch returns one (`lse`) and the f64
 //! log-sum-exp of the masked scaled scores (`lse_f64`), and writes one safetensors file
-//! per case plus `manifest.json`. Run it through `ci/golden.sh`, which pins what makes
+//! per case plus `manifest.json`; [`module`] writes `golden/module/`, [`backward`]
+//! `golden/backward/` (libtorch's autograd: `dq`, `dk`, `dv`, `dmask` and their f64
+//! truth). Run it through `ci/golden.sh`, which pins what makes
 //! libtorch reproducible (one thread, MKL's CNR mode, one CPU code path).
 //!
 //! ```text
@@ -16,6 +18,7 @@
 //! the result of each PyTorch CUDA backend that accepts it.
 
 mod args;
+mod backward;
 mod cases;
 mod cuda;
 mod inputs;
@@ -89,7 +92,7 @@ fn libtorch_version() -> Result<(String, String)> {
     Ok((version, field("git_version")?))
 }
 
-fn metadata(case: &Case, torch_backend: &str) -> Vec<(String, String)> {
+pub fn metadata(case: &Case, torch_backend: &str) -> Vec<(String, String)> {
     let mut m = vec![
         ("name".to_owned(), case.name.clone()),
         (
@@ -112,15 +115,19 @@ fn metadata(case: &Case, torch_backend: &str) -> Vec<(String, String)> {
 fn run() -> Result<()> {
     let args = Args::parse();
     let mut cases = cases::all();
-    let mut names = std::collections::BTreeSet::new();
-    for c in &cases {
-        if !names.insert(c.name.clone()) {
-            return Err(format!("two cases are named {}", c.name));
+    let mut backward_cases = backward::all();
+    for (folder, list) in [("golden/", &cases), ("golden/backward/", &backward_cases)] {
+        let mut names = std::collections::BTreeSet::new();
+        for c in list {
+            if !names.insert(c.name.clone()) {
+                return Err(format!("two cases of {folder} are named {}", c.name));
+            }
         }
     }
     let mut module_cases = module::all();
     if let Some(only) = &args.only {
         cases.retain(|c| c.name.contains(only.as_str()));
+        backward_cases.retain(|c| c.name.contains(only.as_str()));
         module_cases.retain(|c| c.name.contains(only.as_str()));
     }
     if args.list {
@@ -129,6 +136,9 @@ fn run() -> Result<()> {
         }
         for c in &module_cases {
             println!("module/{}", c.name);
+        }
+        for c in &backward_cases {
+            println!("backward/{}", c.name);
         }
         return Ok(());
     }
@@ -178,6 +188,14 @@ fn run() -> Result<()> {
     );
     if !module_cases.is_empty() {
         module::generate(&module_cases, &args.out.join("module"), &version)?;
+    }
+    if !backward_cases.is_empty() {
+        backward::generate(
+            &backward_cases,
+            &args.out.join("backward"),
+            &version,
+            &git_version,
+        )?;
     }
     Ok(())
 }

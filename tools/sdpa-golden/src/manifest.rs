@@ -71,6 +71,7 @@ pub fn attention_case(case: &Case, r: &CpuResult, file: &str, bytes: usize) -> A
         file: file.to_owned(),
         fill: format!("{:?}", case.fill),
         group: case.group.to_owned(),
+        has_dmask: None,
         has_lse: r.lse.is_some(),
         hkv: case.hkv,
         hq: case.hq,
@@ -130,5 +131,42 @@ pub fn dense(
             libtorch,
             "ci/golden.sh -> crates/sdpa-golden (tch 0.24 on the torch==2.11.0 wheel's libtorch, CPU)",
         )
+    }
+}
+
+/// `golden/backward/manifest.json`: the backward cases; drawn and pinned as `golden/`.
+pub fn backward(
+    libtorch: &str,
+    libtorch_git: &str,
+    cases: Vec<AttentionCase>,
+    total_bytes: usize,
+) -> Manifest {
+    Manifest {
+        dropout: Some(
+            "keep-mask from sdpa_core::dropout (Philox4x32-10), handed to \
+             _scaled_dot_product_attention_math as dropout_mask; autograd through that op"
+                .into(),
+        ),
+        inputs: Some(
+            "SplitMix64 per case (seed ^ FNV-1a(name)); q, k, v, dout ~ Irwin-Hall(4) normal \
+             in f64, rounded to the case dtype"
+                .into(),
+        ),
+        tensors: Some(tensors(&[
+            ("q, k, v", "[B, H, L, E] / [B, Hkv, S, E] / [B, Hkv, S, Ev] in the case dtype"),
+            ("attn_mask", "bool (true = takes part) or additive in the case dtype, in its broadcast shape"),
+            ("dout", "[B, Hq, L, Ev] in the case dtype: the gradient of out"),
+            ("out", "libtorch CPU in the case dtype, the forward of the autograd graph: scaled_dot_product_attention (torch_backend says which path), or _scaled_dot_product_attention_math with dropout_mask for dropout cases"),
+            ("out_f64", "truth: _scaled_dot_product_attention_math on the inputs upcast to f64 (same masks and dropout mask)"),
+            ("lse", "f32 [B, Hq, L] from _scaled_dot_product_flash_attention_for_cpu (without dropout), where libtorch accepts the case"),
+            ("lse_f64", "f64 [B, Hq, L]: logsumexp of the masked scaled f64 scores; -inf for rows with no key"),
+            ("dq, dk, dv", "libtorch CPU autograd of out (the same call as out) with grad dout, in the case dtype; dk, dv summed over each kv head's query heads"),
+            ("dmask", "additive masks only: libtorch's gradient of the stored mask (a leaf), in its broadcast shape (summed over the broadcast axes), in the case dtype"),
+            ("dq_f64, dk_f64, dv_f64, dmask_f64", "truth: autograd of _scaled_dot_product_attention_math on the inputs and dout upcast to f64, checked against the spec's backward formulas composed in f64"),
+        ])),
+        produced_by: "ci/golden.sh -> tools/sdpa-golden (tch 0.24 on the torch==2.11.0 wheel's \
+                      libtorch, CPU autograd)"
+            .into(),
+        ..dense(libtorch, libtorch_git, cases, total_bytes)
     }
 }

@@ -110,7 +110,7 @@ pub fn torch_math(case: &Case, x: &Inputs) -> std::result::Result<Tensor, TchErr
 }
 
 /// k or v with each kv head repeated for its query heads (GQA as PyTorch defines it).
-fn expand_heads(case: &Case, t: &Tensor) -> Tensor {
+pub fn expand_heads(case: &Case, t: &Tensor) -> Tensor {
     if case.hq == case.hkv {
         t.shallow_clone()
     } else {
@@ -118,7 +118,7 @@ fn expand_heads(case: &Case, t: &Tensor) -> Tensor {
     }
 }
 
-fn scale_of(case: &Case) -> f64 {
+pub fn scale_of(case: &Case) -> f64 {
     case.scale.unwrap_or(1.0 / (case.e as f64).sqrt())
 }
 
@@ -149,7 +149,7 @@ fn explicit_f64(case: &Case, x64: &Inputs) -> (Tensor, Tensor) {
     (lse, attn.matmul(&v))
 }
 
-fn max_abs(t: &Tensor) -> f64 {
+pub fn max_abs(t: &Tensor) -> f64 {
     t.abs().max().double_value(&[])
 }
 
