@@ -66,6 +66,90 @@ fn expect_shape(case_name: &str, what: &str, t: &Tensor, shape: &[usize]) -> Res
     Ok(())
 }
 
+/// How the peer rule's absolute floor is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    /// One rounding at magnitude 1: outputs, which are averages of `v`'s rows.
+    Unit,
+    /// One rounding at the truth's own magnitude, `floor * max(1, max|truth|)`
+    /// (FlashAttention 3's `(x + 0.3 - 0.3 - x)` floor): gradients, whose size is set by
+    /// the scale, `k` and `q` and reaches several units.
+    Magnitude,
+}
+
+/// Judges one result `got` (in `dtype`) of a run of `case` by the policy, against the
+/// case's `{what}_f64` truth and, as the peer, libtorch's `{what}` in the same dtype:
+/// what [`judge`] does for `out` (`Floor::Unit`), and the backward's `dq`, `dk`, `dv`,
+/// `dmask` (`Floor::Magnitude`).
+///
+/// # Errors
+/// A case without `{what}_f64`, or whose stored tensors have the wrong shape or dtype.
+pub fn judge_result(
+    case: &Case,
+    dtype: DType,
+    what: &str,
+    got: &Tensor,
+    floor: Floor,
+) -> Result<Verdict> {
+    let name = case.name().unwrap_or("<unnamed>").to_string();
+    let truth_name = format!("{what}_f64");
+    let truth = case.result(&truth_name).ok_or_else(|| {
+        HarnessError::case(
+            format!("case {name}"),
+            format!("a tensor {truth_name} (the truth)"),
+            "none",
+        )
+    })?;
+    if truth.dtype() != Some(DType::F64) {
+        return Err(HarnessError::case(
+            format!("case {name}: tensor {truth_name}"),
+            "dtype f64",
+            truth.dtype_name(),
+        ));
+    }
+    expect_shape(&name, what, got, truth.shape())?;
+    let truth = truth.to_f64();
+    let mut ours = compare(got.to_f64().view(), truth.view());
+    let torch = match case.result(what) {
+        Some(t) if t.dtype() == Some(dtype) => {
+            expect_shape(&name, what, t, truth.shape())?;
+            Some(compare(t.to_f64().view(), truth.view()))
+        }
+        _ => None,
+    };
+    // Where libtorch is itself non-finite and the truth is not (f16 overflow), its error
+    // bounds nothing: fall back to the preset.
+    let (torch, bound) = match torch {
+        Some(r) if r.max_abs.is_finite() => {
+            let magnitude = match floor {
+                Floor::Unit => 1.0,
+                Floor::Magnitude => truth.iter().fold(1.0f64, |m, x| m.max(x.abs())),
+            };
+            let b = tolerance::PEER_FACTOR * r.max_abs + tolerance::peer_floor(dtype) * magnitude;
+            if ours.max_abs > b {
+                ours.outside = 1;
+            }
+            (Some(r), Some(b))
+        }
+        torch => {
+            ours = compare_with(
+                got.to_f64().view(),
+                truth.view(),
+                Some(&tolerance::for_dtype(dtype)),
+            );
+            (torch, None)
+        }
+    };
+    let passed = ours.passes();
+    Ok(Verdict {
+        ours,
+        torch,
+        bound,
+        lse: None,
+        passed,
+    })
+}
+
 /// Judges `out` (in `dtype`) and `lse` of a run of `case` by the policy: within
 /// `2 * max|torch - truth| + floor` where the case holds libtorch's own result `out`
 /// in the same dtype, else within the dtype's preset; never non-finite where the truth
@@ -80,49 +164,9 @@ pub fn judge(
     lse: Option<&ArrayD<f32>>,
 ) -> Result<Verdict> {
     let name = case.name().unwrap_or("<unnamed>").to_string();
-    let truth = case.result("out_f64").ok_or_else(|| {
-        HarnessError::case(
-            format!("case {name}"),
-            "a tensor out_f64 (the truth)",
-            "none",
-        )
-    })?;
-    if truth.dtype() != Some(DType::F64) {
-        return Err(HarnessError::case(
-            format!("case {name}: tensor out_f64"),
-            "dtype f64",
-            truth.dtype_name(),
-        ));
-    }
-    expect_shape(&name, "out", out, truth.shape())?;
-    let truth = truth.to_f64();
-    let mut ours = compare(out.to_f64().view(), truth.view());
-    let torch = match case.result("out") {
-        Some(t) if t.dtype() == Some(dtype) => {
-            expect_shape(&name, "out", t, truth.shape())?;
-            Some(compare(t.to_f64().view(), truth.view()))
-        }
-        _ => None,
-    };
-    // Where libtorch is itself non-finite and the truth is not (f16 overflow), its error
-    // bounds nothing: fall back to the preset.
-    let (torch, bound) = match torch {
-        Some(r) if r.max_abs.is_finite() => {
-            let b = tolerance::peer_bound(dtype, r.max_abs);
-            if ours.max_abs > b {
-                ours.outside = 1;
-            }
-            (Some(r), Some(b))
-        }
-        torch => {
-            ours = compare_with(
-                out.to_f64().view(),
-                truth.view(),
-                Some(&tolerance::for_dtype(dtype)),
-            );
-            (torch, None)
-        }
-    };
+    let Verdict {
+        ours, torch, bound, ..
+    } = judge_result(case, dtype, "out", out, Floor::Unit)?;
     let lse_report = match (lse, case.result("lse_f64")) {
         (Some(ours_lse), Some(truth_lse)) => {
             expect_shape(&name, "lse_f64", truth_lse, ours_lse.shape())?;

@@ -4,7 +4,7 @@
 //! With `s = scale * q k^T` (then the mask), `P = exp(s - lse)` from the forward's
 //! log-sum-exp, keep bits `Z` replayed from the forward's Philox stream and
 //! `W = P * Z / (1 - p)`:
-//! `dv = W^T dout`, `dW = dout v^T`, `dP = dW * Z / (1 - p)`, `D = rowsum(dout * out)`,
+//! `dv = W^T dout`, `dW = dout v^T`, `dP = dW * Z / (1 - p)`, `D = rowsum(P * dP)` (which is `rowsum(dout * out)`),
 //! `dS = P * (dP - D)`, `dq = scale * dS k`, `dk = scale * dS^T q`, and `dmask = dS`
 //! summed over the axes the mask broadcasts along. Keys a row does not read (causal,
 //! bool mask false) have `P = dS = 0` there, so a row with no key has zero gradients.
@@ -63,6 +63,8 @@ pub struct Gradients<T> {
 /// Intermediates and accumulators are `T::Acc` (f64 for f64, f32 otherwise); each
 /// gradient is rounded to `T` once. Dropout replays the forward's keep bits from
 /// `options.dropout` (same seed and offset), so pass the options of the forward call.
+/// `out` is checked against the problem but not read: `D = rowsum(dout * out)` is
+/// computed as `rowsum(P * dP)`, its exact equal, so it carries no rounding of `out`.
 ///
 /// # Errors
 /// Whatever [`sdpa`](crate::sdpa) rejects, and `out`, `lse` or `grad_out` (`dout`) of a
@@ -111,7 +113,6 @@ pub fn sdpa_backward<T: Element>(
             let (b, h) = (bh / problem.heads_q, bh % problem.heads_q);
             let inputs = HeadInputs {
                 lse: lse.slice(s![b, h, ..]).mapv(|x| T::Acc::from_f64(x as f64)),
-                out: out.slice(s![b, h, .., ..]).mapv(T::to_acc),
                 dout: dout.slice(s![b, h, .., ..]).mapv(T::to_acc),
             };
             head_grads(
@@ -163,7 +164,6 @@ pub fn sdpa_backward<T: Element>(
 /// The forward's results and the incoming gradient of one `(b, h)`, widened once.
 struct HeadInputs<A> {
     lse: ndarray::Array1<A>,
-    out: Array2<A>,
     dout: Array2<A>,
 }
 
@@ -258,21 +258,26 @@ fn head_grads<T: Element>(
                     &mut keep,
                 );
             }
-            let delta = inputs
-                .out
-                .row(i)
-                .iter()
-                .zip(inputs.dout.row(i))
-                .fold(zero, |acc, (&o, &d)| acc + o * d);
             let mut dscore = dscores.row_mut(r);
             let mut weight = weights.row_mut(r);
+            // D = rowsum(P * dP) over the keys the row reads: equal to rowsum(dout * out)
+            // in exact arithmetic, and taken from P rather than from the rounded `out`,
+            // so that dP - D does not inherit out's rounding (libtorch's math backward
+            // does the same; its f32 gradients are what the goldens hold ours to).
+            let mut delta = zero;
             for j in 0..len_kv {
                 // Dropped keys multiply by 0, not skip, so a NaN dW still shows (as in
                 // the math backend's `dW * mask`).
                 let z = if keep[j] { keep_scale } else { zero };
                 weight[j] = prob[j] * z;
+                dscore[j] = dscore[j] * z;
+                if ctx.reads_key(b, h, i, j) {
+                    delta = delta + prob[j] * dscore[j];
+                }
+            }
+            for j in 0..len_kv {
                 dscore[j] = if ctx.reads_key(b, h, i, j) {
-                    prob[j] * (dscore[j] * z - delta)
+                    prob[j] * (dscore[j] - delta)
                 } else {
                     zero
                 };
