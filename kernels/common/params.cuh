@@ -71,8 +71,10 @@ struct FwdParams {
 static_assert(sizeof(FwdParams) == 336, "FwdParams must match sdpa_cuda::params::FwdParams");
 
 // The backward's parameters: the forward's (the problem, q, k, v, out, lse) and the
-// gradients'. softmax_d is the f32 row sum D = rowsum(dout * out) [B, Hq, L]; dq_accum
-// an f32 [B, Hq, L, E] accumulator for dq. Mirrored by sdpa_cuda::params::BwdParams.
+// gradients'. softmax_d is the row sum D = rowsum(dout * out) [B, Hq, L] in acc_t (f32,
+// f64 for f64); dq_accum an acc_t [B, Hq, L, E] accumulator for dq; dmask (0 without an
+// additive mask) an acc_t accumulator in the mask's own shape, rounded to the mask's
+// dtype afterwards. Mirrored by sdpa_cuda::params::BwdParams.
 struct BwdParams : FwdParams {
     unsigned long long dout;
     unsigned long long dq;
@@ -93,8 +95,14 @@ struct BwdParams : FwdParams {
     long long dv_stride_b;
     long long dv_stride_h;
     long long dv_stride_l;
+    // Broadcast strides over [B, Hq, L, S] of the dmask accumulator (contiguous in the
+    // mask's own shape, 0 on the axes the mask broadcasts along).
+    long long dmask_stride_b;
+    long long dmask_stride_h;
+    long long dmask_stride_l;
+    long long dmask_stride_s;
     int deterministic;  // 1: dq accumulated in a fixed order, bitwise equal run to run
     int reserved;
 };
 
-static_assert(sizeof(BwdParams) == 496, "BwdParams must match sdpa_cuda::params::BwdParams");
+static_assert(sizeof(BwdParams) == 528, "BwdParams must match sdpa_cuda::params::BwdParams");

@@ -6,7 +6,8 @@
 //!   `sdpa-core`, log-sum-exp out.
 //! - **efficient**: the same kernel with any bool/additive mask read through broadcast
 //!   strides and `Ev != E` for f16/bf16; a scalar kernel for f32.
-//! - **math**: two cuBLAS GEMMs around a softmax kernel, every dtype including f64.
+//! - **math**: two cuBLAS GEMMs around a softmax kernel, every dtype including f64;
+//!   its backward ([`GpuContext::sdpa_backward`]): five GEMMs around elementwise kernels.
 //!
 //! Kernels (`kernels/*/*.cu`) are embedded, compiled with NVRTC for the device's arch on
 //! first use, and cached in memory and on disk. cudarc loads the CUDA libraries at run
@@ -36,6 +37,7 @@
 
 pub mod bench;
 pub mod blas;
+mod bwd;
 pub mod cache;
 mod context;
 mod error;
@@ -49,6 +51,7 @@ pub mod spec;
 mod tensor;
 pub mod tiles;
 
+pub use bwd::{DeviceGradients, HostGradients};
 pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
 pub use error::{CudaError, Result};
 pub use fwd::{fused_spec, Attention, HostOutput};

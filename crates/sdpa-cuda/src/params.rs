@@ -112,9 +112,11 @@ pub struct FwdParams {
 unsafe impl DeviceRepr for FwdParams {}
 
 /// `struct BwdParams : FwdParams` of `kernels/common/params.cuh`: the forward's fields
-/// (the problem, q, k, v, out, lse) and the gradients'. `softmax_d` is the f32 row sum
-/// `D = rowsum(dout * out)`, `dq_accum` an f32 accumulator for `dq`, both `[B, Hq, L]`
-/// / `[B, Hq, L, E]` contiguous scratch.
+/// (the problem, q, k, v, out, lse) and the gradients'. `softmax_d` is the row sum
+/// `D = rowsum(dout * out)`, `dq_accum` an accumulator for `dq`, both `[B, Hq, L]` /
+/// `[B, Hq, L, E]` contiguous scratch in the accumulator type (f32, f64 for f64);
+/// `dmask` (0 without an additive mask) an accumulator in the mask's own shape, read
+/// through the `dmask_stride_*` broadcast strides over `[B, Hq, L, S]`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[allow(missing_docs)]
@@ -139,6 +141,10 @@ pub struct BwdParams {
     pub dv_stride_b: i64,
     pub dv_stride_h: i64,
     pub dv_stride_l: i64,
+    pub dmask_stride_b: i64,
+    pub dmask_stride_h: i64,
+    pub dmask_stride_l: i64,
+    pub dmask_stride_s: i64,
     pub deterministic: i32,
     pub reserved: i32,
 }
@@ -296,6 +302,71 @@ impl FwdParams {
     }
 }
 
+/// Every device operand of a backward call: the forward's (q, k, v, mask, out, lse; no
+/// `cu_seqlens`: the backward is dense only) and the gradients'.
+#[derive(Debug, Clone, Copy)]
+pub struct BwdOperands<'a> {
+    /// q, k, v, mask and the forward's out and lse (read here, not written).
+    pub fwd: Operands<'a>,
+    /// `[B, Hq, L, Ev]`, unit last-dim stride.
+    pub dout: &'a DeviceTensor,
+    /// Written: `[B, Hq, L, E]`.
+    pub dq: &'a DeviceTensor,
+    /// Written: `[B, Hkv, S, E]`.
+    pub dk: &'a DeviceTensor,
+    /// Written: `[B, Hkv, S, Ev]`.
+    pub dv: &'a DeviceTensor,
+}
+
+fn unit_last(arg: &'static str, t: &DeviceTensor) -> Result<()> {
+    let l = t.layout();
+    if l.shape[3] > 1 && l.strides[3] != 1 {
+        return Err(CudaError::bad_layout(
+            arg,
+            "a unit last-dim stride",
+            format!("strides {:?}", l.strides),
+        ));
+    }
+    Ok(())
+}
+
+impl BwdParams {
+    /// The parameters of a backward of `problem` over `ops`: [`FwdParams::build`]'s
+    /// checks for the forward's operands, and every gradient operand checked against
+    /// its buffer and alignment. `out` and `dout` need a unit last-dim stride (the
+    /// kernels read their rows as vectors). Scratch addresses (`softmax_d`, `dq_accum`,
+    /// `dmask` and its strides) are the caller's to fill.
+    ///
+    /// # Errors
+    /// As [`FwdParams::build`]; varlen operands; `out` or `dout` with a last-dim stride
+    /// other than 1; a gradient outside its buffer or misaligned.
+    pub fn build(gpu: &GpuContext, problem: &Problem, ops: &BwdOperands<'_>) -> Result<Self> {
+        if ops.fwd.seqlens.is_some() {
+            return Err(CudaError::bad_layout(
+                "cu_seqlens",
+                "a dense batch (no variable-length backward yet)",
+                "cu_seqlens given",
+            ));
+        }
+        let fwd = FwdParams::build(gpu, problem, &ops.fwd)?;
+        unit_last("out", ops.fwd.out)?;
+        unit_last("dout", ops.dout)?;
+        let mut p = BwdParams {
+            fwd,
+            dout: ops.dout.checked_address(gpu, "dout")?,
+            dq: ops.dq.checked_address(gpu, "dq")?,
+            dk: ops.dk.checked_address(gpu, "dk")?,
+            dv: ops.dv.checked_address(gpu, "dv")?,
+            ..Default::default()
+        };
+        [p.dout_stride_b, p.dout_stride_h, p.dout_stride_l] = strides3(ops.dout);
+        [p.dq_stride_b, p.dq_stride_h, p.dq_stride_l] = strides3(ops.dq);
+        [p.dk_stride_b, p.dk_stride_h, p.dk_stride_l] = strides3(ops.dk);
+        [p.dv_stride_b, p.dv_stride_h, p.dv_stride_l] = strides3(ops.dv);
+        Ok(p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,17 +418,17 @@ mod tests {
         assert_eq!(bwd[0], "fwd");
         assert_eq!(bwd[1..], cuh_fields("BwdParams : FwdParams {")[..]);
         assert_eq!(std::mem::size_of::<FwdParams>(), 336);
-        assert_eq!(std::mem::size_of::<BwdParams>(), 496);
+        assert_eq!(std::mem::size_of::<BwdParams>(), 528);
         let cuh = include_str!("../../../kernels/common/params.cuh");
         assert!(cuh.contains("sizeof(FwdParams) == 336"));
-        assert!(cuh.contains("sizeof(BwdParams) == 496"));
+        assert!(cuh.contains("sizeof(BwdParams) == 528"));
         assert_eq!(std::mem::offset_of!(FwdParams, dropout_threshold), 256);
         assert_eq!(std::mem::offset_of!(FwdParams, scale), 264);
         assert_eq!(std::mem::offset_of!(FwdParams, batch), 280);
         assert_eq!(std::mem::offset_of!(FwdParams, scale_log2), 312);
         assert_eq!(std::mem::offset_of!(FwdParams, vec_ok), 332);
         assert_eq!(std::mem::offset_of!(BwdParams, dout), 336);
-        assert_eq!(std::mem::offset_of!(BwdParams, deterministic), 488);
+        assert_eq!(std::mem::offset_of!(BwdParams, deterministic), 520);
         // The codes, value for value.
         for line in [
             "enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGHT = 2 };",

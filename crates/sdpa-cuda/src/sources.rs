@@ -6,7 +6,7 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 14] = [
+pub const SOURCES: [(&str, &str); 15] = [
     (
         "common/dtype.cuh",
         include_str!("../../../kernels/common/dtype.cuh"),
@@ -60,6 +60,10 @@ pub const SOURCES: [(&str, &str); 14] = [
         include_str!("../../../kernels/math/math.cu"),
     ),
     ("nn/nn.cu", include_str!("../../../kernels/nn/nn.cu")),
+    (
+        "bwd/math_bwd.cu",
+        include_str!("../../../kernels/bwd/math_bwd.cu"),
+    ),
 ];
 
 fn embedded(name: &str) -> Option<&'static str> {
@@ -129,6 +133,7 @@ mod tests {
             "fwd/attn_fwd_simt.cu",
             "math/math.cu",
             "fwd/attn_fwd_wgmma.cu",
+            "bwd/math_bwd.cu",
         ] {
             let src = expanded_source(name, None).unwrap();
             assert!(!src.contains("#include"), "{name}");

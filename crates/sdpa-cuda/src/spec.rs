@@ -20,6 +20,8 @@ pub enum Kind {
     FwdSimt,
     /// The math backend's gather and softmax kernels (cuBLAS does the products).
     Math,
+    /// The math backward's elementwise kernels (cuBLAS does the products).
+    MathBwd,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
 }
@@ -33,6 +35,14 @@ pub enum Entry {
     MathGather,
     /// Math: masked, scaled softmax of the scores in place, with lse.
     MathSoftmax,
+    /// Math backward: q, k, v or dout into a contiguous accumulator-type copy.
+    MathBwdConvert,
+    /// Math backward: `D = rowsum(dout * out)`.
+    MathBwdRowDot,
+    /// Math backward: P, W and dS of every score from lse, D and the dropout stream.
+    MathBwdGrad,
+    /// Math backward: a gradient rounded (and scaled) once to its dtype.
+    MathBwdRound,
     /// Module: writes the bias into every row.
     NnBiasRows,
     /// Module: residual dropout in place.
@@ -74,7 +84,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 5] = [
+pub const TABLE: [Variant; 6] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -117,6 +127,21 @@ pub const TABLE: [Variant; 5] = [
         head_dims: &[0],
         extras: &[false],
         entries: &[Entry::MathGather, Entry::MathSoftmax],
+        arch: Arch::Sm80Plus,
+    },
+    Variant {
+        kind: Kind::MathBwd,
+        source: "bwd/math_bwd.cu",
+        prefix: "math_bwd",
+        dtypes: &DType::ALL,
+        head_dims: &[0],
+        extras: &[false],
+        entries: &[
+            Entry::MathBwdConvert,
+            Entry::MathBwdRowDot,
+            Entry::MathBwdGrad,
+            Entry::MathBwdRound,
+        ],
         arch: Arch::Sm80Plus,
     },
     Variant {
@@ -253,6 +278,10 @@ impl KernelSpec {
             (Kind::FwdSimt, _) => format!("{prefix}_{dtype}_dv{d}{extras}"),
             (Kind::Math, Entry::MathGather) => format!("{prefix}_gather_{dtype}"),
             (Kind::Math, _) => format!("{prefix}_softmax_{dtype}"),
+            (Kind::MathBwd, Entry::MathBwdConvert) => format!("{prefix}_convert_{dtype}"),
+            (Kind::MathBwd, Entry::MathBwdRowDot) => format!("{prefix}_row_dot_{dtype}"),
+            (Kind::MathBwd, Entry::MathBwdGrad) => format!("{prefix}_grad_{dtype}"),
+            (Kind::MathBwd, _) => format!("{prefix}_round_{dtype}"),
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
             (Kind::Nn, _) => "nn_dropout_rows".to_string(),
@@ -297,6 +326,21 @@ impl KernelSpec {
                 (
                     "SDPA_KERNEL_SOFTMAX",
                     self.symbol(Entry::MathSoftmax, config),
+                ),
+            ]),
+            Kind::MathBwd => d.extend([
+                (
+                    "SDPA_KERNEL_CONVERT",
+                    self.symbol(Entry::MathBwdConvert, config),
+                ),
+                (
+                    "SDPA_KERNEL_ROW_DOT",
+                    self.symbol(Entry::MathBwdRowDot, config),
+                ),
+                ("SDPA_KERNEL_GRAD", self.symbol(Entry::MathBwdGrad, config)),
+                (
+                    "SDPA_KERNEL_ROUND",
+                    self.symbol(Entry::MathBwdRound, config),
                 ),
             ]),
             Kind::Nn => {}
@@ -346,7 +390,7 @@ impl KernelSpec {
                 block_rows: 4,
                 threads: 128,
             }),
-            Kind::Math | Kind::Nn => None,
+            Kind::Math | Kind::MathBwd | Kind::Nn => None,
         }
     }
 }
@@ -405,6 +449,15 @@ mod tests {
         let math = KernelSpec::plain(Kind::Math, DType::F64);
         assert_eq!(math.symbol(Entry::MathGather, &config), "math_gather_f64");
         assert_eq!(math.symbol(Entry::MathSoftmax, &config), "math_softmax_f64");
+        let bwd = KernelSpec::plain(Kind::MathBwd, DType::BF16);
+        assert_eq!(bwd.source(), "bwd/math_bwd.cu");
+        assert_eq!(
+            bwd.symbol(Entry::MathBwdGrad, &config),
+            "math_bwd_grad_bf16"
+        );
+        let bwd_opts = bwd.options(80, &config);
+        assert!(bwd_opts.contains(&"-DSDPA_DTYPE=3".to_string()));
+        assert!(bwd_opts.contains(&"-DSDPA_KERNEL_ROUND=math_bwd_round_bf16".to_string()));
         let opts = KernelSpec::fitting(Kind::FwdTc, DType::F16, 40, false)
             .unwrap()
             .options(90, &config);
@@ -419,7 +472,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4);
+        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 4);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

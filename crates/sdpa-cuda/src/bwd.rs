@@ -1,0 +1,488 @@
+//! The CUDA backward, math backend: five cuBLAS products around the elementwise kernels
+//! of `kernels/bwd/math_bwd.cu`, every dtype (DESIGN.md "Backward").
+//!
+//! # Algorithm and buffers
+//! `acc` is f64 for f64 and f32 otherwise; `G = Hq / Hkv`, `M = G * L`. Every product
+//! runs per `(b, kv head)` (batch `B * Hkv`) over the `M` query rows of the group's `G`
+//! query heads, which are contiguous in a `[B, Hq, L, *]` buffer: so `dk` and `dv` are
+//! summed over the group inside the product's inner dimension (in acc), with no
+//! per-query-head scratch and no reduction kernel, and k, v are never expanded.
+//!
+//! 1. `convert`: q `[B, Hq, L, E]`, k `[B, Hkv, S, E]`, v `[B, Hkv, S, Ev]`, dout
+//!    `[B, Hq, L, Ev]` into contiguous acc copies (any input strides). cuBLAS takes no
+//!    16-bit A with an f32 B, and dS and W must stay in f32, so every product runs on
+//!    f32 copies: the widening is exact, so this equals an f32-accumulating mixed product.
+//! 2. `row_dot`: `D = rowsum(dout * out)`, acc `[B, Hq, L]`.
+//! 3. cuBLAS: `scores = q k^T` and `dw = dout v^T`, acc `[B, Hq, L, S]` each.
+//! 4. `grad`: per score, `P = exp(scale * qk (+ mask) - lse)` (0 where masked or the row's
+//!    lse is -inf), Z replayed from Philox at the flat index, `dS = P (dw Z/(1-p) - D)`
+//!    over `scores` and `W = P Z/(1-p)` over `dw`; an additive mask's `dS` is added
+//!    (atomics) into an acc accumulator in the mask's own shape.
+//! 5. cuBLAS: `dv = W^T dout`, `dk = dS^T q`, `dq = dS k`, acc scratch of the outputs'
+//!    sizes.
+//! 6. `round`: `dq = scale * dq_acc`, `dk = scale * dk_acc`, `dv`, `dmask`, each rounded
+//!    once to its dtype.
+//!
+//! Scratch: `acc * (B*Hq*L*(E + Ev + 1 + 2S + E) + B*Hkv*S*(2E + 2Ev)) + acc * |mask|`
+//! bytes. dq, dk, dv are deterministic run to run (cuBLAS's default algorithms); dmask is
+//! not bitwise (atomic order), within f32 rounding of the sum.
+
+use crate::blas::{blas_types, Gemm, Operand};
+use crate::context::GpuContext;
+use crate::error::{CudaError, Result};
+use crate::launch;
+use crate::params::{BwdOperands, BwdParams, Operands};
+use crate::spec::{Entry, KernelSpec, Kind};
+use crate::tensor::{Buffer, DeviceElement, DeviceMask, DeviceTensor, HostMask};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
+use sdpa_core::{
+    check_support, Backend, DType, Device, MaskDesc, MaskKind, Problem, SdpaError, SdpaOptions,
+};
+use std::sync::Arc;
+
+/// The gradients of a CUDA backward, contiguous, in the inputs' dtype.
+#[derive(Debug, Clone)]
+pub struct DeviceGradients {
+    /// `[B, Hq, L, E]`.
+    pub dq: DeviceTensor,
+    /// `[B, Hkv, S, E]` (summed over each group's query heads).
+    pub dk: DeviceTensor,
+    /// `[B, Hkv, S, Ev]`.
+    pub dv: DeviceTensor,
+    /// For an additive mask: its gradient in the mask's own shape (`dmask_shape`), stored
+    /// as that shape left-padded with 1s to rank 4; `None` for no mask or a bool mask.
+    pub dmask: Option<DeviceTensor>,
+    /// The mask's own shape (rank 0 to 4); empty when `dmask` is `None`.
+    pub dmask_shape: Vec<usize>,
+}
+
+/// [`DeviceGradients`] on the host (`sdpa_ref::bwd::Gradients`' fields).
+#[derive(Debug, Clone)]
+pub struct HostGradients<T> {
+    /// `[B, Hq, L, E]`.
+    pub dq: Array4<T>,
+    /// `[B, Hkv, S, E]`.
+    pub dk: Array4<T>,
+    /// `[B, Hkv, S, Ev]`.
+    pub dv: Array4<T>,
+    /// In the additive mask's own shape.
+    pub dmask: Option<ArrayD<T>>,
+}
+
+/// Where `dS` lands for an additive mask of `shape` over `[B, Hq, L, S]` = `full`: the
+/// accumulator's element count, its 4-d shape (left-padded with 1s) and its broadcast
+/// strides (contiguous in the mask's own shape, 0 on every axis the mask broadcasts
+/// along, so those axes are summed).
+///
+/// # Errors
+/// A shape that does not broadcast to `full`.
+pub(crate) fn dmask_plan(
+    shape: &[usize],
+    full: [usize; 4],
+) -> Result<(usize, [usize; 4], [isize; 4])> {
+    let desc = MaskDesc::contiguous(MaskKind::Additive(DType::F32), shape);
+    let strides = desc.broadcast_strides(full)?;
+    let mut padded = [1usize; 4];
+    padded[4 - shape.len()..].copy_from_slice(shape);
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| CudaError::bad_layout("attn_mask", "a size that fits", shape.len()))?;
+    Ok((count, padded, strides))
+}
+
+fn product(arg: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            CudaError::bad_layout(arg, "a size that fits in memory", format!("{dims:?}"))
+        })
+}
+
+fn check_shape(
+    arg: &'static str,
+    tensor: &DeviceTensor,
+    want: [usize; 4],
+    dtype: DType,
+) -> Result<()> {
+    if tensor.shape() != want || tensor.dtype() != dtype {
+        return Err(CudaError::bad_layout(
+            arg,
+            format!("{dtype} {want:?}"),
+            format!("{} {:?}", tensor.dtype(), tensor.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// An acc-typed scratch buffer of `elements`, zeroed (a product with an empty inner
+/// dimension leaves its output to us, and zero is its value).
+fn zeroed(gpu: &GpuContext, elements: usize, acc_bytes: usize) -> Result<(Arc<Buffer>, u64)> {
+    let bytes = product("query", &[elements, acc_bytes])?;
+    let buffer = Buffer::alloc(gpu, bytes, "the math backward's scratch")?;
+    let ptr = buffer.address(gpu);
+    if bytes > 0 {
+        // SAFETY: the buffer was just allocated with `bytes` bytes (at least 1).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0, bytes, gpu.stream().cu_stream())
+        }?;
+    }
+    Ok((buffer, ptr))
+}
+
+/// A row-major `[rows, cols]` acc matrix per batch entry, `stride` elements apart.
+fn matrix(
+    ptr: u64,
+    dtype: cudarc::cublas::sys::cudaDataType,
+    cols: usize,
+    stride: usize,
+) -> Operand {
+    Operand {
+        ptr,
+        dtype,
+        ld: cols.max(1),
+        stride,
+    }
+}
+
+impl GpuContext {
+    /// The backward of SDPA on the device (the math backend): `dq`, `dk`, `dv` from the
+    /// forward's `out` and `lse` (f32 `[B, Hq, L, 1]`, as [`GpuContext::sdpa`] returns
+    /// it) and the output gradient `dout` (`[B, Hq, L, Ev]`, the dtype of q), and `dmask`
+    /// for an additive mask. `options` must be the forward's (the dropout seed and offset
+    /// replay its keep bits). q, k, v take any strides; `out` and `dout` a unit last-dim
+    /// stride; `lse` any strides.
+    ///
+    /// # Errors
+    /// What the forward refuses; `out`, `dout` or `lse` of the wrong shape or dtype;
+    /// `out`/`dout` with a last-dim stride other than 1; an operand outside its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_backward(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        out: &DeviceTensor,
+        lse: &DeviceTensor,
+        dout: &DeviceTensor,
+        mask: Option<&DeviceMask>,
+        options: &SdpaOptions,
+    ) -> Result<DeviceGradients> {
+        let problem = self.problem(q, k, v, mask, options)?;
+        if let Err(reason) = check_support(Backend::Math, &problem, Device::Cuda) {
+            return Err(SdpaError::NoBackend(vec![(Backend::Math, reason)]).into());
+        }
+        let [b, hq, l, ev] = problem.out_shape();
+        let (hkv, s, e) = (problem.heads_kv, problem.len_kv, problem.head_dim);
+        check_shape("out", out, [b, hq, l, ev], problem.dtype)?;
+        check_shape("dout", dout, [b, hq, l, ev], problem.dtype)?;
+        check_shape("lse", lse, [b, hq, l, 1], DType::F32)?;
+        let dq = DeviceTensor::alloc(self, problem.dtype, [b, hq, l, e])?;
+        let dk = DeviceTensor::alloc(self, problem.dtype, [b, hkv, s, e])?;
+        let dv = DeviceTensor::alloc(self, problem.dtype, [b, hkv, s, ev])?;
+        let additive = mask.filter(|m| matches!(m.desc().kind, MaskKind::Additive(_)));
+        let plan = additive
+            .map(|m| dmask_plan(&m.desc().shape, [b, hq, l, s]))
+            .transpose()?;
+        let dmask = plan
+            .map(|(_, padded, _)| DeviceTensor::alloc(self, problem.dtype, padded))
+            .transpose()?;
+        let ops = BwdOperands {
+            fwd: Operands {
+                q,
+                k,
+                v,
+                mask,
+                out,
+                lse,
+                seqlens: None,
+            },
+            dout,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        let mut params = BwdParams::build(self, &problem, &ops)?;
+        if self.poison_outputs() {
+            for t in [&dq, &dk, &dv].into_iter().chain(dmask.as_ref()) {
+                t.poison(self)?;
+            }
+        }
+        let dmask_target = match (&dmask, plan) {
+            (Some(t), Some((count, _, strides))) => Some((t, count, strides)),
+            _ => None,
+        };
+        self.run_math_backward(&problem, &mut params, dmask_target)?;
+        Ok(DeviceGradients {
+            dq,
+            dk,
+            dv,
+            dmask,
+            dmask_shape: additive.map(|m| m.desc().shape).unwrap_or_default(),
+        })
+    }
+
+    /// Uploads, runs [`GpuContext::sdpa_backward`] and downloads. `lse` is `[B, Hq, L]`.
+    ///
+    /// # Errors
+    /// As [`GpuContext::sdpa_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_backward_host<T: DeviceElement>(
+        &self,
+        q: ArrayView4<'_, T>,
+        k: ArrayView4<'_, T>,
+        v: ArrayView4<'_, T>,
+        out: ArrayView4<'_, T>,
+        lse: ArrayView3<'_, f32>,
+        dout: ArrayView4<'_, T>,
+        mask: Option<&HostMask<'_, T>>,
+        options: &SdpaOptions,
+    ) -> Result<HostGradients<T>> {
+        let [lb, lh, ll] = [lse.shape()[0], lse.shape()[1], lse.shape()[2]];
+        let lse4 = lse
+            .to_owned()
+            .into_shape_with_order((lb, lh, ll, 1))
+            .map_err(|e| CudaError::bad_layout("lse", "a [B, Hq, L] array", e))?;
+        let up = |a: ArrayView4<'_, T>| DeviceTensor::upload(self, a);
+        let (dq_, dk_, dv_) = (up(q)?, up(k)?, up(v)?);
+        let (out_, dout_) = (up(out)?, up(dout)?);
+        let lse_ = DeviceTensor::upload(self, lse4.view())?;
+        let mask_ = mask.map(|m| m.upload(self)).transpose()?;
+        let g = self.sdpa_backward(
+            &dq_,
+            &dk_,
+            &dv_,
+            &out_,
+            &lse_,
+            &dout_,
+            mask_.as_ref(),
+            options,
+        )?;
+        let dmask = match &g.dmask {
+            Some(t) => Some(
+                t.download::<T>(self)?
+                    .into_shape_with_order(IxDyn(&g.dmask_shape))
+                    .map_err(|e| CudaError::bad_layout("attn_mask", "its own shape", e))?,
+            ),
+            None => None,
+        };
+        Ok(HostGradients {
+            dq: g.dq.download(self)?,
+            dk: g.dk.download(self)?,
+            dv: g.dv.download(self)?,
+            dmask,
+        })
+    }
+
+    /// Runs the pipeline of the module docs on checked parameters; `dmask` is the rounded
+    /// output with the accumulator's element count and broadcast strides.
+    fn run_math_backward(
+        &self,
+        problem: &Problem,
+        params: &mut BwdParams,
+        dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
+    ) -> Result<()> {
+        let (b, hq, hkv, l, s, e, ev) = (
+            problem.batch,
+            problem.heads_q,
+            problem.heads_kv,
+            problem.len_q,
+            problem.len_kv,
+            problem.head_dim,
+            problem.head_dim_v,
+        );
+        let dtype = problem.dtype;
+        let types = blas_types(dtype);
+        let (acc, acc_bytes) = (types.acc, types.acc_bytes);
+        let spec = KernelSpec::plain(Kind::MathBwd, dtype);
+        let convert = self.kernel(&spec, Entry::MathBwdConvert)?;
+        let row_dot = self.kernel(&spec, Entry::MathBwdRowDot)?;
+        let grad = self.kernel(&spec, Entry::MathBwdGrad)?;
+        let round = self.kernel(&spec, Entry::MathBwdRound)?;
+        let stream = self.stream();
+
+        // The product layout: batch (b, kv head), M = group * L query rows.
+        let batch = b * hkv;
+        let m = problem.group_size() * l;
+        let q_elems = product("query", &[b, hq, l, e])?;
+        let do_elems = product("dout", &[b, hq, l, ev])?;
+        let k_elems = product("key", &[b, hkv, s, e])?;
+        let v_elems = product("value", &[b, hkv, s, ev])?;
+        let score_elems = product("query", &[b, hq, l, s])?;
+        let rows = product("query", &[b, hq, l])?;
+
+        let mut scratch = Vec::new();
+        let mut copy = |which: i32, elements: usize| -> Result<u64> {
+            let (buffer, dst) = zeroed(self, elements, acc_bytes)?;
+            scratch.push(buffer);
+            if elements > 0 {
+                let mut builder = stream.launch_builder(&convert.function);
+                builder.arg(&*params).arg(&which).arg(&dst);
+                // SAFETY: `dst` holds `elements` acc values, exactly the [B, H, rows, cols]
+                // the kernel writes for `which`; the source is read through the strides
+                // `BwdParams::build` checked against its buffer.
+                unsafe { builder.launch(launch::elementwise(elements)) }?;
+            }
+            Ok(dst)
+        };
+        let qa = copy(0, q_elems)?;
+        let ka = copy(1, k_elems)?;
+        let va = copy(2, v_elems)?;
+        let da = copy(3, do_elems)?;
+
+        let (d_buf, d_ptr) = zeroed(self, rows, acc_bytes)?;
+        params.softmax_d = d_ptr;
+        if rows > 0 {
+            let config = LaunchConfig {
+                grid_dim: (rows.div_ceil(8).clamp(1, 1 << 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = stream.launch_builder(&row_dot.function);
+            builder.arg(&*params);
+            // SAFETY: writes B*Hq*L acc values into `softmax_d` (that size); reads out and
+            // dout rows through strides checked by `BwdParams::build` (unit last stride).
+            unsafe { builder.launch(config) }?;
+        }
+
+        let (scores_buf, scores) = zeroed(self, score_elems, acc_bytes)?;
+        let (dw_buf, dw) = zeroed(self, score_elems, acc_bytes)?;
+        // Column-major views: scores^T [S x M] = K [S x E] * Q^T [E x M], per (b, kv head);
+        // likewise dw^T = V * dout^T.
+        for (x, y, out, inner) in [(ka, qa, scores, e), (va, da, dw, ev)] {
+            let gemm = Gemm {
+                trans_a: true,
+                trans_b: false,
+                m: s,
+                n: m,
+                k: inner,
+                a: matrix(x, acc, inner, s * inner),
+                b: matrix(y, acc, inner, m * inner),
+                c: matrix(out, acc, s, m * s),
+                batch,
+                accumulate: false,
+                compute: types.compute,
+            };
+            if inner > 0 {
+                // SAFETY: the acc copies hold `batch` [S, inner] and [M, inner] matrices
+                // (M = G*L rows of the group's contiguous query heads); `out` holds
+                // `batch` [M, S] matrices.
+                unsafe { gemm.run(self) }?;
+            }
+        }
+
+        let dmask_acc = match dmask {
+            Some((_, count, strides)) => {
+                let (buffer, ptr) = zeroed(self, count, acc_bytes)?;
+                params.dmask = ptr;
+                [
+                    params.dmask_stride_b,
+                    params.dmask_stride_h,
+                    params.dmask_stride_l,
+                    params.dmask_stride_s,
+                ] = strides.map(|x| x as i64);
+                Some((buffer, ptr))
+            }
+            None => None,
+        };
+        if score_elems > 0 {
+            let mut builder = stream.launch_builder(&grad.function);
+            builder.arg(&*params).arg(&scores).arg(&dw);
+            // SAFETY: one thread per element of the two [B, Hq, L, S] acc buffers above;
+            // lse, mask and softmax_d read at indices inside their checked extents; the
+            // dmask accumulator is indexed through broadcast strides of its own shape.
+            unsafe { builder.launch(launch::elementwise(score_elems)) }?;
+        }
+
+        let (dq_buf, dq_acc) = zeroed(self, q_elems, acc_bytes)?;
+        let (dk_buf, dk_acc) = zeroed(self, k_elems, acc_bytes)?;
+        let (dv_buf, dv_acc) = zeroed(self, v_elems, acc_bytes)?;
+        params.dq_accum = dq_acc;
+        let products = [
+            // dv^T [Ev x S] = dout^T [Ev x M] * W [M x S]
+            (ev, s, m, matrix(da, acc, ev, m * ev), dw, dv_acc, true),
+            // dk^T [E x S] = q^T [E x M] * dS [M x S]
+            (e, s, m, matrix(qa, acc, e, m * e), scores, dk_acc, true),
+            // dq^T [E x M] = k^T [E x S] * dS^T [S x M]
+            (e, m, s, matrix(ka, acc, e, s * e), scores, dq_acc, false),
+        ];
+        for (rows_c, cols_c, inner, a, bptr, c, trans_b) in products {
+            let gemm = Gemm {
+                trans_a: false,
+                trans_b,
+                m: rows_c,
+                n: cols_c,
+                k: inner,
+                a,
+                b: matrix(bptr, acc, s, m * s),
+                c: matrix(c, acc, rows_c, rows_c * cols_c),
+                batch,
+                accumulate: false,
+                compute: types.compute,
+            };
+            if inner > 0 {
+                // SAFETY: A is a `batch` of acc matrices of the sizes named above, B the
+                // [M, S] dS or W matrices, C a zeroed acc buffer of `batch` [cols, rows]
+                // row-major matrices (the gradient's [B, Hkv, S, *] or [B, Hq, L, E]).
+                unsafe { gemm.run(self) }?;
+            }
+        }
+
+        let scale = problem.scale;
+        let mut rounds = vec![
+            (dq_acc, params.dq, q_elems, scale),
+            (dk_acc, params.dk, k_elems, scale),
+            (dv_acc, params.dv, v_elems, 1.0),
+        ];
+        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
+            rounds.push((*ptr, out.checked_address(self, "dmask")?, count, 1.0));
+        }
+        for (src, dst, total, factor) in rounds {
+            if total == 0 {
+                continue;
+            }
+            let total64 = total as u64;
+            let mut builder = stream.launch_builder(&round.function);
+            builder.arg(&src).arg(&dst).arg(&total64).arg(&factor);
+            // SAFETY: `src` holds `total` acc values (scratch above) and `dst` is a
+            // contiguous output of `total` elements of the dtype, allocated by the caller.
+            unsafe { builder.launch(launch::elementwise(total)) }?;
+        }
+        // Scratch is freed stream-ordered after the kernels that read it.
+        drop((scratch, d_buf, scores_buf, dw_buf, dmask_acc));
+        drop((dq_buf, dk_buf, dv_buf));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmask_plan_sums_the_broadcast_axes() {
+        let full = [2, 8, 5, 7];
+        assert_eq!(
+            dmask_plan(&[5, 7], full).unwrap(),
+            (35, [1, 1, 5, 7], [0, 0, 7, 1])
+        );
+        assert_eq!(
+            dmask_plan(&[2, 1, 5, 7], full).unwrap(),
+            (70, [2, 1, 5, 7], [35, 0, 7, 1])
+        );
+        assert_eq!(
+            dmask_plan(&[2, 8, 1, 7], full).unwrap(),
+            (112, [2, 8, 1, 7], [56, 7, 0, 1])
+        );
+        assert_eq!(dmask_plan(&[], full).unwrap(), (1, [1, 1, 1, 1], [0; 4]));
+        assert_eq!(dmask_plan(&[2, 8, 5, 7], full).unwrap().2, [280, 35, 7, 1]);
+        // An extent-1 axis of the problem itself: one entry, never strided.
+        assert_eq!(
+            dmask_plan(&[1, 1, 5, 1], [1, 1, 5, 1]).unwrap(),
+            (5, [1, 1, 5, 1], [0, 0, 1, 0])
+        );
+        let e = dmask_plan(&[3, 7], full).unwrap_err();
+        assert!(e.to_string().starts_with("attn_mask:"), "{e}");
+    }
+}

@@ -1,0 +1,492 @@
+//! GPU tests of the CUDA math backward (`GpuContext::sdpa_backward`): dq, dk, dv and an
+//! additive mask's dmask against the reference backward, in f64/f32/f16/bf16, over
+//! causal (both alignments, L != S), bool and additive masks (broadcast), GQA, dropout
+//! and fully masked rows. Outputs are poisoned with NaN before the launch, so an element
+//! left unwritten fails as non-finite.
+//!
+//! # The reference
+//! `sdpa_ref::bwd::sdpa_backward`: intermediates in f64 for f64 and f32 otherwise, each
+//! gradient rounded once (itself checked against libtorch's autograd goldens and finite
+//! differences on the CPU).
+//!
+//! # Tolerance
+//! Truth is the reference in f64 on the same (already rounded) inputs, with the same
+//! forward `out` and `lse` fed to every backward, so only the backward's arithmetic and
+//! roundings are judged. `peer` is the reference in T (f32 intermediates for
+//! f16/bf16/f32). A gradient passes when `max|gpu - truth| <= 2 * max|peer - truth| +
+//! floor`, FlashAttention's rule, with `floor = peer_floor(T) * max(1, max|truth|)`:
+//! the harness's floor is two roundings at magnitude 1, and gradients (sums over up to
+//! G*L rows) are not of magnitude 1, so it scales with the largest one. For f64 the peer
+//! *is* the truth (error ~0), so the bound is `1e-10 * max(1, max|truth|)`: the sums
+//! here have under 10^3 terms of relative error 2^-53 (~1e-13 worst), four orders of
+//! margin, while one f32 intermediate anywhere (~6e-8 relative) fails it.
+//!
+//! Ignored by default (they need a CUDA device): run with `--ignored`. On failure every
+//! case's line is printed (`ok`/`FAIL`, the gradient, the errors and the bound, the worst
+//! element with its index and values).
+
+use half::{bf16, f16};
+use ndarray::{Array3, Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
+use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
+use sdpa_cuda::HostMask;
+use sdpa_harness::compare::compare;
+use sdpa_ref::bwd::Gradients;
+use sdpa_harness::gpu::{gpu, random, GpuElem};
+use sdpa_harness::strategies::SplitMix64;
+use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
+
+/// The reference backward (`sdpa_ref::bwd`), its error as text.
+#[allow(clippy::too_many_arguments)]
+fn reference_backward<T: GpuElem>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, f32>,
+    dout: ArrayView4<'_, T>,
+    mask: Option<sdpa_ref::Mask<'_, T>>,
+    options: &SdpaOptions,
+) -> Result<Gradients<T>, String> {
+    sdpa_ref::bwd::sdpa_backward(q, k, v, out, lse, dout, mask, options).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone)]
+enum TestMask {
+    None,
+    /// Bool of this shape, 75% kept.
+    Bool(Vec<usize>),
+    /// Additive of this shape, values in [-1, 1), 15% -inf.
+    Additive(Vec<usize>),
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    name: &'static str,
+    batch: usize,
+    heads_kv: usize,
+    group: usize,
+    len_q: usize,
+    len_kv: usize,
+    head_dim: usize,
+    head_dim_v: usize,
+    mask: TestMask,
+    /// A query row whose every key is masked out (the mask must have the L axis).
+    fully_masked_row: Option<usize>,
+    options: SdpaOptions,
+}
+
+fn cases() -> Vec<Case> {
+    let base = Case {
+        name: "",
+        batch: 2,
+        heads_kv: 2,
+        group: 1,
+        len_q: 17,
+        len_kv: 23,
+        head_dim: 40,
+        head_dim_v: 24,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions::default(),
+    };
+    let causal = |c| SdpaOptions {
+        causal: c,
+        ..Default::default()
+    };
+    vec![
+        Case {
+            name: "plain L=17 S=23 E=40 Ev=24",
+            ..base.clone()
+        },
+        Case {
+            name: "causal top-left L=13 < S=29",
+            len_q: 13,
+            len_kv: 29,
+            options: causal(Causal::TopLeft),
+            ..base.clone()
+        },
+        Case {
+            name: "causal top-left L=29 > S=13",
+            len_q: 29,
+            len_kv: 13,
+            options: causal(Causal::TopLeft),
+            ..base.clone()
+        },
+        Case {
+            name: "causal bottom-right L=13 < S=29",
+            len_q: 13,
+            len_kv: 29,
+            options: causal(Causal::BottomRight),
+            ..base.clone()
+        },
+        Case {
+            // Rows i < L - S see no key: fully masked rows from causal alone.
+            name: "causal bottom-right L=29 > S=13 (fully masked rows)",
+            len_q: 29,
+            len_kv: 13,
+            options: causal(Causal::BottomRight),
+            ..base.clone()
+        },
+        Case {
+            name: "bool mask [L, S] broadcast over B, H + a fully masked row",
+            mask: TestMask::Bool(vec![17, 23]),
+            fully_masked_row: Some(5),
+            ..base.clone()
+        },
+        Case {
+            name: "bool key-padding mask [B, 1, 1, S] + causal",
+            mask: TestMask::Bool(vec![2, 1, 1, 23]),
+            options: causal(Causal::TopLeft),
+            ..base.clone()
+        },
+        Case {
+            name: "additive mask [B, Hq, L, S] (no broadcast)",
+            mask: TestMask::Additive(vec![2, 2, 17, 23]),
+            ..base.clone()
+        },
+        Case {
+            name: "additive mask [L, S] (dmask summed over B, Hq) + a fully masked row",
+            mask: TestMask::Additive(vec![17, 23]),
+            fully_masked_row: Some(3),
+            ..base.clone()
+        },
+        Case {
+            name: "additive mask [1, Hq, 1, S] (dmask summed over B, L), GQA 2x3",
+            group: 3,
+            mask: TestMask::Additive(vec![1, 6, 1, 23]),
+            options: SdpaOptions {
+                enable_gqa: true,
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "GQA 2x3 causal bottom-right, E=64 Ev=64",
+            group: 3,
+            head_dim: 64,
+            head_dim_v: 64,
+            options: SdpaOptions {
+                enable_gqa: true,
+                causal: Causal::BottomRight,
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "MQA 1x4 + dropout p=0.3 + additive [B, 1, L, S]",
+            heads_kv: 1,
+            group: 4,
+            mask: TestMask::Additive(vec![2, 1, 17, 23]),
+            options: SdpaOptions {
+                enable_gqa: true,
+                dropout: Dropout::new(0.3, 0x5eed_1234_abcd, 4096),
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "dropout p=0.5 + causal top-left, scale -0.7",
+            options: SdpaOptions {
+                causal: Causal::TopLeft,
+                dropout: Dropout::new(0.5, 42, 7),
+                scale: Some(-0.7),
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "dropout p=1 (everything dropped: zero gradients)",
+            options: SdpaOptions {
+                dropout: Dropout::new(1.0, 1, 0),
+                ..Default::default()
+            },
+            ..base
+        },
+    ]
+}
+
+struct Inputs<T> {
+    q: Array4<T>,
+    k: Array4<T>,
+    v: Array4<T>,
+    dout: Array4<T>,
+    bool_mask: Option<ArrayD<bool>>,
+    additive_mask: Option<ArrayD<T>>,
+}
+
+fn inputs<T: GpuElem>(case: &Case, seed: u64) -> Inputs<T> {
+    let mut rng = SplitMix64(seed);
+    let hq = case.heads_kv * case.group;
+    let q = random::<T, _>(&mut rng, [case.batch, hq, case.len_q, case.head_dim]);
+    let k = random::<T, _>(
+        &mut rng,
+        [case.batch, case.heads_kv, case.len_kv, case.head_dim],
+    );
+    let v = random::<T, _>(
+        &mut rng,
+        [case.batch, case.heads_kv, case.len_kv, case.head_dim_v],
+    );
+    let dout = random::<T, _>(&mut rng, [case.batch, hq, case.len_q, case.head_dim_v]);
+    let row_axis = |shape: &[usize]| shape.len() - 2;
+    let (mut bool_mask, mut additive_mask) = (None, None);
+    match &case.mask {
+        TestMask::None => {}
+        TestMask::Bool(shape) => {
+            let mut m = ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.symmetric() > -0.5);
+            if let Some(row) = case.fully_masked_row {
+                m.index_axis_mut(ndarray::Axis(row_axis(shape)), row)
+                    .fill(false);
+            }
+            bool_mask = Some(m);
+        }
+        TestMask::Additive(shape) => {
+            let mut m = ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+                let x = rng.symmetric();
+                T::narrow(if x < -0.7 { f64::NEG_INFINITY } else { x })
+            });
+            if let Some(row) = case.fully_masked_row {
+                m.index_axis_mut(ndarray::Axis(row_axis(shape)), row)
+                    .fill(T::narrow(f64::NEG_INFINITY));
+            }
+            additive_mask = Some(m);
+        }
+    }
+    Inputs {
+        q,
+        k,
+        v,
+        dout,
+        bool_mask,
+        additive_mask,
+    }
+}
+
+/// One gradient's verdict: `Err` with the line to print on failure.
+fn judge(
+    what: &str,
+    dtype: DType,
+    got: ArrayD<f64>,
+    peer: ArrayD<f64>,
+    truth: ArrayD<f64>,
+) -> Result<String, String> {
+    let largest = truth
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(1.0f64, |m, x| m.max(x.abs()));
+    let peer_report = compare(peer.view(), truth.view());
+    let report = compare(got.view(), truth.view());
+    let bound = if dtype == DType::F64 {
+        1e-10 * largest
+    } else {
+        PEER_FACTOR * peer_report.max_abs + peer_floor(dtype) * largest
+    };
+    let line = format!(
+        "{what}: max|gpu - truth| = {:.3e} (worst at {:?}: gpu {} truth {}; {} non-finite), \
+         max|ref_{dtype} - truth| = {:.3e}, bound {:.3e}, max|truth| = {:.3e}",
+        report.max_abs,
+        report.max_abs_index,
+        report.worst.0,
+        report.worst.1,
+        report.non_finite,
+        peer_report.max_abs,
+        bound,
+        largest
+    );
+    if report.non_finite == 0 && report.max_abs <= bound && got.shape() == truth.shape() {
+        Ok(line)
+    } else {
+        Err(format!(
+            "{line} shape gpu {:?} truth {:?}",
+            got.shape(),
+            truth.shape()
+        ))
+    }
+}
+
+fn run_case<T: GpuElem>(case: &Case, seed: u64) -> Vec<Result<String, String>> {
+    let dtype = <T as sdpa_cuda::DeviceElement>::DTYPE;
+    let x = inputs::<T>(case, seed);
+    let wide = |a: &Array4<T>| a.mapv(T::wide);
+    let (q64, k64, v64, dout64) = (wide(&x.q), wide(&x.k), wide(&x.v), wide(&x.dout));
+    let add64 = x.additive_mask.as_ref().map(|m| m.mapv(T::wide));
+    let mask64 = || match (&x.bool_mask, &add64) {
+        (Some(m), _) => Some(sdpa_ref::Mask::Bool(m.view())),
+        (_, Some(m)) => Some(sdpa_ref::Mask::Additive(m.view())),
+        _ => None,
+    };
+    let mask_t = || match (&x.bool_mask, &x.additive_mask) {
+        (Some(m), _) => Some(sdpa_ref::Mask::Bool(m.view())),
+        (_, Some(m)) => Some(sdpa_ref::Mask::Additive(m.view())),
+        _ => None,
+    };
+    let options = &case.options;
+    // The forward every backward below reads: the f64 reference's, out rounded to T.
+    let fwd = match sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), mask64(), options) {
+        Ok(f) => f,
+        Err(e) => return vec![Err(format!("reference forward failed: {e}"))],
+    };
+    let out_t: Array4<T> = fwd.out.mapv(T::narrow);
+    let out64 = out_t.mapv(T::wide);
+    let lse: Array3<f32> = fwd.lse;
+    let truth = reference_backward::<f64>(
+        q64.view(),
+        k64.view(),
+        v64.view(),
+        out64.view(),
+        lse.view(),
+        dout64.view(),
+        mask64(),
+        options,
+    );
+    let peer = reference_backward::<T>(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        out_t.view(),
+        lse.view(),
+        x.dout.view(),
+        mask_t(),
+        options,
+    );
+    let (truth, peer) = match (truth, peer) {
+        (Ok(t), Ok(p)) => (t, p),
+        (t, p) => return vec![Err(format!("reference backward failed: {t:?} {p:?}"))],
+    };
+    let host_mask = match (&x.bool_mask, &x.additive_mask) {
+        (Some(m), _) => Some(HostMask::Bool(m.view())),
+        (_, Some(m)) => Some(HostMask::Additive(m.view())),
+        _ => None,
+    };
+    let got = match gpu().sdpa_backward_host(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        out_t.view(),
+        lse.view(),
+        x.dout.view(),
+        host_mask.as_ref(),
+        options,
+    ) {
+        Ok(g) => g,
+        Err(e) => return vec![Err(format!("GPU backward failed: {e}"))],
+    };
+    let w4 = |a: &Array4<T>| a.mapv(T::wide).into_dyn();
+    // Truth is the f64 gradient itself, not rounded to T: the GPU's one rounding counts.
+    let mut verdicts = Vec::new();
+    let t64 = |a: &Array4<f64>| a.clone().into_dyn();
+    verdicts.push(judge(
+        "dq",
+        dtype,
+        w4(&got.dq),
+        w4(&peer.dq),
+        t64(&truth.dq),
+    ));
+    verdicts.push(judge(
+        "dk",
+        dtype,
+        w4(&got.dk),
+        w4(&peer.dk),
+        t64(&truth.dk),
+    ));
+    verdicts.push(judge(
+        "dv",
+        dtype,
+        w4(&got.dv),
+        w4(&peer.dv),
+        t64(&truth.dv),
+    ));
+    match (&got.dmask, &peer.dmask, &truth.dmask) {
+        (Some(g), Some(p), Some(t)) => verdicts.push(judge(
+            "dmask",
+            dtype,
+            g.mapv(T::wide),
+            p.mapv(T::wide),
+            t.clone(),
+        )),
+        (None, None, None) => {}
+        (g, _, t) => verdicts.push(Err(format!(
+            "dmask: GPU gave {}, the reference {}",
+            if g.is_some() { "one" } else { "none" },
+            if t.is_some() { "one" } else { "none" }
+        ))),
+    }
+    verdicts
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn math_backward_matches_the_reference_in_every_dtype() {
+    let mut lines = Vec::new();
+    let mut failures = 0;
+    for (n, case) in cases().iter().enumerate() {
+        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+            let seed = 1000 + n as u64;
+            let verdicts = match dtype {
+                DType::F64 => run_case::<f64>(case, seed),
+                DType::F32 => run_case::<f32>(case, seed),
+                DType::F16 => run_case::<f16>(case, seed),
+                DType::BF16 => run_case::<bf16>(case, seed),
+            };
+            for v in verdicts {
+                match v {
+                    Ok(line) => lines.push(format!("ok   {dtype} {}: {line}", case.name)),
+                    Err(line) => {
+                        failures += 1;
+                        lines.push(format!("FAIL {dtype} {}: {line}", case.name));
+                    }
+                }
+            }
+        }
+    }
+    for line in &lines {
+        println!("{line}");
+    }
+    assert_eq!(
+        failures,
+        0,
+        "{failures} gradients out of bounds (every line above; failing ones):\n{}",
+        lines
+            .iter()
+            .filter(|l| l.starts_with("FAIL"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_refuses_bad_arguments_by_name() {
+    let gpu = gpu();
+    let mut rng = SplitMix64(7);
+    let q = random::<f32, _>(&mut rng, [1, 2, 5, 8]);
+    let lse = Array3::<f32>::zeros((1, 2, 5));
+    let wrong_dout = random::<f32, _>(&mut rng, [1, 2, 5, 7]);
+    let e = gpu
+        .sdpa_backward_host(
+            q.view(),
+            q.view(),
+            q.view(),
+            q.view(),
+            lse.view(),
+            wrong_dout.view(),
+            None,
+            &SdpaOptions::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().starts_with("dout:"), "{e}");
+    let short_lse = Array3::<f32>::zeros((1, 2, 4));
+    let e = gpu
+        .sdpa_backward_host(
+            q.view(),
+            q.view(),
+            q.view(),
+            q.view(),
+            short_lse.view(),
+            q.view(),
+            None,
+            &SdpaOptions::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().starts_with("lse:"), "{e}");
+}

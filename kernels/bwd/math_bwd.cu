@@ -1,0 +1,142 @@
+// Kernels of the CUDA math backward (the five matrix products run in cuBLAS, in acc_t:
+// f64 for f64, else f32). DESIGN.md "Backward", with s = scale q k^T (+ additive mask;
+// bool mask and causal to -inf), P = exp(s - lse) (0 where lse = -inf), Z the forward's
+// Philox keep bits replayed at the same flat indices, W = P Z / (1 - p):
+//   convert  q, k, v or dout of any strides -> a contiguous acc_t copy (cuBLAS takes no
+//            16-bit A with an f32 B, so every product runs on f32 copies: exact widening);
+//   row_dot  D = rowsum(dout * out) in acc_t, one warp a row;
+//   grad     per score (b, h, i, j): reads the raw q.k and dout.v^T products, writes
+//            dS = P (dP - D) over the first and W over the second, and adds dS into
+//            the dmask accumulator (atomics, acc_t) for an additive mask;
+//   round    dst = to_elem(factor * src): each gradient rounded once from acc_t.
+//
+// Compile-time: SDPA_DTYPE, SDPA_KERNEL_CONVERT, SDPA_KERNEL_ROW_DOT, SDPA_KERNEL_GRAD,
+// SDPA_KERNEL_ROUND.
+#include "common/dtype.cuh"
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
+
+#if SDPA_DTYPE == 0
+__device__ __forceinline__ double acc_neg_inf() { return -__longlong_as_double(0x7ff0000000000000LL); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+#else
+__device__ __forceinline__ float acc_neg_inf() { return SDPA_NEG_INF; }
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+#endif
+
+// which: 0 q [B, Hq, L, E], 1 k [B, Hkv, S, E], 2 v [B, Hkv, S, Ev], 3 dout
+// [B, Hq, L, Ev] (unit last stride, checked on the host). No GQA expansion: the host
+// runs the products per kv head over the group's query rows.
+extern "C" __global__ void SDPA_KERNEL_CONVERT(const BwdParams p, int which, u64 dst) {
+    const bool per_q = which == 0 || which == 3;
+    const int heads = per_q ? p.heads_q : p.heads_kv;
+    const int rows = per_q ? p.len_q : p.len_kv;
+    const int cols = which >= 2 ? p.head_dim_v : p.head_dim;
+    const elem_t* src =
+        (const elem_t*)(which == 0 ? p.q : which == 1 ? p.k : which == 2 ? p.v : p.dout);
+    const i64 sb = which == 0 ? p.q_stride_b : which == 1 ? p.k_stride_b : which == 2 ? p.v_stride_b : p.dout_stride_b;
+    const i64 sh = which == 0 ? p.q_stride_h : which == 1 ? p.k_stride_h : which == 2 ? p.v_stride_h : p.dout_stride_h;
+    const i64 sl = which == 0 ? p.q_stride_l : which == 1 ? p.k_stride_l : which == 2 ? p.v_stride_l : p.dout_stride_l;
+    const i64 se = which == 0 ? p.q_stride_e : which == 1 ? p.k_stride_e : which == 2 ? p.v_stride_e : 1;
+    const u64 total = (u64)p.batch * heads * rows * cols;
+    acc_t* out = (acc_t*)dst;
+    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (u64)gridDim.x * blockDim.x) {
+        const int c = (int)(idx % cols);
+        const int r = (int)((idx / cols) % rows);
+        const int h = (int)((idx / ((u64)cols * rows)) % heads);
+        const int b = (int)(idx / ((u64)cols * rows * heads));
+        out[idx] = load_elem(src + b * sb + h * sh + r * sl + c * se);
+    }
+}
+
+// D of every query row (b, h, i), into p.softmax_d ([B, Hq, L] contiguous, acc_t).
+extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_ROW_DOT(const BwdParams p) {
+    const int lane = threadIdx.x & 31;
+    const u64 rows = (u64)p.batch * p.heads_q * p.len_q;
+    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
+    acc_t* d = (acc_t*)p.softmax_d;
+    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows; row += warps) {
+        const int i = (int)(row % p.len_q);
+        const int h = (int)((row / p.len_q) % p.heads_q);
+        const int b = (int)(row / ((u64)p.len_q * p.heads_q));
+        const elem_t* o = (const elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
+        const elem_t* g = (const elem_t*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + i * p.dout_stride_l;
+        acc_t sum = 0;
+        for (int e = lane; e < p.head_dim_v; e += 32) sum += load_elem(o + e) * load_elem(g + e);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) d[row] = sum;
+    }
+}
+
+// The broadcast offset of (b, h, i, j) in the dmask accumulator (contiguous, the mask's
+// own shape; 0 strides on the axes the mask broadcasts along).
+__device__ __forceinline__ i64 dmask_offset(const BwdParams& p, int b, int h, int i, int j) {
+    return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
+}
+
+// One thread per score of [B, Hq, L, S]: `scores` holds q.k (unscaled) and becomes dS,
+// `dp` holds dout.v^T and becomes W. The flat index is the dropout stream's index.
+extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdParams p, u64 scores, u64 dp) {
+    const u64 total = (u64)p.batch * p.heads_q * p.len_q * p.len_kv;
+    acc_t* ds = (acc_t*)scores;
+    acc_t* w = (acc_t*)dp;
+    const acc_t* d = (const acc_t*)p.softmax_d;
+    const float* lse_base = (const float*)p.lse;
+    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (u64)gridDim.x * blockDim.x) {
+        const int j = (int)(idx % p.len_kv);
+        const u64 row = idx / p.len_kv;
+        const int i = (int)(row % p.len_q);
+        const int h = (int)((row / p.len_q) % p.heads_q);
+        const int b = (int)(row / ((u64)p.len_q * p.heads_q));
+        // Keys outside the causal range or false in a bool mask are not read (NaN rule):
+        // their P, W and dS are exactly 0 whatever q.k and dout.v^T hold.
+        bool visible = j < key_limit(p.causal, i, p.len_q, p.len_kv);
+        acc_t s = ds[idx] * (acc_t)p.scale;
+        if (visible && p.mask_kind != MASK_NONE) {
+            const i64 at = mask_offset(p, b, h, i, j);
+            if (p.mask_kind == MASK_BOOL) {
+                visible = ((const unsigned char*)p.mask)[at] != 0;
+            } else {
+                s += load_elem((const elem_t*)p.mask + at);
+            }
+        }
+        if (!visible) {
+            ds[idx] = 0;
+            w[idx] = 0;
+            continue;
+        }
+        const acc_t lse = (acc_t)lse_base[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_l];
+        // A fully masked row has lse -inf and every s -inf: P is 0, not exp(NaN). An
+        // additive -inf gives exp(-inf) = 0 on its own.
+        const acc_t prob = lse == acc_neg_inf() ? (acc_t)0 : acc_exp(s - lse);
+        // Z / (1 - p) as one factor; multiplied (not selected) so that a NaN in a dropped
+        // key still reaches the row (a dropped key was read).
+        acc_t keep = 1;
+        if (p.dropout) {
+            keep = dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, idx)
+                       ? (acc_t)p.keep_scale
+                       : (acc_t)0;
+        }
+        const acc_t grad_p = w[idx] * keep;
+        const acc_t grad_s = prob * (grad_p - d[row]);
+        ds[idx] = grad_s;
+        w[idx] = prob * keep;
+        if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0) {
+            atomicAdd((acc_t*)p.dmask + dmask_offset(p, b, h, i, j), grad_s);
+        }
+    }
+}
+
+// dst[n] = to_elem(factor * src[n]) for n < total: a gradient's one rounding.
+extern "C" __global__ void SDPA_KERNEL_ROUND(u64 src, u64 dst, u64 total, double factor) {
+    const acc_t* from = (const acc_t*)src;
+    elem_t* to = (elem_t*)dst;
+    const acc_t f = (acc_t)factor;
+    for (u64 n = (u64)blockIdx.x * blockDim.x + threadIdx.x; n < total; n += (u64)gridDim.x * blockDim.x) {
+        to[n] = to_elem(f * from[n]);
+    }
+}
