@@ -52,6 +52,8 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   # Many processes on a cold kernel cache, device out-of-memory, a context on the
   # caller's stream over borrowed memory, shared memory read from the kernels.
   step limits "$BIN/sdpa-cuda-device_limits" --ignored --test-threads=1
+  # The math backend's backward against the reference backward, every dtype.
+  step backward "$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=1 --nocapture
   # The NaN rule on every backend against the reference.
   step nan "$BIN/sdpa-cuda-nan_rule_gpu" --ignored --test-threads=1 --nocapture
   # The facade's CUDA example: host arrays and device tensors, every backend.

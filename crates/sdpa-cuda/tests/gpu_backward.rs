@@ -30,10 +30,10 @@ use ndarray::{Array3, Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
 use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
 use sdpa_cuda::HostMask;
 use sdpa_harness::compare::compare;
-use sdpa_ref::bwd::Gradients;
 use sdpa_harness::gpu::{gpu, random, GpuElem};
 use sdpa_harness::strategies::SplitMix64;
 use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
+use sdpa_ref::bwd::Gradients;
 
 /// The reference backward (`sdpa_ref::bwd`), its error as text.
 #[allow(clippy::too_many_arguments)]

@@ -465,13 +465,14 @@ pub fn attention_varlen(
 /// Gradients of attention (`dq`, `dk`, `dv`, and `dmask` for an additive mask) from
 /// the forward call's inputs, its `out` and `lse`, and the incoming gradient `dout`,
 /// with the forward's `options` (dropout replays its keep bits from the same seed and
-/// offset). Host arrays only, computed by the CPU reference
-/// ([`sdpa_ref::bwd::sdpa_backward`]): the CUDA backward is not built yet, so a CUDA
-/// `exec` is refused with [`Error::Placement`].
+/// offset). Host arrays: on the CPU the reference ([`sdpa_ref::bwd::sdpa_backward`]),
+/// on CUDA the math backend's backward (cuBLAS; uploaded, results downloaded). The
+/// fused (flash, efficient) backwards are not built yet: a CUDA `exec` without math is
+/// refused with [`Error::Placement`].
 ///
 /// # Errors
 /// As [`attention`]; `out`, `lse` or `grad_out` of a shape other than the problem's; a
-/// device mask; a CUDA `exec`.
+/// device mask; a CUDA `exec` without the math backend.
 // PyTorch's `_scaled_dot_product_*_backward` argument list, plus where it runs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Elem>(
@@ -485,12 +486,34 @@ pub fn attention_backward<T: Elem>(
     options: &SdpaOptions,
     exec: &Exec<'_>,
 ) -> Result<Gradients<T>> {
-    if let On::Cuda(_) = exec.device {
-        return Err(placement(
-            "query",
-            "a CPU exec (the CUDA backward is not built yet)",
-            "a CUDA exec",
-        ));
+    if let On::Cuda(gpu) = exec.device {
+        // On CUDA only the math backend has a backward so far.
+        if !exec.backends.contains(Backend::Math) {
+            return Err(placement(
+                "query",
+                "backends that include math (the CUDA backward runs on math; flash and efficient backwards are not built yet)",
+                "a set without math",
+            ));
+        }
+        let mask = match mask {
+            None => None,
+            Some(Mask::Bool(m)) => Some(sdpa_cuda::HostMask::Bool(m)),
+            Some(Mask::Additive(m)) => Some(sdpa_cuda::HostMask::Additive(m)),
+            Some(Mask::Cuda(_)) => {
+                return Err(placement(
+                    "attn_mask",
+                    "a host mask (q, k, v are host arrays)",
+                    "a device mask",
+                ))
+            }
+        };
+        let g = gpu.sdpa_backward_host(q, k, v, out, lse, dout, mask.as_ref(), options)?;
+        return Ok(Gradients {
+            dq: g.dq,
+            dk: g.dk,
+            dv: g.dv,
+            dmask: g.dmask,
+        });
     }
     let mask = match mask {
         None => None,
