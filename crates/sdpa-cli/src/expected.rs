@@ -8,38 +8,48 @@ use sdpa_harness::case::Case;
 use sdpa_harness::HarnessError;
 use std::path::Path;
 
+/// Whose shape a stored result has.
+#[derive(Clone, Copy)]
+enum Like {
+    Out,
+    Lse,
+    Query,
+    Key,
+    Value,
+    Mask,
+}
+
 /// What a stored result may be: `Some(dtype)` for exactly that dtype, `None` for any
 /// floating-point dtype.
 struct Rule {
     name: &'static str,
     dtype: Option<DType>,
-    lse: bool,
+    like: Like,
+}
+
+const fn rule(name: &'static str, dtype: Option<DType>, like: Like) -> Rule {
+    Rule { name, dtype, like }
 }
 
 /// The stored results the CLI reads: the truth in f64, and libtorch's own result (its
 /// dtype is the case's or, for a dump from elsewhere, any float; the judge uses it as a
 /// peer only when the dtypes agree).
-const RULES: [Rule; 4] = [
-    Rule {
-        name: "out_f64",
-        dtype: Some(DType::F64),
-        lse: false,
-    },
-    Rule {
-        name: "lse_f64",
-        dtype: Some(DType::F64),
-        lse: true,
-    },
-    Rule {
-        name: "out",
-        dtype: None,
-        lse: false,
-    },
-    Rule {
-        name: "lse",
-        dtype: None,
-        lse: true,
-    },
+const RULES: [Rule; 13] = [
+    rule("out_f64", Some(DType::F64), Like::Out),
+    rule("lse_f64", Some(DType::F64), Like::Lse),
+    rule("out", None, Like::Out),
+    rule("lse", None, Like::Lse),
+    // The backward's (`eval --backward`): the incoming gradient, libtorch's gradients
+    // and their f64 truth.
+    rule("dout", None, Like::Out),
+    rule("dq", None, Like::Query),
+    rule("dk", None, Like::Key),
+    rule("dv", None, Like::Value),
+    rule("dmask", None, Like::Mask),
+    rule("dq_f64", Some(DType::F64), Like::Query),
+    rule("dk_f64", Some(DType::F64), Like::Key),
+    rule("dv_f64", Some(DType::F64), Like::Value),
+    rule("dmask_f64", Some(DType::F64), Like::Mask),
 ];
 
 fn mismatch(case_path: &Path, what: &str, expected: String, actual: String) -> CliError {
@@ -86,10 +96,23 @@ pub fn check(case_path: &Path, case: &Case, problem: &Problem) -> Result<(), Cli
             }
             _ => {}
         }
-        let (shape, of): (Vec<usize>, &str) = if rule.lse {
-            (problem.lse_shape().to_vec(), "[B, Hq, L] from q")
-        } else {
-            (problem.out_shape().to_vec(), "[B, Hq, L, Ev] from q and v")
+        let (shape, of): (Vec<usize>, &str) = match rule.like {
+            Like::Lse => (problem.lse_shape().to_vec(), "[B, Hq, L] from q"),
+            Like::Out => (problem.out_shape().to_vec(), "[B, Hq, L, Ev] from q and v"),
+            Like::Query => (case.q.shape().to_vec(), "the shape of q"),
+            Like::Key => (case.k.shape().to_vec(), "the shape of k"),
+            Like::Value => (case.v.shape().to_vec(), "the shape of v"),
+            Like::Mask => match &case.attn_mask {
+                Some(m) => (m.shape().to_vec(), "the shape of attn_mask"),
+                None => {
+                    return Err(mismatch(
+                        case_path,
+                        rule.name,
+                        "no mask gradient (the case has no attn_mask)".into(),
+                        "one".into(),
+                    ))
+                }
+            },
         };
         if tensor.shape() != shape.as_slice() {
             return Err(mismatch(

@@ -74,6 +74,11 @@ enum Command {
         /// Output file (safetensors with `out` and `lse`), replaced atomically.
         #[arg(long)]
         out: PathBuf,
+        /// Also run the backward with the case's `dout`: writes `dq`, `dk`, `dv` (and
+        /// `dmask` for an additive mask) and judges them against `dq_f64`, ... where the
+        /// case has them. Runs on math (the only backend with a backward so far).
+        #[arg(long)]
+        backward: bool,
     },
     /// Times every backend on any problem (GQA, L != S, Ev != E, causal, dropout, masks,
     /// varlen on CUDA) or the default set: median of repeats after a warm-up, TFLOP/s on
@@ -146,7 +151,8 @@ fn main() -> ExitCode {
             backend,
             device,
             out,
-        } => eval(&case, backend, device, &out),
+            backward,
+        } => eval(&case, backend, device, &out, backward),
         Command::Bench(args) => bench::run(args),
         Command::Check { paths, device } => check(paths, device),
         Command::Profile {
@@ -192,14 +198,49 @@ fn eval(
     backend: BackendArg,
     device: DeviceArg,
     out_path: &Path,
+    backward: bool,
 ) -> Result<ExitCode, CliError> {
     let case = Case::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
     let problem = run::problem(&case).map_err(|e| CliError::in_case(case_path, e))?;
     expected::check(case_path, &case, &problem)?;
+    if backward && case.result("dout").is_none() {
+        return Err(CliError::in_case(
+            case_path,
+            sdpa_harness::HarnessError::Case {
+                what: "tensor dout".into(),
+                expected: format!(
+                    "the incoming gradient for --backward, {} {:?}",
+                    problem.dtype,
+                    problem.out_shape()
+                ),
+                actual: "none".into(),
+            },
+        ));
+    }
     output::check_target(out_path, &[case_path])?;
     let engine = Engine::new(device)?;
-    let chosen = engine.select(backend.set(), &problem)?;
-    let result = engine.run(chosen, &case)?;
+    let chosen = match (backward, backend) {
+        (true, BackendArg::Auto | BackendArg::Math) => {
+            engine.select(BackendArg::Math.set(), &problem)?
+        }
+        (true, other) => {
+            return Err(CliError::Usage(format!(
+                "--backend: expected math or auto with --backward (the flash and efficient backwards are not built yet), got {other:?}"
+            )))
+        }
+        (false, _) => engine.select(backend.set(), &problem)?,
+    };
+    let (result, grads) = if backward {
+        let b = run::run_backward(&case, &engine.exec(chosen))
+            .map_err(|e| CliError::in_case(case_path, e))?;
+        let mut grads = vec![("dq", b.dq), ("dk", b.dk), ("dv", b.dv)];
+        if let Some(dm) = b.dmask {
+            grads.push(("dmask", dm));
+        }
+        (b.forward, grads)
+    } else {
+        (engine.run(chosen, &case)?, Vec::new())
+    };
     let verdict = if case.result("out_f64").is_some() {
         let verdict = judge(&case, problem.dtype, &result.out, Some(&result.lse))
             .map_err(|e| CliError::in_case(case_path, e))?;
@@ -216,35 +257,56 @@ fn eval(
             ("out", passed, format!("{word}: {report}"))
         })
     };
+    let mut verdicts: Vec<(String, bool, String)> = verdict
+        .into_iter()
+        .map(|(a, p, l)| (a.to_string(), p, l))
+        .collect();
+    for (name, got) in &grads {
+        if case.result(&format!("{name}_f64")).is_some() {
+            let v = sdpa_harness::judge::judge_result(
+                &case,
+                problem.dtype,
+                name,
+                got,
+                sdpa_harness::judge::Floor::Magnitude,
+            )
+            .map_err(|e| CliError::in_case(case_path, e))?;
+            verdicts.push((format!("{name}_f64"), v.passed, v.to_string()));
+        }
+    }
     let lse = Tensor::F32(result.lse.clone());
     let mut meta = BTreeMap::new();
     meta.insert("backend".to_string(), chosen.to_string());
     meta.insert("device".to_string(), engine.device.to_string());
     meta.insert("case".to_string(), case_path.display().to_string());
-    let bytes = serialize(
-        &[("out".to_string(), &result.out), ("lse".to_string(), &lse)],
-        &meta,
-    );
+    let mut named: Vec<(String, &Tensor)> =
+        vec![("out".to_string(), &result.out), ("lse".to_string(), &lse)];
+    named.extend(grads.iter().map(|(n, t)| (n.to_string(), t)));
+    let bytes = serialize(&named, &meta);
     output::write(out_path, &bytes, &[case_path])?;
     println!(
-        "{}: {} on {} ({}) -> {}",
+        "{}: {} on {} ({}{}) -> {}",
         case_path.display(),
         chosen,
         engine.device,
         problem.summary(),
+        if backward {
+            ", forward and backward"
+        } else {
+            ""
+        },
         out_path.display()
     );
-    match verdict {
-        Some((against, passed, line)) => {
-            println!("  vs {against}: {line}");
-            Ok(if passed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(VERDICT_FAILED)
-            })
-        }
-        None => Ok(ExitCode::SUCCESS),
+    let mut passed = true;
+    for (against, ok, line) in &verdicts {
+        println!("  vs {against}: {line}");
+        passed &= ok;
     }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(VERDICT_FAILED)
+    })
 }
 
 /// The case files under `paths` (folders listed one level deep), and the paths that

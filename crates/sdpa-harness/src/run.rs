@@ -1,4 +1,5 @@
-//! Runs a [`Case`] through the CPU reference, whatever its dtype.
+//! Runs a [`Case`] through the facade (the CPU reference or a CUDA device), whatever its
+//! dtype: the forward, and the backward of cases that hold `dout`.
 
 use crate::case::Case;
 use crate::error::{HarnessError, Result};
@@ -121,6 +122,119 @@ pub fn run_case(case: &Case, exec: &Exec<'_>) -> Result<RunOutput> {
 /// Everything the specification rejects (mismatched dtypes, shapes, masks, options).
 pub fn run_reference(case: &Case) -> Result<RunOutput> {
     run_case(case, &Exec::cpu())
+}
+
+/// Gradients of one backward run, in the case dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackwardOutput {
+    /// The forward's output and lse, which the backward took.
+    pub forward: RunOutput,
+    /// `[B, Hq, L, E]`.
+    pub dq: Tensor,
+    /// `[B, Hkv, S, E]`.
+    pub dk: Tensor,
+    /// `[B, Hkv, S, Ev]`.
+    pub dv: Tensor,
+    /// In the additive mask's own shape; `None` for a bool mask or none.
+    pub dmask: Option<Tensor>,
+}
+
+fn typed_backward<T: sdpa::Elem>(
+    [q, k, v]: [&ArrayD<T>; 3],
+    mask: Option<sdpa::Mask<'_, T>>,
+    dout: &ArrayD<T>,
+    case: &Case,
+    exec: &Exec<'_>,
+    wrap: fn(ArrayD<T>) -> Tensor,
+    unwrap: fn(&Tensor) -> Option<&ArrayD<T>>,
+) -> Result<BackwardOutput> {
+    let forward = run_case(case, exec)?;
+    let out = unwrap(&forward.out).expect("the forward's output has the case dtype");
+    let lse = forward
+        .lse
+        .view()
+        .into_dimensionality::<ndarray::Ix3>()
+        .map_err(|_| HarnessError::case("lse", "3 dims", forward.lse.ndim()))?;
+    let g = sdpa::attention_backward(
+        four_d("q", q.view())?,
+        four_d("k", k.view())?,
+        four_d("v", v.view())?,
+        four_d("out", out.view())?,
+        lse,
+        four_d("dout", dout.view())?,
+        mask,
+        &case.options,
+        exec,
+    )?;
+    Ok(BackwardOutput {
+        dq: wrap(g.dq.into_dyn()),
+        dk: wrap(g.dk.into_dyn()),
+        dv: wrap(g.dv.into_dyn()),
+        dmask: g.dmask.map(wrap),
+        forward,
+    })
+}
+
+/// Runs the forward of `case` and then its backward with the case's `dout` (shape and
+/// dtype of `out`), on `exec`, in the case dtype.
+///
+/// # Errors
+/// A case without `dout`, or with one of another shape or dtype; everything
+/// [`run_case`] and the backward reject.
+pub fn run_backward(case: &Case, exec: &Exec<'_>) -> Result<BackwardOutput> {
+    let problem = problem(case)?;
+    let dout = case.result("dout").ok_or_else(|| {
+        HarnessError::case(
+            "tensor dout",
+            format!(
+                "the incoming gradient, {} {:?}",
+                problem.dtype,
+                problem.out_shape()
+            ),
+            "none",
+        )
+    })?;
+    if dout.shape() != problem.out_shape() || dout.dtype() != Some(problem.dtype) {
+        return Err(HarnessError::case(
+            "tensor dout",
+            format!(
+                "{} {:?} (dtype and shape of out)",
+                problem.dtype,
+                problem.out_shape()
+            ),
+            format!("{} {:?}", dout.dtype_name(), dout.shape()),
+        ));
+    }
+    macro_rules! dispatch {
+        ($variant:ident) => {{
+            let (
+                Tensor::$variant(q),
+                Tensor::$variant(k),
+                Tensor::$variant(v),
+                Tensor::$variant(d),
+            ) = (&case.q, &case.k, &case.v, dout)
+            else {
+                unreachable!("problem() and the check above fixed every dtype")
+            };
+            let mask = match &case.attn_mask {
+                Some(Tensor::$variant(m)) => Some(sdpa::Mask::Additive(m.view())),
+                Some(Tensor::Bool(b)) => Some(sdpa::Mask::Bool(b.view())),
+                None => None,
+                Some(_) => unreachable!("problem() checked the mask dtype"),
+            };
+            let unwrap: fn(&Tensor) -> Option<&ArrayD<_>> = |t| match t {
+                Tensor::$variant(a) => Some(a),
+                _ => None,
+            };
+            typed_backward([q, k, v], mask, d, case, exec, Tensor::$variant, unwrap)
+        }};
+    }
+    match problem.dtype {
+        DType::F64 => dispatch!(F64),
+        DType::F32 => dispatch!(F32),
+        DType::F16 => dispatch!(F16),
+        DType::BF16 => dispatch!(BF16),
+    }
 }
 
 /// The case with q, k, v and an additive mask widened (exactly) to f64.
