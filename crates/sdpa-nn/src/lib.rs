@@ -32,9 +32,10 @@ pub mod device;
 mod linear;
 mod module;
 pub mod profile;
+pub mod train;
 
-pub use linear::Linear;
-pub use module::{CausalSelfAttention, DropoutGenerator};
+pub use linear::{Linear, LinearGrads};
+pub use module::{CausalSelfAttention, DropoutGenerator, ModuleGrads, Saved};
 
 use sdpa_core::SdpaError;
 
@@ -55,6 +56,19 @@ pub enum NnError {
     /// The input or options are rejected.
     #[error(transparent)]
     Sdpa(#[from] SdpaError),
+    /// The attention call failed for another reason than its specification (on a
+    /// device: out of memory, a CUDA error, a backend set that cannot run it).
+    #[error(transparent)]
+    Exec(sdpa::Error),
+}
+
+impl From<sdpa::Error> for NnError {
+    fn from(e: sdpa::Error) -> Self {
+        match e {
+            sdpa::Error::Spec(e) => NnError::Sdpa(e),
+            other => NnError::Exec(other),
+        }
+    }
 }
 
 impl NnError {

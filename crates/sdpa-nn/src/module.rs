@@ -1,7 +1,7 @@
 use crate::linear::Linear;
 use crate::profile::Profiler;
 use crate::{NnError, Result};
-use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array1, Array2, Array3, Array4, Array5, ArrayView2, ArrayView3, Axis};
 use sdpa::{Elem as Element, Exec, Tensor};
 use sdpa_core::{Causal, DType, Dropout, SdpaError, SdpaOptions};
 use sdpa_nested::{CuSeqlens, Nested};
@@ -31,6 +31,61 @@ impl DropoutGenerator {
         self.offset = self.offset.wrapping_add(elements.div_ceil(4) as u64);
         d
     }
+}
+
+/// Multiplies `y [rows, E]` by the keep bits of `d` (element `(r, e)` at flat index
+/// `index(r) * E + e`) and the keep scale `1 / (1 - p)`: the residual dropout of the
+/// forward and, replayed on the incoming gradient, its backward.
+fn apply_keep<T: Element>(d: &Dropout, y: &mut Array2<T>, index: impl Fn(usize) -> u64) {
+    let scale = <T::Acc as num_traits::NumCast>::from(d.keep_scale()).expect("finite");
+    let e = y.ncols() as u64;
+    let mut keep = vec![true; y.ncols()];
+    for (r, mut row) in y.outer_iter_mut().enumerate() {
+        d.fill_keep_row(index(r) * e, &mut keep);
+        for (x, &k) in row.iter_mut().zip(&keep) {
+            *x = if k {
+                T::from_acc(x.to_acc() * scale)
+            } else {
+                T::from_acc(num_traits::Zero::zero())
+            };
+        }
+    }
+}
+
+/// The host result of an attention call of host arrays.
+fn host_result<T: Element>(
+    r: sdpa::Result<sdpa::Attention<T>>,
+) -> Result<(Array4<T>, ndarray::Array3<f32>)> {
+    Ok(r?.into_host().expect("host arrays in, host arrays out"))
+}
+
+/// What [`CausalSelfAttention::forward_train`] keeps for the backward.
+#[derive(Debug, Clone)]
+pub struct Saved<T> {
+    /// The input rows `[B*T, E]` (`c_attn`'s input).
+    rows: Array2<T>,
+    /// `c_attn`'s output `[B, T, 3, H, D]` (q, k, v).
+    qkv: ndarray::Array5<T>,
+    /// Attention's output `[B, H, T, D]` and lse `[B, H, T]`.
+    attn: Array4<T>,
+    lse: ndarray::Array3<f32>,
+    /// `c_proj`'s input `[B*T, E]`.
+    y: Array2<T>,
+    /// The attention call's options (its dropout stream included).
+    options: SdpaOptions,
+    /// The residual dropout drawn, if any.
+    resid: Option<Dropout>,
+}
+
+/// Gradients of [`CausalSelfAttention::backward`], in the module's dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleGrads<T> {
+    /// `[B, T, E]`.
+    pub dx: Array3<T>,
+    /// `c_attn.weight [3E, E]` and `c_attn.bias [3E]` (if the layer has one).
+    pub c_attn: (Array2<T>, Option<Array1<T>>),
+    /// `c_proj.weight [E, E]` and `c_proj.bias [E]` (if the layer has one).
+    pub c_proj: (Array2<T>, Option<Array1<T>>),
 }
 
 /// nanoGPT's causal self-attention block, as the PyTorch SDPA tutorial defines it.
@@ -280,25 +335,19 @@ impl<T: Element> CausalSelfAttention<T> {
     }
 
     /// Residual dropout on `y [rows, E]` in place; element `(r, e)` draws flat index
-    /// `index(r) * E + e` of the stream.
-    fn resid_dropout(&mut self, y: &mut Array2<T>, elements: u128, index: impl Fn(usize) -> u64) {
+    /// `index(r) * E + e` of the stream. Returns the dropout drawn, if any.
+    fn resid_dropout(
+        &mut self,
+        y: &mut Array2<T>,
+        elements: u128,
+        index: impl Fn(usize) -> u64,
+    ) -> Option<Dropout> {
         if !self.training || self.dropout <= 0.0 {
-            return;
+            return None;
         }
         let d = self.generator.take(self.dropout, elements);
-        let scale = <T::Acc as num_traits::NumCast>::from(d.keep_scale()).expect("finite");
-        let e = y.ncols() as u64;
-        let mut keep = vec![true; y.ncols()];
-        for (r, mut row) in y.outer_iter_mut().enumerate() {
-            d.fill_keep_row(index(r) * e, &mut keep);
-            for (x, &k) in row.iter_mut().zip(&keep) {
-                *x = if k {
-                    T::from_acc(x.to_acc() * scale)
-                } else {
-                    T::from_acc(num_traits::Zero::zero())
-                };
-            }
-        }
+        apply_keep(&d, y, index);
+        Some(d)
     }
 
     fn check_input(&self, e: usize) -> Result<()> {
@@ -327,6 +376,40 @@ impl<T: Element> CausalSelfAttention<T> {
         x: ArrayView3<'_, T>,
         profiler: &mut Profiler,
     ) -> Result<Array3<T>> {
+        Ok(self.forward_inner(x, profiler, false, &Exec::cpu())?.0)
+    }
+
+    /// The forward of a training step: [`forward`](Self::forward)'s result and what
+    /// [`backward`](Self::backward) needs (the layers' inputs, attention's out and lse,
+    /// the dropout streams drawn). The dropout stream advances as in `forward`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_train(&mut self, x: ArrayView3<'_, T>) -> Result<(Array3<T>, Saved<T>)> {
+        self.forward_train_on(x, &Exec::cpu())
+    }
+
+    /// [`forward_train`](Self::forward_train) with the attention run by `exec` (the
+    /// layers stay on the host): `Exec::cuda(&gpu)` runs it on a CUDA device.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and what the device refuses.
+    pub fn forward_train_on(
+        &mut self,
+        x: ArrayView3<'_, T>,
+        exec: &Exec<'_>,
+    ) -> Result<(Array3<T>, Saved<T>)> {
+        let (out, saved) = self.forward_inner(x, &mut Profiler::disabled(), true, exec)?;
+        Ok((out, saved.expect("saved on request")))
+    }
+
+    fn forward_inner(
+        &mut self,
+        x: ArrayView3<'_, T>,
+        profiler: &mut Profiler,
+        save: bool,
+        exec: &Exec<'_>,
+    ) -> Result<(Array3<T>, Option<Saved<T>>)> {
         let (batch, len, e) = x.dim();
         self.check_input(e)?;
         let d = e / self.heads;
@@ -349,30 +432,125 @@ impl<T: Element> CausalSelfAttention<T> {
                 Tensor::Host(view(2)),
                 None,
                 &options,
-                &Exec::cpu(),
+                exec,
             )
         });
-        // A CPU call of host arrays fails only on the specification.
-        let (attn, _lse) = match attn {
-            Ok(a) => a.into_host().expect("host arrays in, host arrays out"),
-            Err(sdpa::Error::Spec(e)) => return Err(e.into()),
-            Err(other) => return Err(SdpaError::invalid("x", "a CPU call", other).into()),
-        };
+        let (attn, lse) = host_result(attn)?;
         // [B, H, T, D] -> [B, T, H, D] -> [B*T, E]
-        let y = attn.permuted_axes([0, 2, 1, 3]);
-        let y = y.as_standard_layout();
-        let y = y
+        let y = attn
             .view()
+            .permuted_axes([0, 2, 1, 3])
+            .as_standard_layout()
+            .into_owned()
             .into_shape_with_order((batch * len, e))
             .expect("standard layout reshapes");
-        let mut out = profiler.cpu("c_proj (linear)", || self.c_proj.forward(y))?;
+        let mut out = profiler.cpu("c_proj (linear)", || self.c_proj.forward(y.view()))?;
         let elements = (batch * len * e) as u128;
-        profiler.cpu("resid_dropout", || {
+        let resid = profiler.cpu("resid_dropout", || {
             self.resid_dropout(&mut out, elements, |r| r as u64)
         });
-        Ok(out
-            .into_shape_with_order((batch, len, e))
-            .expect("contiguous reshapes"))
+        let saved = save.then(|| Saved {
+            rows: rows.to_owned(),
+            qkv: qkv.clone(),
+            y,
+            attn,
+            lse,
+            options,
+            resid,
+        });
+        Ok((
+            out.into_shape_with_order((batch, len, e))
+                .expect("contiguous reshapes"),
+            saved,
+        ))
+    }
+
+    /// The backward of the [`forward_train`](Self::forward_train) call that gave
+    /// `saved`, for the incoming gradient `dout [B, T, E]`: the gradients of `x`, of both
+    /// layers' weights and biases. Dropout (attention and residual) replays the keep bits
+    /// the forward drew; the attention's backward is [`sdpa::attention_backward`] on the
+    /// CPU. Each gradient is accumulated in `T::Acc` and rounded once per op.
+    ///
+    /// # Errors
+    /// `dout` of a shape other than the forward's output.
+    pub fn backward(&self, saved: &Saved<T>, dout: ArrayView3<'_, T>) -> Result<ModuleGrads<T>> {
+        self.backward_on(saved, dout, &Exec::cpu())
+    }
+
+    /// [`backward`](Self::backward) with the attention's backward run by `exec` (on CUDA
+    /// the math backend's backward; the layers stay on the host).
+    ///
+    /// # Errors
+    /// As [`backward`](Self::backward), and what the device refuses.
+    pub fn backward_on(
+        &self,
+        saved: &Saved<T>,
+        dout: ArrayView3<'_, T>,
+        exec: &Exec<'_>,
+    ) -> Result<ModuleGrads<T>> {
+        let (batch, len, three, heads, d) = saved.qkv.dim();
+        debug_assert_eq!(three, 3);
+        let e = heads * d;
+        if dout.dim() != (batch, len, e) {
+            return Err(SdpaError::invalid(
+                "grad_out",
+                format!("shape [{batch}, {len}, {e}] (the forward's output)"),
+                format!("{:?}", dout.shape()),
+            )
+            .into());
+        }
+        let mut dpre = dout
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((batch * len, e))
+            .expect("standard layout reshapes");
+        if let Some(resid) = &saved.resid {
+            apply_keep(resid, &mut dpre, |r| r as u64);
+        }
+        let proj = self.c_proj.backward(saved.y.view(), dpre.view())?;
+        // dy [B*T, E] = [B, T, H, D] -> dout of attention [B, H, T, D].
+        let dattn = proj
+            .dx
+            .into_shape_with_order((batch, len, heads, d))
+            .expect("contiguous reshapes");
+        let dattn = dattn.permuted_axes([0, 2, 1, 3]);
+        let view = |i: usize| saved.qkv.index_axis(Axis(2), i).permuted_axes([0, 2, 1, 3]);
+        let grads = sdpa::attention_backward(
+            view(0),
+            view(1),
+            view(2),
+            saved.attn.view(),
+            saved.lse.view(),
+            dattn.view(),
+            None,
+            &saved.options,
+            exec,
+        );
+        let grads = grads?;
+        // dq, dk, dv [B, H, T, D] -> dqkv [B, T, 3, H, D] -> [B*T, 3E].
+        let mut dqkv = Array5::<T>::from_elem((batch, len, 3, heads, d), T::from_acc(num_traits::Zero::zero()));
+        for (i, g) in [&grads.dq, &grads.dk, &grads.dv].into_iter().enumerate() {
+            dqkv.index_axis_mut(Axis(2), i)
+                .assign(&g.view().permuted_axes([0, 2, 1, 3]));
+        }
+        let dqkv = dqkv
+            .into_shape_with_order((batch * len, 3 * e))
+            .expect("contiguous reshapes");
+        let attn_grads = self.c_attn.backward(saved.rows.view(), dqkv.view())?;
+        Ok(ModuleGrads {
+            dx: attn_grads
+                .dx
+                .into_shape_with_order((batch, len, e))
+                .expect("contiguous reshapes"),
+            c_attn: (attn_grads.weight, attn_grads.bias),
+            c_proj: (proj.weight, proj.bias),
+        })
+    }
+
+    /// The layers, mutably (an optimizer's step sets their parameters through
+    /// [`Linear::set_parameters`], which keeps their shapes).
+    pub fn layers_mut(&mut self) -> (&mut Linear<T>, &mut Linear<T>) {
+        (&mut self.c_attn, &mut self.c_proj)
     }
 
     /// A nested batch: packed rows `x [total, E]` with `cu_seqlens`, each sequence
