@@ -54,6 +54,9 @@ cargo build --release -p sdpa-nn --bin sdpa-nn-bench
 cp "$TARGET_DIR/release/sdpa-nn-bench" "$BUNDLE/bin/"
 cargo build --release -p sdpa-cli --bin sdpa
 cp "$TARGET_DIR/release/sdpa" "$BUNDLE/bin/"
+# The training demo (crates/sdpa-nn/examples/train.rs), run there with --device cuda.
+cargo build --release -p sdpa-nn --example train
+cp "$TARGET_DIR/release/examples/train" "$BUNDLE/bin/sdpa-nn-train"
 # The facade's CUDA example (crates/sdpa/examples/cuda.rs).
 cargo build --release -p sdpa --example cuda
 cp "$TARGET_DIR/release/examples/cuda" "$BUNDLE/bin/sdpa-example-cuda"
@@ -69,7 +72,7 @@ cp -r kernels "$BUNDLE/kernels"
 if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
-cp ci/bench_torch.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
+cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"

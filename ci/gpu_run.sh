@@ -9,7 +9,10 @@
 # `cli` (also part of `all`): the sdpa command's tutorial, check and bench on CUDA.
 # `bench-compare`: this bench and bin/sdpa-cuda-bench-before (BEFORE_BENCH in ci/gpu.sh)
 # alternately, and a before/after table.
-# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|all]   (default all)
+# `bwd` (also part of `all`): the backward on the device: both CUDA backwards against the
+# reference, compute-sanitizer on the small backward set, the module's backward on CUDA,
+# the training demo with the attention on CUDA, the backward benchmarks beside PyTorch's.
+# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|bwd|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -52,8 +55,6 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   # Many processes on a cold kernel cache, device out-of-memory, a context on the
   # caller's stream over borrowed memory, shared memory read from the kernels.
   step limits "$BIN/sdpa-cuda-device_limits" --ignored --test-threads=1
-  # The math backend's backward against the reference backward, every dtype.
-  step backward "$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=1 --nocapture
   # The NaN rule on every backend against the reference.
   step nan "$BIN/sdpa-cuda-nan_rule_gpu" --ignored --test-threads=1 --nocapture
   # The facade's CUDA example: host arrays and device tensors, every backend.
@@ -78,6 +79,19 @@ if [ "$WHAT" = all ] || [ "$WHAT" = sanitize ]; then
     step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 "$GPU_TESTS" --ignored --exact sanitize_small_set
     SUMMARY+=("           $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)")
   done
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bwd ]; then
+  step backward "$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=1 --nocapture
+  for tool in memcheck racecheck; do
+    step "bwd-$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 "$BIN/sdpa-cuda-gpu_backward" --ignored --exact sanitize_backward_small
+    SUMMARY+=("           $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/bwd-$tool.log" | tail -1)")
+  done
+  step module-bwd "$BIN/sdpa-nn-cuda" --ignored --exact module_backward_on_cuda_matches_the_cpu
+  step train "$BIN/sdpa-nn-train" --device cuda
+  cat "$LOGS/train.log"
+  step bench-bwd-ours "$BIN/sdpa-cuda-bench" --backward
+  step bench-bwd-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_bwd.py" --ours "$LOGS/bench-bwd-ours.log" --json "$LOGS/bench-bwd-torch.json"
+  cat "$LOGS/bench-bwd-torch.log"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   step bench-ours "$BIN/sdpa-cuda-bench" --json

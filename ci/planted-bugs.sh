@@ -4,6 +4,11 @@
 #
 #   bash target/gpu-bundle/planted-bugs.sh [BUG_ID ...]      default: every bug
 #
+# A bug in kernels/bwd/ runs the backward GPU tests instead (sdpa-cuda-gpu_backward:
+# the efficient tests for the fused kernels, the math ones for math_bwd.cu);
+# PLANTED_BACKWARD=1 makes the unpatched run the backward tests (for a run of backward
+# bugs only).
+#
 # For each bug of the catalogue (ci/planted_bugs.py): a copy of kernels/ with the bug
 # applied, then the bundle's GPU tests (sdpa-cuda-gpu: property tests of flash,
 # efficient and math against the reference, dropout bit-identity, NaN-poisoned outputs,
@@ -37,8 +42,21 @@ run_one() {
     python3 "$HERE/planted_bugs.py" apply "$id" "$HERE/kernels" "$dir" || return 2
   fi
   local start=$(date +%s)
-  SDPA_KERNEL_DIR=$dir timeout 600 "$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 \
-    --skip second_context_reads_kernels_from_the_disk_cache > "$log" 2>&1
+  # A bug in the backward's kernels runs the backward tests (the fused kernels': the
+  # efficient ones; math_bwd.cu's: the math ones), and its racecheck their small set.
+  local file tests sanitize
+  file=$([ "$id" = none ] && echo "none${PLANTED_BACKWARD:+-bwd}" || python3 "$HERE/planted_bugs.py" file "$id")
+  case "$file" in
+    bwd/attn_bwd_simt.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 efficient) ;;
+    bwd/math_bwd.cu)      tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 math_backward) ;;
+    none-bwd)             tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
+    *)                    tests=("$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 --skip second_context_reads_kernels_from_the_disk_cache) ;;
+  esac
+  case "$file" in
+    bwd/*|none-bwd) sanitize=("$BIN/sdpa-cuda-gpu_backward" --ignored --exact sanitize_backward_small) ;;
+    *)              sanitize=("$BIN/sdpa-cuda-gpu" --ignored --exact sanitize_small_set) ;;
+  esac
+  SDPA_KERNEL_DIR=$dir timeout 600 "${tests[@]}" > "$log" 2>&1
   local rc=$?
   local failed
   failed=$(grep -E "^test .* \.\.\. FAILED" "$log" | sed -E 's/^test (.*) \.\.\. FAILED/\1/' | tr '\n' ' ')
@@ -47,7 +65,7 @@ run_one() {
   [ $rc -ne 0 ] && [ -z "$failed" ] && by="tests: exit $rc (crash or timeout)"
   if python3 "$HERE/planted_bugs.py" category "$id" 2>/dev/null | grep -q "missing barrier"; then
     SDPA_KERNEL_DIR=$dir timeout 600 compute-sanitizer --tool racecheck --error-exitcode 9 \
-      "$BIN/sdpa-cuda-gpu" --ignored --exact sanitize_small_set > "$LOGS/$id.racecheck.log" 2>&1
+      "${sanitize[@]}" > "$LOGS/$id.racecheck.log" 2>&1
     local rrc=$?
     local summary
     summary=$(grep -E "RACECHECK SUMMARY" "$LOGS/$id.racecheck.log" | tail -1)

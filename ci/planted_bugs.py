@@ -9,6 +9,7 @@ stale when the kernels change (`check` runs in CI, no GPU needed).
     planted_bugs.py check KERNELS_DIR          every bug applies to these sources
     planted_bugs.py list                       ids, one a line
     planted_bugs.py category ID                the issue's category of bug ID
+    planted_bugs.py file ID                    the kernel file bug ID patches
     planted_bugs.py apply ID KERNELS_DIR OUT   OUT = a copy of KERNELS_DIR with bug ID
     planted_bugs.py table RESULTS_TSV          the markdown table of a run
 
@@ -180,6 +181,110 @@ BUGS = [
 ]
 
 
+# The backward's bugs (issue 15): patches to kernels/bwd/. planted-bugs.sh runs the
+# backward GPU tests (sdpa-cuda-gpu_backward) for a bug in bwd/ (the efficient tests for
+# the fused kernels, the math ones for math_bwd.cu) instead of the forward tests.
+BUGS += [
+    (
+        "bwd-d-left-out",
+        "backward: D left out",
+        "bwd/attn_bwd_simt.cu",
+        [
+            ("ds = prob * (grad_p - d_row);", "ds = prob * grad_p;"),
+            ("ds = prob * (grad_p - s_d[lane]);", "ds = prob * grad_p;"),
+        ],
+        "dS = P dP instead of P (dP - D) in both fused kernels",
+    ),
+    (
+        "bwd-dropout-scale-missing",
+        "backward: dropout scale missing",
+        "bwd/attn_bwd_simt.cu",
+        [("? (float)p.keep_scale\n                   : 0.f;\n    }\n    // Multiplied", "? 1.f\n                   : 0.f;\n    }\n    // Multiplied")],
+        "the replayed keep bits without the 1 / (1 - p) factor",
+    ),
+    (
+        "bwd-gqa-first-head-only",
+        "backward: wrong GQA reduction",
+        "bwd/attn_bwd_simt.cu",
+        [("for (int g = 0; g < p.group; ++g) {", "for (int g = 0; g < 1; ++g) {")],
+        "dk and dv take only the first query head of each group",
+    ),
+    (
+        "bwd-causal-off-by-one",
+        "backward: causal off by one (backward only)",
+        "bwd/attn_bwd_simt.cu",
+        [("j < key_limit(p.causal, i, seq.len_q, seq.len_k)) {", "j <= key_limit(p.causal, i, seq.len_q, seq.len_k)) {")],
+        "the dk/dv kernel lets row i reach key j == its causal limit (the forward does not)",
+    ),
+    (
+        "bwd-dmask-race",
+        "backward: a race without atomics",
+        "bwd/attn_bwd_simt.cu",
+        [("atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);", "((float*)p.dmask)[dmask_at(p, b, h, i, j)] += ds;")],
+        "dmask's broadcast sums by plain read-modify-write from many warps",
+    ),
+    (
+        "bwd-dmask-not-summed",
+        "backward: dmask not summed over broadcast axes",
+        "bwd/attn_bwd_simt.cu",
+        [("if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0)\n", "if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && b == 0 && h == 0)\n")],
+        "only batch 0, head 0 add into dmask (a broadcast mask misses the others' sums)",
+    ),
+    (
+        "bwd-missing-barrier",
+        "a missing barrier",
+        "bwd/attn_bwd_simt.cu",
+        [("<= first) continue;  // block-uniform\n            __syncthreads();  // the previous tile is no longer read\n", "<= first) continue;  // block-uniform\n")],
+        "the dk/dv kernel loads the next query tile while warps still read the last one",
+    ),
+    (
+        "bwd-dk-scale-missing",
+        "backward: scale missing",
+        "bwd/attn_bwd_simt.cu",
+        [("dk_row[d] = to_elem(dk[c] * scale);", "dk_row[d] = to_elem(dk[c]);")],
+        "dk without the softmax scale",
+    ),
+    (
+        "bwd-lse-units",
+        "backward: lse in the wrong units",
+        "bwd/attn_bwd_simt.cu",
+        [("lse == SDPA_NEG_INF ? SDPA_NEG_INF : lse * SDPA_LOG2E;", "lse;")],
+        "the natural-log lse subtracted from log2-unit scores",
+    ),
+    (
+        "bwd-bool-mask-ignored",
+        "backward: mask ignored",
+        "bwd/attn_bwd_simt.cu",
+        [("if (((const unsigned char*)p.mask)[mask_offset(p, b, h, i, j)] == 0) {", "if (false) {")],
+        "the fused backward reads keys a bool mask hides",
+    ),
+    (
+        "bwd-tile-tail-dropped",
+        "backward: off by one at a tile's end",
+        "bwd/attn_bwd_simt.cu",
+        [("const int count = min(TILE, limit - j0);", "const int count = min(TILE, limit - j0) - 1;")],
+        "dq leaves out the last key of every key tile",
+    ),
+    (
+        "math-bwd-d-left-out",
+        "backward: D left out",
+        "bwd/math_bwd.cu",
+        [("const acc_t grad_s = prob * (w[j] - d);", "const acc_t grad_s = prob * w[j];")],
+        "the math backward's dS = P dP",
+    ),
+    (
+        "math-bwd-dropout-misaligned",
+        "backward: dropout stream misaligned",
+        "bwd/math_bwd.cu",
+        [
+            ("keep_factor(p, row * p.len_kv + j);\n            ds[j] = prob;", "keep_factor(p, row * p.len_kv + j + 1);\n            ds[j] = prob;"),
+            ("w[j] = prob * keep_factor(p, row * p.len_kv + j);", "w[j] = prob * keep_factor(p, row * p.len_kv + j + 1);"),
+        ],
+        "the math backward replays the keep bits one index off",
+    ),
+]
+
+
 def apply_to(text, subs, bug_id, name):
     for old, new in subs:
         n = text.count(old)
@@ -233,6 +338,8 @@ def main(argv):
         print("\n".join(b[0] for b in BUGS))
     elif len(argv) == 3 and argv[1] == "category":
         print(next(b[1] for b in BUGS if b[0] == argv[2]))
+    elif len(argv) == 3 and argv[1] == "file":
+        print(next(b[2] for b in BUGS if b[0] == argv[2]))
     elif len(argv) == 3 and argv[1] == "check":
         check(argv[2])
     elif len(argv) == 5 and argv[1] == "apply":

@@ -4,14 +4,13 @@
 // Philox keep bits replayed at the same flat indices, W = P Z / (1 - p):
 //   convert  q, k, v or dout of any strides -> a contiguous acc_t copy (cuBLAS takes no
 //            16-bit A with an f32 B, so every product runs on f32 copies: exact widening);
-//   row_dot  D = rowsum(dout * out) in acc_t, one warp a row;
-//   grad     per score (b, h, i, j): reads the raw q.k and dout.v^T products, writes
-//            dS = P (dP - D) over the first and W over the second, and adds dS into
-//            the dmask accumulator (atomics, acc_t) for an additive mask;
+//   grad     per query row: reads the raw q.k and dout.v^T products, sums
+//            D = rowsum(P dP), writes dS = P (dP - D) over the first and W over the
+//            second, and adds dS into the dmask accumulator (atomics, acc_t) for an
+//            additive mask;
 //   round    dst = to_elem(factor * src): each gradient rounded once from acc_t.
 //
-// Compile-time: SDPA_DTYPE, SDPA_KERNEL_CONVERT, SDPA_KERNEL_ROW_DOT, SDPA_KERNEL_GRAD,
-// SDPA_KERNEL_ROUND.
+// Compile-time: SDPA_DTYPE, SDPA_KERNEL_CONVERT, SDPA_KERNEL_GRAD, SDPA_KERNEL_ROUND.
 #include "common/dtype.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
@@ -51,82 +50,83 @@ extern "C" __global__ void SDPA_KERNEL_CONVERT(const BwdParams p, int which, u64
     }
 }
 
-// D of every query row (b, h, i), into p.softmax_d ([B, Hq, L] contiguous, acc_t).
-extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_ROW_DOT(const BwdParams p) {
-    const int lane = threadIdx.x & 31;
-    const u64 rows = (u64)p.batch * p.heads_q * p.len_q;
-    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
-    acc_t* d = (acc_t*)p.softmax_d;
-    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows; row += warps) {
-        const int i = (int)(row % p.len_q);
-        const int h = (int)((row / p.len_q) % p.heads_q);
-        const int b = (int)(row / ((u64)p.len_q * p.heads_q));
-        const elem_t* o = (const elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
-        const elem_t* g = (const elem_t*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + i * p.dout_stride_l;
-        acc_t sum = 0;
-        for (int e = lane; e < p.head_dim_v; e += 32) sum += load_elem(o + e) * load_elem(g + e);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) d[row] = sum;
-    }
-}
-
 // The broadcast offset of (b, h, i, j) in the dmask accumulator (contiguous, the mask's
 // own shape; 0 strides on the axes the mask broadcasts along).
 __device__ __forceinline__ i64 dmask_offset(const BwdParams& p, int b, int h, int i, int j) {
     return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
 }
 
-// One thread per score of [B, Hq, L, S]: `scores` holds q.k (unscaled) and becomes dS,
-// `dp` holds dout.v^T and becomes W. The flat index is the dropout stream's index.
+// Whether row i reads key j (causal range, bool mask), and the additive mask's entry.
+__device__ __forceinline__ bool key_visible(const BwdParams& p, int b, int h, int i, int j, acc_t& add) {
+    add = 0;
+    if (j >= key_limit(p.causal, i, p.len_q, p.len_kv)) return false;
+    if (p.mask_kind == MASK_NONE) return true;
+    const i64 at = mask_offset(p, b, h, i, j);
+    if (p.mask_kind == MASK_BOOL) return ((const unsigned char*)p.mask)[at] != 0;
+    add = load_elem((const elem_t*)p.mask + at);
+    return true;
+}
+
+// Z / (1 - p) of score (b, h, i, j) at flat index idx: the keep factor, 1 without dropout.
+__device__ __forceinline__ acc_t keep_factor(const BwdParams& p, u64 idx) {
+    if (!p.dropout) return (acc_t)1;
+    return dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, idx) ? (acc_t)p.keep_scale
+                                                                                      : (acc_t)0;
+}
+
+// One warp per query row (b, h, i) of [B, Hq, L]: `scores` holds the row's q.k
+// (unscaled) and becomes dS, `dp` holds dout.v^T and becomes W. Two passes over the row:
+// the first turns q.k into P and dout.v^T into dP = dW Z / (1 - p) and sums
+// D = rowsum(P dP) (the exact equal of rowsum(dout * out), without out's rounding: the
+// reference's D), the second writes dS = P (dP - D) and W = P Z / (1 - p). Keys the row
+// does not read (causal, bool mask false) get exactly 0 in both, whatever D is. D goes to
+// p.softmax_d. The flat index of a score is the dropout stream's index.
 extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdParams p, u64 scores, u64 dp) {
-    const u64 total = (u64)p.batch * p.heads_q * p.len_q * p.len_kv;
-    acc_t* ds = (acc_t*)scores;
-    acc_t* w = (acc_t*)dp;
-    const acc_t* d = (const acc_t*)p.softmax_d;
+    const int lane = threadIdx.x & 31;
+    const u64 rows = (u64)p.batch * p.heads_q * p.len_q;
+    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
+    acc_t* d_out = (acc_t*)p.softmax_d;
     const float* lse_base = (const float*)p.lse;
-    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (u64)gridDim.x * blockDim.x) {
-        const int j = (int)(idx % p.len_kv);
-        const u64 row = idx / p.len_kv;
+    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows; row += warps) {
         const int i = (int)(row % p.len_q);
         const int h = (int)((row / p.len_q) % p.heads_q);
         const int b = (int)(row / ((u64)p.len_q * p.heads_q));
-        // Keys outside the causal range or false in a bool mask are not read (NaN rule):
-        // their P, W and dS are exactly 0 whatever q.k and dout.v^T hold.
-        bool visible = j < key_limit(p.causal, i, p.len_q, p.len_kv);
-        acc_t s = ds[idx] * (acc_t)p.scale;
-        if (visible && p.mask_kind != MASK_NONE) {
-            const i64 at = mask_offset(p, b, h, i, j);
-            if (p.mask_kind == MASK_BOOL) {
-                visible = ((const unsigned char*)p.mask)[at] != 0;
-            } else {
-                s += load_elem((const elem_t*)p.mask + at);
-            }
-        }
-        if (!visible) {
-            ds[idx] = 0;
-            w[idx] = 0;
-            continue;
-        }
+        acc_t* ds = (acc_t*)scores + row * p.len_kv;
+        acc_t* w = (acc_t*)dp + row * p.len_kv;
         const acc_t lse = (acc_t)lse_base[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_l];
-        // A fully masked row has lse -inf and every s -inf: P is 0, not exp(NaN). An
-        // additive -inf gives exp(-inf) = 0 on its own.
-        const acc_t prob = lse == acc_neg_inf() ? (acc_t)0 : acc_exp(s - lse);
-        // Z / (1 - p) as one factor; multiplied (not selected) so that a NaN in a dropped
-        // key still reaches the row (a dropped key was read).
-        acc_t keep = 1;
-        if (p.dropout) {
-            keep = dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, idx)
-                       ? (acc_t)p.keep_scale
-                       : (acc_t)0;
+        acc_t partial = 0;
+        for (int j = lane; j < p.len_kv; j += 32) {
+            acc_t add;
+            if (!key_visible(p, b, h, i, j, add)) {
+                ds[j] = 0;
+                w[j] = 0;
+                continue;
+            }
+            // A fully masked row has lse -inf and every s -inf: P is 0, not exp(NaN). An
+            // additive -inf gives exp(-inf) = 0 on its own.
+            const acc_t s = ds[j] * (acc_t)p.scale + add;
+            const acc_t prob = lse == acc_neg_inf() ? (acc_t)0 : acc_exp(s - lse);
+            // Multiplied (not selected) so that a NaN in a dropped key still reaches the
+            // row (a dropped key was read).
+            const acc_t grad_p = w[j] * keep_factor(p, row * p.len_kv + j);
+            ds[j] = prob;
+            w[j] = grad_p;
+            partial += prob * grad_p;
         }
-        const acc_t grad_p = w[idx] * keep;
-        const acc_t grad_s = prob * (grad_p - d[row]);
-        ds[idx] = grad_s;
-        w[idx] = prob * keep;
-        if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0) {
-            atomicAdd((acc_t*)p.dmask + dmask_offset(p, b, h, i, j), grad_s);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, off);
+        const acc_t d = partial;
+        if (lane == 0) d_out[row] = d;
+        for (int j = lane; j < p.len_kv; j += 32) {
+            acc_t add;
+            if (!key_visible(p, b, h, i, j, add)) continue;
+            const acc_t prob = ds[j];
+            const acc_t grad_s = prob * (w[j] - d);
+            ds[j] = grad_s;
+            w[j] = prob * keep_factor(p, row * p.len_kv + j);
+            if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0) {
+                atomicAdd((acc_t*)p.dmask + dmask_offset(p, b, h, i, j), grad_s);
+            }
         }
     }
 }

@@ -124,6 +124,11 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Time the backward instead (dq, dk, dv from one forward's out and lse and a random
+    /// dout; the forward is not timed): math (CPU: the reference) and, on CUDA, the
+    /// efficient backend's fused backward. FLOPs: 2.5x the forward's.
+    #[arg(long)]
+    pub backward: bool,
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 4], String> {
@@ -235,6 +240,8 @@ pub struct Row {
     pub problem: BenchProblem,
     /// Median seconds and runs, or why it could not run.
     pub result: Result<Timing, String>,
+    /// The backward was timed (`--backward`), not the forward.
+    pub backward: bool,
 }
 
 /// Measured time of one backend.
@@ -335,6 +342,101 @@ fn time_cpu_typed<T: BenchElem>(p: &BenchProblem, repeats: usize) -> Result<Timi
         runs: times.len(),
         flops: p.flops(),
     })
+}
+
+fn time_cpu_backward_typed<T: BenchElem>(
+    p: &BenchProblem,
+    repeats: usize,
+) -> Result<Timing, CliError> {
+    let mut rng = SplitMix64(0x5d9a_2024);
+    let mut random = |[a, b, c, d]: [usize; 4]| {
+        Array4::from_shape_simple_fn((a, b, c, d), || T::from_f64(rng.symmetric()))
+    };
+    let [qs, ks, vs] = p.shapes();
+    let (q, k, v) = (random(qs), random(ks), random(vs));
+    let problem = p.problem()?;
+    let dout = random(problem.out_shape());
+    let bool_mask: Option<ArrayD<bool>> = p
+        .mask_shape()
+        .and_then(|s| p.mask.bool_values(&s, 0x6d61_736b));
+    let additive: Option<ArrayD<T>> = p
+        .mask_shape()
+        .and_then(|s| p.mask.additive_values(&s, 0x6d61_736b))
+        .map(|a| a.mapv(T::from_f64));
+    let mask = || match (&bool_mask, &additive) {
+        (Some(b), _) => Some(sdpa::Mask::Bool(b.view())),
+        (_, Some(a)) => Some(sdpa::Mask::Additive(a.view())),
+        _ => None,
+    };
+    let exec = sdpa::Exec::cpu();
+    let (out, lse) = sdpa::attention(
+        sdpa::Tensor::Host(q.view()),
+        sdpa::Tensor::Host(k.view()),
+        sdpa::Tensor::Host(v.view()),
+        mask(),
+        &p.options,
+        &exec,
+    )?
+    .into_host()
+    .expect("host arrays in, host arrays out");
+    let call = || {
+        sdpa::attention_backward(
+            q.view(),
+            k.view(),
+            v.view(),
+            out.view(),
+            lse.view(),
+            dout.view(),
+            mask(),
+            &p.options,
+            &exec,
+        )
+    };
+    std::hint::black_box(call()?);
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        let g = call()?;
+        times.push(start.elapsed().as_secs_f64());
+        std::hint::black_box(g);
+    }
+    Ok(Timing {
+        median_s: median(times.clone()),
+        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
+        runs: times.len(),
+        flops: BACKWARD_FLOPS * p.flops(),
+    })
+}
+
+/// The backward's FLOPs as a multiple of the forward's (FlashAttention's count: five
+/// products of the forward's size to its two, 2.5x).
+pub const BACKWARD_FLOPS: f64 = 2.5;
+
+/// [`time_backend`] of the backward.
+fn time_backward(
+    engine: &Engine,
+    backend: Backend,
+    p: &BenchProblem,
+    repeats: usize,
+) -> Result<Timing, CliError> {
+    if let Some(gpu) = &engine.gpu {
+        let t = sdpa_cuda::bench::time_backward(gpu, p, backend, 2, repeats.max(1) * 5, 2000.0)?
+            .ok_or_else(|| {
+                CliError::Usage(format!("{backend} has no backward for {}", label(p)))
+            })?;
+        return Ok(Timing {
+            median_s: t.median_ms / 1e3,
+            min_s: t.min_ms / 1e3,
+            runs: t.runs,
+            flops: BACKWARD_FLOPS * p.flops(),
+        });
+    }
+    match p.dtype {
+        DType::F64 => time_cpu_backward_typed::<f64>(p, repeats),
+        DType::F32 => time_cpu_backward_typed::<f32>(p, repeats),
+        DType::F16 => time_cpu_backward_typed::<f16>(p, repeats),
+        DType::BF16 => time_cpu_backward_typed::<bf16>(p, repeats),
+    }
 }
 
 /// Times `backend` (which supports `p` here). CPU: one warm-up call, then `repeats`
@@ -489,7 +591,7 @@ fn memory_bound(engine: &Engine) -> Result<Option<(u128, String)>, CliError> {
 
 /// Every backend (and `auto`) on `shape`: timed where supported, else the reason.
 pub fn bench_shape(engine: &Engine, shape: Shape, repeats: usize) -> Result<Vec<Row>, CliError> {
-    bench_problem(engine, &shape.problem(), repeats)
+    bench_problem(engine, &shape.problem(), repeats, false)
 }
 
 /// Every backend (and `auto`) on `p`: timed where supported and where it fits in memory,
@@ -503,6 +605,7 @@ pub fn bench_problem(
     engine: &Engine,
     p: &BenchProblem,
     repeats: usize,
+    backward: bool,
 ) -> Result<Vec<Row>, CliError> {
     if p.varlen.is_some() && engine.gpu.is_none() {
         let why = match &engine.no_cuda_reason {
@@ -547,10 +650,41 @@ pub fn bench_problem(
             "problem too large for memory: {msg}"
         )));
     }
+    // The backward doubles the math backend's scores (q k^T and dout v^T, both kept)
+    // and adds the gradients and their accumulators.
+    let math_extra = if backward {
+        2 * need.math_extra + need.base
+    } else {
+        need.math_extra
+    };
     let math_too_big = too_big(
-        need.base + need.math_extra,
-        &format!(" + scores {}", shape_text(&p.scores_shape())),
+        need.base + math_extra,
+        &format!(
+            " + scores {}{}",
+            shape_text(&p.scores_shape()),
+            if backward {
+                " x2 and the gradients"
+            } else {
+                ""
+            }
+        ),
     );
+    // Which backends have a backward here: math everywhere, efficient's fused backward
+    // on CUDA where it covers the problem; flash none yet.
+    let has_backward = |backend: Backend| -> Result<(), String> {
+        if !backward {
+            return Ok(());
+        }
+        match (backend, &engine.gpu) {
+            (Backend::Flash, _) => Err("flash has no backward yet".to_string()),
+            (Backend::Efficient, Some(_)) => {
+                sdpa_cuda::select_backward(&problem, BackendSet::only(backend))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        }
+    };
     let fits = |backend: Backend| -> Result<(), String> {
         match (&math_too_big, backend) {
             (Some(msg), Backend::Math) => Err(format!("too large for memory: {msg}")),
@@ -561,7 +695,9 @@ pub fn bench_problem(
     let runnable: Vec<Backend> = backends
         .iter()
         .copied()
-        .filter(|&b| engine.supports(b, &problem).is_ok() && fits(b).is_ok())
+        .filter(|&b| {
+            engine.supports(b, &problem).is_ok() && fits(b).is_ok() && has_backward(b).is_ok()
+        })
         .collect();
     if runnable.is_empty() {
         if let Some(msg) = &math_too_big {
@@ -578,7 +714,9 @@ pub fn bench_problem(
         let result = match engine
             .supports(backend, &problem)
             .and_then(|()| fits(backend))
+            .and_then(|()| has_backward(backend))
         {
+            Ok(()) if backward => Ok(time_backward(engine, backend, p, repeats)?),
             Ok(()) => Ok(time_backend(engine, backend, p, repeats)?),
             Err(reason) => Err(reason),
         };
@@ -588,7 +726,14 @@ pub fn bench_problem(
     let enabled = runnable
         .iter()
         .fold(BackendSet::EMPTY, |set, &b| set.with(b));
-    let auto = match engine.select(enabled, &problem) {
+    let pick = match (&engine.gpu, backward) {
+        (Some(_), true) => {
+            sdpa_cuda::select_backward(&problem, enabled).map_err(|e| CliError::from(e).to_string())
+        }
+        (None, true) => Ok(Backend::Math),
+        _ => engine.select(enabled, &problem).map_err(|e| e.to_string()),
+    };
+    let auto = match pick {
         Ok(b) => Row {
             label: format!("auto ({b})"),
             backend: b,
@@ -600,13 +745,15 @@ pub fn bench_problem(
                 .expect("timed")
                 .1
                 .clone(),
+            backward,
         },
         Err(e) => Row {
             label: "auto".to_string(),
             backend: Backend::Math,
             device,
             problem: p.clone(),
-            result: Err(e.to_string()),
+            result: Err(e),
+            backward,
         },
     };
     let mut rows = vec![auto];
@@ -616,6 +763,7 @@ pub fn bench_problem(
         device,
         problem: p.clone(),
         result,
+        backward,
     }));
     Ok(rows)
 }
@@ -675,6 +823,11 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     out.push_str(&format!("{FLOP_RULE}.\n"));
+    if rows.iter().any(|r| r.backward) {
+        out.push_str(&format!(
+            "Backward (dq, dk, dv from one untimed forward): {BACKWARD_FLOPS}x those FLOPs.\n"
+        ));
+    }
     out
 }
 
@@ -708,6 +861,7 @@ pub fn json(rows: &[Row]) -> serde_json::Value {
                     },
                     "varlen_q": p.varlen.as_ref().map(|v| v.q.clone()),
                     "varlen_k": p.varlen.as_ref().map(|v| v.k.clone()),
+                    "pass": if r.backward { "backward" } else { "forward" },
                 });
                 match &r.result {
                     Ok(t) => {
@@ -966,7 +1120,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     };
     let mut rows = Vec::new();
     for p in &problems {
-        rows.extend(bench_problem(&engine, p, args.repeats)?);
+        rows.extend(bench_problem(&engine, p, args.repeats, args.backward)?);
     }
     if args.json {
         println!(

@@ -89,6 +89,21 @@ fn eval_backward_without_dout_or_on_a_fused_backend_is_bad_input() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("expected math or auto with --backward"));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("expected auto, efficient or math with --backward"));
     assert!(!out.exists(), "nothing written on bad input");
+}
+
+#[test]
+fn check_judges_the_gradients_of_a_case_with_dout() {
+    // out, then dq, dk, dv and dmask against their f64 truths: five verdicts.
+    let case = golden("backward/mask_float_ls_bf16.safetensors");
+    let o = sdpa(&["check", "--device", "cpu", case.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}");
+    assert!(stdout.contains("5 passed, 0 failed, 0 errors"), "{stdout}");
+    // A forward-only case gets one verdict.
+    let forward_only = golden("causal_bottom_right_bool_b11s_l21_s29_f32.safetensors");
+    let o = sdpa(&["check", "--device", "cpu", forward_only.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 passed, 0 failed, 0 errors"));
 }

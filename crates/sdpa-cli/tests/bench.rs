@@ -213,3 +213,43 @@ fn help_documents_the_syntax() {
         assert!(h.contains(want), "{want} missing from --help:\n{h}");
     }
 }
+
+#[test]
+fn backward_is_timed_with_its_flop_count() {
+    // GQA, a mask and dropout: the backward of each on the CPU (the reference).
+    let table = math_row(
+        &[
+            "--shape",
+            "1,4,24,16",
+            "--kv-heads",
+            "2",
+            "--dtype",
+            "f32",
+            "--mask",
+            "additive",
+            "--dropout",
+            "0.1",
+            "--backward",
+        ],
+        &["Hq=4"],
+    );
+    assert!(
+        table.contains("Backward (dq, dk, dv from one untimed forward): 2.5x"),
+        "{table}"
+    );
+    let o = bench(&["--shape", "1,2,16,8", "--backward", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let math = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == "math")
+        .unwrap();
+    assert_eq!(math["pass"], "backward");
+    // 2.5 x 4*B*H*L*S*E.
+    assert_eq!(
+        math["flops"].as_f64().unwrap(),
+        2.5 * 4.0 * 2.0 * 16.0 * 16.0 * 8.0
+    );
+}

@@ -4,7 +4,9 @@
 //!
 //! [`time_backend`] times one of the issue's five square shapes ([`BenchShape`], what
 //! `sdpa-cuda-bench` prints); [`time_problem`] times any problem ([`BenchProblem`]: GQA,
-//! L != S, Ev != E, causal alignment, dropout, masks, varlen), what `sdpa bench` runs.
+//! L != S, Ev != E, causal alignment, dropout, masks, varlen), what `sdpa bench` runs;
+//! [`time_backward`] times a backward ([`run_backward_benchmarks`]:
+//! `sdpa-cuda-bench --backward`).
 
 use crate::context::GpuContext;
 use crate::error::Result;
@@ -476,6 +478,146 @@ pub fn time_problem(
         min_ms: times[0],
         runs: times.len(),
     }))
+}
+
+/// Times the backward of `backend` on dense `bench` ([`GpuContext::sdpa_backward`] with
+/// only that backend: the gradients' stream-ordered allocation is inside the timed
+/// region): one input set (every benchmark tensor already exceeds the L2 cache), `out`
+/// and `lse` from one forward of the fastest forward backend that takes the problem, a
+/// random `dout`. `Ok(None)` if the backend has no backward for the problem or it is
+/// varlen.
+pub fn time_backward(
+    gpu: &GpuContext,
+    bench: &BenchProblem,
+    backend: Backend,
+    warmup: usize,
+    max_runs: usize,
+    budget_ms: f64,
+) -> Result<Option<Timing>> {
+    let problem = bench.problem()?;
+    if bench.varlen.is_some()
+        || crate::select_backward(&problem, BackendSet::only(backend)).is_err()
+    {
+        return Ok(None);
+    }
+    let dtype = bench.dtype;
+    let [qs, ks, vs] = bench.shapes();
+    let q = random_tensor(gpu, dtype, qs, 1)?;
+    let k = random_tensor(gpu, dtype, ks, 2)?;
+    let v = random_tensor(gpu, dtype, vs, 3)?;
+    let dout = random_tensor(gpu, dtype, problem.out_shape(), 4)?;
+    let mask = upload_mask(gpu, bench, 0x6d61_736b)?;
+    let out = DeviceTensor::alloc(gpu, dtype, problem.out_shape())?;
+    let [b, h, l] = problem.lse_shape();
+    let lse = DeviceTensor::alloc(gpu, DType::F32, [b, h, l, 1])?;
+    let forward = Backend::PRIORITY
+        .into_iter()
+        .find(|&f| check_support(f, &problem, Device::Cuda).is_ok())
+        .unwrap_or(Backend::Math);
+    gpu.run(forward, &problem, &q, &k, &v, mask.as_ref(), &out, &lse)?;
+    let call = || -> Result<()> {
+        gpu.sdpa_backward(
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &dout,
+            mask.as_ref(),
+            &bench.options,
+            BackendSet::only(backend),
+        )
+        .map(drop)
+    };
+    for _ in 0..warmup {
+        call()?;
+    }
+    gpu.synchronize()?;
+    let ctx = gpu.cuda();
+    let mut times = Vec::new();
+    let mut spent = 0.0;
+    for _ in 0..max_runs.max(1) {
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(gpu.stream())?;
+        call()?;
+        end.record(gpu.stream())?;
+        end.synchronize()?;
+        let ms = start.elapsed_ms(&end)? as f64;
+        times.push(ms);
+        spent += ms;
+        if spent > budget_ms && times.len() >= 3 {
+            break;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Some(Timing {
+        median_ms: times[times.len() / 2],
+        min_ms: times[0],
+        runs: times.len(),
+    }))
+}
+
+/// One backward benchmark row: the problem's label, the backend, the times and TFLOP/s
+/// counting the backward as 2.5x the forward's FLOPs (FlashAttention's convention).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackwardRow {
+    /// `B,H,L,E,dtype,causal[,variant]`: what ci/bench_torch_bwd.py keys on.
+    pub label: String,
+    /// Backend.
+    pub backend: String,
+    /// Median milliseconds.
+    pub median_ms: f64,
+    /// Fastest run.
+    pub min_ms: f64,
+    /// Timed runs.
+    pub runs: usize,
+    /// TFLOP/s at the median (2.5x the forward's FLOPs).
+    pub tflops: f64,
+}
+
+/// The backward benchmarks: the five shapes, then the second with dropout 0.1 and with a
+/// key-padding mask, each on efficient and math.
+pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
+    let mut problems = Vec::new();
+    for shape in issue_shapes() {
+        let label = format!(
+            "{},{},{},{},{},{}",
+            shape.batch, shape.heads, shape.len, shape.head_dim, shape.dtype, shape.causal
+        );
+        problems.push((label, shape.problem()));
+    }
+    let second = issue_shapes()[1];
+    let base = format!(
+        "{},{},{},{},{},{}",
+        second.batch, second.heads, second.len, second.head_dim, second.dtype, second.causal
+    );
+    let mut dropout = second.problem();
+    dropout.options.dropout = sdpa_core::Dropout::new(0.1, 0, 0);
+    problems.push((format!("{base},dropout0.1"), dropout));
+    let mut padded = second.problem();
+    padded.mask = BenchMask::KeyPadding;
+    problems.push((format!("{base},keypadding"), padded));
+    let mut rows = Vec::new();
+    for (label, problem) in problems {
+        for backend in [Backend::Efficient, Backend::Math] {
+            let (warmup, runs, budget) = match backend {
+                Backend::Math => (1, 5, 800.0),
+                _ => (2, 10, 800.0),
+            };
+            if let Some(t) = time_backward(gpu, &problem, backend, warmup, runs, budget)? {
+                rows.push(BackwardRow {
+                    label: label.clone(),
+                    backend: backend.name().to_string(),
+                    median_ms: t.median_ms,
+                    min_ms: t.min_ms,
+                    runs: t.runs,
+                    tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// Times `backend` on one of the square shapes ([`time_problem`] on

@@ -12,15 +12,16 @@
 //!    `[B, Hq, L, Ev]` into contiguous acc copies (any input strides). cuBLAS takes no
 //!    16-bit A with an f32 B, and dS and W must stay in f32, so every product runs on
 //!    f32 copies: the widening is exact, so this equals an f32-accumulating mixed product.
-//! 2. `row_dot`: `D = rowsum(dout * out)`, acc `[B, Hq, L]`.
-//! 3. cuBLAS: `scores = q k^T` and `dw = dout v^T`, acc `[B, Hq, L, S]` each.
-//! 4. `grad`: per score, `P = exp(scale * qk (+ mask) - lse)` (0 where masked or the row's
-//!    lse is -inf), Z replayed from Philox at the flat index, `dS = P (dw Z/(1-p) - D)`
-//!    over `scores` and `W = P Z/(1-p)` over `dw`; an additive mask's `dS` is added
-//!    (atomics) into an acc accumulator in the mask's own shape.
-//! 5. cuBLAS: `dv = W^T dout`, `dk = dS^T q`, `dq = dS k`, acc scratch of the outputs'
+//! 2. cuBLAS: `scores = q k^T` and `dw = dout v^T`, acc `[B, Hq, L, S]` each.
+//! 3. `grad`, one warp per query row: `P = exp(scale * qk (+ mask) - lse)` (0 where masked
+//!    or the row's lse is -inf), Z replayed from Philox at the flat index,
+//!    `dP = dw Z/(1-p)`, `D = rowsum(P dP)` (the reference's D: the exact equal of
+//!    `rowsum(dout * out)` without the rounding of a 16-bit `out`, which is not read),
+//!    then `dS = P (dP - D)` over `scores` and `W = P Z/(1-p)` over `dw`; an additive
+//!    mask's `dS` is added (atomics) into an acc accumulator in the mask's own shape.
+//! 4. cuBLAS: `dv = W^T dout`, `dk = dS^T q`, `dq = dS k`, acc scratch of the outputs'
 //!    sizes.
-//! 6. `round`: `dq = scale * dq_acc`, `dk = scale * dk_acc`, `dv`, `dmask`, each rounded
+//! 5. `round`: `dq = scale * dq_acc`, `dk = scale * dk_acc`, `dv`, `dmask`, each rounded
 //!    once to its dtype.
 //!
 //! Scratch: `acc * (B*Hq*L*(E + Ev + 1 + 2S + E) + B*Hkv*S*(2E + 2Ev)) + acc * |mask|`
@@ -37,7 +38,8 @@ use crate::tensor::{Buffer, DeviceElement, DeviceMask, DeviceTensor, HostMask};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
 use sdpa_core::{
-    check_support, Backend, DType, Device, MaskDesc, MaskKind, Problem, SdpaError, SdpaOptions,
+    check_support, Backend, BackendSet, DType, Device, MaskDesc, MaskKind, Problem, SdpaError,
+    SdpaOptions,
 };
 use std::sync::Arc;
 
@@ -55,6 +57,8 @@ pub struct DeviceGradients {
     pub dmask: Option<DeviceTensor>,
     /// The mask's own shape (rank 0 to 4); empty when `dmask` is `None`.
     pub dmask_shape: Vec<usize>,
+    /// The backend whose backward ran.
+    pub backend: Backend,
 }
 
 /// [`DeviceGradients`] on the host (`sdpa_ref::bwd::Gradients`' fields).
@@ -68,6 +72,8 @@ pub struct HostGradients<T> {
     pub dv: Array4<T>,
     /// In the additive mask's own shape.
     pub dmask: Option<ArrayD<T>>,
+    /// The backend whose backward ran.
+    pub backend: Backend,
 }
 
 /// Where `dS` lands for an additive mask of `shape` over `[B, Hq, L, S]` = `full`: the
@@ -146,6 +152,43 @@ fn matrix(
     }
 }
 
+/// The backend whose backward runs `problem`: the fused efficient backward where the
+/// set allows it and it covers the problem, else math; flash has no backward yet.
+///
+/// # Errors
+/// `SdpaError::NoBackend` with each candidate's reason when none of the set can run it.
+pub fn select_backward(problem: &Problem, backends: BackendSet) -> Result<Backend> {
+    let mut reasons = Vec::new();
+    for backend in [Backend::Efficient, Backend::Math] {
+        if !backends.contains(backend) {
+            reasons.push((backend, "not in the enabled backends".to_string()));
+            continue;
+        }
+        match check_support(backend, problem, Device::Cuda) {
+            Ok(()) => return Ok(backend),
+            Err(reason) => reasons.push((backend, reason)),
+        }
+    }
+    if backends.contains(Backend::Flash) {
+        reasons.push((Backend::Flash, "has no backward yet".to_string()));
+    }
+    Err(SdpaError::NoBackend(reasons).into())
+}
+
+/// A CUDA grid dimension `y` or `z` (at most 65535) for `what`, or an error naming it.
+fn grid_dim(arg: &'static str, what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&x| (1..=65_535).contains(&x))
+        .ok_or_else(|| {
+            CudaError::bad_layout(
+                arg,
+                format!("{what} between 1 and 65535 (a CUDA grid axis)"),
+                n,
+            )
+        })
+}
+
 impl GpuContext {
     /// The backward of SDPA on the device (the math backend): `dq`, `dk`, `dv` from the
     /// forward's `out` and `lse` (f32 `[B, Hq, L, 1]`, as [`GpuContext::sdpa`] returns
@@ -168,11 +211,10 @@ impl GpuContext {
         dout: &DeviceTensor,
         mask: Option<&DeviceMask>,
         options: &SdpaOptions,
+        backends: BackendSet,
     ) -> Result<DeviceGradients> {
         let problem = self.problem(q, k, v, mask, options)?;
-        if let Err(reason) = check_support(Backend::Math, &problem, Device::Cuda) {
-            return Err(SdpaError::NoBackend(vec![(Backend::Math, reason)]).into());
-        }
+        let backend = select_backward(&problem, backends)?;
         let [b, hq, l, ev] = problem.out_shape();
         let (hkv, s, e) = (problem.heads_kv, problem.len_kv, problem.head_dim);
         check_shape("out", out, [b, hq, l, ev], problem.dtype)?;
@@ -213,13 +255,17 @@ impl GpuContext {
             (Some(t), Some((count, _, strides))) => Some((t, count, strides)),
             _ => None,
         };
-        self.run_math_backward(&problem, &mut params, dmask_target)?;
+        match backend {
+            Backend::Efficient => self.run_fused_backward(&problem, &mut params, dmask_target)?,
+            _ => self.run_math_backward(&problem, &mut params, dmask_target)?,
+        }
         Ok(DeviceGradients {
             dq,
             dk,
             dv,
             dmask,
             dmask_shape: additive.map(|m| m.desc().shape).unwrap_or_default(),
+            backend,
         })
     }
 
@@ -238,6 +284,7 @@ impl GpuContext {
         dout: ArrayView4<'_, T>,
         mask: Option<&HostMask<'_, T>>,
         options: &SdpaOptions,
+        backends: BackendSet,
     ) -> Result<HostGradients<T>> {
         let [lb, lh, ll] = [lse.shape()[0], lse.shape()[1], lse.shape()[2]];
         let lse4 = lse
@@ -258,6 +305,7 @@ impl GpuContext {
             &dout_,
             mask_.as_ref(),
             options,
+            backends,
         )?;
         let dmask = match &g.dmask {
             Some(t) => Some(
@@ -272,6 +320,7 @@ impl GpuContext {
             dk: g.dk.download(self)?,
             dv: g.dv.download(self)?,
             dmask,
+            backend: g.backend,
         })
     }
 
@@ -297,7 +346,6 @@ impl GpuContext {
         let (acc, acc_bytes) = (types.acc, types.acc_bytes);
         let spec = KernelSpec::plain(Kind::MathBwd, dtype);
         let convert = self.kernel(&spec, Entry::MathBwdConvert)?;
-        let row_dot = self.kernel(&spec, Entry::MathBwdRowDot)?;
         let grad = self.kernel(&spec, Entry::MathBwdGrad)?;
         let round = self.kernel(&spec, Entry::MathBwdRound)?;
         let stream = self.stream();
@@ -333,18 +381,6 @@ impl GpuContext {
 
         let (d_buf, d_ptr) = zeroed(self, rows, acc_bytes)?;
         params.softmax_d = d_ptr;
-        if rows > 0 {
-            let config = LaunchConfig {
-                grid_dim: (rows.div_ceil(8).clamp(1, 1 << 16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = stream.launch_builder(&row_dot.function);
-            builder.arg(&*params);
-            // SAFETY: writes B*Hq*L acc values into `softmax_d` (that size); reads out and
-            // dout rows through strides checked by `BwdParams::build` (unit last stride).
-            unsafe { builder.launch(config) }?;
-        }
 
         let (scores_buf, scores) = zeroed(self, score_elems, acc_bytes)?;
         let (dw_buf, dw) = zeroed(self, score_elems, acc_bytes)?;
@@ -387,12 +423,19 @@ impl GpuContext {
             None => None,
         };
         if score_elems > 0 {
+            // One warp per query row, eight to a block, grid-stride past 2^16 blocks.
+            let config = LaunchConfig {
+                grid_dim: (rows.div_ceil(8).clamp(1, 1 << 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let mut builder = stream.launch_builder(&grad.function);
             builder.arg(&*params).arg(&scores).arg(&dw);
-            // SAFETY: one thread per element of the two [B, Hq, L, S] acc buffers above;
-            // lse, mask and softmax_d read at indices inside their checked extents; the
-            // dmask accumulator is indexed through broadcast strides of its own shape.
-            unsafe { builder.launch(launch::elementwise(score_elems)) }?;
+            // SAFETY: one warp per row of the two [B, Hq, L, S] acc buffers above (rows
+            // of S elements); lse, mask and softmax_d ([B, Hq, L], `rows` values) read
+            // or written inside their checked extents; the dmask accumulator is indexed
+            // through broadcast strides of its own shape.
+            unsafe { builder.launch(config) }?;
         }
 
         let (dq_buf, dq_acc) = zeroed(self, q_elems, acc_bytes)?;
@@ -452,6 +495,107 @@ impl GpuContext {
         // Scratch is freed stream-ordered after the kernels that read it.
         drop((scratch, d_buf, scores_buf, dw_buf, dmask_acc));
         drop((dq_buf, dk_buf, dv_buf));
+        Ok(())
+    }
+}
+
+impl GpuContext {
+    /// The fused efficient backward (`kernels/bwd/attn_bwd_simt.cu`): the dq kernel (D,
+    /// dq, dmask's sums), then the dk/dv kernel; f32 scratch of `B * Hq * L` for D and,
+    /// for an additive mask, of the mask's size for dmask. No L x S buffer.
+    fn run_fused_backward(
+        &self,
+        problem: &Problem,
+        params: &mut BwdParams,
+        dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
+    ) -> Result<()> {
+        let widest = problem.head_dim.max(problem.head_dim_v);
+        let spec =
+            KernelSpec::fitting(Kind::BwdSimt, problem.dtype, widest, true).ok_or_else(|| {
+                SdpaError::NoBackend(vec![(
+                    Backend::Efficient,
+                    format!(
+                        "has no fused backward for {} at head dim {widest}",
+                        problem.dtype
+                    ),
+                )])
+            })?;
+        let dq_kernel = self.kernel(&spec, Entry::BwdDq)?;
+        let dkdv_kernel = self.kernel(&spec, Entry::BwdDkDv)?;
+        let heads_q = grid_dim("query", "query heads", problem.heads_q)?;
+        let heads_kv = grid_dim("key", "key/value heads", problem.heads_kv)?;
+        let batch = grid_dim("query", "a batch", problem.batch)?;
+        let rows = product("query", &[problem.batch, problem.heads_q, problem.len_q])?;
+        let (d_buf, d_ptr) = zeroed(self, rows, 4)?;
+        params.softmax_d = d_ptr;
+        let dmask_acc = match dmask {
+            Some((_, count, strides)) => {
+                let (buffer, ptr) = zeroed(self, count, 4)?;
+                params.dmask = ptr;
+                [
+                    params.dmask_stride_b,
+                    params.dmask_stride_h,
+                    params.dmask_stride_l,
+                    params.dmask_stride_s,
+                ] = strides.map(|x| x as i64);
+                Some((buffer, ptr))
+            }
+            None => None,
+        };
+        let stream = self.stream();
+        let blocks = |n: usize| -> Result<u32> {
+            u32::try_from(n.div_ceil(4))
+                .map_err(|_| CudaError::bad_layout("query", "a length under 2^33", n))
+        };
+        if problem.len_q > 0 {
+            let config = LaunchConfig {
+                grid_dim: (blocks(problem.len_q)?, heads_q, batch),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = stream.launch_builder(&dq_kernel.function);
+            builder.arg(&*params);
+            // SAFETY: one warp per query row (b, h, i) of the grid; q, k, v, dout, lse and
+            // the mask are read through strides `BwdParams::build` checked against their
+            // buffers; dq is written at (b, h, i) of its contiguous [B, Hq, L, E] buffer,
+            // D at row (b, h, i) of the `rows` f32 values above, dmask through broadcast
+            // strides of its own shape.
+            unsafe { builder.launch(config) }?;
+        }
+        if problem.len_kv > 0 {
+            let config = LaunchConfig {
+                grid_dim: (blocks(problem.len_kv)?, heads_kv, batch),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = stream.launch_builder(&dkdv_kernel.function);
+            builder.arg(&*params);
+            // SAFETY: one warp per key row (b, hkv, j); reads as above and D (written by
+            // the dq kernel before it on the stream); dk and dv written at (b, hkv, j) of
+            // their contiguous buffers.
+            unsafe { builder.launch(config) }?;
+        }
+        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
+            if count > 0 {
+                let round = self.kernel(
+                    &KernelSpec::plain(Kind::MathBwd, problem.dtype),
+                    Entry::MathBwdRound,
+                )?;
+                let (src, dst, total, factor) = (
+                    *ptr,
+                    out.checked_address(self, "dmask")?,
+                    count as u64,
+                    1.0f64,
+                );
+                let mut builder = stream.launch_builder(&round.function);
+                builder.arg(&src).arg(&dst).arg(&total).arg(&factor);
+                // SAFETY: `src` holds `count` f32 values, `dst` the contiguous dmask of
+                // `count` elements of the dtype.
+                unsafe { builder.launch(launch::elementwise(count)) }?;
+            }
+        }
+        // Scratch is freed stream-ordered after the kernels that read it.
+        drop((d_buf, dmask_acc));
         Ok(())
     }
 }

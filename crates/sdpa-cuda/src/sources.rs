@@ -6,7 +6,7 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 15] = [
+pub const SOURCES: [(&str, &str); 16] = [
     (
         "common/dtype.cuh",
         include_str!("../../../kernels/common/dtype.cuh"),
@@ -63,6 +63,10 @@ pub const SOURCES: [(&str, &str); 15] = [
     (
         "bwd/math_bwd.cu",
         include_str!("../../../kernels/bwd/math_bwd.cu"),
+    ),
+    (
+        "bwd/attn_bwd_simt.cu",
+        include_str!("../../../kernels/bwd/attn_bwd_simt.cu"),
     ),
 ];
 
@@ -134,6 +138,7 @@ mod tests {
             "math/math.cu",
             "fwd/attn_fwd_wgmma.cu",
             "bwd/math_bwd.cu",
+            "bwd/attn_bwd_simt.cu",
         ] {
             let src = expanded_source(name, None).unwrap();
             assert!(!src.contains("#include"), "{name}");

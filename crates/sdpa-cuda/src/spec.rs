@@ -22,6 +22,8 @@ pub enum Kind {
     Math,
     /// The math backward's elementwise kernels (cuBLAS does the products).
     MathBwd,
+    /// The efficient backend's fused scalar backward (f32, f16, bf16).
+    BwdSimt,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
 }
@@ -37,12 +39,14 @@ pub enum Entry {
     MathSoftmax,
     /// Math backward: q, k, v or dout into a contiguous accumulator-type copy.
     MathBwdConvert,
-    /// Math backward: `D = rowsum(dout * out)`.
-    MathBwdRowDot,
-    /// Math backward: P, W and dS of every score from lse, D and the dropout stream.
+    /// Math backward: P, D, W and dS of every score from lse and the dropout stream.
     MathBwdGrad,
     /// Math backward: a gradient rounded (and scaled) once to its dtype.
     MathBwdRound,
+    /// Fused backward, query-major: D and dq (and dmask's sums).
+    BwdDq,
+    /// Fused backward, key-major: dk and dv.
+    BwdDkDv,
     /// Module: writes the bias into every row.
     NnBiasRows,
     /// Module: residual dropout in place.
@@ -84,7 +88,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 6] = [
+pub const TABLE: [Variant; 7] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -138,10 +142,21 @@ pub const TABLE: [Variant; 6] = [
         extras: &[false],
         entries: &[
             Entry::MathBwdConvert,
-            Entry::MathBwdRowDot,
             Entry::MathBwdGrad,
             Entry::MathBwdRound,
         ],
+        arch: Arch::Sm80Plus,
+    },
+    Variant {
+        kind: Kind::BwdSimt,
+        source: "bwd/attn_bwd_simt.cu",
+        prefix: "attn_bwd_simt",
+        dtypes: &[DType::F32, DType::F16, DType::BF16],
+        // Head-dim buckets of the larger of E and Ev: 32-lane chunks of 2, 4 or 8.
+        head_dims: &[64, 128, 256],
+        // Mask and dropout are always compiled in (run-time switches).
+        extras: &[true],
+        entries: &[Entry::BwdDq, Entry::BwdDkDv],
         arch: Arch::Sm80Plus,
     },
     Variant {
@@ -279,9 +294,10 @@ impl KernelSpec {
             (Kind::Math, Entry::MathGather) => format!("{prefix}_gather_{dtype}"),
             (Kind::Math, _) => format!("{prefix}_softmax_{dtype}"),
             (Kind::MathBwd, Entry::MathBwdConvert) => format!("{prefix}_convert_{dtype}"),
-            (Kind::MathBwd, Entry::MathBwdRowDot) => format!("{prefix}_row_dot_{dtype}"),
             (Kind::MathBwd, Entry::MathBwdGrad) => format!("{prefix}_grad_{dtype}"),
             (Kind::MathBwd, _) => format!("{prefix}_round_{dtype}"),
+            (Kind::BwdSimt, Entry::BwdDq) => format!("{prefix}_dq_{dtype}_d{d}"),
+            (Kind::BwdSimt, _) => format!("{prefix}_dkdv_{dtype}_d{d}"),
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
             (Kind::Nn, _) => "nn_dropout_rows".to_string(),
@@ -333,15 +349,16 @@ impl KernelSpec {
                     "SDPA_KERNEL_CONVERT",
                     self.symbol(Entry::MathBwdConvert, config),
                 ),
-                (
-                    "SDPA_KERNEL_ROW_DOT",
-                    self.symbol(Entry::MathBwdRowDot, config),
-                ),
                 ("SDPA_KERNEL_GRAD", self.symbol(Entry::MathBwdGrad, config)),
                 (
                     "SDPA_KERNEL_ROUND",
                     self.symbol(Entry::MathBwdRound, config),
                 ),
+            ]),
+            Kind::BwdSimt => d.extend([
+                ("SDPA_DV_CHUNKS", (self.head_dim / 32).to_string()),
+                ("SDPA_KERNEL_DQ", self.symbol(Entry::BwdDq, config)),
+                ("SDPA_KERNEL_DKDV", self.symbol(Entry::BwdDkDv, config)),
             ]),
             Kind::Nn => {}
         }
@@ -390,7 +407,7 @@ impl KernelSpec {
                 block_rows: 4,
                 threads: 128,
             }),
-            Kind::Math | Kind::MathBwd | Kind::Nn => None,
+            Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn => None,
         }
     }
 }
@@ -464,6 +481,17 @@ mod tests {
         assert!(opts.contains(&"--gpu-architecture=sm_90".to_string()));
         assert!(opts.contains(&"-DSDPA_HEAD_DIM=64".to_string()));
         assert!(opts.contains(&"-DSDPA_KERNEL=attn_fwd_tc_f16_d64_w4_n64_m2".to_string()));
+        let fused = KernelSpec::fitting(Kind::BwdSimt, DType::F16, 96, true).unwrap();
+        assert_eq!(fused.source(), "bwd/attn_bwd_simt.cu");
+        assert_eq!(
+            fused.symbol(Entry::BwdDq, &config),
+            "attn_bwd_simt_dq_f16_d128"
+        );
+        let fused_opts = fused.options(90, &config);
+        assert!(fused_opts.contains(&"-DSDPA_DV_CHUNKS=4".to_string()));
+        assert!(fused_opts.contains(&"-DSDPA_KERNEL_DKDV=attn_bwd_simt_dkdv_f16_d128".to_string()));
+        assert!(KernelSpec::fitting(Kind::BwdSimt, DType::F64, 64, true).is_none());
+        assert!(KernelSpec::fitting(Kind::BwdSimt, DType::F32, 257, true).is_none());
         let simt_opts = simt.options(80, &config);
         assert!(simt_opts.contains(&"-DSDPA_DV_CHUNKS=2".to_string()));
     }
@@ -472,7 +500,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 4);
+        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 4);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

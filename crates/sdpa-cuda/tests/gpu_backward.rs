@@ -1,5 +1,6 @@
-//! GPU tests of the CUDA math backward (`GpuContext::sdpa_backward`): dq, dk, dv and an
-//! additive mask's dmask against the reference backward, in f64/f32/f16/bf16, over
+//! GPU tests of the CUDA backwards (`GpuContext::sdpa_backward`), math in f64/f32/f16/bf16
+//! and the efficient backend's fused kernels in f32/f16/bf16: dq, dk, dv and an
+//! additive mask's dmask against the reference backward, over
 //! causal (both alignments, L != S), bool and additive masks (broadcast), GQA, dropout
 //! and fully masked rows. Outputs are poisoned with NaN before the launch, so an element
 //! left unwritten fails as non-finite.
@@ -27,9 +28,10 @@
 
 use half::{bf16, f16};
 use ndarray::{Array3, Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
-use sdpa_core::{Causal, DType, Dropout, SdpaOptions};
+use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
 use sdpa_cuda::HostMask;
 use sdpa_harness::compare::compare;
+use sdpa_harness::elem::Elem;
 use sdpa_harness::gpu::{gpu, random, GpuElem};
 use sdpa_harness::strategies::SplitMix64;
 use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
@@ -303,7 +305,7 @@ fn judge(
     }
 }
 
-fn run_case<T: GpuElem>(case: &Case, seed: u64) -> Vec<Result<String, String>> {
+fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<String, String>> {
     let dtype = <T as sdpa_cuda::DeviceElement>::DTYPE;
     let x = inputs::<T>(case, seed);
     let wide = |a: &Array4<T>| a.mapv(T::wide);
@@ -366,10 +368,14 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64) -> Vec<Result<String, String>> {
         x.dout.view(),
         host_mask.as_ref(),
         options,
+        BackendSet::only(backend),
     ) {
         Ok(g) => g,
         Err(e) => return vec![Err(format!("GPU backward failed: {e}"))],
     };
+    if got.backend != backend {
+        return vec![Err(format!("asked for {backend}, {} ran", got.backend))];
+    }
     let w4 = |a: &Array4<T>| a.mapv(T::wide).into_dyn();
     // Truth is the f64 gradient itself, not rounded to T: the GPU's one rounding counts.
     let mut verdicts = Vec::new();
@@ -413,26 +419,25 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64) -> Vec<Result<String, String>> {
     verdicts
 }
 
-#[test]
-#[ignore = "needs a CUDA device"]
-fn math_backward_matches_the_reference_in_every_dtype() {
+/// Every case in each dtype through `backend`; prints every verdict, fails on any.
+fn backend_matches_the_reference(backend: Backend, dtypes: &[DType], cases: &[Case]) {
     let mut lines = Vec::new();
     let mut failures = 0;
-    for (n, case) in cases().iter().enumerate() {
-        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+    for (n, case) in cases.iter().enumerate() {
+        for &dtype in dtypes {
             let seed = 1000 + n as u64;
             let verdicts = match dtype {
-                DType::F64 => run_case::<f64>(case, seed),
-                DType::F32 => run_case::<f32>(case, seed),
-                DType::F16 => run_case::<f16>(case, seed),
-                DType::BF16 => run_case::<bf16>(case, seed),
+                DType::F64 => run_case::<f64>(case, seed, backend),
+                DType::F32 => run_case::<f32>(case, seed, backend),
+                DType::F16 => run_case::<f16>(case, seed, backend),
+                DType::BF16 => run_case::<bf16>(case, seed, backend),
             };
             for v in verdicts {
                 match v {
-                    Ok(line) => lines.push(format!("ok   {dtype} {}: {line}", case.name)),
+                    Ok(line) => lines.push(format!("ok   {backend} {dtype} {}: {line}", case.name)),
                     Err(line) => {
                         failures += 1;
-                        lines.push(format!("FAIL {dtype} {}: {line}", case.name));
+                        lines.push(format!("FAIL {backend} {dtype} {}: {line}", case.name));
                     }
                 }
             }
@@ -454,6 +459,199 @@ fn math_backward_matches_the_reference_in_every_dtype() {
     );
 }
 
+/// Longer sequences and wider heads than `cases()`: several key and query tiles of the
+/// fused kernels (tiles of 32, or 16 past head dim 128), causal tiles skipped, each
+/// head-dim bucket (64, 128, 256).
+fn long_cases() -> Vec<Case> {
+    let base = Case {
+        name: "",
+        batch: 1,
+        heads_kv: 2,
+        group: 2,
+        len_q: 77,
+        len_kv: 101,
+        head_dim: 64,
+        head_dim_v: 64,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            enable_gqa: true,
+            ..Default::default()
+        },
+    };
+    vec![
+        Case {
+            name: "GQA 2x2 L=77 S=101 E=Ev=64",
+            ..base.clone()
+        },
+        Case {
+            name: "GQA 2x2 causal top-left L=101 S=77 E=128 Ev=96",
+            len_q: 101,
+            len_kv: 77,
+            head_dim: 128,
+            head_dim_v: 96,
+            options: SdpaOptions {
+                enable_gqa: true,
+                causal: Causal::TopLeft,
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "causal bottom-right L=70 S=130 E=200 Ev=256 + dropout 0.2",
+            group: 1,
+            len_q: 70,
+            len_kv: 130,
+            head_dim: 200,
+            head_dim_v: 256,
+            options: SdpaOptions {
+                causal: Causal::BottomRight,
+                dropout: Dropout::new(0.2, 99, 12),
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "additive [B, 1, L, S] + bool-free key padding via -inf, L=S=96",
+            group: 1,
+            len_q: 96,
+            len_kv: 96,
+            mask: TestMask::Additive(vec![1, 1, 96, 96]),
+            options: SdpaOptions::default(),
+            ..base.clone()
+        },
+        Case {
+            name: "bool [L, S] + a fully masked row, L=40 S=150, E=16 Ev=8",
+            group: 1,
+            len_q: 40,
+            len_kv: 150,
+            head_dim: 16,
+            head_dim_v: 8,
+            mask: TestMask::Bool(vec![40, 150]),
+            fully_masked_row: Some(33),
+            options: SdpaOptions::default(),
+            ..base
+        },
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn math_backward_matches_the_reference_in_every_dtype() {
+    let mut all = cases();
+    all.extend(long_cases());
+    backend_matches_the_reference(
+        Backend::Math,
+        &[DType::F64, DType::F32, DType::F16, DType::BF16],
+        &all,
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn efficient_backward_matches_the_reference_in_every_dtype() {
+    let mut all = cases();
+    all.extend(long_cases());
+    backend_matches_the_reference(
+        Backend::Efficient,
+        &[DType::F32, DType::F16, DType::BF16],
+        &all,
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn efficient_backward_is_bitwise_repeatable() {
+    // No atomics on dq, dk, dv: each element is one warp's fixed-order sum.
+    let case = &long_cases()[1];
+    let x = inputs::<f16>(case, 5);
+    let wide = |a: &Array4<f16>| a.mapv(f16::wide);
+    let fwd = sdpa_ref::sdpa::<f64>(
+        wide(&x.q).view(),
+        wide(&x.k).view(),
+        wide(&x.v).view(),
+        None,
+        &case.options,
+    )
+    .unwrap();
+    let out: Array4<f16> = fwd.out.mapv(f16::narrow);
+    let run = || {
+        gpu()
+            .sdpa_backward_host(
+                x.q.view(),
+                x.k.view(),
+                x.v.view(),
+                out.view(),
+                fwd.lse.view(),
+                x.dout.view(),
+                None,
+                &case.options,
+                BackendSet::only(Backend::Efficient),
+            )
+            .unwrap()
+    };
+    let (a, b) = (run(), run());
+    let bits = |x: &Array4<f16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.dq), bits(&b.dq));
+    assert_eq!(bits(&a.dk), bits(&b.dk));
+    assert_eq!(bits(&a.dv), bits(&b.dv));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_dispatch_prefers_the_fused_kernel_and_falls_back_to_math() {
+    let mut rng = SplitMix64(3);
+    let run = |q: &Array4<f64>, backends| {
+        let lse = Array3::<f32>::zeros((1, 1, 4));
+        gpu().sdpa_backward_host(
+            q.view(),
+            q.view(),
+            q.view(),
+            q.view(),
+            lse.view(),
+            q.view(),
+            None,
+            &SdpaOptions::default(),
+            backends,
+        )
+    };
+    let q64 = random::<f64, _>(&mut rng, [1, 1, 4, 8]);
+    // f64 has no fused backward: math runs.
+    assert_eq!(run(&q64, BackendSet::ALL).unwrap().backend, Backend::Math);
+    let e = run(&q64, BackendSet::only(Backend::Efficient)).unwrap_err();
+    assert!(e.to_string().contains("efficient"), "{e}");
+    let q32 = random::<f32, _>(&mut rng, [1, 1, 4, 8]);
+    let lse = Array3::<f32>::zeros((1, 1, 4));
+    let g = gpu()
+        .sdpa_backward_host(
+            q32.view(),
+            q32.view(),
+            q32.view(),
+            q32.view(),
+            lse.view(),
+            q32.view(),
+            None,
+            &SdpaOptions::default(),
+            BackendSet::ALL,
+        )
+        .unwrap();
+    assert_eq!(g.backend, Backend::Efficient);
+    let e = gpu()
+        .sdpa_backward_host(
+            q32.view(),
+            q32.view(),
+            q32.view(),
+            q32.view(),
+            lse.view(),
+            q32.view(),
+            None,
+            &SdpaOptions::default(),
+            BackendSet::only(Backend::Flash),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("no backward"), "{e}");
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_refuses_bad_arguments_by_name() {
@@ -472,6 +670,7 @@ fn backward_refuses_bad_arguments_by_name() {
             wrong_dout.view(),
             None,
             &SdpaOptions::default(),
+            BackendSet::ALL,
         )
         .unwrap_err();
     assert!(e.to_string().starts_with("dout:"), "{e}");
@@ -486,7 +685,52 @@ fn backward_refuses_bad_arguments_by_name() {
             q.view(),
             None,
             &SdpaOptions::default(),
+            BackendSet::ALL,
         )
         .unwrap_err();
     assert!(e.to_string().starts_with("lse:"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sanitize_backward_small() {
+    // Small problems through both backwards, for compute-sanitizer (memcheck, racecheck):
+    // several tiles of the fused kernels (tiles of 32, and of 16 past head dim 128),
+    // causal skips, a mask with dmask, dropout. Each judged as in the full tests.
+    let cases = vec![
+        Case {
+            name:
+                "sanitize f16-sized: L=40 S=70 E=64 causal bottom-right + additive [L, S] + dropout",
+            batch: 1,
+            heads_kv: 1,
+            group: 2,
+            len_q: 40,
+            len_kv: 70,
+            head_dim: 64,
+            head_dim_v: 48,
+            mask: TestMask::Additive(vec![40, 70]),
+            fully_masked_row: None,
+            options: SdpaOptions {
+                enable_gqa: true,
+                causal: Causal::BottomRight,
+                dropout: Dropout::new(0.2, 5, 0),
+                ..Default::default()
+            },
+        },
+        Case {
+            name: "sanitize: L=20 S=36 E=200 Ev=136 bool [B, 1, 1, S]",
+            batch: 2,
+            heads_kv: 1,
+            group: 1,
+            len_q: 20,
+            len_kv: 36,
+            head_dim: 200,
+            head_dim_v: 136,
+            mask: TestMask::Bool(vec![2, 1, 1, 36]),
+            fully_masked_row: None,
+            options: SdpaOptions::default(),
+        },
+    ];
+    backend_matches_the_reference(Backend::Efficient, &[DType::F16, DType::F32], &cases);
+    backend_matches_the_reference(Backend::Math, &[DType::BF16], &cases);
 }

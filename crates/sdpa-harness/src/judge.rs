@@ -187,3 +187,30 @@ pub fn judge(
         passed,
     })
 }
+
+/// Every gradient of a backward run that the case has a truth for (`dq_f64`, `dk_f64`,
+/// `dv_f64`, `dmask_f64`), judged by [`judge_result`] with the magnitude floor; in that
+/// order, each with its name.
+///
+/// # Errors
+/// A truth of another shape than the gradient.
+pub fn judge_gradients(
+    case: &Case,
+    dtype: DType,
+    grads: &crate::run::BackwardOutput,
+) -> Result<Vec<(&'static str, Verdict)>> {
+    let mut named = vec![("dq", &grads.dq), ("dk", &grads.dk), ("dv", &grads.dv)];
+    if let Some(dm) = &grads.dmask {
+        named.push(("dmask", dm));
+    }
+    let mut out = Vec::new();
+    for (name, got) in named {
+        if case.result(&format!("{name}_f64")).is_some() {
+            out.push((
+                name,
+                judge_result(case, dtype, name, got, Floor::Magnitude)?,
+            ));
+        }
+    }
+    Ok(out)
+}

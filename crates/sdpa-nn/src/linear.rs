@@ -154,7 +154,11 @@ impl<T: Element> Linear<T> {
         if dy.dim() != (x.nrows(), self.out_features()) {
             return Err(sdpa_core::SdpaError::invalid(
                 "grad_out",
-                format!("shape [{}, {}] (the input's rows, the layer's out features)", x.nrows(), self.out_features()),
+                format!(
+                    "shape [{}, {}] (the input's rows, the layer's out features)",
+                    x.nrows(),
+                    self.out_features()
+                ),
                 format!("{:?}", dy.shape()),
             )
             .into());
@@ -164,12 +168,19 @@ impl<T: Element> Linear<T> {
         let mut dx = Array2::<T::Acc>::zeros((x.nrows(), self.in_features()));
         let mut dw = Array2::<T::Acc>::zeros(self.weight.dim());
         if x.nrows() > 0 && self.out_features() > 0 && self.in_features() > 0 {
-            ndarray::linalg::general_mat_mul(T::Acc::one(), &dya, &self.weight_acc, T::Acc::zero(), &mut dx);
+            ndarray::linalg::general_mat_mul(
+                T::Acc::one(),
+                &dya,
+                &self.weight_acc,
+                T::Acc::zero(),
+                &mut dx,
+            );
             ndarray::linalg::general_mat_mul(T::Acc::one(), &dya.t(), &xa, T::Acc::zero(), &mut dw);
         }
-        let bias = self.bias.as_ref().map(|_| {
-            dya.sum_axis(ndarray::Axis(0)).mapv(T::from_acc)
-        });
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|_| dya.sum_axis(ndarray::Axis(0)).mapv(T::from_acc));
         Ok(LinearGrads {
             dx: dx.mapv(T::from_acc),
             weight: dw.mapv(T::from_acc),

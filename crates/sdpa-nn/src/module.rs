@@ -528,7 +528,10 @@ impl<T: Element> CausalSelfAttention<T> {
         );
         let grads = grads?;
         // dq, dk, dv [B, H, T, D] -> dqkv [B, T, 3, H, D] -> [B*T, 3E].
-        let mut dqkv = Array5::<T>::from_elem((batch, len, 3, heads, d), T::from_acc(num_traits::Zero::zero()));
+        let mut dqkv = Array5::<T>::from_elem(
+            (batch, len, 3, heads, d),
+            T::from_acc(num_traits::Zero::zero()),
+        );
         for (i, g) in [&grads.dq, &grads.dk, &grads.dv].into_iter().enumerate() {
             dqkv.index_axis_mut(Axis(2), i)
                 .assign(&g.view().permuted_axes([0, 2, 1, 3]));

@@ -158,7 +158,11 @@ struct Param {
 impl Param {
     fn new(value: Vec<f32>) -> Self {
         let n = value.len();
-        Param { value, m: vec![0.0; n], v: vec![0.0; n] }
+        Param {
+            value,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 
     fn step(&mut self, grad: &[f32], config: &TrainConfig, t: i32) {
@@ -198,13 +202,17 @@ impl TinyLm {
         let a = 1.0 / (e as f32).sqrt();
         let c_attn = Linear::new(rng.matrix(3 * e, e, a), Some(Array1::zeros(3 * e)))?;
         let c_proj = Linear::new(rng.matrix(e, e, a), Some(Array1::zeros(e)))?;
-        let mut attn = CausalSelfAttention::new(c_attn, c_proj, config.heads, config.dropout, true)?;
+        let mut attn =
+            CausalSelfAttention::new(c_attn, c_proj, config.heads, config.dropout, true)?;
         attn.seed(config.seed);
         Ok(TinyLm {
             tok: rng.matrix(config.vocab, e, 1.0),
             pos: rng.matrix(config.seq_len, e, 1.0),
             attn,
-            head: Linear::new(rng.matrix(config.vocab, e, a), Some(Array1::zeros(config.vocab)))?,
+            head: Linear::new(
+                rng.matrix(config.vocab, e, a),
+                Some(Array1::zeros(config.vocab)),
+            )?,
         })
     }
 }
@@ -253,7 +261,9 @@ pub fn train(
             row.assign(&(&model.tok.row(token) + &model.pos.row(ti)));
         }
         let (a, saved) = model.attn.forward_train_on(h.view(), exec)?;
-        let z = (&h + &a).into_shape_with_order((b * t, e)).expect("contiguous");
+        let z = (&h + &a)
+            .into_shape_with_order((b * t, e))
+            .expect("contiguous");
         let logits = model.head.forward(z.view())?;
         // Cross-entropy over positions t >= delay, and its gradient.
         let mut dlogits = Array2::<f32>::zeros((b * t, vocab));
@@ -271,7 +281,10 @@ pub fn train(
             let best = row
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+                )
                 .0;
             correct += usize::from(best == target);
             for (j, d) in dlogits.row_mut(r).iter_mut().enumerate() {
@@ -293,7 +306,10 @@ pub fn train(
         }
         // Backward.
         let head_grads = model.head.backward(z.view(), dlogits.view())?;
-        let dz = head_grads.dx.into_shape_with_order((b, t, e)).expect("contiguous");
+        let dz = head_grads
+            .dx
+            .into_shape_with_order((b, t, e))
+            .expect("contiguous");
         let block = model.attn.backward_on(&saved, dz.view(), exec)?;
         let dh = &dz + &block.dx;
         let mut dtok = Array2::<f32>::zeros((vocab, e));
@@ -310,22 +326,58 @@ pub fn train(
         let ti = i32::try_from(step).unwrap_or(i32::MAX);
         let slice = |a: &Array2<f32>| a.iter().copied().collect::<Vec<_>>();
         attn_w.step(&slice(&block.c_attn.0), config, ti);
-        attn_b.step(block.c_attn.1.as_ref().expect("bias").as_slice().expect("contiguous"), config, ti);
+        attn_b.step(
+            block
+                .c_attn
+                .1
+                .as_ref()
+                .expect("bias")
+                .as_slice()
+                .expect("contiguous"),
+            config,
+            ti,
+        );
         proj_w.step(&slice(&block.c_proj.0), config, ti);
-        proj_b.step(block.c_proj.1.as_ref().expect("bias").as_slice().expect("contiguous"), config, ti);
+        proj_b.step(
+            block
+                .c_proj
+                .1
+                .as_ref()
+                .expect("bias")
+                .as_slice()
+                .expect("contiguous"),
+            config,
+            ti,
+        );
         head_w.step(&slice(&head_grads.weight), config, ti);
-        head_b.step(head_grads.bias.as_ref().expect("bias").as_slice().expect("contiguous"), config, ti);
+        head_b.step(
+            head_grads
+                .bias
+                .as_ref()
+                .expect("bias")
+                .as_slice()
+                .expect("contiguous"),
+            config,
+            ti,
+        );
         tok.step(&slice(&dtok), config, ti);
         pos.step(&slice(&dpos), config, ti);
         let matrix = |p: &Param, rows, cols| {
             Array2::from_shape_vec((rows, cols), p.value.clone()).expect("its own shape")
         };
         let (c_attn, c_proj) = model.attn.layers_mut();
-        c_attn.set_parameters(matrix(&attn_w, 3 * e, e), Some(Array1::from(attn_b.value.clone())))?;
-        c_proj.set_parameters(matrix(&proj_w, e, e), Some(Array1::from(proj_b.value.clone())))?;
-        model
-            .head
-            .set_parameters(matrix(&head_w, vocab, e), Some(Array1::from(head_b.value.clone())))?;
+        c_attn.set_parameters(
+            matrix(&attn_w, 3 * e, e),
+            Some(Array1::from(attn_b.value.clone())),
+        )?;
+        c_proj.set_parameters(
+            matrix(&proj_w, e, e),
+            Some(Array1::from(proj_b.value.clone())),
+        )?;
+        model.head.set_parameters(
+            matrix(&head_w, vocab, e),
+            Some(Array1::from(head_b.value.clone())),
+        )?;
         model.tok = matrix(&tok, vocab, e);
         model.pos = matrix(&pos, t, e);
         on_step(&report);

@@ -258,3 +258,53 @@ fn wrong_input_is_an_error() {
     let err = cuda.forward_host(gpu, x.view()).unwrap_err();
     assert!(err.to_string().contains("E = 64"), "{err}");
 }
+
+/// The module's backward with the attention on CUDA (the fused efficient backward for
+/// f32) equals the one on the CPU: every gradient within 1e-4 of its largest magnitude
+/// (f32 sums in another order), dropout of the forward replayed on both.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn module_backward_on_cuda_matches_the_cpu() {
+    let e = 64;
+    let mut rng = SplitMix64(21);
+    let w = |rows: usize, rng: &mut SplitMix64| {
+        Array2::from_shape_simple_fn((rows, e), || (rng.symmetric() * 0.2) as f32)
+    };
+    let c_attn = Linear::new(w(3 * e, &mut rng), None).unwrap();
+    let c_proj = Linear::new(w(e, &mut rng), None).unwrap();
+    let mut cpu = CausalSelfAttention::new(c_attn, c_proj, 4, 0.1, true).unwrap();
+    let mut on_gpu = cpu.clone();
+    let x = Array3::from_shape_simple_fn((2, 37, e), || rng.symmetric() as f32);
+    let dout = Array3::from_shape_simple_fn((2, 37, e), || rng.symmetric() as f32);
+    cpu.seed(9);
+    on_gpu.seed(9);
+    let exec = sdpa::Exec::cuda(gpu());
+    let (y_cpu, saved_cpu) = cpu.forward_train(x.view()).unwrap();
+    let (y_gpu, saved_gpu) = on_gpu.forward_train_on(x.view(), &exec).unwrap();
+    let g_cpu = cpu.backward(&saved_cpu, dout.view()).unwrap();
+    let g_gpu = on_gpu.backward_on(&saved_gpu, dout.view(), &exec).unwrap();
+    let close = |name: &str, a: &[f32], b: &[f32]| {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-4 * scale.max(1.0),
+            "{name}: worst {worst} at magnitude {scale}"
+        );
+    };
+    close("y", y_cpu.as_slice().unwrap(), y_gpu.as_slice().unwrap());
+    close(
+        "dx",
+        g_cpu.dx.as_slice().unwrap(),
+        g_gpu.dx.as_slice().unwrap(),
+    );
+    close(
+        "c_attn.weight",
+        g_cpu.c_attn.0.as_slice().unwrap(),
+        g_gpu.c_attn.0.as_slice().unwrap(),
+    );
+    close(
+        "c_proj.weight",
+        g_cpu.c_proj.0.as_slice().unwrap(),
+        g_gpu.c_proj.0.as_slice().unwrap(),
+    );
+}

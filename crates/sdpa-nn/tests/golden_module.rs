@@ -14,7 +14,11 @@
 //! case file itself (it holds `c_attn.weight`, `c_attn.bias`, `c_proj.weight`,
 //! `c_proj.bias`), takes `heads`, `is_causal` and `mode` (train / eval; dropout 0) from
 //! the metadata. The f64 truth is also held against the module run in f64 on the same
-//! weights and input, widened. A malformed file fails naming it; nothing is skipped.
+//! weights and input, widened. A dense case with `dout` also holds libtorch's autograd
+//! gradients (`dx`, `c_attn.weight.grad`, ...) and their f64 truths: the module's
+//! `forward_train` + `backward` on the CPU is judged against them the same way (the
+//! floor at the gradient's magnitude). A malformed file fails naming it; nothing is
+//! skipped.
 
 use ndarray::{ArrayD, Ix2, Ix3};
 use sdpa_core::DType;
@@ -230,14 +234,28 @@ fn check(path: &Path, gpu: Option<&GpuContext>) -> Result<f64, String> {
             return Err(format!("tensor {w}: expected {}", dtype.name()));
         }
     }
-    let known = ["x", "out", "out_f64"];
+    let known = ["x", "out", "out_f64", "dout"];
+    let is_grad = |n: &str| {
+        GRADS
+            .iter()
+            .any(|g| n == *g || n.strip_suffix("_f64") == Some(g))
+    };
     if let Some(extra) = file
         .tensors
         .keys()
-        .find(|n| !known.contains(&n.as_str()) && !WEIGHTS.contains(&n.as_str()))
+        .find(|n| !known.contains(&n.as_str()) && !WEIGHTS.contains(&n.as_str()) && !is_grad(n))
     {
         return Err(format!("unexpected tensor {extra}"));
     }
+    // Dense cases with dout: the backward on the CPU (the CUDA module has no backward of
+    // its own; its attention's is tested in the GPU bundle).
+    let grad_ratio = match (file.tensors.get("dout"), &input, gpu) {
+        (Some(dout), Input::Dense, None) => check_gradients(&file, &bytes, &cfg, x, dout)?,
+        (Some(_), Input::Nested(_), _) => {
+            return Err("dout in a nested case: not made by the generator".into())
+        }
+        _ => 0.0,
+    };
     let truth = out_f64.to_f64();
 
     // The truth against the module in f64 on the widened weights and input.
@@ -266,7 +284,7 @@ fn check(path: &Path, gpu: Option<&GpuContext>) -> Result<f64, String> {
                 torch.max_abs
             ));
         }
-        Ok(r.max_abs / bound)
+        Ok((r.max_abs / bound).max(grad_ratio))
     } else {
         let r = compare_with(
             ours.view(),
@@ -278,6 +296,172 @@ fn check(path: &Path, gpu: Option<&GpuContext>) -> Result<f64, String> {
         }
         Ok(0.0)
     }
+}
+
+/// The gradients libtorch's autograd stored, in order: the incoming `dout`'s effect on
+/// `x` and on each weight.
+const GRADS: [&str; 5] = [
+    "dx",
+    "c_attn.weight.grad",
+    "c_attn.bias.grad",
+    "c_proj.weight.grad",
+    "c_proj.bias.grad",
+];
+
+/// The module in `T` built from `weights`, its training forward on `x` and backward for
+/// `dout`: the gradients of [`GRADS`], widened.
+fn gradients_typed<T: sdpa_ref::Element>(
+    weights: &[u8],
+    cfg: &Config,
+    x: ArrayD<T>,
+    dout: ArrayD<T>,
+    widen: fn(&T) -> f64,
+) -> Result<Vec<ArrayD<f64>>, String> {
+    let mut m = CausalSelfAttention::<T>::from_safetensors(weights, cfg.heads, 0.0, cfg.is_causal)
+        .map_err(|e| format!("from_safetensors: {e}"))?;
+    if cfg.training {
+        m.train();
+    } else {
+        m.eval();
+    }
+    let x = x
+        .into_dimensionality::<Ix3>()
+        .map_err(|e| format!("x: {e}"))?;
+    let dout = dout
+        .into_dimensionality::<Ix3>()
+        .map_err(|e| format!("dout: {e}"))?;
+    let (_, saved) = m
+        .forward_train(x.view())
+        .map_err(|e| format!("forward_train: {e}"))?;
+    let g = m
+        .backward(&saved, dout.view())
+        .map_err(|e| format!("backward: {e}"))?;
+    let bias = |b: Option<ndarray::Array1<T>>, name: &str| {
+        b.map(|b| b.into_dyn().map(widen))
+            .ok_or(format!("{name}: no gradient (the layer has a bias)"))
+    };
+    Ok(vec![
+        g.dx.into_dyn().map(widen),
+        g.c_attn.0.into_dyn().map(widen),
+        bias(g.c_attn.1, "c_attn.bias")?,
+        g.c_proj.0.into_dyn().map(widen),
+        bias(g.c_proj.1, "c_proj.bias")?,
+    ])
+}
+
+fn gradients(
+    weights: &[u8],
+    cfg: &Config,
+    x: &Tensor,
+    dout: &Tensor,
+) -> Result<Vec<ArrayD<f64>>, String> {
+    match (x, dout) {
+        (Tensor::F64(x), Tensor::F64(d)) => {
+            gradients_typed(weights, cfg, x.clone(), d.clone(), |v| *v)
+        }
+        (Tensor::F32(x), Tensor::F32(d)) => {
+            gradients_typed(weights, cfg, x.clone(), d.clone(), |v| f64::from(*v))
+        }
+        (Tensor::F16(x), Tensor::F16(d)) => {
+            gradients_typed(weights, cfg, x.clone(), d.clone(), |v| v.to_f64())
+        }
+        (Tensor::BF16(x), Tensor::BF16(d)) => {
+            gradients_typed(weights, cfg, x.clone(), d.clone(), |v| v.to_f64())
+        }
+        _ => Err(format!(
+            "dout: expected the dtype of x ({}), got {}",
+            x.dtype_name(),
+            dout.dtype_name()
+        )),
+    }
+}
+
+/// Every stored gradient against its f64 truth: ours within `2 * max|libtorch - truth|`
+/// plus the dtype's floor at the gradient's magnitude (`max(1, max|truth|)`: weight
+/// gradients sum over B*T rows, FlashAttention 3's floor), and the module in f64 within
+/// 1e-10 of the truth at that magnitude. Returns the largest error / bound.
+fn check_gradients(
+    file: &TensorFile,
+    bytes: &[u8],
+    cfg: &Config,
+    x: &Tensor,
+    dout: &Tensor,
+) -> Result<f64, String> {
+    let dtype = x.dtype().ok_or("x: a float dtype")?;
+    if dout.shape() != x.shape() || dout.dtype() != Some(dtype) {
+        return Err(format!(
+            "tensor dout: expected {} {:?}, got {} {:?}",
+            dtype.name(),
+            x.shape(),
+            dout.dtype_name(),
+            dout.shape()
+        ));
+    }
+    let ours = gradients(bytes, cfg, x, dout)?;
+    let wide: Vec<(String, Tensor)> = WEIGHTS
+        .iter()
+        .map(|&w| {
+            Ok((
+                w.to_owned(),
+                Tensor::F64(
+                    file.tensors
+                        .get(w)
+                        .ok_or(format!("no tensor {w}"))?
+                        .to_f64(),
+                ),
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let wide_refs: Vec<(String, &Tensor)> = wide.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let wide_bytes = serialize(&wide_refs, &BTreeMap::new());
+    let ours_f64 = gradients(
+        &wide_bytes,
+        cfg,
+        &Tensor::F64(x.to_f64()),
+        &Tensor::F64(dout.to_f64()),
+    )?;
+    let mut worst = 0.0f64;
+    for (i, name) in GRADS.iter().enumerate() {
+        let get = |n: &str| file.tensors.get(n).ok_or(format!("no tensor {n}"));
+        let (torch, truth) = (get(name)?, get(&format!("{name}_f64"))?);
+        if torch.dtype() != Some(dtype)
+            || truth.dtype() != Some(DType::F64)
+            || torch.shape() != truth.shape()
+        {
+            return Err(format!(
+                "{name}: libtorch's {} {:?} and truth {} {:?}",
+                torch.dtype_name(),
+                torch.shape(),
+                truth.dtype_name(),
+                truth.shape()
+            ));
+        }
+        let truth = truth.to_f64();
+        if ours[i].shape() != truth.shape() {
+            return Err(format!(
+                "{name}: ours {:?}, truth {:?}",
+                ours[i].shape(),
+                truth.shape()
+            ));
+        }
+        let magnitude = truth.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let r64 = compare(ours_f64[i].view(), truth.view());
+        if r64.non_finite > 0 || r64.max_abs > 1e-10 * magnitude {
+            return Err(format!(
+                "{name}: the module in f64 and libtorch's f64 truth disagree: {r64}"
+            ));
+        }
+        let torch_err = compare(torch.to_f64().view(), truth.view()).max_abs;
+        let bound = tolerance::PEER_FACTOR * torch_err + tolerance::peer_floor(dtype) * magnitude;
+        let r = compare(ours[i].view(), truth.view());
+        if r.non_finite > 0 || !(r.max_abs <= bound) {
+            return Err(format!(
+                "FAIL {name}: ours {r}; libtorch max abs err {torch_err:.3e}, bound {bound:.3e}"
+            ));
+        }
+        worst = worst.max(r.max_abs / bound);
+    }
+    Ok(worst)
 }
 
 fn check_all(

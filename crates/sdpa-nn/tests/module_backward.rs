@@ -13,7 +13,8 @@ const HEADS: usize = 2;
 fn values(n: usize, salt: u64) -> Vec<f64> {
     (0..n as u64)
         .map(|i| {
-            let mut z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let mut z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
             z ^= z >> 31;
             z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z ^= z >> 29;
@@ -23,7 +24,9 @@ fn values(n: usize, salt: u64) -> Vec<f64> {
 }
 
 fn module(dropout: f64, causal: bool) -> CausalSelfAttention<f64> {
-    let w = |rows: usize, salt| Array2::from_shape_vec((rows, E), values(rows * E, salt)).unwrap() * 0.6;
+    let w = |rows: usize, salt| {
+        Array2::from_shape_vec((rows, E), values(rows * E, salt)).unwrap() * 0.6
+    };
     let b = |len: usize, salt| Array1::from_vec(values(len, salt)) * 0.2;
     let c_attn = Linear::new(w(3 * E, 1), Some(b(3 * E, 2))).unwrap();
     let c_proj = Linear::new(w(E, 3), Some(b(E, 4))).unwrap();
@@ -39,12 +42,7 @@ fn loss(m: &mut CausalSelfAttention<f64>, x: &Array3<f64>, g: &Array3<f64>) -> f
 }
 
 /// Central differences of `loss` with respect to each element that `get`/`set` reach.
-fn check_param(
-    name: &str,
-    analytic: &[f64],
-    len: usize,
-    mut at: impl FnMut(usize, f64) -> f64,
-) {
+fn check_param(name: &str, analytic: &[f64], len: usize, mut at: impl FnMut(usize, f64) -> f64) {
     assert_eq!(analytic.len(), len, "{name}: gradient length");
     let h = 1e-5;
     let mut worst = 0.0f64;
@@ -82,11 +80,19 @@ fn gradient_check(dropout: f64, causal: bool, training: bool) {
         loss(&mut m.clone(), &xp, &g)
     });
     for layer in 0..2 {
-        let (dw, db) = if layer == 0 { &grads.c_attn } else { &grads.c_proj };
+        let (dw, db) = if layer == 0 {
+            &grads.c_attn
+        } else {
+            &grads.c_proj
+        };
         let name = if layer == 0 { "c_attn" } else { "c_proj" };
         let base = m.clone();
         let lin = |m: &CausalSelfAttention<f64>| {
-            if layer == 0 { m.c_attn().clone() } else { m.c_proj().clone() }
+            if layer == 0 {
+                m.c_attn().clone()
+            } else {
+                m.c_proj().clone()
+            }
         };
         let weight = lin(&base).weight().clone();
         let bias = lin(&base).bias().cloned().unwrap();
@@ -97,17 +103,27 @@ fn gradient_check(dropout: f64, causal: bool, training: bool) {
             target.set_parameters(w, Some(bb)).unwrap();
             m
         };
-        check_param(&format!("{name}.weight"), dw.as_slice().unwrap(), weight.len(), |i, h| {
-            let mut w = weight.clone();
-            w.as_slice_mut().unwrap()[i] += h;
-            loss(&mut perturb(w, bias.clone()), &x, &g)
-        });
+        check_param(
+            &format!("{name}.weight"),
+            dw.as_slice().unwrap(),
+            weight.len(),
+            |i, h| {
+                let mut w = weight.clone();
+                w.as_slice_mut().unwrap()[i] += h;
+                loss(&mut perturb(w, bias.clone()), &x, &g)
+            },
+        );
         let db = db.as_ref().expect("the layer has a bias");
-        check_param(&format!("{name}.bias"), db.as_slice().unwrap(), bias.len(), |i, h| {
-            let mut bb = bias.clone();
-            bb[i] += h;
-            loss(&mut perturb(weight.clone(), bb), &x, &g)
-        });
+        check_param(
+            &format!("{name}.bias"),
+            db.as_slice().unwrap(),
+            bias.len(),
+            |i, h| {
+                let mut bb = bias.clone();
+                bb[i] += h;
+                loss(&mut perturb(weight.clone(), bb), &x, &g)
+            },
+        );
     }
 }
 
@@ -150,13 +166,21 @@ fn dropout_changes_the_gradient() {
 fn cast<T: sdpa_ref::Element>(m: &CausalSelfAttention<f64>) -> CausalSelfAttention<T> {
     let conv = |l: &Linear<f64>| {
         Linear::new(
-            l.weight().mapv(|w| T::from_acc(num_traits::cast(w).unwrap())),
-            l.bias().map(|b| b.mapv(|w| T::from_acc(num_traits::cast(w).unwrap()))),
+            l.weight()
+                .mapv(|w| T::from_acc(num_traits::cast(w).unwrap())),
+            l.bias()
+                .map(|b| b.mapv(|w| T::from_acc(num_traits::cast(w).unwrap()))),
         )
         .unwrap()
     };
-    CausalSelfAttention::new(conv(m.c_attn()), conv(m.c_proj()), m.heads(), m.dropout(), m.is_causal())
-        .unwrap()
+    CausalSelfAttention::new(
+        conv(m.c_attn()),
+        conv(m.c_proj()),
+        m.heads(),
+        m.dropout(),
+        m.is_causal(),
+    )
+    .unwrap()
 }
 
 fn low_precision_matches_f64<T: sdpa_ref::Element>(tol: f64) {
@@ -166,10 +190,12 @@ fn low_precision_matches_f64<T: sdpa_ref::Element>(tol: f64) {
     let mut m64 = module(0.2, true);
     let mut mt = cast::<T>(&m64);
     let to_t = |a: &Array3<f64>| a.mapv(|v| T::from_acc(num_traits::cast(v).unwrap()));
-    let back = |a: &Array3<f64>| a.mapv(|v| {
-        let t = T::from_acc(num_traits::cast(v).unwrap());
-        num_traits::cast::<_, f64>(t.to_acc()).unwrap()
-    });
+    let back = |a: &Array3<f64>| {
+        a.mapv(|v| {
+            let t = T::from_acc(num_traits::cast(v).unwrap());
+            num_traits::cast::<_, f64>(t.to_acc()).unwrap()
+        })
+    };
     // The f64 module sees the inputs as rounded to T, so only the computation differs.
     m64.seed(4);
     mt.seed(4);
@@ -183,12 +209,31 @@ fn low_precision_matches_f64<T: sdpa_ref::Element>(tol: f64) {
             .iter()
             .zip(&got)
             .fold(0.0f64, |a, (w, g)| a.max((w - g).abs()));
-        assert!(worst <= tol * scale, "{name}: worst error {worst} at magnitude {scale} (tolerance {tol} of it)");
+        assert!(
+            worst <= tol * scale,
+            "{name}: worst error {worst} at magnitude {scale} (tolerance {tol} of it)"
+        );
     };
-    let wide = |a: &[T]| a.iter().map(|v| num_traits::cast::<_, f64>(v.to_acc()).unwrap()).collect::<Vec<_>>();
-    compare("dx", g64.dx.as_slice().unwrap(), wide(gt.dx.as_slice().unwrap()));
-    compare("c_attn.weight", g64.c_attn.0.as_slice().unwrap(), wide(gt.c_attn.0.as_slice().unwrap()));
-    compare("c_proj.weight", g64.c_proj.0.as_slice().unwrap(), wide(gt.c_proj.0.as_slice().unwrap()));
+    let wide = |a: &[T]| {
+        a.iter()
+            .map(|v| num_traits::cast::<_, f64>(v.to_acc()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    compare(
+        "dx",
+        g64.dx.as_slice().unwrap(),
+        wide(gt.dx.as_slice().unwrap()),
+    );
+    compare(
+        "c_attn.weight",
+        g64.c_attn.0.as_slice().unwrap(),
+        wide(gt.c_attn.0.as_slice().unwrap()),
+    );
+    compare(
+        "c_proj.weight",
+        g64.c_proj.0.as_slice().unwrap(),
+        wide(gt.c_proj.0.as_slice().unwrap()),
+    );
     compare(
         "c_attn.bias",
         g64.c_attn.1.as_ref().unwrap().as_slice().unwrap(),
@@ -212,20 +257,39 @@ fn backward_refuses_a_gradient_of_another_shape() {
     let x = Array3::<f64>::zeros((1, 3, E));
     let mut m = module(0.0, true);
     let (_, saved) = m.forward_train(x.view()).unwrap();
-    let err = m.backward(&saved, Array3::<f64>::zeros((1, 4, E)).view()).unwrap_err();
+    let err = m
+        .backward(&saved, Array3::<f64>::zeros((1, 4, E)).view())
+        .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("grad_out") && text.contains("[1, 3, 8]") && text.contains("[1, 4, 8]"), "{text}");
+    assert!(
+        text.contains("grad_out") && text.contains("[1, 3, 8]") && text.contains("[1, 4, 8]"),
+        "{text}"
+    );
 }
 
 #[test]
 fn set_parameters_keeps_the_layer_shape() {
     let mut lin = Linear::new(Array2::<f64>::zeros((3, 2)), Some(Array1::zeros(3))).unwrap();
-    let err = lin.set_parameters(Array2::zeros((2, 3)), Some(Array1::zeros(3))).unwrap_err();
-    assert!(matches!(&err, NnError::Weight { name, .. } if name == "weight"), "{err}");
+    let err = lin
+        .set_parameters(Array2::zeros((2, 3)), Some(Array1::zeros(3)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, NnError::Weight { name, .. } if name == "weight"),
+        "{err}"
+    );
     let err = lin.set_parameters(Array2::zeros((3, 2)), None).unwrap_err();
-    assert!(matches!(&err, NnError::Weight { name, .. } if name == "bias"), "{err}");
-    let err = lin.set_parameters(Array2::zeros((3, 2)), Some(Array1::zeros(2))).unwrap_err();
-    assert!(matches!(&err, NnError::Weight { name, .. } if name == "bias"), "{err}");
-    lin.set_parameters(Array2::ones((3, 2)), Some(Array1::ones(3))).unwrap();
+    assert!(
+        matches!(&err, NnError::Weight { name, .. } if name == "bias"),
+        "{err}"
+    );
+    let err = lin
+        .set_parameters(Array2::zeros((3, 2)), Some(Array1::zeros(2)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, NnError::Weight { name, .. } if name == "bias"),
+        "{err}"
+    );
+    lin.set_parameters(Array2::ones((3, 2)), Some(Array1::ones(3)))
+        .unwrap();
     assert_eq!(lin.weight(), &Array2::<f64>::ones((3, 2)));
 }

@@ -6,19 +6,29 @@ use sdpa_nn::train::{train, Optimizer, TrainConfig};
 
 #[test]
 fn adam_learns_the_delayed_copy_in_100_steps() {
-    let config = TrainConfig { steps: 100, ..TrainConfig::small() };
+    let config = TrainConfig {
+        steps: 100,
+        ..TrainConfig::small()
+    };
     let mut losses = Vec::new();
     let summary = train(&config, &sdpa::Exec::cpu(), |r| losses.push(r.loss)).unwrap();
     assert_eq!(losses.len(), 100);
     // Untrained: close to ln(32) = 3.47.
-    assert!((summary.initial_loss - 32f32.ln()).abs() < 0.5, "{summary:?}");
+    assert!(
+        (summary.initial_loss - 32f32.ln()).abs() < 0.5,
+        "{summary:?}"
+    );
     assert!(summary.final_loss < 0.01, "{summary:?}");
     assert!(summary.final_accuracy > 0.99, "{summary:?}");
 }
 
 #[test]
 fn adam_learns_with_dropout() {
-    let config = TrainConfig { steps: 150, dropout: 0.1, ..TrainConfig::small() };
+    let config = TrainConfig {
+        steps: 150,
+        dropout: 0.1,
+        ..TrainConfig::small()
+    };
     let summary = train(&config, &sdpa::Exec::cpu(), |_| {}).unwrap();
     assert!(summary.final_loss < 0.05, "{summary:?}");
     assert!(summary.final_accuracy > 0.98, "{summary:?}");
@@ -40,13 +50,45 @@ fn sgd_learns_the_delayed_copy_in_300_steps() {
 #[test]
 fn a_bad_configuration_is_refused_by_name() {
     for (config, name) in [
-        (TrainConfig { delay: 32, ..TrainConfig::small() }, "delay"),
-        (TrainConfig { heads: 3, ..TrainConfig::small() }, "heads"),
-        (TrainConfig { lr: f32::NAN, ..TrainConfig::small() }, "lr"),
-        (TrainConfig { batch: 0, ..TrainConfig::small() }, "batch"),
-        (TrainConfig { vocab: 1, ..TrainConfig::small() }, "vocab"),
+        (
+            TrainConfig {
+                delay: 32,
+                ..TrainConfig::small()
+            },
+            "delay",
+        ),
+        (
+            TrainConfig {
+                heads: 3,
+                ..TrainConfig::small()
+            },
+            "heads",
+        ),
+        (
+            TrainConfig {
+                lr: f32::NAN,
+                ..TrainConfig::small()
+            },
+            "lr",
+        ),
+        (
+            TrainConfig {
+                batch: 0,
+                ..TrainConfig::small()
+            },
+            "batch",
+        ),
+        (
+            TrainConfig {
+                vocab: 1,
+                ..TrainConfig::small()
+            },
+            "vocab",
+        ),
     ] {
-        let err = train(&config, &sdpa::Exec::cpu(), |_| {}).unwrap_err().to_string();
+        let err = train(&config, &sdpa::Exec::cpu(), |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(name), "{name}: {err}");
     }
 }

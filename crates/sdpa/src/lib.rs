@@ -466,13 +466,13 @@ pub fn attention_varlen(
 /// the forward call's inputs, its `out` and `lse`, and the incoming gradient `dout`,
 /// with the forward's `options` (dropout replays its keep bits from the same seed and
 /// offset). Host arrays: on the CPU the reference ([`sdpa_ref::bwd::sdpa_backward`]),
-/// on CUDA the math backend's backward (cuBLAS; uploaded, results downloaded). The
-/// fused (flash, efficient) backwards are not built yet: a CUDA `exec` without math is
-/// refused with [`Error::Placement`].
+/// on CUDA (uploaded, results downloaded) the efficient backend's fused backward where
+/// `exec.backends` allows it and it covers the problem (f32/f16/bf16, head dims up to
+/// 256), else the math backend's (cuBLAS, every dtype). Flash has no backward yet.
 ///
 /// # Errors
 /// As [`attention`]; `out`, `lse` or `grad_out` of a shape other than the problem's; a
-/// device mask; a CUDA `exec` without the math backend.
+/// device mask; a CUDA `exec` whose backends have no backward for the problem.
 // PyTorch's `_scaled_dot_product_*_backward` argument list, plus where it runs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Elem>(
@@ -487,14 +487,8 @@ pub fn attention_backward<T: Elem>(
     exec: &Exec<'_>,
 ) -> Result<Gradients<T>> {
     if let On::Cuda(gpu) = exec.device {
-        // On CUDA only the math backend has a backward so far.
-        if !exec.backends.contains(Backend::Math) {
-            return Err(placement(
-                "query",
-                "backends that include math (the CUDA backward runs on math; flash and efficient backwards are not built yet)",
-                "a set without math",
-            ));
-        }
+        // On CUDA the efficient backend's fused backward where it covers the problem,
+        // else math (GpuContext::sdpa_backward's dispatch); flash has none yet.
         let mask = match mask {
             None => None,
             Some(Mask::Bool(m)) => Some(sdpa_cuda::HostMask::Bool(m)),
@@ -507,7 +501,17 @@ pub fn attention_backward<T: Elem>(
                 ))
             }
         };
-        let g = gpu.sdpa_backward_host(q, k, v, out, lse, dout, mask.as_ref(), options)?;
+        let g = gpu.sdpa_backward_host(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+            mask.as_ref(),
+            options,
+            exec.backends,
+        )?;
         return Ok(Gradients {
             dq: g.dq,
             dk: g.dk,

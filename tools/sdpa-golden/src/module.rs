@@ -139,6 +139,50 @@ fn forward(case: &ModuleCase, w: &Drawn, math: bool) -> std::result::Result<Tens
     y.f_linear(&w.c_proj_weight, Some(&w.c_proj_bias))
 }
 
+/// The gradients of `sum(forward(w) * dout)` with respect to `x` and the four weights
+/// (libtorch's autograd through the module's ops; `math` as in [`forward`]), in the
+/// order of [`GRADS`].
+fn gradients(
+    case: &ModuleCase,
+    w: &Drawn,
+    dout: &Tensor,
+    math: bool,
+) -> std::result::Result<Vec<Tensor>, tch::TchError> {
+    let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+    let leaves = Drawn {
+        x: leaf(&w.x),
+        c_attn_weight: leaf(&w.c_attn_weight),
+        c_attn_bias: leaf(&w.c_attn_bias),
+        c_proj_weight: leaf(&w.c_proj_weight),
+        c_proj_bias: leaf(&w.c_proj_bias),
+    };
+    let out = forward(case, &leaves, math)?;
+    // d(sum(out * dout))/d(out) = dout exactly.
+    let loss = (&out * dout).sum(None::<Kind>);
+    Tensor::f_run_backward(
+        &[&loss],
+        &[
+            &leaves.x,
+            &leaves.c_attn_weight,
+            &leaves.c_attn_bias,
+            &leaves.c_proj_weight,
+            &leaves.c_proj_bias,
+        ],
+        false,
+        false,
+    )
+}
+
+/// The stored names of the gradients (`dout` is the incoming one), and of their truths
+/// with `_f64` appended.
+const GRADS: [&str; 5] = [
+    "dx",
+    "c_attn.weight.grad",
+    "c_attn.bias.grad",
+    "c_proj.weight.grad",
+    "c_proj.bias.grad",
+];
+
 fn metadata(case: &ModuleCase) -> Vec<(String, String)> {
     vec![
         ("name".to_owned(), case.name.clone()),
@@ -181,7 +225,21 @@ pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> 
         };
         let out = forward(case, &rounded, false).map_err(|e| fail("forward", e))?;
         let out_f64 = forward(case, &up, true).map_err(|e| fail("forward f64", e))?;
-        let tensors: Vec<(&str, &Tensor)> = vec![
+        // The incoming gradient, drawn from its own stream, rounded to the case dtype;
+        // the truth's backward takes it upcast exactly.
+        let dout = {
+            let mut rng = case_rng(&case.name, 1);
+            let n = case.b * case.t * case.e;
+            let values: Vec<f64> = (0..n).map(|_| normal(&mut rng)).collect();
+            Tensor::from_slice(&values)
+                .reshape([case.b as i64, case.t as i64, case.e as i64])
+                .to_kind(k)
+        };
+        let grads = gradients(case, &rounded, &dout, false).map_err(|e| fail("backward", e))?;
+        let grads_f64 = gradients(case, &up, &to(&dout, Kind::Double), true)
+            .map_err(|e| fail("backward f64", e))?;
+        let truth_names: Vec<String> = GRADS.iter().map(|g| format!("{g}_f64")).collect();
+        let mut tensors: Vec<(&str, &Tensor)> = vec![
             ("x", &rounded.x),
             ("c_attn.weight", &rounded.c_attn_weight),
             ("c_attn.bias", &rounded.c_attn_bias),
@@ -189,7 +247,12 @@ pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> 
             ("c_proj.bias", &rounded.c_proj_bias),
             ("out", &out),
             ("out_f64", &out_f64),
+            ("dout", &dout),
         ];
+        for (i, name) in GRADS.iter().enumerate() {
+            tensors.push((name, &grads[i]));
+            tensors.push((&truth_names[i], &grads_f64[i]));
+        }
         let file = format!("{}.safetensors", case.name);
         let bytes = write::case_file(&dir.join(&file), &tensors, &metadata(case))?;
         total += bytes;
@@ -230,6 +293,9 @@ pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> 
                 ("c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias", "the state_dict, in the case dtype ([3E, E], [3E], [E, E], [E])"),
                 ("out", "libtorch CPU, every op in the case dtype"),
                 ("out_f64", "truth: the same ops on the stored tensors upcast to f64, attention through _scaled_dot_product_attention_math"),
+                ("dout", "the incoming gradient [B, T, E] in the case dtype"),
+                ("dx, c_attn.weight.grad, c_attn.bias.grad, c_proj.weight.grad, c_proj.bias.grad", "libtorch CPU autograd of sum(out * dout), every op in the case dtype"),
+                ("dx_f64, c_attn.weight.grad_f64, ...", "truth: the same autograd on the upcast tensors (math attention), f64"),
             ])),
             total_bytes: Some(total),
             // As the committed manifest has it (byte for byte), though the crate moved.

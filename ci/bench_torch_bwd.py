@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Times PyTorch's SDPA backward (default, flash, efficient, cuDNN; math on the two
+smallest shapes) on the problems `sdpa-cuda-bench --backward` times ours on: the issue's
+five shapes, and the second with dropout 0.1 and with a bool key-padding mask [B, 1, 1, S].
+Only the backward is timed (torch.autograd.grad of one forward's output, retain_graph),
+with CUDA events, after a warm-up, median of the runs. TFLOP/s count the backward as 2.5x
+the forward's FLOPs. With --ours (sdpa-cuda-bench --backward output) it prints one
+markdown table of both and the ratio PyTorch time / ours (>1: ours is faster).
+
+Usage: python3 bench_torch_bwd.py [--ours ours.jsonl] [--json torch.json]
+"""
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHAPES = [
+    (32, 32, 1024, 32, "f16", False),
+    (16, 16, 2048, 64, "f16", False),
+    (8, 16, 4096, 128, "bf16", False),
+    (8, 16, 4096, 128, "bf16", True),
+    (4, 16, 8192, 128, "f16", False),
+]
+BACKENDS = {
+    "default": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def problems():
+    for s in SHAPES:
+        yield s, None
+    yield SHAPES[1], "dropout0.1"
+    yield SHAPES[1], "keypadding"
+
+
+def label(shape, variant):
+    b, h, l, e, dt, causal = shape
+    base = f"{b},{h},{l},{e},{dt},{str(causal).lower()}"
+    return base if variant is None else f"{base},{variant}"
+
+
+def flops(shape):
+    b, h, l, e, _, causal = shape
+    full = 4.0 * b * h * l * l * e
+    return 2.5 * (full / 2 if causal else full)
+
+
+def time_backward(shape, variant, backend, warmup=2, max_runs=20, budget_ms=600.0):
+    b, h, l, e, dt, causal = shape
+    dtype = DTYPES[dt]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = [
+        (torch.rand(b, h, l, e, device="cuda", dtype=dtype, generator=gen) * 2 - 1).requires_grad_()
+        for _ in range(3)
+    ]
+    dout = torch.rand(b, h, l, e, device="cuda", dtype=dtype, generator=gen) * 2 - 1
+    mask = None
+    if variant == "keypadding":
+        keep = torch.arange(l, device="cuda")[None, :] < torch.tensor(
+            [max(1, l - (i % 4) * l // 8) for i in range(b)], device="cuda"
+        )[:, None]
+        mask = keep[:, None, None, :]
+    p = 0.1 if variant == "dropout0.1" else 0.0
+
+    def forward():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+
+    try:
+        if backend is None:
+            out = forward()
+        else:
+            with sdpa_kernel(backend):
+                out = forward()
+        call = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        for _ in range(warmup):
+            call()
+        torch.cuda.synchronize()
+        times, spent = [], 0.0
+        for _ in range(max_runs):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+            times.append(ms)
+            spent += ms
+            if spent > budget_ms and len(times) >= 3:
+                break
+        return statistics.median(times)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        return str(err).splitlines()[0][:80]
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    results = {}
+    for shape, variant in problems():
+        key = label(shape, variant)
+        for name, backend in BACKENDS.items():
+            if name == "math" and shape[2] > 2048:
+                continue
+            results[(key, name)] = time_backward(shape, variant, backend)
+            print(key, name, results[(key, name)], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{k}|{n}": v for (k, n), v in results.items()}, f, indent=1)
+    ours = {}
+    if args.ours:
+        with open(args.ours) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    ours[(row["label"], row["backend"])] = row["median_ms"]
+    print()
+    print("| problem | ours efficient ms (TFLOP/s) | ours math ms | torch flash | torch efficient | torch cuDNN | torch default | flash/ours | efficient/ours | default/ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, variant in problems():
+        key = label(shape, variant)
+        f = flops(shape)
+        eff = ours.get((key, "efficient"))
+        math = ours.get((key, "math"))
+
+        def cell(ms):
+            if isinstance(ms, float):
+                return f"{ms:.3f} ({f / ms / 1e9:.0f})"
+            return "n/a" if ms is None else f"n/a ({ms})"
+
+        def ratio(name):
+            t = results.get((key, name))
+            if isinstance(t, float) and isinstance(eff, float):
+                return f"{t / eff:.2f}x"
+            return "n/a"
+
+        print(
+            f"| {key} | {cell(eff)} | {cell(math)} | {cell(results.get((key, 'flash')))} | "
+            f"{cell(results.get((key, 'efficient')))} | {cell(results.get((key, 'cudnn')))} | "
+            f"{cell(results.get((key, 'default')))} | {ratio('flash')} | {ratio('efficient')} | {ratio('default')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
