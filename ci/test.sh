@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): formatting, lints, every workspace test, the
-# golden regeneration check, the NVRTC compile check of every kernel, and a bounded
-# fuzzing run. Runs on a fresh machine with no GPU; installs what it needs from the
-# package registries (the torch wheel, the NVRTC wheel, cargo-fuzz).
+# golden regeneration check, the NVRTC compile check of every kernel, the backward
+# kernels run on a CPU emulator (ci/emu.sh), and a bounded fuzzing run. Runs on a fresh
+# machine with no GPU; installs what it needs from the package registries (the torch
+# wheel, the NVRTC wheel, cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -25,6 +26,8 @@ python3 ci/gen_wgmma.py | cmp - kernels/common/wgmma.cuh
 python3 ci/planted_bugs.py check kernels
 step "kernels: compile every variant with NVRTC for sm_80 and sm_90, the Hopper kernel for sm_90a (ci/nvrtc.sh)"
 bash ci/nvrtc.sh
+step "kernels: the backward kernels run on the CPU emulator against an f64 backward (ci/emu.sh)"
+bash ci/emu.sh | tail -3
 step "fuzz: 60 s per target (ci/fuzz.sh)"
 bash ci/fuzz.sh 60
 step "done"

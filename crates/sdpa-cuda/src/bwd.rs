@@ -32,7 +32,7 @@ use crate::blas::{blas_types, Gemm, Operand};
 use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
 use crate::launch;
-use crate::params::{BwdOperands, BwdParams, Operands};
+use crate::params::{BwdOperands, BwdParams, Operands, Varlen};
 use crate::spec::{Entry, KernelSpec, Kind};
 use crate::tensor::{Buffer, DeviceElement, DeviceMask, DeviceTensor, HostMask};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -265,6 +265,103 @@ impl GpuContext {
             dv,
             dmask,
             dmask_shape: additive.map(|m| m.desc().shape).unwrap_or_default(),
+            backend,
+        })
+    }
+
+    /// The backward of [`GpuContext::sdpa_varlen`] (the efficient backend's fused
+    /// backward in its varlen mode; math takes no `cu_seqlens`): q, k, v and `varlen` as
+    /// the forward took them, its `out` `[1, Hq, total_q, Ev]` and `lse`
+    /// `[1, Hq, total_q, 1]`, `dout` like `out` (unit last-dim stride). The gradients
+    /// come packed like their inputs: `dq` `[1, Hq, total_q, E]`, `dk` `[1, Hkv, total_k,
+    /// E]`, `dv` `[1, Hkv, total_k, Ev]` views of `[total, H, dim]` storage. Dropout
+    /// replays the padded `[B, Hq, max_q, max_k]` index space of the forward.
+    ///
+    /// # Errors
+    /// What [`GpuContext::sdpa_varlen`] refuses; `out`, `dout` or `lse` of another shape
+    /// or dtype; a backend set without efficient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_varlen_backward(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        varlen: Varlen<'_>,
+        out: &DeviceTensor,
+        lse: &DeviceTensor,
+        dout: &DeviceTensor,
+        options: &SdpaOptions,
+        backends: BackendSet,
+    ) -> Result<DeviceGradients> {
+        let problem = self.varlen_problem(q, k, v, varlen, options)?;
+        let backend = select_backward(&problem, backends)?;
+        let (cq, ck) = (varlen.cu_seqlens_q, varlen.cu_seqlens_k);
+        let (hq, hkv, e, ev) = (
+            problem.heads_q,
+            problem.heads_kv,
+            problem.head_dim,
+            problem.head_dim_v,
+        );
+        check_shape("out", out, [1, hq, cq.total(), ev], problem.dtype)?;
+        check_shape("dout", dout, [1, hq, cq.total(), ev], problem.dtype)?;
+        check_shape("lse", lse, [1, hq, cq.total(), 1], DType::F32)?;
+        let packed =
+            |arg: &'static str, heads: usize, total: usize, dim: usize| -> Result<DeviceTensor> {
+                let rows = total.checked_mul(heads).ok_or_else(|| {
+                    CudaError::bad_layout(arg, "a packed gradient that fits memory", total)
+                })?;
+                let storage = DeviceTensor::alloc(self, problem.dtype, [1, 1, rows, dim])?;
+                storage.view(
+                    [1, heads, total, dim],
+                    [
+                        (rows * dim) as isize,
+                        dim as isize,
+                        (heads * dim) as isize,
+                        1,
+                    ],
+                    0,
+                )
+            };
+        let dq = packed("cu_seqlens_q", hq, cq.total(), e)?;
+        let dk = packed("cu_seqlens_k", hkv, ck.total(), e)?;
+        let dv = packed("cu_seqlens_k", hkv, ck.total(), ev)?;
+        let ops = BwdOperands {
+            fwd: Operands {
+                q,
+                k,
+                v,
+                mask: None,
+                out,
+                lse,
+                seqlens: Some(varlen),
+            },
+            dout,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        let mut params = BwdParams::build(self, &problem, &ops)?;
+        if self.poison_outputs() {
+            for t in [&dq, &dk, &dv] {
+                t.poison(self)?;
+            }
+        }
+        match backend {
+            Backend::Efficient => self.run_fused_backward(&problem, &mut params, None)?,
+            other => {
+                return Err(SdpaError::NoBackend(vec![(
+                    other,
+                    "has no variable-length backward".to_string(),
+                )])
+                .into())
+            }
+        }
+        Ok(DeviceGradients {
+            dq,
+            dk,
+            dv,
+            dmask: None,
+            dmask_shape: Vec::new(),
             backend,
         })
     }

@@ -227,42 +227,8 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<Attention> {
-        let (cq, ck) = (varlen.cu_seqlens_q, varlen.cu_seqlens_k);
-        if cq.batch() != ck.batch() {
-            return Err(CudaError::bad_layout(
-                "cu_seqlens_k",
-                format!("{} sequences (those of cu_seqlens_q)", cq.batch()),
-                ck.batch(),
-            ));
-        }
-        for (arg, t, total) in [
-            ("query", q, cq.total()),
-            ("key", k, ck.total()),
-            ("value", v, ck.total()),
-        ] {
-            let s = t.shape();
-            if s[0] != 1 || s[2] != total {
-                return Err(CudaError::bad_layout(
-                    arg,
-                    format!("a packed [1, H, {total}, dim] view (total rows from cu_seqlens)"),
-                    format!("{s:?}"),
-                ));
-            }
-            launch::check_index(arg, "packed rows", total)?;
-        }
-        // The problem as the padded dense call sees it: B sequences of the longest length.
-        let padded = |t: &DeviceTensor, len: usize| {
-            let s = t.shape();
-            TensorDesc::contiguous(t.dtype(), [cq.batch(), s[1], len, s[3]])
-        };
-        let problem = Problem::new(
-            &padded(q, cq.max_len()),
-            &padded(k, ck.max_len()),
-            &padded(v, ck.max_len()),
-            None,
-            options,
-        )?
-        .into_varlen(q.layout(), k.layout(), v.layout());
+        let problem = self.varlen_problem(q, k, v, varlen, options)?;
+        let cq = varlen.cu_seqlens_q;
         let backend = select(backends, &problem, Device::Cuda)?;
         let (hq, total_q, ev) = (problem.heads_q, cq.total(), problem.head_dim_v);
         let rows = total_q.checked_mul(hq).ok_or_else(|| {
@@ -291,6 +257,54 @@ impl GpuContext {
         }
         self.launch_fused(&problem, &params)?;
         Ok(Attention { out, lse, backend })
+    }
+
+    /// The problem of a varlen call as the padded dense call sees it (B sequences of the
+    /// longest lengths), after the packed operands' checks.
+    pub(crate) fn varlen_problem(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        varlen: Varlen<'_>,
+        options: &SdpaOptions,
+    ) -> Result<Problem> {
+        let (cq, ck) = (varlen.cu_seqlens_q, varlen.cu_seqlens_k);
+        if cq.batch() != ck.batch() {
+            return Err(CudaError::bad_layout(
+                "cu_seqlens_k",
+                format!("{} sequences (those of cu_seqlens_q)", cq.batch()),
+                ck.batch(),
+            ));
+        }
+        for (arg, t, total) in [
+            ("query", q, cq.total()),
+            ("key", k, ck.total()),
+            ("value", v, ck.total()),
+        ] {
+            let s = t.shape();
+            if s[0] != 1 || s[2] != total {
+                return Err(CudaError::bad_layout(
+                    arg,
+                    format!("a packed [1, H, {total}, dim] view (total rows from cu_seqlens)"),
+                    format!("{s:?}"),
+                ));
+            }
+            launch::check_index(arg, "packed rows", total)?;
+        }
+        // The problem as the padded dense call sees it: B sequences of the longest length.
+        let padded = |t: &DeviceTensor, len: usize| {
+            let s = t.shape();
+            TensorDesc::contiguous(t.dtype(), [cq.batch(), s[1], len, s[3]])
+        };
+        Ok(Problem::new(
+            &padded(q, cq.max_len()),
+            &padded(k, ck.max_len()),
+            &padded(v, ck.max_len()),
+            None,
+            options,
+        )?
+        .into_varlen(q.layout(), k.layout(), v.layout()))
     }
 
     fn launch_fused(&self, problem: &Problem, params: &FwdParams) -> Result<()> {

@@ -302,8 +302,8 @@ impl FwdParams {
     }
 }
 
-/// Every device operand of a backward call: the forward's (q, k, v, mask, out, lse; no
-/// `cu_seqlens`: the backward is dense only) and the gradients'.
+/// Every device operand of a backward call: the forward's (q, k, v, mask, out, lse, and
+/// `cu_seqlens` for packed sequences) and the gradients'.
 #[derive(Debug, Clone, Copy)]
 pub struct BwdOperands<'a> {
     /// q, k, v, mask and the forward's out and lse (read here, not written).
@@ -337,17 +337,12 @@ impl BwdParams {
     /// kernels read their rows as vectors). Scratch addresses (`softmax_d`, `dq_accum`,
     /// `dmask` and its strides) are the caller's to fill.
     ///
+    /// In varlen mode every batch stride is 0 (packed rows).
+    ///
     /// # Errors
-    /// As [`FwdParams::build`]; varlen operands; `out` or `dout` with a last-dim stride
-    /// other than 1; a gradient outside its buffer or misaligned.
+    /// As [`FwdParams::build`]; `out` or `dout` with a last-dim stride other than 1; a
+    /// gradient outside its buffer or misaligned.
     pub fn build(gpu: &GpuContext, problem: &Problem, ops: &BwdOperands<'_>) -> Result<Self> {
-        if ops.fwd.seqlens.is_some() {
-            return Err(CudaError::bad_layout(
-                "cu_seqlens",
-                "a dense batch (no variable-length backward yet)",
-                "cu_seqlens given",
-            ));
-        }
         let fwd = FwdParams::build(gpu, problem, &ops.fwd)?;
         unit_last("out", ops.fwd.out)?;
         unit_last("dout", ops.dout)?;
@@ -363,6 +358,10 @@ impl BwdParams {
         [p.dq_stride_b, p.dq_stride_h, p.dq_stride_l] = strides3(ops.dq);
         [p.dk_stride_b, p.dk_stride_h, p.dk_stride_l] = strides3(ops.dk);
         [p.dv_stride_b, p.dv_stride_h, p.dv_stride_l] = strides3(ops.dv);
+        if ops.fwd.seqlens.is_some() {
+            // Packed rows: sequence b starts at row cu_seqlens[b] of every operand.
+            [p.dout_stride_b, p.dq_stride_b, p.dk_stride_b, p.dv_stride_b] = [0; 4];
+        }
         Ok(p)
     }
 }

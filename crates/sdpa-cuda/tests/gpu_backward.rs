@@ -734,3 +734,276 @@ fn sanitize_backward_small() {
     backend_matches_the_reference(Backend::Efficient, &[DType::F16, DType::F32], &cases);
     backend_matches_the_reference(Backend::Math, &[DType::BF16], &cases);
 }
+
+/// A random problem: shapes, GQA, causal alignment, mask kind and broadcast, dropout,
+/// scale; `n` picks the draw.
+fn random_case(n: u64) -> Case {
+    let mut rng = SplitMix64(0xbac4_0000 + n);
+    let mut pick = |k: u64| (rng.next_u64() % k) as usize;
+    let group = [1, 1, 2, 3][pick(4)];
+    let heads_kv = 1 + pick(2);
+    let len_q = 1 + pick(70);
+    let len_kv = 1 + pick(70);
+    let head_dim = [8, 16, 40, 64, 96, 128, 200][pick(7)];
+    let head_dim_v = if pick(2) == 0 {
+        head_dim
+    } else {
+        [8, 24, 64, 136][pick(4)]
+    };
+    let batch = 1 + pick(2);
+    let causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][pick(3)];
+    let hq = heads_kv * group;
+    let mask = match pick(4) {
+        0 | 1 => TestMask::None,
+        2 => TestMask::Bool(match pick(3) {
+            0 => vec![len_q, len_kv],
+            1 => vec![batch, 1, 1, len_kv],
+            _ => vec![batch, hq, len_q, len_kv],
+        }),
+        _ => TestMask::Additive(match pick(3) {
+            0 => vec![len_q, len_kv],
+            1 => vec![1, hq, 1, len_kv],
+            _ => vec![batch, 1, len_q, len_kv],
+        }),
+    };
+    let dropout = match pick(3) {
+        0 => Dropout::new(0.25, 0x1234 + n, 64 * n),
+        _ => Dropout::NONE,
+    };
+    let scale = if pick(4) == 0 { Some(-0.4) } else { None };
+    Case {
+        // A test's one-off label: leaked for the &'static str the fixed cases use.
+        name: Box::leak(format!("random draw {n}").into_boxed_str()),
+        batch,
+        heads_kv,
+        group,
+        len_q,
+        len_kv,
+        head_dim,
+        head_dim_v,
+        mask,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            causal,
+            dropout,
+            scale,
+            enable_gqa: group > 1,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn random_problems_match_the_reference_on_both_backends() {
+    // PROPTEST_CASES random problems (default 24) through each backend, each dtype it
+    // takes; a failing line names the draw and its case.
+    let n: u64 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let cases: Vec<Case> = (0..n).map(random_case).collect();
+    for c in &cases {
+        println!("{c:?}");
+    }
+    backend_matches_the_reference(
+        Backend::Efficient,
+        &[DType::F32, DType::F16, DType::BF16],
+        &cases,
+    );
+    backend_matches_the_reference(
+        Backend::Math,
+        &[DType::F64, DType::F32, DType::BF16],
+        &cases,
+    );
+}
+
+/// `[B, H, max, D]` padded -> `[1, H, total, D]` packed (the rows of each sequence's
+/// first `lens[b]` positions, in order).
+fn pack<T: Copy>(a: &Array4<T>, lens: &[usize]) -> Array4<T> {
+    let (heads, dim) = (a.shape()[1], a.shape()[3]);
+    let total: usize = lens.iter().sum();
+    let mut out = Vec::with_capacity(heads * total * dim);
+    for h in 0..heads {
+        for (b, &len) in lens.iter().enumerate() {
+            for i in 0..len {
+                out.extend(a.slice(ndarray::s![b, h, i, ..]).iter().copied());
+            }
+        }
+    }
+    Array4::from_shape_vec((1, heads, total, dim), out).unwrap()
+}
+
+fn cu_seqlens(lens: &[usize]) -> sdpa_cuda::DeviceSeqlens {
+    let mut c = vec![0i32];
+    for &l in lens {
+        c.push(c.last().unwrap() + l as i32);
+    }
+    sdpa_cuda::DeviceSeqlens::upload_i32(gpu(), &c).unwrap()
+}
+
+/// The varlen backward equals the padded dense reference backward (a key-padding mask,
+/// dout 0 on padded rows) on every packed row, judged by the peer rule.
+fn varlen_backward_case<T: GpuElem>(
+    lens_q: &[usize],
+    lens_k: &[usize],
+    options: &SdpaOptions,
+) -> Vec<Result<String, String>> {
+    let gpu = gpu();
+    let (hq, hkv, e, ev) = (4, 2, 40, 24);
+    let dtype = <T as sdpa_cuda::DeviceElement>::DTYPE;
+    let batch = lens_q.len();
+    let (max_q, max_k) = (*lens_q.iter().max().unwrap(), *lens_k.iter().max().unwrap());
+    let mut rng = SplitMix64(lens_q.iter().sum::<usize>() as u64 * 131 + 7);
+    let q = random::<T, _>(&mut rng, [batch, hq, max_q, e]);
+    let k = random::<T, _>(&mut rng, [batch, hkv, max_k, e]);
+    let v = random::<T, _>(&mut rng, [batch, hkv, max_k, ev]);
+    let mut dout = random::<T, _>(&mut rng, [batch, hq, max_q, ev]);
+    for (b, &len) in lens_q.iter().enumerate() {
+        dout.slice_mut(ndarray::s![b, .., len.., ..])
+            .fill(T::narrow(0.0));
+    }
+    let key_pad =
+        ndarray::Array::from_shape_fn(IxDyn(&[batch, 1, 1, max_k]), |ix| ix[3] < lens_k[ix[0]]);
+    let mask = || Some(sdpa_ref::Mask::Bool(key_pad.view()));
+    let wide = |a: &Array4<T>| a.mapv(T::wide);
+    let fwd = sdpa_ref::sdpa::<f64>(
+        wide(&q).view(),
+        wide(&k).view(),
+        wide(&v).view(),
+        mask(),
+        options,
+    )
+    .unwrap();
+    let out_t: Array4<T> = fwd.out.mapv(T::narrow);
+    let truth = reference_backward::<f64>(
+        wide(&q).view(),
+        wide(&k).view(),
+        wide(&v).view(),
+        out_t.mapv(T::wide).view(),
+        fwd.lse.view(),
+        wide(&dout).view(),
+        mask(),
+        options,
+    );
+    let peer = reference_backward::<T>(
+        q.view(),
+        k.view(),
+        v.view(),
+        out_t.view(),
+        fwd.lse.view(),
+        dout.view(),
+        Some(sdpa_ref::Mask::Bool(key_pad.view())),
+        options,
+    );
+    let (truth, peer) = match (truth, peer) {
+        (Ok(t), Ok(p)) => (t, p),
+        (t, p) => return vec![Err(format!("reference backward failed: {t:?} {p:?}"))],
+    };
+    let up = |a: Array4<T>| sdpa_cuda::DeviceTensor::upload(gpu, a.view()).unwrap();
+    let lse4 = fwd
+        .lse
+        .clone()
+        .into_shape_with_order((batch, hq, max_q, 1))
+        .unwrap();
+    let (cq, ck) = (cu_seqlens(lens_q), cu_seqlens(lens_k));
+    let got = gpu.sdpa_varlen_backward(
+        &up(pack(&q, lens_q)),
+        &up(pack(&k, lens_k)),
+        &up(pack(&v, lens_k)),
+        sdpa_cuda::Varlen {
+            cu_seqlens_q: &cq,
+            cu_seqlens_k: &ck,
+        },
+        &up(pack(&out_t, lens_q)),
+        &sdpa_cuda::DeviceTensor::upload(gpu, pack(&lse4, lens_q).view()).unwrap(),
+        &up(pack(&dout, lens_q)),
+        options,
+        BackendSet::ALL,
+    );
+    let got = match got {
+        Ok(g) => g,
+        Err(e) => return vec![Err(format!("GPU varlen backward failed: {e}"))],
+    };
+    let down = |t: &sdpa_cuda::DeviceTensor| t.download::<T>(gpu).unwrap().mapv(T::wide).into_dyn();
+    let packed64 = |a: &Array4<f64>, lens: &[usize]| pack(a, lens).into_dyn();
+    let packed_t = |a: &Array4<T>, lens: &[usize]| pack(&a.mapv(T::wide), lens).into_dyn();
+    vec![
+        judge(
+            "dq",
+            dtype,
+            down(&got.dq),
+            packed_t(&peer.dq, lens_q),
+            packed64(&truth.dq, lens_q),
+        ),
+        judge(
+            "dk",
+            dtype,
+            down(&got.dk),
+            packed_t(&peer.dk, lens_k),
+            packed64(&truth.dk, lens_k),
+        ),
+        judge(
+            "dv",
+            dtype,
+            down(&got.dv),
+            packed_t(&peer.dv, lens_k),
+            packed64(&truth.dv, lens_k),
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn varlen_backward_matches_the_padded_reference() {
+    let lens_q = [1usize, 70, 7, 40, 0, 33];
+    let lens_k = [5usize, 70, 1, 90, 9, 33];
+    let mut lines = Vec::new();
+    let mut failures = 0;
+    for (name, options) in [
+        (
+            "plain",
+            SdpaOptions {
+                enable_gqa: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "causal top-left",
+            SdpaOptions {
+                enable_gqa: true,
+                causal: Causal::TopLeft,
+                ..Default::default()
+            },
+        ),
+        (
+            "dropout 0.25",
+            SdpaOptions {
+                enable_gqa: true,
+                dropout: Dropout::new(0.25, 31, 8),
+                ..Default::default()
+            },
+        ),
+    ] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let verdicts = match dtype {
+                DType::F32 => varlen_backward_case::<f32>(&lens_q, &lens_k, &options),
+                DType::F16 => varlen_backward_case::<f16>(&lens_q, &lens_k, &options),
+                _ => varlen_backward_case::<bf16>(&lens_q, &lens_k, &options),
+            };
+            for v in verdicts {
+                match v {
+                    Ok(l) => lines.push(format!("ok   varlen {dtype} {name}: {l}")),
+                    Err(l) => {
+                        failures += 1;
+                        lines.push(format!("FAIL varlen {dtype} {name}: {l}"));
+                    }
+                }
+            }
+        }
+    }
+    for l in &lines {
+        println!("{l}");
+    }
+    assert_eq!(failures, 0, "{}", lines.join("\n"));
+}

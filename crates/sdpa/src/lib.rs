@@ -462,6 +462,36 @@ pub fn attention_varlen(
     })
 }
 
+/// The backward of [`attention_varlen`] on CUDA (the efficient backend's fused backward
+/// in its varlen mode): q, k, v and `varlen` as the forward took them, its `out`
+/// `[1, Hq, total_q, Ev]` and `lse` `[1, Hq, total_q, 1]`, and `dout` like `out`; the
+/// gradients packed like their inputs ([`sdpa_cuda::GpuContext::sdpa_varlen_backward`]).
+///
+/// # Errors
+/// A CPU `exec`; what the forward refuses; `out`, `lse` or `dout` of another shape; a
+/// backend set without efficient.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_varlen_backward(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    varlen: Varlen<'_>,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<sdpa_cuda::DeviceGradients> {
+    let On::Cuda(gpu) = exec.device else {
+        return Err(placement(
+            "query",
+            "a CUDA exec for device tensors",
+            "the cpu",
+        ));
+    };
+    Ok(gpu.sdpa_varlen_backward(q, k, v, varlen, out, lse, dout, options, exec.backends)?)
+}
+
 /// Gradients of attention (`dq`, `dk`, `dv`, and `dmask` for an additive mask) from
 /// the forward call's inputs, its `out` and `lse`, and the incoming gradient `dout`,
 /// with the forward's `options` (dropout replays its keep bits from the same seed and

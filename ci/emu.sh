@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The CUDA backward kernels on the CPU: compiles kernels/bwd/attn_bwd_simt.cu (two
+# head-dim buckets) and kernels/bwd/math_bwd.cu with g++ against ci/emu/cuda_emu.h (block
+# threads as OS threads, barriers and shuffles as std::barrier) and runs them against a
+# plain f64 backward (ci/emu/bwd_emu.cpp). Catches logic errors of the kernels with no
+# GPU; not their races or their speed (the GPU bundle's racecheck and benches do that).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${EMU_OUT:-target/emu}
+mkdir -p "$OUT"
+CXX=${CXX:-g++}
+KERNELS=${EMU_KERNELS:-kernels}
+FLAGS=(-std=c++20 -O2 -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -I "$KERNELS" -I ci/emu -DSDPA_DTYPE=1)
+"$CXX" "${FLAGS[@]}" -DSDPA_DV_CHUNKS=2 -DSDPA_KERNEL_DQ=emu_dq_c2 -DSDPA_KERNEL_DKDV=emu_dkdv_c2 \
+  -c ci/emu/simt_tu.cpp -o "$OUT/simt2.o" &
+"$CXX" "${FLAGS[@]}" -DSDPA_DV_CHUNKS=8 -DSDPA_KERNEL_DQ=emu_dq_c8 -DSDPA_KERNEL_DKDV=emu_dkdv_c8 \
+  -c ci/emu/simt_tu.cpp -o "$OUT/simt8.o" &
+"$CXX" "${FLAGS[@]}" -DSDPA_KERNEL_CONVERT=emu_math_convert -DSDPA_KERNEL_GRAD=emu_math_grad \
+  -DSDPA_KERNEL_ROUND=emu_math_round -c ci/emu/math_tu.cpp -o "$OUT/math.o" &
+"$CXX" "${FLAGS[@]}" -c ci/emu/bwd_emu.cpp -o "$OUT/main.o" &
+wait
+"$CXX" -pthread "$OUT/simt2.o" "$OUT/simt8.o" "$OUT/math.o" "$OUT/main.o" -o "$OUT/bwd_emu"
+"$OUT/bwd_emu"

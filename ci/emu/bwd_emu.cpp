@@ -1,0 +1,310 @@
+// The CUDA backward kernels run on the CPU (cuda_emu.h) against a plain f64 backward:
+// the fused efficient kernels (kernels/bwd/attn_bwd_simt.cu) at two head-dim buckets
+// (tiles of 32 and of 16 rows) and the math backward's grad kernel (kernels/bwd/
+// math_bwd.cu, with its products done here), over causal alignments, L != S, GQA, bool
+// and additive masks (broadcast, dmask summed), fully masked rows, dropout and negative
+// scale. f32 throughout, as the kernels compute for every dtype. Exit status 1 on any
+// gradient outside 2e-5 of its largest magnitude; built and run by ci/emu.sh.
+#include "cuda_emu.h"
+#include "common/dtype.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
+
+#include <cstdio>
+#include <string>
+
+extern "C" void emu_dq_c2(const BwdParams);
+extern "C" void emu_dkdv_c2(const BwdParams);
+extern "C" void emu_dq_c8(const BwdParams);
+extern "C" void emu_dkdv_c8(const BwdParams);
+extern "C" void emu_math_grad(const BwdParams, u64, u64);
+
+namespace {
+
+struct Rng {
+    u64 s;
+    double next() {  // uniform in [-1, 1)
+        s += 0x9E3779B97F4A7C15ull;
+        u64 z = s;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
+    }
+};
+
+enum class MaskKind { None, Bool, Additive };
+
+struct Case {
+    std::string name;
+    int b, hkv, group, l, s, e, ev;
+    int causal;  // CausalCode
+    MaskKind mask;
+    int mask_shape;  // 0: [L, S]; 1: [B, 1, 1, S]; 2: [B, Hq, L, S]
+    double p;        // dropout
+    double scale;    // 0: 1/sqrt(E)
+    int masked_row;  // a row with every key masked (bool/additive), or -1
+};
+
+int key_limit_ref(int causal, int i, int l, int s) {
+    if (causal == 1) return std::min(i + 1, s);
+    if (causal == 2) return (int)std::max(0LL, std::min((long long)s, (long long)i + 1 + s - l));
+    return s;
+}
+
+struct Result {
+    double worst = 0;  // largest error / magnitude over the gradients
+    bool ok = true;
+};
+
+void report(Result& r, const char* what, const std::vector<float>& got, const std::vector<double>& want,
+            const std::string& name, const char* kernel) {
+    double mag = 1e-30, err = 0;
+    size_t at = 0;
+    for (size_t n = 0; n < want.size(); ++n) mag = std::max(mag, std::fabs(want[n]));
+    for (size_t n = 0; n < want.size(); ++n) {
+        const double d = std::fabs((double)got[n] - want[n]);
+        if (!(d <= err)) {  // NaN too
+            err = std::isnan(d) ? INFINITY : d;
+            at = n;
+        }
+    }
+    const double rel = err / std::max(mag, 1.0);
+    const bool ok = rel <= 2e-5;
+    std::printf("%s %-8s %-6s %s: max err %.3e (at %zu: got %.6g want %.6g), magnitude %.3e\n", ok ? "ok  " : "FAIL",
+                kernel, what, name.c_str(), err, at, want.empty() ? 0.0 : (double)got[at],
+                want.empty() ? 0.0 : want[at], mag);
+    r.ok = r.ok && ok;
+    r.worst = std::max(r.worst, rel);
+}
+
+Result run(const Case& c) {
+    const int hq = c.hkv * c.group;
+    const double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt((double)c.e);
+    Rng rng{0x5eed0000ull + (u64)c.name.size() * 977 + (u64)c.l * 31 + (u64)c.s};
+    auto fill = [&](size_t n) {
+        std::vector<float> v(n);
+        for (auto& x : v) x = (float)rng.next();
+        return v;
+    };
+    std::vector<float> q = fill((size_t)c.b * hq * c.l * c.e), k = fill((size_t)c.b * c.hkv * c.s * c.e),
+                       v = fill((size_t)c.b * c.hkv * c.s * c.ev), dout = fill((size_t)c.b * hq * c.l * c.ev);
+    // The mask and its broadcast strides over [B, Hq, L, S].
+    long long ms[4] = {0, 0, 0, 0};
+    size_t mask_n = 0;
+    if (c.mask != MaskKind::None) {
+        if (c.mask_shape == 0) {
+            ms[2] = c.s, ms[3] = 1, mask_n = (size_t)c.l * c.s;
+        } else if (c.mask_shape == 1) {
+            ms[0] = c.s, ms[3] = 1, mask_n = (size_t)c.b * c.s;
+        } else {
+            ms[0] = (long long)hq * c.l * c.s, ms[1] = (long long)c.l * c.s, ms[2] = c.s, ms[3] = 1;
+            mask_n = (size_t)c.b * hq * c.l * c.s;
+        }
+    }
+    std::vector<unsigned char> bmask(mask_n);
+    std::vector<float> amask(mask_n);
+    for (size_t n = 0; n < mask_n; ++n) {
+        const double x = rng.next();
+        bmask[n] = x > -0.5;
+        amask[n] = x < -0.7 ? -INFINITY : (float)x;
+    }
+    if (c.masked_row >= 0 && c.mask_shape != 1) {
+        for (int bb = 0; bb < (c.mask_shape == 2 ? c.b : 1); ++bb)
+            for (int h = 0; h < (c.mask_shape == 2 ? hq : 1); ++h)
+                for (int j = 0; j < c.s; ++j) {
+                    const size_t at = (size_t)(bb * ms[0] + h * ms[1] + c.masked_row * ms[2] + j);
+                    bmask[at] = 0;
+                    amask[at] = -INFINITY;
+                }
+    }
+    auto moff = [&](int bb, int h, int i, int j) { return (size_t)(bb * ms[0] + h * ms[1] + i * ms[2] + j * ms[3]); };
+
+    // Dropout as the kernels draw it (Philox at the flat [B, Hq, L, S] index).
+    const u64 seed = 0x1234abcdull, offset = 96;
+    const u64 threshold = c.p >= 1 ? (1ull << 32) : (u64)std::llround(c.p * 4294967296.0);
+    const double keep_scale = c.p >= 1 ? 0.0 : 1.0 / (1.0 - c.p);
+    auto keep = [&](int bb, int h, int i, int j) -> double {
+        if (c.p <= 0) return 1.0;
+        const u64 n = (((u64)bb * hq + h) * (u64)c.l + (u64)i) * (u64)c.s + (u64)j;
+        return dropout_keep1(seed, offset, threshold, n) ? keep_scale : 0.0;
+    };
+
+    // f64 forward (lse, stored as the forward would: f32) and backward.
+    const size_t rows = (size_t)c.b * hq * c.l;
+    std::vector<float> lse(rows);
+    std::vector<double> dq((size_t)c.b * hq * c.l * c.e), dk((size_t)c.b * c.hkv * c.s * c.e),
+        dv((size_t)c.b * c.hkv * c.s * c.ev), dmask(mask_n, 0.0);
+    std::vector<double> sc(c.s), pr(c.s), dpv(c.s);
+    std::vector<char> vis(c.s);
+    for (int bb = 0; bb < c.b; ++bb)
+        for (int h = 0; h < hq; ++h) {
+            const int hk = h / c.group;
+            for (int i = 0; i < c.l; ++i) {
+                const float* qi = &q[(((size_t)bb * hq + h) * c.l + i) * c.e];
+                const float* gi = &dout[(((size_t)bb * hq + h) * c.l + i) * c.ev];
+                const int lim = key_limit_ref(c.causal, i, c.l, c.s);
+                double mx = -INFINITY;
+                for (int j = 0; j < c.s; ++j) {
+                    vis[j] = j < lim && !(c.mask == MaskKind::Bool && !bmask[moff(bb, h, i, j)]);
+                    const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
+                    double dot = 0;
+                    for (int d = 0; d < c.e; ++d) dot += (double)qi[d] * kj[d];
+                    sc[j] = dot * scale + (c.mask == MaskKind::Additive ? (double)amask[moff(bb, h, i, j)] : 0.0);
+                    if (vis[j]) mx = std::max(mx, sc[j]);
+                }
+                double sum = 0;
+                for (int j = 0; j < c.s; ++j)
+                    if (vis[j] && mx != -INFINITY) sum += std::exp(sc[j] - mx);
+                const float l32 = sum > 0 ? (float)(mx + std::log(sum)) : -INFINITY;
+                lse[((size_t)bb * hq + h) * c.l + i] = l32;
+                double D = 0;
+                for (int j = 0; j < c.s; ++j) {
+                    pr[j] = (vis[j] && l32 != -INFINITY) ? std::exp(sc[j] - (double)l32) : 0.0;
+                    const float* vj = &v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
+                    double dw = 0;
+                    for (int d = 0; d < c.ev; ++d) dw += (double)gi[d] * vj[d];
+                    dpv[j] = vis[j] ? dw * keep(bb, h, i, j) : 0.0;
+                    D += pr[j] * dpv[j];
+                }
+                for (int j = 0; j < c.s; ++j) {
+                    if (!vis[j]) continue;
+                    const double ds = pr[j] * (dpv[j] - D), w = pr[j] * keep(bb, h, i, j);
+                    const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
+                    double* dqi = &dq[(((size_t)bb * hq + h) * c.l + i) * c.e];
+                    double* dkj = &dk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
+                    double* dvj = &dv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
+                    for (int d = 0; d < c.e; ++d) dqi[d] += scale * ds * kj[d], dkj[d] += scale * ds * qi[d];
+                    for (int d = 0; d < c.ev; ++d) dvj[d] += w * gi[d];
+                    if (c.mask == MaskKind::Additive) dmask[moff(bb, h, i, j)] += ds;
+                }
+            }
+        }
+
+    // The parameters, as BwdParams::build writes them for contiguous tensors.
+    BwdParams p;
+    std::memset(&p, 0, sizeof p);
+    std::vector<float> gq(dq.size(), NAN), gk(dk.size(), NAN), gv(dv.size(), NAN), gd(mask_n, 0.f), dbuf(rows, 0.f);
+    p.q = (u64)q.data(), p.k = (u64)k.data(), p.v = (u64)v.data(), p.lse = (u64)lse.data();
+    p.out = 0;  // not read by either backward
+    p.mask = c.mask == MaskKind::Bool ? (u64)bmask.data() : c.mask == MaskKind::Additive ? (u64)amask.data() : 0;
+    auto strides = [](long long* s, long long h, long long l, long long e) {
+        s[0] = h * l * e, s[1] = l * e, s[2] = e, s[3] = 1;
+    };
+    long long t[4];
+    strides(t, hq, c.l, c.e), p.q_stride_b = t[0], p.q_stride_h = t[1], p.q_stride_l = t[2], p.q_stride_e = 1;
+    strides(t, c.hkv, c.s, c.e), p.k_stride_b = t[0], p.k_stride_h = t[1], p.k_stride_l = t[2], p.k_stride_e = 1;
+    strides(t, c.hkv, c.s, c.ev), p.v_stride_b = t[0], p.v_stride_h = t[1], p.v_stride_l = t[2], p.v_stride_e = 1;
+    p.lse_stride_b = (long long)hq * c.l, p.lse_stride_h = c.l, p.lse_stride_l = 1;
+    p.mask_stride_b = ms[0], p.mask_stride_h = ms[1], p.mask_stride_l = ms[2], p.mask_stride_s = ms[3];
+    p.dropout_seed = seed, p.dropout_offset = offset, p.dropout_threshold = threshold;
+    p.scale = scale, p.keep_scale = keep_scale;
+    p.batch = c.b, p.heads_q = hq, p.heads_kv = c.hkv, p.group = c.group, p.len_q = c.l, p.len_kv = c.s;
+    p.head_dim = c.e, p.head_dim_v = c.ev, p.scale_log2 = (float)(scale * 1.4426950408889634);
+    p.causal = c.causal, p.mask_kind = (int)c.mask, p.dropout = c.p > 0, p.varlen = 0, p.vec_ok = 0;
+    p.dout = (u64)dout.data(), p.dq = (u64)gq.data(), p.dk = (u64)gk.data(), p.dv = (u64)gv.data();
+    p.dmask = c.mask == MaskKind::Additive ? (u64)gd.data() : 0;
+    p.softmax_d = (u64)dbuf.data();
+    strides(t, hq, c.l, c.ev), p.dout_stride_b = t[0], p.dout_stride_h = t[1], p.dout_stride_l = t[2];
+    strides(t, hq, c.l, c.e), p.dq_stride_b = t[0], p.dq_stride_h = t[1], p.dq_stride_l = t[2];
+    strides(t, c.hkv, c.s, c.e), p.dk_stride_b = t[0], p.dk_stride_h = t[1], p.dk_stride_l = t[2];
+    strides(t, c.hkv, c.s, c.ev), p.dv_stride_b = t[0], p.dv_stride_h = t[1], p.dv_stride_l = t[2];
+    p.dmask_stride_b = ms[0], p.dmask_stride_h = ms[1], p.dmask_stride_l = ms[2], p.dmask_stride_s = ms[3];
+
+    Result r;
+    const int widest = std::max(c.e, c.ev);
+    // The fused kernels, at every bucket that covers the problem.
+    for (int chunks : {2, 8}) {
+        if (widest > 32 * chunks) continue;
+        std::fill(gq.begin(), gq.end(), NAN), std::fill(gk.begin(), gk.end(), NAN);
+        std::fill(gv.begin(), gv.end(), NAN), std::fill(gd.begin(), gd.end(), 0.f);
+        auto dqk = chunks == 2 ? emu_dq_c2 : emu_dq_c8;
+        auto dkvk = chunks == 2 ? emu_dkdv_c2 : emu_dkdv_c8;
+        emu_launch(dqk, EmuDim{(unsigned)((c.l + 3) / 4), (unsigned)hq, (unsigned)c.b}, EmuDim{128}, p);
+        emu_launch(dkvk, EmuDim{(unsigned)((c.s + 3) / 4), (unsigned)c.hkv, (unsigned)c.b}, EmuDim{128}, p);
+        const char* name = chunks == 2 ? "fused/32" : "fused/16";
+        report(r, "dq", gq, dq, c.name, name);
+        report(r, "dk", gk, dk, c.name, name);
+        report(r, "dv", gv, dv, c.name, name);
+        if (c.mask == MaskKind::Additive) report(r, "dmask", gd, dmask, c.name, name);
+    }
+    // The math backward: its products here in f32, its grad kernel emulated.
+    {
+        std::vector<float> scores(rows * c.s), dw(rows * c.s);
+        for (int bb = 0; bb < c.b; ++bb)
+            for (int h = 0; h < hq; ++h)
+                for (int i = 0; i < c.l; ++i)
+                    for (int j = 0; j < c.s; ++j) {
+                        const int hk = h / c.group;
+                        const float* qi = &q[(((size_t)bb * hq + h) * c.l + i) * c.e];
+                        const float* gi = &dout[(((size_t)bb * hq + h) * c.l + i) * c.ev];
+                        const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
+                        const float* vj = &v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
+                        float a = 0, g = 0;
+                        for (int d = 0; d < c.e; ++d) a += qi[d] * kj[d];
+                        for (int d = 0; d < c.ev; ++d) g += gi[d] * vj[d];
+                        const size_t row = ((size_t)bb * hq + h) * c.l + i;
+                        scores[row * c.s + j] = a, dw[row * c.s + j] = g;
+                    }
+        std::fill(gd.begin(), gd.end(), 0.f);
+        // emu_launch takes a one-argument kernel: wrap the grad kernel's two buffers.
+        static u64 s_scores, s_dw;
+        s_scores = (u64)scores.data(), s_dw = (u64)dw.data();
+        struct Wrap {
+            static void grad(const BwdParams q) { emu_math_grad(q, s_scores, s_dw); }
+        };
+        emu_launch(Wrap::grad, EmuDim{(unsigned)std::max<size_t>(1, (rows + 7) / 8)}, EmuDim{256}, p);
+        // dv = W^T dout, dk = scale dS^T q, dq = scale dS k (per kv head over the group).
+        std::vector<float> mq(dq.size(), 0.f), mk(dk.size(), 0.f), mv(dv.size(), 0.f);
+        for (int bb = 0; bb < c.b; ++bb)
+            for (int h = 0; h < hq; ++h)
+                for (int i = 0; i < c.l; ++i) {
+                    const int hk = h / c.group;
+                    const size_t row = ((size_t)bb * hq + h) * c.l + i;
+                    for (int j = 0; j < c.s; ++j) {
+                        const float ds = scores[row * c.s + j], w = dw[row * c.s + j];
+                        for (int d = 0; d < c.e; ++d) {
+                            mq[row * c.e + d] += (float)scale * ds * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
+                            mk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d] += (float)scale * ds * q[row * c.e + d];
+                        }
+                        for (int d = 0; d < c.ev; ++d)
+                            mv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d] += w * dout[row * c.ev + d];
+                    }
+                }
+        report(r, "dq", mq, dq, c.name, "math");
+        report(r, "dk", mk, dk, c.name, "math");
+        report(r, "dv", mv, dv, c.name, "math");
+        if (c.mask == MaskKind::Additive) report(r, "dmask", gd, dmask, c.name, "math");
+    }
+    return r;
+}
+
+}  // namespace
+
+int main() {
+    const std::vector<Case> cases = {
+        {"plain L=17 S=23 E=40 Ev=24", 2, 2, 1, 17, 23, 40, 24, 0, MaskKind::None, 0, 0.0, 0, -1},
+        {"causal top-left L=45 S=70 GQA 2x2", 1, 2, 2, 45, 70, 64, 48, 1, MaskKind::None, 0, 0.0, 0, -1},
+        {"causal top-left L=70 S=45", 1, 1, 1, 70, 45, 32, 32, 1, MaskKind::None, 0, 0.0, 0, -1},
+        {"causal bottom-right L=70 S=40 (masked rows)", 1, 1, 2, 70, 40, 24, 40, 2, MaskKind::None, 0, 0.0, 0, -1},
+        {"causal bottom-right L=33 S=90", 2, 1, 1, 33, 90, 16, 16, 2, MaskKind::None, 0, 0.0, 0, -1},
+        {"bool [L, S] + a fully masked row", 1, 2, 1, 37, 50, 40, 24, 0, MaskKind::Bool, 0, 0.0, 0, 5},
+        {"bool [B, 1, 1, S] + causal", 2, 1, 3, 20, 36, 48, 48, 1, MaskKind::Bool, 1, 0.0, 0, -1},
+        {"additive [L, S] (dmask summed over B, H) + masked row", 2, 1, 2, 29, 41, 40, 24, 0, MaskKind::Additive, 0, 0.0, 0, 3},
+        {"additive [B, Hq, L, S] + dropout 0.3", 1, 2, 1, 18, 35, 32, 32, 0, MaskKind::Additive, 2, 0.3, 0, -1},
+        {"additive [B, 1, 1, S] + causal BR + dropout", 2, 2, 2, 40, 52, 64, 64, 2, MaskKind::Additive, 1, 0.2, 0, -1},
+        {"dropout 0.5, scale -0.7, L=1 S=1", 1, 1, 1, 1, 1, 8, 8, 0, MaskKind::None, 0, 0.5, -0.7, -1},
+        {"dropout p=1", 1, 1, 1, 9, 13, 16, 16, 0, MaskKind::None, 0, 1.0, 0, -1},
+        {"wide E=200 Ev=136 (tiles of 16 only) + causal", 1, 1, 2, 36, 50, 200, 136, 1, MaskKind::None, 0, 0.0, 0, -1},
+    };
+    bool ok = true;
+    double worst = 0;
+    for (const auto& c : cases) {
+        Result r = run(c);
+        ok = ok && r.ok;
+        worst = std::max(worst, r.worst);
+    }
+    std::printf("%zu cases: %s (worst error %.2e of the magnitude; bound 2e-5)\n", cases.size(), ok ? "all pass" : "FAILURES",
+                worst);
+    return ok ? 0 : 1;
+}
