@@ -97,7 +97,7 @@ def time_backward(shape, variant, backend, warmup=2, max_runs=20, budget_ms=600.
             if spent > budget_ms and len(times) >= 3:
                 break
         return statistics.median(times)
-    except (RuntimeError, torch.OutOfMemoryError) as err:
+    except Exception as err:  # a backend that refuses the problem, or runs out of memory
         return str(err).splitlines()[0][:80]
     finally:
         torch.cuda.empty_cache()
