@@ -17,7 +17,9 @@ FLAGS=(-std=c++20 -O2 -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -
   -c ci/emu/simt_tu.cpp -o "$OUT/simt8.o" &
 "$CXX" "${FLAGS[@]}" -DSDPA_KERNEL_CONVERT=emu_math_convert -DSDPA_KERNEL_GRAD=emu_math_grad \
   -DSDPA_KERNEL_ROUND=emu_math_round -c ci/emu/math_tu.cpp -o "$OUT/math.o" &
+"${CXX}" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=0}" -DSDPA_KERNEL_CONVERT=emu_math_convert_f64 \
+  -DSDPA_KERNEL_GRAD=emu_math_grad_f64 -DSDPA_KERNEL_ROUND=emu_math_round_f64 -c ci/emu/math_tu.cpp -o "$OUT/math64.o" &
 "$CXX" "${FLAGS[@]}" -c ci/emu/bwd_emu.cpp -o "$OUT/main.o" &
 wait
-"$CXX" -pthread "$OUT/simt2.o" "$OUT/simt8.o" "$OUT/math.o" "$OUT/main.o" -o "$OUT/bwd_emu"
+"$CXX" -pthread "$OUT/simt2.o" "$OUT/simt8.o" "$OUT/math.o" "$OUT/math64.o" "$OUT/main.o" -o "$OUT/bwd_emu"
 "$OUT/bwd_emu"

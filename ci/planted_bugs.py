@@ -190,7 +190,7 @@ BUGS += [
         "backward: D left out",
         "bwd/attn_bwd_simt.cu",
         [
-            ("ds = prob * (grad_p - d_row);", "ds = prob * grad_p;"),
+            ("ds = prob * inv_z * (grad_p - d_row);", "ds = prob * inv_z * grad_p;"),
             ("ds = prob * (grad_p - s_d[lane]);", "ds = prob * grad_p;"),
         ],
         "dS = P dP instead of P (dP - D) in both fused kernels",
@@ -248,8 +248,8 @@ BUGS += [
         "bwd-lse-units",
         "backward: lse in the wrong units",
         "bwd/attn_bwd_simt.cu",
-        [("lse == SDPA_NEG_INF ? SDPA_NEG_INF : lse * SDPA_LOG2E;", "lse;")],
-        "the natural-log lse subtracted from log2-unit scores",
+        [("prob = lse == SDPA_NEG_INF ? 0.f : expf(x - lse);", "prob = lse == SDPA_NEG_INF ? 0.f : exp2f(x - lse);")],
+        "exp2 of natural-log scores and lse (the forward's log2 units mixed in)",
     ),
     (
         "bwd-bool-mask-ignored",

@@ -3,8 +3,9 @@
 // (tiles of 32 and of 16 rows) and the math backward's grad kernel (kernels/bwd/
 // math_bwd.cu, with its products done here), over causal alignments, L != S, GQA, bool
 // and additive masks (broadcast, dmask summed), fully masked rows, dropout and negative
-// scale. f32 throughout, as the kernels compute for every dtype. Exit status 1 on any
-// gradient outside 2e-5 of its largest magnitude; built and run by ci/emu.sh.
+// scale. f32 as the kernels compute for f32/f16/bf16 (bound 2e-5 of a gradient's largest
+// magnitude), and the math grad kernel in f64 too (bound 1e-10). Exit status 1 on any
+// gradient outside its bound; built and run by ci/emu.sh.
 #include "cuda_emu.h"
 #include "common/dtype.cuh"
 #include "common/params.cuh"
@@ -18,6 +19,7 @@ extern "C" void emu_dkdv_c2(const BwdParams);
 extern "C" void emu_dq_c8(const BwdParams);
 extern "C" void emu_dkdv_c8(const BwdParams);
 extern "C" void emu_math_grad(const BwdParams, u64, u64);
+extern "C" void emu_math_grad_f64(const BwdParams, u64, u64);
 
 namespace {
 
@@ -57,8 +59,9 @@ struct Result {
     bool ok = true;
 };
 
-void report(Result& r, const char* what, const std::vector<float>& got, const std::vector<double>& want,
-            const std::string& name, const char* kernel) {
+template <class G>
+void report(Result& r, const char* what, const std::vector<G>& got, const std::vector<double>& want,
+            const std::string& name, const char* kernel, double bound = 2e-5) {
     double mag = 1e-30, err = 0;
     size_t at = 0;
     for (size_t n = 0; n < want.size(); ++n) mag = std::max(mag, std::fabs(want[n]));
@@ -70,7 +73,7 @@ void report(Result& r, const char* what, const std::vector<float>& got, const st
         }
     }
     const double rel = err / std::max(mag, 1.0);
-    const bool ok = rel <= 2e-5;
+    const bool ok = rel <= bound;
     std::printf("%s %-8s %-6s %s: max err %.3e (at %zu: got %.6g want %.6g), magnitude %.3e\n", ok ? "ok  " : "FAIL",
                 kernel, what, name.c_str(), err, at, want.empty() ? 0.0 : (double)got[at],
                 want.empty() ? 0.0 : want[at], mag);
@@ -158,9 +161,15 @@ Result run(const Case& c) {
                     if (vis[j] && mx != -INFINITY) sum += std::exp(sc[j] - mx);
                 const float l32 = sum > 0 ? (float)(mx + std::log(sum)) : -INFINITY;
                 lse[((size_t)bb * hq + h) * c.l + i] = l32;
-                double D = 0;
+                // P from the stored (f32) lse, renormalised by its row sum: the reference's.
+                double z = 0;
                 for (int j = 0; j < c.s; ++j) {
                     pr[j] = (vis[j] && l32 != -INFINITY) ? std::exp(sc[j] - (double)l32) : 0.0;
+                    z += pr[j];
+                }
+                double D = 0;
+                for (int j = 0; j < c.s; ++j) {
+                    if (z > 0) pr[j] /= z;
                     const float* vj = &v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
                     double dw = 0;
                     for (int d = 0; d < c.ev; ++d) dw += (double)gi[d] * vj[d];
@@ -184,7 +193,7 @@ Result run(const Case& c) {
     // The parameters, as BwdParams::build writes them for contiguous tensors.
     BwdParams p;
     std::memset(&p, 0, sizeof p);
-    std::vector<float> gq(dq.size(), NAN), gk(dk.size(), NAN), gv(dv.size(), NAN), gd(mask_n, 0.f), dbuf(rows, 0.f);
+    std::vector<float> gq(dq.size(), NAN), gk(dk.size(), NAN), gv(dv.size(), NAN), gd(mask_n, 0.f), dbuf(2 * rows, 0.f);  // D, then 1 / z
     p.q = (u64)q.data(), p.k = (u64)k.data(), p.v = (u64)v.data(), p.lse = (u64)lse.data();
     p.out = 0;  // not read by either backward
     p.mask = c.mask == MaskKind::Bool ? (u64)bmask.data() : c.mask == MaskKind::Additive ? (u64)amask.data() : 0;
@@ -276,6 +285,55 @@ Result run(const Case& c) {
         report(r, "dv", mv, dv, c.name, "math");
         if (c.mask == MaskKind::Additive) report(r, "dmask", gd, dmask, c.name, "math");
     }
+    // The math backward in f64 (its grad kernel with acc_t = double, the products here in
+    // f64): within 1e-10 of the f64 backward, which needs P renormalised (the lse is f32).
+    {
+        std::vector<double> scores(rows * c.s), dw(rows * c.s), amask64(amask.begin(), amask.end()), gd64(mask_n, 0.0),
+            dbuf64(rows, 0.0);
+        for (int bb = 0; bb < c.b; ++bb)
+            for (int h = 0; h < hq; ++h)
+                for (int i = 0; i < c.l; ++i)
+                    for (int j = 0; j < c.s; ++j) {
+                        const int hk = h / c.group;
+                        const size_t row = ((size_t)bb * hq + h) * c.l + i;
+                        double a = 0, g = 0;
+                        for (int d = 0; d < c.e; ++d)
+                            a += (double)q[row * c.e + d] * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
+                        for (int d = 0; d < c.ev; ++d)
+                            g += (double)dout[row * c.ev + d] * v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d];
+                        scores[row * c.s + j] = a, dw[row * c.s + j] = g;
+                    }
+        BwdParams p64 = p;
+        if (c.mask == MaskKind::Additive) p64.mask = (u64)amask64.data();
+        p64.dmask = c.mask == MaskKind::Additive ? (u64)gd64.data() : 0;
+        p64.softmax_d = (u64)dbuf64.data();
+        static u64 s_scores, s_dw;
+        s_scores = (u64)scores.data(), s_dw = (u64)dw.data();
+        struct Wrap {
+            static void grad(const BwdParams q) { emu_math_grad_f64(q, s_scores, s_dw); }
+        };
+        emu_launch(Wrap::grad, EmuDim{(unsigned)std::max<size_t>(1, (rows + 7) / 8)}, EmuDim{256}, p64);
+        std::vector<double> mq(dq.size(), 0.0), mk(dk.size(), 0.0), mv(dv.size(), 0.0);
+        for (int bb = 0; bb < c.b; ++bb)
+            for (int h = 0; h < hq; ++h)
+                for (int i = 0; i < c.l; ++i) {
+                    const int hk = h / c.group;
+                    const size_t row = ((size_t)bb * hq + h) * c.l + i;
+                    for (int j = 0; j < c.s; ++j) {
+                        const double ds = scores[row * c.s + j], w = dw[row * c.s + j];
+                        for (int d = 0; d < c.e; ++d) {
+                            mq[row * c.e + d] += scale * ds * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
+                            mk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d] += scale * ds * q[row * c.e + d];
+                        }
+                        for (int d = 0; d < c.ev; ++d)
+                            mv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d] += w * dout[row * c.ev + d];
+                    }
+                }
+        report(r, "dq", mq, dq, c.name, "math f64", 1e-10);
+        report(r, "dk", mk, dk, c.name, "math f64", 1e-10);
+        report(r, "dv", mv, dv, c.name, "math f64", 1e-10);
+        if (c.mask == MaskKind::Additive) report(r, "dmask", gd64, dmask, c.name, "math f64", 1e-10);
+    }
     return r;
 }
 
@@ -304,7 +362,7 @@ int main() {
         ok = ok && r.ok;
         worst = std::max(worst, r.worst);
     }
-    std::printf("%zu cases: %s (worst error %.2e of the magnitude; bound 2e-5)\n", cases.size(), ok ? "all pass" : "FAILURES",
-                worst);
+    std::printf("%zu cases: %s (worst f32 error %.2e of the magnitude, bound 2e-5; f64 bound 1e-10)\n", cases.size(),
+                ok ? "all pass" : "FAILURES", worst);
     return ok ? 0 : 1;
 }

@@ -1,12 +1,14 @@
 // The efficient backend's backward: two fused scalar (CUDA-core) kernels, f32 arithmetic
 // for every dtype, no L x S buffer, no atomics on dq, dk or dv (each is summed by the one
 // warp that owns it, in a fixed order: bitwise repeatable run to run). DESIGN.md
-// "Backward", with x = scale log2(e) q.k (+ mask log2(e)) the score in log2 units,
-// P = exp2(x - lse log2(e)) from the forward's lse, Z the forward's Philox keep bits at
-// the same flat index, dP = (dout.v) Z / (1 - p), D = rowsum(P dP), dS = P (dP - D):
+// "Backward", with s = scale q.k (+ mask) the score, P = exp(s - lse) / z from the
+// forward's lse renormalised by its row sum z (the lse is f32: z is 1 up to its
+// rounding), Z the forward's Philox keep bits at the same flat index,
+// dP = (dout.v) Z / (1 - p), D = rowsum(P dP), dS = P (dP - D):
 //
 //   dq kernel  (query-major, SDPA_KERNEL_DQ) one warp per query row, lanes over a tile of
-//              keys: a first pass over the row's keys sums D (written to softmax_d), a
+//              keys: a first pass over the row's keys sums z and D (both written to
+//              softmax_d: D of every row, then 1 / z of every row), a
 //              second computes dS, accumulates dq = scale sum_j dS k_j in registers
 //              (lanes over head dims) and adds dS into the dmask accumulator (atomics,
 //              f32, broadcast strides) for an additive mask.
@@ -40,24 +42,25 @@ __device__ __forceinline__ i64 dmask_at(const BwdParams& p, int b, int h, int i,
     return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
 }
 
-// P, the keep factor Z / (1 - p) and dP of score (b, h, i, j) for a key inside the row's
-// causal range: `qk` and `dov` the raw dot products q.k and dout.v, `lse2` the row's lse
-// in log2 units. A key a bool mask hides is not read (DESIGN.md's NaN rule): all three
-// are 0 whatever q.k and dout.v hold. A row with no key has lse -inf and P = 0 (not
-// exp2(NaN)); an additive -inf gives P = 0 on its own.
-// Returns whether the key is read.
+// exp(s - lse) (P before the row's renormalisation), the keep factor Z / (1 - p) and dP
+// of score (b, h, i, j) for a key inside the row's causal range: `qk` and `dov` the raw
+// dot products q.k and dout.v, `lse` the row's (natural-log) lse. In natural units, as
+// the reference: s = scale q.k + mask, one rounding fewer than the forward's log2 units.
+// A key a bool mask hides is not read (DESIGN.md's NaN rule): all three are 0 whatever
+// q.k and dout.v hold. A row with no key has lse -inf and P = 0 (not exp(NaN)); an
+// additive -inf gives P = 0 on its own. Returns whether the key is read.
 __device__ __forceinline__ bool score_grad(const BwdParams& p, int b, int h, int i, int j, float qk, float dov,
-                                           float lse2, float& prob, float& keep, float& grad_p) {
-    float x = qk * p.scale_log2;
+                                           float lse, float& prob, float& keep, float& grad_p) {
+    float x = qk * (float)p.scale;
     if (p.mask_kind == MASK_BOOL) {
         if (((const unsigned char*)p.mask)[mask_offset(p, b, h, i, j)] == 0) {
             prob = keep = grad_p = 0.f;
             return false;
         }
     } else if (p.mask_kind == MASK_ADDITIVE) {
-        x += load_elem((const elem_t*)p.mask + mask_offset(p, b, h, i, j)) * SDPA_LOG2E;
+        x += load_elem((const elem_t*)p.mask + mask_offset(p, b, h, i, j));
     }
-    prob = lse2 == SDPA_NEG_INF ? 0.f : exp2f(x - lse2);
+    prob = lse == SDPA_NEG_INF ? 0.f : expf(x - lse);
     keep = 1.f;
     if (p.dropout) {
         keep = dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, dropout_index(p, b, h, i, j))
@@ -69,10 +72,27 @@ __device__ __forceinline__ bool score_grad(const BwdParams& p, int b, int h, int
     return true;
 }
 
-__device__ __forceinline__ float row_lse2(const BwdParams& p, int b, int h, i64 row) {
-    const float lse = ((const float*)p.lse)[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_l];
-    return lse == SDPA_NEG_INF ? SDPA_NEG_INF : lse * SDPA_LOG2E;
+// x . y over n floats of shared memory, in four interleaved partial sums (error growth
+// and dependency chains a quarter of one running sum's).
+__device__ __forceinline__ float dot(const float* x, const float* y, int n) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int d = 0;
+    for (; d + 3 < n; d += 4) {
+        a0 = fmaf(x[d], y[d], a0);
+        a1 = fmaf(x[d + 1], y[d + 1], a1);
+        a2 = fmaf(x[d + 2], y[d + 2], a2);
+        a3 = fmaf(x[d + 3], y[d + 3], a3);
+    }
+    for (; d < n; ++d) a0 = fmaf(x[d], y[d], a0);
+    return (a0 + a1) + (a2 + a3);
 }
+
+__device__ __forceinline__ float row_lse(const BwdParams& p, int b, int h, i64 row) {
+    return ((const float*)p.lse)[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_l];
+}
+
+// softmax_d holds D for every row [B, Hq, L], then 1 / z (the row's renormalisation).
+__device__ __forceinline__ i64 rows_of(const BwdParams& p) { return (i64)p.batch * p.heads_q * p.len_q; }
 
 // Grid (ceil(L / WARPS), Hq, B), WARPS warps: warp w owns query row blockIdx.x * WARPS + w.
 extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const BwdParams p) {
@@ -102,13 +122,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
         for (int d = lane; d < p.head_dim; d += 32) s_q[warp][d] = load_elem(q + d * p.q_stride_e);
         for (int d = lane; d < p.head_dim_v; d += 32) s_do[warp][d] = load_elem(g + d);
     }
-    const float lse2 = row_ok ? row_lse2(p, b, h, seq.start_q + i) : SDPA_NEG_INF;
+    const float lse = row_ok ? row_lse(p, b, h, seq.start_q + i) : SDPA_NEG_INF;
 
     float dq[SDPA_DV_CHUNKS];
 #pragma unroll
     for (int c = 0; c < SDPA_DV_CHUNKS; ++c) dq[c] = 0.f;
-    float partial = 0.f;
-    float d_row = 0.f;
+    float partial = 0.f, partial_z = 0.f;
+    float d_row = 0.f, inv_z = 0.f;
     // Pass 0 sums D over the row's keys, pass 1 uses it.
     for (int pass = 0; pass < 2; ++pass) {
         for (int j0 = 0; j0 < block_limit; j0 += TILE) {
@@ -126,15 +146,15 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
             const int j = j0 + lane;
             float ds = 0.f;
             if (lane < TILE && j < limit) {
-                float qk = 0.f, dov = 0.f;
-                for (int d = 0; d < p.head_dim; ++d) qk = fmaf(s_q[warp][d], s_k[lane][d], qk);
-                for (int d = 0; d < p.head_dim_v; ++d) dov = fmaf(s_do[warp][d], s_v[lane][d], dov);
+                const float qk = dot(s_q[warp], s_k[lane], p.head_dim);
+                const float dov = dot(s_do[warp], s_v[lane], p.head_dim_v);
                 float prob, keep, grad_p;
-                const bool read = score_grad(p, b, h, i, j, qk, dov, lse2, prob, keep, grad_p);
+                const bool read = score_grad(p, b, h, i, j, qk, dov, lse, prob, keep, grad_p);
                 if (pass == 0) {
                     partial = fmaf(prob, grad_p, partial);
+                    partial_z += prob;
                 } else if (read) {
-                    ds = prob * (grad_p - d_row);
+                    ds = prob * inv_z * (grad_p - d_row);
                     if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0)
                         atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
                 }
@@ -153,9 +173,15 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
             }
         }
         if (pass == 0) {
-            d_row = warp_sum(partial);
+            // P = exp(s - lse) / z: renormalised by its row sum (1 up to the f32 lse's
+            // rounding), as the reference; D = rowsum(P dP).
+            const float z = warp_sum(partial_z);
+            inv_z = z != 0.f ? 1.f / z : 0.f;
+            d_row = warp_sum(partial) * inv_z;
             if (row_ok && lane == 0) {
-                ((float*)p.softmax_d)[((i64)b * p.heads_q + h) * p.len_q + i] = d_row;
+                const i64 row = ((i64)b * p.heads_q + h) * p.len_q + i;
+                ((float*)p.softmax_d)[row] = d_row;
+                ((float*)p.softmax_d)[rows_of(p) + row] = inv_z;
             }
         }
     }
@@ -177,8 +203,9 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
     __shared__ float s_v[WARPS][MAX_DIM];
     __shared__ float s_q[TILE][MAX_DIM + 1];
     __shared__ float s_do[TILE][MAX_DIM + 1];
-    __shared__ float s_lse2[TILE];
+    __shared__ float s_lse[TILE];
     __shared__ float s_d[TILE];
+    __shared__ float s_iz[TILE];
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int b = blockIdx.z;
@@ -216,8 +243,10 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
                 for (int d = lane; d < p.head_dim_v; d += 32)
                     s_do[r][d] = in ? load_elem(gr + (i64)i * p.dout_stride_l + d) : 0.f;
                 if (lane == 0) {
-                    s_lse2[r] = in ? row_lse2(p, b, h, seq.start_q + i) : SDPA_NEG_INF;
-                    s_d[r] = in ? ((const float*)p.softmax_d)[((i64)b * p.heads_q + h) * p.len_q + i] : 0.f;
+                    const i64 row = ((i64)b * p.heads_q + h) * p.len_q + i;
+                    s_lse[r] = in ? row_lse(p, b, h, seq.start_q + i) : SDPA_NEG_INF;
+                    s_d[r] = in ? ((const float*)p.softmax_d)[row] : 0.f;
+                    s_iz[r] = in ? ((const float*)p.softmax_d)[rows_of(p) + row] : 0.f;
                 }
             }
             __syncthreads();
@@ -225,11 +254,11 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
             const int i = i0 + lane;
             float w = 0.f, ds = 0.f;
             if (lane < TILE && i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k)) {
-                float qk = 0.f, dov = 0.f;
-                for (int d = 0; d < p.head_dim; ++d) qk = fmaf(s_q[lane][d], s_k[warp][d], qk);
-                for (int d = 0; d < p.head_dim_v; ++d) dov = fmaf(s_do[lane][d], s_v[warp][d], dov);
+                const float qk = dot(s_q[lane], s_k[warp], p.head_dim);
+                const float dov = dot(s_do[lane], s_v[warp], p.head_dim_v);
                 float prob, keep, grad_p;
-                if (score_grad(p, b, h, i, j, qk, dov, s_lse2[lane], prob, keep, grad_p)) {
+                if (score_grad(p, b, h, i, j, qk, dov, s_lse[lane], prob, keep, grad_p)) {
+                    prob *= s_iz[lane];
                     ds = prob * (grad_p - s_d[lane]);
                     w = prob * keep;
                 }

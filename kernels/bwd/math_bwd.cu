@@ -76,9 +76,10 @@ __device__ __forceinline__ acc_t keep_factor(const BwdParams& p, u64 idx) {
 
 // One warp per query row (b, h, i) of [B, Hq, L]: `scores` holds the row's q.k
 // (unscaled) and becomes dS, `dp` holds dout.v^T and becomes W. Two passes over the row:
-// the first turns q.k into P and dout.v^T into dP = dW Z / (1 - p) and sums
-// D = rowsum(P dP) (the exact equal of rowsum(dout * out), without out's rounding: the
-// reference's D), the second writes dS = P (dP - D) and W = P Z / (1 - p). Keys the row
+// the first turns q.k into exp(s - lse) and dout.v^T into dP = dW Z / (1 - p) and sums
+// both the row's weights z and P dP; with P = exp(s - lse) / z (renormalised: the lse is
+// f32) and D = rowsum(P dP) (the exact equal of rowsum(dout * out), without out's
+// rounding: the reference's D), the second writes dS = P (dP - D) and W = P Z / (1 - p). Keys the row
 // does not read (causal, bool mask false) get exactly 0 in both, whatever D is. D goes to
 // p.softmax_d. The flat index of a score is the dropout stream's index.
 extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdParams p, u64 scores, u64 dp) {
@@ -94,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
         acc_t* ds = (acc_t*)scores + row * p.len_kv;
         acc_t* w = (acc_t*)dp + row * p.len_kv;
         const acc_t lse = (acc_t)lse_base[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_l];
-        acc_t partial = 0;
+        acc_t partial = 0, z = 0;
         for (int j = lane; j < p.len_kv; j += 32) {
             acc_t add;
             if (!key_visible(p, b, h, i, j, add)) {
@@ -112,15 +113,22 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
             ds[j] = prob;
             w[j] = grad_p;
             partial += prob * grad_p;
+            z += prob;
         }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, off);
-        const acc_t d = partial;
+        for (int off = 16; off > 0; off >>= 1) {
+            partial += __shfl_xor_sync(0xffffffffu, partial, off);
+            z += __shfl_xor_sync(0xffffffffu, z, off);
+        }
+        // P renormalised by its row sum z (1 up to the f32 lse's rounding, which would
+        // otherwise put ~1e-7 relative error into an f64 backward): the reference's P.
+        const acc_t inv_z = z != 0 ? (acc_t)1 / z : (acc_t)0;
+        const acc_t d = partial * inv_z;
         if (lane == 0) d_out[row] = d;
         for (int j = lane; j < p.len_kv; j += 32) {
             acc_t add;
             if (!key_visible(p, b, h, i, j, add)) continue;
-            const acc_t prob = ds[j];
+            const acc_t prob = ds[j] * inv_z;
             const acc_t grad_s = prob * (w[j] - d);
             ds[j] = grad_s;
             w[j] = prob * keep_factor(p, row * p.len_kv + j);

@@ -678,7 +678,7 @@ pub fn bench_problem(
         match (backend, &engine.gpu) {
             (Backend::Flash, _) => Err("flash has no backward yet".to_string()),
             (Backend::Efficient, Some(_)) => {
-                sdpa_cuda::select_backward(&problem, BackendSet::only(backend))
+                sdpa_cuda::select_backward(&problem, BackendSet::only(backend), None)
                     .map(drop)
                     .map_err(|e| e.to_string())
             }
@@ -726,10 +726,10 @@ pub fn bench_problem(
     let enabled = runnable
         .iter()
         .fold(BackendSet::EMPTY, |set, &b| set.with(b));
+    let gpu_free = engine.gpu.as_ref().and_then(|g| g.free_memory());
     let pick = match (&engine.gpu, backward) {
-        (Some(_), true) => {
-            sdpa_cuda::select_backward(&problem, enabled).map_err(|e| CliError::from(e).to_string())
-        }
+        (Some(_), true) => sdpa_cuda::select_backward(&problem, enabled, gpu_free)
+            .map_err(|e| CliError::from(e).to_string()),
         (None, true) => Ok(Backend::Math),
         _ => engine.select(enabled, &problem).map_err(|e| e.to_string()),
     };

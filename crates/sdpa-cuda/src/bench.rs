@@ -496,7 +496,7 @@ pub fn time_backward(
 ) -> Result<Option<Timing>> {
     let problem = bench.problem()?;
     if bench.varlen.is_some()
-        || crate::select_backward(&problem, BackendSet::only(backend)).is_err()
+        || crate::select_backward(&problem, BackendSet::only(backend), None).is_err()
     {
         return Ok(None);
     }

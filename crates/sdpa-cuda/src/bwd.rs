@@ -152,14 +152,64 @@ fn matrix(
     }
 }
 
-/// The backend whose backward runs `problem`: the fused efficient backward where the
-/// set allows it and it covers the problem, else math; flash has no backward yet.
+/// Bytes of device scratch the math backward takes for `problem` (module docs:
+/// `acc * (B*Hq*L*(2E + Ev + 1 + 2S) + B*Hkv*S*(2E + 2Ev) + |mask|)` plus the outputs),
+/// `None` past `usize`.
+pub fn math_backward_scratch(problem: &Problem) -> Option<usize> {
+    let acc = if problem.dtype == DType::F64 { 8 } else { 4 };
+    let (b, hq, hkv, l, s, e, ev) = (
+        problem.batch,
+        problem.heads_q,
+        problem.heads_kv,
+        problem.len_q,
+        problem.len_kv,
+        problem.head_dim,
+        problem.head_dim_v,
+    );
+    let per_query = (2 * e)
+        .checked_add(ev)?
+        .checked_add(1)?
+        .checked_add(s.checked_mul(2)?)?;
+    let queries = b.checked_mul(hq)?.checked_mul(l)?.checked_mul(per_query)?;
+    let keys = b
+        .checked_mul(hkv)?
+        .checked_mul(s)?
+        .checked_mul(2 * e + 2 * ev)?;
+    let mask = problem.mask.map_or(Some(0), |_| {
+        b.checked_mul(hq)?.checked_mul(l)?.checked_mul(s)
+    })?;
+    queries
+        .checked_add(keys)?
+        .checked_add(mask)?
+        .checked_mul(acc)
+}
+
+/// The backend whose backward runs `problem` from `backends`. Math (cuBLAS) is the
+/// faster of the two on every benchmark shape (BENCHMARKS.md: 5-9x the fused scalar
+/// backward), so it runs where its scratch ([`math_backward_scratch`], `L x S` buffers)
+/// fits in 90% of `free` device bytes (when known); otherwise, and for varlen problems
+/// (math takes none), the efficient backend's fused backward, which keeps O(L) extra
+/// memory. Flash has no backward yet.
 ///
 /// # Errors
 /// `SdpaError::NoBackend` with each candidate's reason when none of the set can run it.
-pub fn select_backward(problem: &Problem, backends: BackendSet) -> Result<Backend> {
+pub fn select_backward(
+    problem: &Problem,
+    backends: BackendSet,
+    free: Option<usize>,
+) -> Result<Backend> {
     let mut reasons = Vec::new();
-    for backend in [Backend::Efficient, Backend::Math] {
+    let math_fits = match (free, math_backward_scratch(problem)) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(free), Some(need)) => need <= free / 10 * 9,
+    };
+    let order = if math_fits {
+        [Backend::Math, Backend::Efficient]
+    } else {
+        [Backend::Efficient, Backend::Math]
+    };
+    for backend in order {
         if !backends.contains(backend) {
             reasons.push((backend, "not in the enabled backends".to_string()));
             continue;
@@ -214,7 +264,7 @@ impl GpuContext {
         backends: BackendSet,
     ) -> Result<DeviceGradients> {
         let problem = self.problem(q, k, v, mask, options)?;
-        let backend = select_backward(&problem, backends)?;
+        let backend = select_backward(&problem, backends, self.free_memory())?;
         let [b, hq, l, ev] = problem.out_shape();
         let (hkv, s, e) = (problem.heads_kv, problem.len_kv, problem.head_dim);
         check_shape("out", out, [b, hq, l, ev], problem.dtype)?;
@@ -294,7 +344,7 @@ impl GpuContext {
         backends: BackendSet,
     ) -> Result<DeviceGradients> {
         let problem = self.varlen_problem(q, k, v, varlen, options)?;
-        let backend = select_backward(&problem, backends)?;
+        let backend = select_backward(&problem, backends, self.free_memory())?;
         let (cq, ck) = (varlen.cu_seqlens_q, varlen.cu_seqlens_k);
         let (hq, hkv, e, ev) = (
             problem.heads_q,
@@ -597,8 +647,14 @@ impl GpuContext {
 }
 
 impl GpuContext {
+    /// The driver's free memory on this context's device, if it answers.
+    pub fn free_memory(&self) -> Option<usize> {
+        self.cuda().mem_get_info().ok().map(|(free, _)| free)
+    }
+
     /// The fused efficient backward (`kernels/bwd/attn_bwd_simt.cu`): the dq kernel (D,
-    /// dq, dmask's sums), then the dk/dv kernel; f32 scratch of `B * Hq * L` for D and,
+    /// dq, dmask's sums), then the dk/dv kernel; f32 scratch of `2 * B * Hq * L` for D
+    /// and the rows' renormalisation and,
     /// for an additive mask, of the mask's size for dmask. No L x S buffer.
     fn run_fused_backward(
         &self,
@@ -622,7 +678,8 @@ impl GpuContext {
         let heads_q = grid_dim("query", "query heads", problem.heads_q)?;
         let heads_kv = grid_dim("key", "key/value heads", problem.heads_kv)?;
         let batch = grid_dim("query", "a batch", problem.batch)?;
-        let rows = product("query", &[problem.batch, problem.heads_q, problem.len_q])?;
+        // D of every row, then 1 / z of every row (the kernels' renormalisation).
+        let rows = product("query", &[2, problem.batch, problem.heads_q, problem.len_q])?;
         let (d_buf, d_ptr) = zeroed(self, rows, 4)?;
         params.softmax_d = d_ptr;
         let dmask_acc = match dmask {
@@ -700,6 +757,43 @@ impl GpuContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdpa_core::TensorDesc;
+
+    fn problem(dtype: DType, l: usize, s: usize) -> Problem {
+        let t = |len| TensorDesc::contiguous(dtype, [2, 4, len, 64]);
+        Problem::new(&t(l), &t(s), &t(s), None, &SdpaOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn backward_dispatch_takes_math_where_its_scratch_fits() {
+        let p = problem(DType::F16, 1024, 1024);
+        let need = math_backward_scratch(&p).unwrap();
+        // 4 bytes * (2*4*1024*(128 + 64 + 1 + 2048) + 2*4*1024*256).
+        assert_eq!(
+            need,
+            4 * (2 * 4 * 1024 * (2 * 64 + 64 + 1 + 2 * 1024) + 2 * 4 * 1024 * 256)
+        );
+        assert_eq!(
+            select_backward(&p, BackendSet::ALL, None).unwrap(),
+            Backend::Math
+        );
+        assert_eq!(
+            select_backward(&p, BackendSet::ALL, Some(2 * need)).unwrap(),
+            Backend::Math
+        );
+        assert_eq!(
+            select_backward(&p, BackendSet::ALL, Some(need)).unwrap(),
+            Backend::Efficient
+        );
+        // f64: efficient has no f64 kernel, math runs whatever the memory.
+        let p64 = problem(DType::F64, 16, 16);
+        assert_eq!(
+            select_backward(&p64, BackendSet::ALL, Some(0)).unwrap(),
+            Backend::Math
+        );
+        let e = select_backward(&p64, BackendSet::only(Backend::Flash), None).unwrap_err();
+        assert!(e.to_string().contains("no backward yet"), "{e}");
+    }
 
     #[test]
     fn dmask_plan_sums_the_broadcast_axes() {

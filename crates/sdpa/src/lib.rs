@@ -496,9 +496,11 @@ pub fn attention_varlen_backward(
 /// the forward call's inputs, its `out` and `lse`, and the incoming gradient `dout`,
 /// with the forward's `options` (dropout replays its keep bits from the same seed and
 /// offset). Host arrays: on the CPU the reference ([`sdpa_ref::bwd::sdpa_backward`]),
-/// on CUDA (uploaded, results downloaded) the efficient backend's fused backward where
-/// `exec.backends` allows it and it covers the problem (f32/f16/bf16, head dims up to
-/// 256), else the math backend's (cuBLAS, every dtype). Flash has no backward yet.
+/// on CUDA (uploaded, results downloaded) [`sdpa_cuda::select_backward`]'s choice among
+/// `exec.backends`: the math backend's backward (cuBLAS, every dtype, the faster) where
+/// its `L x S` scratch fits in the device's free memory, else the efficient backend's
+/// fused backward (f32/f16/bf16, head dims up to 256, O(L) extra memory). Flash has no
+/// backward yet.
 ///
 /// # Errors
 /// As [`attention`]; `out`, `lse` or `grad_out` of a shape other than the problem's; a
@@ -517,8 +519,8 @@ pub fn attention_backward<T: Elem>(
     exec: &Exec<'_>,
 ) -> Result<Gradients<T>> {
     if let On::Cuda(gpu) = exec.device {
-        // On CUDA the efficient backend's fused backward where it covers the problem,
-        // else math (GpuContext::sdpa_backward's dispatch); flash has none yet.
+        // On CUDA: GpuContext::sdpa_backward's dispatch (select_backward: math where its
+        // scratch fits, else the efficient backend's fused backward).
         let mask = match mask {
             None => None,
             Some(Mask::Bool(m)) => Some(sdpa_cuda::HostMask::Bool(m)),
