@@ -803,7 +803,6 @@ fn random_case(n: u64) -> Case {
             dropout,
             scale,
             enable_gqa: group > 1,
-            ..Default::default()
         },
     }
 }

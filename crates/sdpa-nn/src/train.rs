@@ -175,13 +175,13 @@ impl Param {
             Optimizer::Adam => {
                 let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
                 let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-                for i in 0..self.value.len() {
-                    let g = grad[i];
-                    self.m[i] = b1 * self.m[i] + (1.0 - b1) * g;
-                    self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g;
-                    let mhat = self.m[i] / c1;
-                    let vhat = self.v[i] / c2;
-                    self.value[i] -= config.lr * mhat / (vhat.sqrt() + eps);
+                let state = self.value.iter_mut().zip(&mut self.m).zip(&mut self.v);
+                for (((w, m), v), &g) in state.zip(grad) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let mhat = *m / c1;
+                    let vhat = *v / c2;
+                    *w -= config.lr * mhat / (vhat.sqrt() + eps);
                 }
             }
         }

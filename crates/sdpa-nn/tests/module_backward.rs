@@ -46,14 +46,13 @@ fn check_param(name: &str, analytic: &[f64], len: usize, mut at: impl FnMut(usiz
     assert_eq!(analytic.len(), len, "{name}: gradient length");
     let h = 1e-5;
     let mut worst = 0.0f64;
-    for i in 0..len {
+    for (i, &backward) in analytic.iter().enumerate() {
         let fd = (at(i, h) - at(i, -h)) / (2.0 * h);
-        let err = (fd - analytic[i]).abs() / (1.0 + fd.abs());
+        let err = (fd - backward).abs() / (1.0 + fd.abs());
         worst = worst.max(err);
         assert!(
             err < 1e-8,
-            "{name}[{i}]: finite difference {fd}, backward {}",
-            analytic[i]
+            "{name}[{i}]: finite difference {fd}, backward {backward}"
         );
     }
     eprintln!("{name}: {len} elements, worst relative error {worst:.2e}");
