@@ -237,103 +237,53 @@ Result run(const Case& c) {
         report(r, "dv", gv, dv, c.name, name);
         if (c.mask == MaskKind::Additive) report(r, "dmask", gd, dmask, c.name, name);
     }
-    // The math backward: its products here in f32, its grad kernel emulated.
-    {
-        std::vector<float> scores(rows * c.s), dw(rows * c.s);
+    // The math backward in f32 and in f64: its products here in the accumulation type, its
+    // grad kernel emulated (acc_t = float or double); f64 within 1e-10 of the f64
+    // backward, which needs P renormalised (the lse is f32).
+    auto math_path = [&](auto zero, auto kernel, const char* label, double bound) {
+        using A = decltype(zero);
+        std::vector<A> scores(rows * c.s), dw(rows * c.s), amask_a(amask.begin(), amask.end()), gd_a(mask_n, 0),
+            dbuf_a(rows, 0);
+        auto kv = [&](int bb, int h, int j) { return ((size_t)bb * c.hkv + h / c.group) * c.s + j; };
         for (int bb = 0; bb < c.b; ++bb)
             for (int h = 0; h < hq; ++h)
                 for (int i = 0; i < c.l; ++i)
                     for (int j = 0; j < c.s; ++j) {
-                        const int hk = h / c.group;
-                        const float* qi = &q[(((size_t)bb * hq + h) * c.l + i) * c.e];
-                        const float* gi = &dout[(((size_t)bb * hq + h) * c.l + i) * c.ev];
-                        const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
-                        const float* vj = &v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
-                        float a = 0, g = 0;
-                        for (int d = 0; d < c.e; ++d) a += qi[d] * kj[d];
-                        for (int d = 0; d < c.ev; ++d) g += gi[d] * vj[d];
                         const size_t row = ((size_t)bb * hq + h) * c.l + i;
+                        A a = 0, g = 0;
+                        for (int d = 0; d < c.e; ++d) a += (A)q[row * c.e + d] * (A)k[kv(bb, h, j) * c.e + d];
+                        for (int d = 0; d < c.ev; ++d) g += (A)dout[row * c.ev + d] * (A)v[kv(bb, h, j) * c.ev + d];
                         scores[row * c.s + j] = a, dw[row * c.s + j] = g;
                     }
-        std::fill(gd.begin(), gd.end(), 0.f);
-        // emu_launch takes a one-argument kernel: wrap the grad kernel's two buffers.
-        static u64 s_scores, s_dw;
-        s_scores = (u64)scores.data(), s_dw = (u64)dw.data();
-        struct Wrap {
-            static void grad(const BwdParams q) { emu_math_grad(q, s_scores, s_dw); }
-        };
-        emu_launch(Wrap::grad, EmuDim{(unsigned)std::max<size_t>(1, (rows + 7) / 8)}, EmuDim{256}, p);
+        BwdParams pa = p;
+        if (c.mask == MaskKind::Additive) pa.mask = (u64)amask_a.data();
+        pa.dmask = c.mask == MaskKind::Additive ? (u64)gd_a.data() : 0;
+        pa.softmax_d = (u64)dbuf_a.data();
+        const u64 sp = (u64)scores.data(), wp = (u64)dw.data();
+        emu_launch([&](const BwdParams q) { kernel(q, sp, wp); }, EmuDim{(unsigned)std::max<size_t>(1, (rows + 7) / 8)},
+                   EmuDim{256}, pa);
         // dv = W^T dout, dk = scale dS^T q, dq = scale dS k (per kv head over the group).
-        std::vector<float> mq(dq.size(), 0.f), mk(dk.size(), 0.f), mv(dv.size(), 0.f);
+        std::vector<A> mq(dq.size(), 0), mk(dk.size(), 0), mv(dv.size(), 0);
         for (int bb = 0; bb < c.b; ++bb)
             for (int h = 0; h < hq; ++h)
                 for (int i = 0; i < c.l; ++i) {
-                    const int hk = h / c.group;
                     const size_t row = ((size_t)bb * hq + h) * c.l + i;
                     for (int j = 0; j < c.s; ++j) {
-                        const float ds = scores[row * c.s + j], w = dw[row * c.s + j];
+                        const A ds = scores[row * c.s + j], w = dw[row * c.s + j];
                         for (int d = 0; d < c.e; ++d) {
-                            mq[row * c.e + d] += (float)scale * ds * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
-                            mk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d] += (float)scale * ds * q[row * c.e + d];
+                            mq[row * c.e + d] += (A)scale * ds * (A)k[kv(bb, h, j) * c.e + d];
+                            mk[kv(bb, h, j) * c.e + d] += (A)scale * ds * (A)q[row * c.e + d];
                         }
-                        for (int d = 0; d < c.ev; ++d)
-                            mv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d] += w * dout[row * c.ev + d];
+                        for (int d = 0; d < c.ev; ++d) mv[kv(bb, h, j) * c.ev + d] += w * (A)dout[row * c.ev + d];
                     }
                 }
-        report(r, "dq", mq, dq, c.name, "math");
-        report(r, "dk", mk, dk, c.name, "math");
-        report(r, "dv", mv, dv, c.name, "math");
-        if (c.mask == MaskKind::Additive) report(r, "dmask", gd, dmask, c.name, "math");
-    }
-    // The math backward in f64 (its grad kernel with acc_t = double, the products here in
-    // f64): within 1e-10 of the f64 backward, which needs P renormalised (the lse is f32).
-    {
-        std::vector<double> scores(rows * c.s), dw(rows * c.s), amask64(amask.begin(), amask.end()), gd64(mask_n, 0.0),
-            dbuf64(rows, 0.0);
-        for (int bb = 0; bb < c.b; ++bb)
-            for (int h = 0; h < hq; ++h)
-                for (int i = 0; i < c.l; ++i)
-                    for (int j = 0; j < c.s; ++j) {
-                        const int hk = h / c.group;
-                        const size_t row = ((size_t)bb * hq + h) * c.l + i;
-                        double a = 0, g = 0;
-                        for (int d = 0; d < c.e; ++d)
-                            a += (double)q[row * c.e + d] * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
-                        for (int d = 0; d < c.ev; ++d)
-                            g += (double)dout[row * c.ev + d] * v[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d];
-                        scores[row * c.s + j] = a, dw[row * c.s + j] = g;
-                    }
-        BwdParams p64 = p;
-        if (c.mask == MaskKind::Additive) p64.mask = (u64)amask64.data();
-        p64.dmask = c.mask == MaskKind::Additive ? (u64)gd64.data() : 0;
-        p64.softmax_d = (u64)dbuf64.data();
-        static u64 s_scores, s_dw;
-        s_scores = (u64)scores.data(), s_dw = (u64)dw.data();
-        struct Wrap {
-            static void grad(const BwdParams q) { emu_math_grad_f64(q, s_scores, s_dw); }
-        };
-        emu_launch(Wrap::grad, EmuDim{(unsigned)std::max<size_t>(1, (rows + 7) / 8)}, EmuDim{256}, p64);
-        std::vector<double> mq(dq.size(), 0.0), mk(dk.size(), 0.0), mv(dv.size(), 0.0);
-        for (int bb = 0; bb < c.b; ++bb)
-            for (int h = 0; h < hq; ++h)
-                for (int i = 0; i < c.l; ++i) {
-                    const int hk = h / c.group;
-                    const size_t row = ((size_t)bb * hq + h) * c.l + i;
-                    for (int j = 0; j < c.s; ++j) {
-                        const double ds = scores[row * c.s + j], w = dw[row * c.s + j];
-                        for (int d = 0; d < c.e; ++d) {
-                            mq[row * c.e + d] += scale * ds * k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d];
-                            mk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d] += scale * ds * q[row * c.e + d];
-                        }
-                        for (int d = 0; d < c.ev; ++d)
-                            mv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev + d] += w * dout[row * c.ev + d];
-                    }
-                }
-        report(r, "dq", mq, dq, c.name, "math f64", 1e-10);
-        report(r, "dk", mk, dk, c.name, "math f64", 1e-10);
-        report(r, "dv", mv, dv, c.name, "math f64", 1e-10);
-        if (c.mask == MaskKind::Additive) report(r, "dmask", gd64, dmask, c.name, "math f64", 1e-10);
-    }
+        report(r, "dq", mq, dq, c.name, label, bound);
+        report(r, "dk", mk, dk, c.name, label, bound);
+        report(r, "dv", mv, dv, c.name, label, bound);
+        if (c.mask == MaskKind::Additive) report(r, "dmask", gd_a, dmask, c.name, label, bound);
+    };
+    math_path(0.0f, emu_math_grad, "math", 2e-5);
+    math_path(0.0, emu_math_grad_f64, "math f64", 1e-10);
     return r;
 }
 

@@ -98,10 +98,10 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
-// Runs `kernel(params)` over `grid` blocks of `block.x` threads (a multiple of 32), one
-// block at a time.
-template <class P>
-void emu_launch(void (*kernel)(const P), EmuDim grid, EmuDim block, const P& params) {
+// Runs `kernel(params)` (a kernel, or a lambda around one) over `grid` blocks of
+// `block.x` threads (a multiple of 32), one block at a time.
+template <class K, class P>
+void emu_launch(K kernel, EmuDim grid, EmuDim block, const P& params) {
     gridDim = grid;
     blockDim = block;
     const int n = (int)block.x;

@@ -299,35 +299,51 @@ impl BenchElem for bf16 {
     }
 }
 
-fn time_cpu_typed<T: BenchElem>(p: &BenchProblem, repeats: usize) -> Result<Timing, CliError> {
-    let mut rng = SplitMix64(0x5d9a_2024);
-    let mut random = |[a, b, c, d]: [usize; 4]| {
-        Array4::from_shape_simple_fn((a, b, c, d), || T::from_f64(rng.symmetric()))
-    };
-    let [qs, ks, vs] = p.shapes();
-    let (q, k, v) = (random(qs), random(ks), random(vs));
-    let bool_mask: Option<ArrayD<bool>> = p
-        .mask_shape()
-        .and_then(|s| p.mask.bool_values(&s, 0x6d61_736b));
-    let additive: Option<ArrayD<T>> = p
-        .mask_shape()
-        .and_then(|s| p.mask.additive_values(&s, 0x6d61_736b))
-        .map(|a| a.mapv(T::from_f64));
-    let call = || {
-        let mask = match (&bool_mask, &additive) {
+/// The CPU bench's inputs of `p` in `T`: q, k, v, the mask's contents, from fixed seeds.
+struct CpuInputs<T> {
+    q: Array4<T>,
+    k: Array4<T>,
+    v: Array4<T>,
+    bool_mask: Option<ArrayD<bool>>,
+    additive: Option<ArrayD<T>>,
+}
+
+impl<T: BenchElem> CpuInputs<T> {
+    fn new(p: &BenchProblem) -> Self {
+        let mut rng = SplitMix64(0x5d9a_2024);
+        let mut random = |[a, b, c, d]: [usize; 4]| {
+            Array4::from_shape_simple_fn((a, b, c, d), || T::from_f64(rng.symmetric()))
+        };
+        let [qs, ks, vs] = p.shapes();
+        CpuInputs {
+            q: random(qs),
+            k: random(ks),
+            v: random(vs),
+            bool_mask: p
+                .mask_shape()
+                .and_then(|s| p.mask.bool_values(&s, 0x6d61_736b)),
+            additive: p
+                .mask_shape()
+                .and_then(|s| p.mask.additive_values(&s, 0x6d61_736b))
+                .map(|a| a.mapv(T::from_f64)),
+        }
+    }
+
+    fn mask(&self) -> Option<sdpa::Mask<'_, T>> {
+        match (&self.bool_mask, &self.additive) {
             (Some(b), _) => Some(sdpa::Mask::Bool(b.view())),
             (_, Some(a)) => Some(sdpa::Mask::Additive(a.view())),
             _ => None,
-        };
-        sdpa::attention(
-            sdpa::Tensor::Host(q.view()),
-            sdpa::Tensor::Host(k.view()),
-            sdpa::Tensor::Host(v.view()),
-            mask,
-            &p.options,
-            &sdpa::Exec::cpu(),
-        )
-    };
+        }
+    }
+}
+
+/// One warm-up call, then `repeats` calls with wall time around each.
+fn time_cpu_calls<R>(
+    repeats: usize,
+    flops: f64,
+    call: impl Fn() -> Result<R, CliError>,
+) -> Result<Timing, CliError> {
     std::hint::black_box(call()?);
     let mut times = Vec::with_capacity(repeats.max(1));
     for _ in 0..repeats.max(1) {
@@ -340,7 +356,21 @@ fn time_cpu_typed<T: BenchElem>(p: &BenchProblem, repeats: usize) -> Result<Timi
         median_s: median(times.clone()),
         min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
         runs: times.len(),
-        flops: p.flops(),
+        flops,
+    })
+}
+
+fn time_cpu_typed<T: BenchElem>(p: &BenchProblem, repeats: usize) -> Result<Timing, CliError> {
+    let x = CpuInputs::<T>::new(p);
+    time_cpu_calls(repeats, p.flops(), || {
+        Ok(sdpa::attention(
+            sdpa::Tensor::Host(x.q.view()),
+            sdpa::Tensor::Host(x.k.view()),
+            sdpa::Tensor::Host(x.v.view()),
+            x.mask(),
+            &p.options,
+            &sdpa::Exec::cpu(),
+        )?)
     })
 }
 
@@ -348,63 +378,34 @@ fn time_cpu_backward_typed<T: BenchElem>(
     p: &BenchProblem,
     repeats: usize,
 ) -> Result<Timing, CliError> {
-    let mut rng = SplitMix64(0x5d9a_2024);
-    let mut random = |[a, b, c, d]: [usize; 4]| {
-        Array4::from_shape_simple_fn((a, b, c, d), || T::from_f64(rng.symmetric()))
-    };
-    let [qs, ks, vs] = p.shapes();
-    let (q, k, v) = (random(qs), random(ks), random(vs));
+    let x = CpuInputs::<T>::new(p);
     let problem = p.problem()?;
-    let dout = random(problem.out_shape());
-    let bool_mask: Option<ArrayD<bool>> = p
-        .mask_shape()
-        .and_then(|s| p.mask.bool_values(&s, 0x6d61_736b));
-    let additive: Option<ArrayD<T>> = p
-        .mask_shape()
-        .and_then(|s| p.mask.additive_values(&s, 0x6d61_736b))
-        .map(|a| a.mapv(T::from_f64));
-    let mask = || match (&bool_mask, &additive) {
-        (Some(b), _) => Some(sdpa::Mask::Bool(b.view())),
-        (_, Some(a)) => Some(sdpa::Mask::Additive(a.view())),
-        _ => None,
-    };
+    let mut rng = SplitMix64(0x0d07_2024);
+    let [b, h, l, e] = problem.out_shape();
+    let dout = Array4::from_shape_simple_fn((b, h, l, e), || T::from_f64(rng.symmetric()));
     let exec = sdpa::Exec::cpu();
     let (out, lse) = sdpa::attention(
-        sdpa::Tensor::Host(q.view()),
-        sdpa::Tensor::Host(k.view()),
-        sdpa::Tensor::Host(v.view()),
-        mask(),
+        sdpa::Tensor::Host(x.q.view()),
+        sdpa::Tensor::Host(x.k.view()),
+        sdpa::Tensor::Host(x.v.view()),
+        x.mask(),
         &p.options,
         &exec,
     )?
     .into_host()
     .expect("host arrays in, host arrays out");
-    let call = || {
-        sdpa::attention_backward(
-            q.view(),
-            k.view(),
-            v.view(),
+    time_cpu_calls(repeats, BACKWARD_FLOPS * p.flops(), || {
+        Ok(sdpa::attention_backward(
+            x.q.view(),
+            x.k.view(),
+            x.v.view(),
             out.view(),
             lse.view(),
             dout.view(),
-            mask(),
+            x.mask(),
             &p.options,
             &exec,
-        )
-    };
-    std::hint::black_box(call()?);
-    let mut times = Vec::with_capacity(repeats.max(1));
-    for _ in 0..repeats.max(1) {
-        let start = Instant::now();
-        let g = call()?;
-        times.push(start.elapsed().as_secs_f64());
-        std::hint::black_box(g);
-    }
-    Ok(Timing {
-        median_s: median(times.clone()),
-        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
-        runs: times.len(),
-        flops: BACKWARD_FLOPS * p.flops(),
+        )?)
     })
 }
 

@@ -451,6 +451,20 @@ pub fn time_problem(
                 .map(drop),
         }
     };
+    time_calls(gpu, warmup, max_runs, budget_ms, 5, call).map(Some)
+}
+
+/// `warmup` untimed calls of `call(i)`, then up to `max_runs` timed ones, each between
+/// two CUDA events on the context's stream, stopping once they took `budget_ms` in all
+/// and at least `min_runs` ran.
+fn time_calls(
+    gpu: &GpuContext,
+    warmup: usize,
+    max_runs: usize,
+    budget_ms: f64,
+    min_runs: usize,
+    call: impl Fn(usize) -> Result<()>,
+) -> Result<Timing> {
     for i in 0..warmup {
         call(i)?;
     }
@@ -468,16 +482,16 @@ pub fn time_problem(
         let ms = start.elapsed_ms(&end)? as f64;
         times.push(ms);
         spent += ms;
-        if spent > budget_ms && times.len() >= 5 {
+        if spent > budget_ms && times.len() >= min_runs {
             break;
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok(Some(Timing {
+    Ok(Timing {
         median_ms: times[times.len() / 2],
         min_ms: times[0],
         runs: times.len(),
-    }))
+    })
 }
 
 /// Times the backward of `backend` on dense `bench` ([`GpuContext::sdpa_backward`] with
@@ -515,7 +529,7 @@ pub fn time_backward(
         .find(|&f| check_support(f, &problem, Device::Cuda).is_ok())
         .unwrap_or(Backend::Math);
     gpu.run(forward, &problem, &q, &k, &v, mask.as_ref(), &out, &lse)?;
-    let call = || -> Result<()> {
+    let call = |_| -> Result<()> {
         gpu.sdpa_backward(
             &q,
             &k,
@@ -529,33 +543,7 @@ pub fn time_backward(
         )
         .map(drop)
     };
-    for _ in 0..warmup {
-        call()?;
-    }
-    gpu.synchronize()?;
-    let ctx = gpu.cuda();
-    let mut times = Vec::new();
-    let mut spent = 0.0;
-    for _ in 0..max_runs.max(1) {
-        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(gpu.stream())?;
-        call()?;
-        end.record(gpu.stream())?;
-        end.synchronize()?;
-        let ms = start.elapsed_ms(&end)? as f64;
-        times.push(ms);
-        spent += ms;
-        if spent > budget_ms && times.len() >= 3 {
-            break;
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(Some(Timing {
-        median_ms: times[times.len() / 2],
-        min_ms: times[0],
-        runs: times.len(),
-    }))
+    time_calls(gpu, warmup, max_runs, budget_ms, 3, call).map(Some)
 }
 
 /// One backward benchmark row: the problem's label, the backend, the times and TFLOP/s
