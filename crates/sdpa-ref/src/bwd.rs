@@ -204,9 +204,6 @@ fn head_grads<T: Element>(
         dv: Array2::zeros((len_kv, ev)),
         ds: want_ds.then(|| Array2::zeros((len_q, len_kv))),
     };
-    if len_q == 0 || len_kv == 0 {
-        return grads;
-    }
     let keep_scale = T::Acc::from_f64(p.dropout.keep_scale());
     let mut keep = vec![true; len_kv];
     for i0 in (0..len_q).step_by(QUERY_BLOCK) {
@@ -225,18 +222,17 @@ fn head_grads<T: Element>(
             );
         }
         let mut dscores = Array2::<T::Acc>::zeros((rows, len_kv));
-        if ev > 0 {
-            general_mat_mul(
-                T::Acc::one(),
-                &inputs.dout.slice(s![block.clone(), ..]),
-                &ctx.values[kv].t(),
-                zero,
-                &mut dscores,
-            );
-            // The forward's values hold 0 for NaN; `dout . v_j` is NaN for such a key.
-            for &(j, _) in &ctx.value_nans[kv] {
-                dscores.column_mut(j).fill(T::Acc::nan());
-            }
+        // (Ev = 0 makes an empty, finite product: 0.)
+        general_mat_mul(
+            T::Acc::one(),
+            &inputs.dout.slice(s![block.clone(), ..]),
+            &ctx.values[kv].t(),
+            zero,
+            &mut dscores,
+        );
+        // The forward's values hold 0 for NaN; `dout . v_j` is NaN for such a key.
+        for &(j, _) in &ctx.value_nans[kv] {
+            dscores.column_mut(j).fill(T::Acc::nan());
         }
         let mut weights = Array2::<T::Acc>::zeros((rows, len_kv));
         for r in 0..rows {
@@ -283,31 +279,28 @@ fn head_grads<T: Element>(
                 };
             }
         }
-        if e > 0 {
-            general_mat_mul(
-                scale,
-                &dscores,
-                &keys_nan_free[kv],
-                zero,
-                &mut grads.dq.slice_mut(s![block.clone(), ..]),
-            );
-            general_mat_mul(
-                scale,
-                &dscores.t(),
-                &q_nan_free.slice(s![block.clone(), ..]),
-                T::Acc::one(),
-                &mut grads.dk,
-            );
-        }
-        if ev > 0 {
-            general_mat_mul(
-                T::Acc::one(),
-                &weights.t(),
-                &dout_nan_free.slice(s![block.clone(), ..]),
-                T::Acc::one(),
-                &mut grads.dv,
-            );
-        }
+        // With E = 0 (an infinite default scale) or Ev = 0 these outputs are empty.
+        general_mat_mul(
+            scale,
+            &dscores,
+            &keys_nan_free[kv],
+            zero,
+            &mut grads.dq.slice_mut(s![block.clone(), ..]),
+        );
+        general_mat_mul(
+            scale,
+            &dscores.t(),
+            &q_nan_free.slice(s![block.clone(), ..]),
+            T::Acc::one(),
+            &mut grads.dk,
+        );
+        general_mat_mul(
+            T::Acc::one(),
+            &weights.t(),
+            &dout_nan_free.slice(s![block.clone(), ..]),
+            T::Acc::one(),
+            &mut grads.dv,
+        );
         if let Some(ds) = grads.ds.as_mut() {
             ds.slice_mut(s![block, ..]).assign(&dscores);
         }

@@ -557,3 +557,71 @@ fn nan_reaches_the_rows_that_read_it_and_no_other() {
         .iter()
         .all(|x| x.is_finite()));
 }
+
+#[test]
+fn several_query_blocks_match_finite_differences() {
+    // L = 70 spans two of the reference's 64-row query blocks, the second partial.
+    let mut rng = Rng(0x5eed_b10c);
+    let case = Case::new(
+        &mut rng,
+        [1, 1, 1, 70, 9, 4, 3],
+        options(Causal::BottomRight),
+    );
+    check_against_fd("two query blocks, causal bottom-right", &case);
+}
+
+#[test]
+fn an_empty_head_dim_gives_every_key_the_same_weight() {
+    // E = 0: every score is 0 (the default scale 1/sqrt(0) is infinite, but no product
+    // is taken), P = 1/S, so dv_j = sum_i dout_i / S; dq and dk are empty.
+    let mut rng = Rng(7);
+    let case = Case::new(&mut rng, [1, 2, 2, 4, 5, 0, 3], SdpaOptions::default());
+    let g = case.grads();
+    assert_eq!(g.dq.shape(), &[1, 2, 4, 0]);
+    assert_eq!(g.dk.shape(), &[1, 2, 5, 0]);
+    for h in 0..2 {
+        for j in 0..5 {
+            for c in 0..3 {
+                let want = case.dout.slice(s![0, h, .., c]).sum() / 5.0;
+                let got = g.dv[[0, h, j, c]];
+                assert!(
+                    (got - want).abs() < 1e-12,
+                    "dv[{h}, {j}, {c}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_do_not_move_when_every_score_shifts_by_a_constant() {
+    // Softmax is shift invariant: an additive mask of one constant changes no gradient
+    // (dmask included, which sums to 0 per row there). 600 puts the lse past where
+    // exp(s + lse) would overflow f64: P must come from exp(s - lse).
+    let mut rng = Rng(0x51f7);
+    let base = Case::new(&mut rng, [1, 2, 2, 6, 7, 5, 4], SdpaOptions::default());
+    let zero = base
+        .clone()
+        .with_mask(OwnedMask::Additive(ArrayD::zeros(IxDyn(&[6, 7]))));
+    let shifted = base.with_mask(OwnedMask::Additive(ArrayD::from_elem(
+        IxDyn(&[6, 7]),
+        600.0,
+    )));
+    let (a, b) = (zero.grads(), shifted.grads());
+    let close = |what: &str, x: &ArrayD<f64>, y: &ArrayD<f64>| {
+        for (u, w) in x.iter().zip(y.iter()) {
+            assert!(
+                (u - w).abs() <= 1e-9 * (1.0 + w.abs()),
+                "{what}: {u} vs {w}"
+            );
+        }
+    };
+    close("dq", &a.dq.clone().into_dyn(), &b.dq.clone().into_dyn());
+    close("dk", &a.dk.clone().into_dyn(), &b.dk.clone().into_dyn());
+    close("dv", &a.dv.clone().into_dyn(), &b.dv.clone().into_dyn());
+    close(
+        "dmask",
+        a.dmask.as_ref().unwrap(),
+        b.dmask.as_ref().unwrap(),
+    );
+}
