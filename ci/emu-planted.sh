@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The planted backward bugs (ci/planted_bugs.py, those in kernels/bwd/) against the CPU
+# The planted bugs the emulator can run (ci/planted_bugs.py: those in kernels/bwd/, in
+# the mma.sync forward and in kernels/common/) against the CPU
 # emulator of ci/emu.sh: each bug's patched kernels compiled and run; caught = the
 # emulated gradients leave the bound. Races (a missing atomic) need the GPU's racecheck
 # or luck: the emulator runs one block at a time. Prints a line a bug and a count.
-#   bash ci/emu-planted.sh [BUG_ID ...]      default: every bug in kernels/bwd/
+#   bash ci/emu-planted.sh [BUG_ID ...]      default: every such bug
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then ids=("$@"); else
   mapfile -t ids < <(for id in $(python3 ci/planted_bugs.py list); do
-    case "$(python3 ci/planted_bugs.py file "$id")" in bwd/*) echo "$id" ;; esac; done)
+    case "$(python3 ci/planted_bugs.py file "$id")" in bwd/*|fwd/attn_fwd_tc.cu|common/*) echo "$id" ;; esac; done)
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -22,4 +23,4 @@ for id in "${ids[@]}"; do
     echo "$id: caught ($(grep -c '^FAIL' "$work/$id.log") failing gradients; $(tail -1 "$work/$id.log"))"
   fi
 done
-echo "emulator: $caught of ${#ids[@]} planted backward bugs caught"
+echo "emulator: $caught of ${#ids[@]} planted bugs caught"

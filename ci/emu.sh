@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA backward kernels on the CPU: compiles kernels/bwd/attn_bwd_simt.cu (two
-# head-dim buckets) and kernels/bwd/math_bwd.cu with g++ against ci/emu/cuda_emu.h (block
-# threads as OS threads, barriers and shuffles as std::barrier) and runs them against a
-# plain f64 backward (ci/emu/bwd_emu.cpp). Catches logic errors of the kernels with no
+# The CUDA kernels on the CPU: compiles kernels/bwd/attn_bwd_simt.cu (two head-dim
+# buckets), kernels/bwd/math_bwd.cu and the mma.sync forward kernels/fwd/attn_fwd_tc.cu
+# (f16, head dim 64, -DSDPA_EMU: ldmatrix, mma.sync and cp.async emulated lane by lane)
+# with g++ against ci/emu/cuda_emu.h (block threads as OS threads, barriers and shuffles
+# as std::barrier) and runs them against a plain f64 backward (ci/emu/bwd_emu.cpp) and
+# forward (ci/emu/fwd_tc_emu.cpp). Catches logic errors of the kernels with no
 # GPU; not their races or their speed (the GPU bundle's racecheck and benches do that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +12,7 @@ OUT=${EMU_OUT:-target/emu}
 mkdir -p "$OUT"
 CXX=${CXX:-g++}
 KERNELS=${EMU_KERNELS:-kernels}
-FLAGS=(-std=c++20 -O2 -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -I "$KERNELS" -I ci/emu -DSDPA_DTYPE=1)
+FLAGS=(-std=c++20 -O2 -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -I "$KERNELS" -I ci/emu -DSDPA_EMU -DSDPA_DTYPE=1)
 "$CXX" "${FLAGS[@]}" -DSDPA_DV_CHUNKS=2 -DSDPA_KERNEL_DQ=emu_dq_c2 -DSDPA_KERNEL_DKDV=emu_dkdv_c2 \
   -c ci/emu/simt_tu.cpp -o "$OUT/simt2.o" &
 "$CXX" "${FLAGS[@]}" -DSDPA_DV_CHUNKS=8 -DSDPA_KERNEL_DQ=emu_dq_c8 -DSDPA_KERNEL_DKDV=emu_dkdv_c8 \
@@ -20,6 +22,12 @@ FLAGS=(-std=c++20 -O2 -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -
 "${CXX}" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=0}" -DSDPA_KERNEL_CONVERT=emu_math_convert_f64 \
   -DSDPA_KERNEL_GRAD=emu_math_grad_f64 -DSDPA_KERNEL_ROUND=emu_math_round_f64 -c ci/emu/math_tu.cpp -o "$OUT/math64.o" &
 "$CXX" "${FLAGS[@]}" -c ci/emu/bwd_emu.cpp -o "$OUT/main.o" &
+TC=(-DSDPA_HEAD_DIM=64 -DSDPA_WARPS=4 -DSDPA_BLOCK_N=64 -DSDPA_ROW_FRAGS=2 -DSDPA_MIN_BLOCKS=1 -DSDPA_EXTRAS=1 -DSDPA_KERNEL=emu_fwd_tc)
+# (-w: g++ warns that the kernel's `extern "C" __constant__` symbol is initialised.)
+"$CXX" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=2}" -w "${TC[@]}" -c ci/emu/tc_tu.cpp -o "$OUT/tc.o" &
+"$CXX" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=2}" -c ci/emu/fwd_tc_emu.cpp -o "$OUT/tc_main.o" &
 wait
 "$CXX" -pthread "$OUT/simt2.o" "$OUT/simt8.o" "$OUT/math.o" "$OUT/math64.o" "$OUT/main.o" -o "$OUT/bwd_emu"
+"$CXX" -pthread "$OUT/tc.o" "$OUT/tc_main.o" -o "$OUT/fwd_tc_emu"
 "$OUT/bwd_emu"
+"$OUT/fwd_tc_emu"

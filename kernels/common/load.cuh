@@ -4,20 +4,36 @@
 #pragma once
 #include "common/dtype.cuh"
 
+// SDPA_EMU: the CPU emulator's stand-ins (ci/emu/cuda_emu.h: shared addresses are
+// offsets into the block's arena, copies synchronous); NVRTC never defines it.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
+#ifdef SDPA_EMU
+    return emu_smem_addr(p);
+#else
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
+#endif
 }
 
 // 16 bytes global -> shared, asynchronously; bytes past `bytes` are zero-filled.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+#ifdef SDPA_EMU
+    emu_cp_async16(dst, src, bytes);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef SDPA_EMU
+    asm volatile("cp.async.commit_group;");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifndef SDPA_EMU
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
 }
 
 // Elements of the 8-wide chunk at column col of row `row` that lie inside a [len, dim]

@@ -6,9 +6,13 @@
 // 2^x on the MUFU unit alone (exp2f adds a subnormal-input fix-up around it); results
 // under 2^-126 flush to zero, far below anything an f16/bf16 output or an f32 sum sees.
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef SDPA_EMU
+    return emu_exp2_approx(x);
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#endif
 }
 
 // The mma fragments spread a row over the four threads of a quad (lanes 4r .. 4r + 3).

@@ -49,22 +49,35 @@ static_assert(SHARED_BYTES <= 232448, "Q, K and V tiles exceed sm_90's shared me
 static_assert(SHARED_BYTES <= 166912, "Q, K and V tiles exceed sm_80's shared memory");
 #endif
 
+// SDPA_EMU: the CPU emulator's stand-ins (ci/emu/cuda_emu.h); NVRTC never defines it.
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+#ifdef SDPA_EMU
+    emu_ldmatrix_x4(r, addr, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+#ifdef SDPA_EMU
+    emu_ldmatrix_x4(r, addr, true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#ifdef SDPA_EMU
+    emu_mma16816(c, a, b0, b1, SDPA_DTYPE == 3);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
         ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into shared
