@@ -21,6 +21,7 @@ use crate::module::CausalSelfAttention;
 use crate::{NnError, Result};
 use ndarray::{Array1, Array2, Array3, Axis};
 use sdpa::Exec;
+use sdpa_core::rng::SplitMix64;
 use sdpa_core::SdpaError;
 
 /// The optimiser.
@@ -125,16 +126,12 @@ pub struct TrainSummary {
     pub final_accuracy: f32,
 }
 
-/// splitmix64: the data and weight stream, reproducible from the seed.
-struct Rng(u64);
+/// The data and weight stream, reproducible from the seed (the workspace's splitmix64).
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
@@ -188,6 +185,18 @@ impl Param {
     }
 }
 
+/// A fresh gradient's elements (standard layout, as every one here is made).
+fn grad_slice(a: &Array2<f32>) -> &[f32] {
+    a.as_slice().expect("standard layout")
+}
+
+/// A layer's bias gradient (every layer of the model has a bias).
+fn bias_slice(b: &Option<Array1<f32>>) -> &[f32] {
+    b.as_ref()
+        .and_then(|b| b.as_slice())
+        .expect("a standard-layout bias gradient")
+}
+
 /// The model: `logits = head(h + attn(h))` with `h = tok[x] + pos`.
 struct TinyLm {
     tok: Array2<f32>,
@@ -233,7 +242,7 @@ pub fn train(
     mut on_step: impl FnMut(&StepReport),
 ) -> Result<TrainSummary> {
     config.validate()?;
-    let mut rng = Rng(config.seed);
+    let mut rng = Rng(SplitMix64(config.seed));
     let mut model = TinyLm::new(config, &mut rng)?;
     let to_vec = |a: &Array2<f32>| a.iter().copied().collect::<Vec<_>>();
     let flat = |l: &Linear<f32>| -> [Param; 2] {
@@ -324,44 +333,15 @@ pub fn train(
         }
         // Update.
         let ti = i32::try_from(step).unwrap_or(i32::MAX);
-        let slice = |a: &Array2<f32>| a.iter().copied().collect::<Vec<_>>();
-        attn_w.step(&slice(&block.c_attn.0), config, ti);
-        attn_b.step(
-            block
-                .c_attn
-                .1
-                .as_ref()
-                .expect("bias")
-                .as_slice()
-                .expect("contiguous"),
-            config,
-            ti,
-        );
-        proj_w.step(&slice(&block.c_proj.0), config, ti);
-        proj_b.step(
-            block
-                .c_proj
-                .1
-                .as_ref()
-                .expect("bias")
-                .as_slice()
-                .expect("contiguous"),
-            config,
-            ti,
-        );
-        head_w.step(&slice(&head_grads.weight), config, ti);
-        head_b.step(
-            head_grads
-                .bias
-                .as_ref()
-                .expect("bias")
-                .as_slice()
-                .expect("contiguous"),
-            config,
-            ti,
-        );
-        tok.step(&slice(&dtok), config, ti);
-        pos.step(&slice(&dpos), config, ti);
+        // Every gradient is a fresh standard-layout array: its slice, no copy.
+        attn_w.step(grad_slice(&block.c_attn.0), config, ti);
+        attn_b.step(bias_slice(&block.c_attn.1), config, ti);
+        proj_w.step(grad_slice(&block.c_proj.0), config, ti);
+        proj_b.step(bias_slice(&block.c_proj.1), config, ti);
+        head_w.step(grad_slice(&head_grads.weight), config, ti);
+        head_b.step(bias_slice(&head_grads.bias), config, ti);
+        tok.step(grad_slice(&dtok), config, ti);
+        pos.step(grad_slice(&dpos), config, ti);
         let matrix = |p: &Param, rows, cols| {
             Array2::from_shape_vec((rows, cols), p.value.clone()).expect("its own shape")
         };
