@@ -225,18 +225,56 @@ pub fn select_backward(
     Err(SdpaError::NoBackend(reasons).into())
 }
 
-/// A CUDA grid dimension `y` or `z` (at most 65535) for `what`, or an error naming it.
-fn grid_dim(arg: &'static str, what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n)
-        .ok()
-        .filter(|&x| (1..=65_535).contains(&x))
-        .ok_or_else(|| {
-            CudaError::bad_layout(
-                arg,
-                format!("{what} between 1 and 65535 (a CUDA grid axis)"),
-                n,
-            )
-        })
+/// The dmask accumulator of a backward with an additive mask: `count` zeroed values of
+/// `acc_bytes` each, its address and broadcast strides written into `params`; `None`
+/// without one.
+fn dmask_accumulator(
+    gpu: &GpuContext,
+    params: &mut BwdParams,
+    dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
+    acc_bytes: usize,
+) -> Result<Option<(Arc<Buffer>, u64)>> {
+    let Some((_, count, strides)) = dmask else {
+        return Ok(None);
+    };
+    let (buffer, ptr) = zeroed(gpu, count, acc_bytes)?;
+    params.dmask = ptr;
+    [
+        params.dmask_stride_b,
+        params.dmask_stride_h,
+        params.dmask_stride_l,
+        params.dmask_stride_s,
+    ] = strides.map(|x| x as i64);
+    Ok(Some((buffer, ptr)))
+}
+
+/// `dst[n] = to_elem(factor * src[n])` for `n < total` (the math backward's round
+/// kernel): a gradient's one rounding to `dtype`. Nothing for `total == 0`.
+///
+/// # Safety
+/// `src` holds `total` accumulator values (f64 for f64, else f32) and `dst` `total`
+/// elements of `dtype`, both live allocations of `gpu`'s context.
+unsafe fn round_into(
+    gpu: &GpuContext,
+    dtype: DType,
+    src: u64,
+    dst: u64,
+    total: usize,
+    factor: f64,
+) -> Result<()> {
+    if total == 0 {
+        return Ok(());
+    }
+    let round = gpu.kernel(
+        &KernelSpec::plain(Kind::MathBwd, dtype),
+        Entry::MathBwdRound,
+    )?;
+    let total64 = total as u64;
+    let mut builder = gpu.stream().launch_builder(&round.function);
+    builder.arg(&src).arg(&dst).arg(&total64).arg(&factor);
+    // SAFETY: the caller's contract above.
+    unsafe { builder.launch(launch::elementwise(total)) }?;
+    Ok(())
 }
 
 impl GpuContext {
@@ -494,7 +532,6 @@ impl GpuContext {
         let spec = KernelSpec::plain(Kind::MathBwd, dtype);
         let convert = self.kernel(&spec, Entry::MathBwdConvert)?;
         let grad = self.kernel(&spec, Entry::MathBwdGrad)?;
-        let round = self.kernel(&spec, Entry::MathBwdRound)?;
         let stream = self.stream();
 
         // The product layout: batch (b, kv head), M = group * L query rows.
@@ -555,20 +592,7 @@ impl GpuContext {
             }
         }
 
-        let dmask_acc = match dmask {
-            Some((_, count, strides)) => {
-                let (buffer, ptr) = zeroed(self, count, acc_bytes)?;
-                params.dmask = ptr;
-                [
-                    params.dmask_stride_b,
-                    params.dmask_stride_h,
-                    params.dmask_stride_l,
-                    params.dmask_stride_s,
-                ] = strides.map(|x| x as i64);
-                Some((buffer, ptr))
-            }
-            None => None,
-        };
+        let dmask_acc = dmask_accumulator(self, params, dmask, acc_bytes)?;
         if score_elems > 0 {
             // One warp per query row, eight to a block, grid-stride past 2^16 blocks.
             let config = LaunchConfig {
@@ -629,15 +653,9 @@ impl GpuContext {
             rounds.push((*ptr, out.checked_address(self, "dmask")?, count, 1.0));
         }
         for (src, dst, total, factor) in rounds {
-            if total == 0 {
-                continue;
-            }
-            let total64 = total as u64;
-            let mut builder = stream.launch_builder(&round.function);
-            builder.arg(&src).arg(&dst).arg(&total64).arg(&factor);
             // SAFETY: `src` holds `total` acc values (scratch above) and `dst` is a
             // contiguous output of `total` elements of the dtype, allocated by the caller.
-            unsafe { builder.launch(launch::elementwise(total)) }?;
+            unsafe { round_into(self, dtype, src, dst, total, factor) }?;
         }
         // Scratch is freed stream-ordered after the kernels that read it.
         drop((scratch, d_buf, scores_buf, dw_buf, dmask_acc));
@@ -675,78 +693,47 @@ impl GpuContext {
             })?;
         let dq_kernel = self.kernel(&spec, Entry::BwdDq)?;
         let dkdv_kernel = self.kernel(&spec, Entry::BwdDkDv)?;
-        let heads_q = grid_dim("query", "query heads", problem.heads_q)?;
-        let heads_kv = grid_dim("key", "key/value heads", problem.heads_kv)?;
-        let batch = grid_dim("query", "a batch", problem.batch)?;
         // D of every row, then 1 / z of every row (the kernels' renormalisation).
         let rows = product("query", &[2, problem.batch, problem.heads_q, problem.len_q])?;
         let (d_buf, d_ptr) = zeroed(self, rows, 4)?;
         params.softmax_d = d_ptr;
-        let dmask_acc = match dmask {
-            Some((_, count, strides)) => {
-                let (buffer, ptr) = zeroed(self, count, 4)?;
-                params.dmask = ptr;
-                [
-                    params.dmask_stride_b,
-                    params.dmask_stride_h,
-                    params.dmask_stride_l,
-                    params.dmask_stride_s,
-                ] = strides.map(|x| x as i64);
-                Some((buffer, ptr))
-            }
-            None => None,
-        };
+        let dmask_acc = dmask_accumulator(self, params, dmask, 4)?;
         let stream = self.stream();
-        let blocks = |n: usize| -> Result<u32> {
-            u32::try_from(n.div_ceil(4))
-                .map_err(|_| CudaError::bad_layout("query", "a length under 2^33", n))
-        };
         if problem.len_q > 0 {
-            let config = LaunchConfig {
-                grid_dim: (blocks(problem.len_q)?, heads_q, batch),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = stream.launch_builder(&dq_kernel.function);
-            builder.arg(&*params);
+            // One warp per query row, four to a block.
+            let config = launch::grid(
+                problem.len_q.div_ceil(4),
+                problem.heads_q,
+                problem.batch,
+                128,
+                0,
+            )?;
             // SAFETY: one warp per query row (b, h, i) of the grid; q, k, v, dout, lse and
             // the mask are read through strides `BwdParams::build` checked against their
             // buffers; dq is written at (b, h, i) of its contiguous [B, Hq, L, E] buffer,
-            // D at row (b, h, i) of the `rows` f32 values above, dmask through broadcast
-            // strides of its own shape.
-            unsafe { builder.launch(config) }?;
+            // D and 1 / z at row (b, h, i) of the `rows` f32 values above, dmask through
+            // broadcast strides of its own shape.
+            unsafe { launch::launch_params(stream, &dq_kernel.function, config, &*params) }?;
         }
         if problem.len_kv > 0 {
-            let config = LaunchConfig {
-                grid_dim: (blocks(problem.len_kv)?, heads_kv, batch),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = stream.launch_builder(&dkdv_kernel.function);
-            builder.arg(&*params);
+            // One warp per key row, four to a block (Hkv <= Hq: the grid's checks hold).
+            let config = launch::grid(
+                problem.len_kv.div_ceil(4),
+                problem.heads_kv,
+                problem.batch,
+                128,
+                0,
+            )?;
             // SAFETY: one warp per key row (b, hkv, j); reads as above and D (written by
             // the dq kernel before it on the stream); dk and dv written at (b, hkv, j) of
             // their contiguous buffers.
-            unsafe { builder.launch(config) }?;
+            unsafe { launch::launch_params(stream, &dkdv_kernel.function, config, &*params) }?;
         }
         if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
-            if count > 0 {
-                let round = self.kernel(
-                    &KernelSpec::plain(Kind::MathBwd, problem.dtype),
-                    Entry::MathBwdRound,
-                )?;
-                let (src, dst, total, factor) = (
-                    *ptr,
-                    out.checked_address(self, "dmask")?,
-                    count as u64,
-                    1.0f64,
-                );
-                let mut builder = stream.launch_builder(&round.function);
-                builder.arg(&src).arg(&dst).arg(&total).arg(&factor);
-                // SAFETY: `src` holds `count` f32 values, `dst` the contiguous dmask of
-                // `count` elements of the dtype.
-                unsafe { builder.launch(launch::elementwise(count)) }?;
-            }
+            let dst = out.checked_address(self, "dmask")?;
+            // SAFETY: `ptr` holds `count` f32 values (the accumulator above), `dst` the
+            // contiguous dmask of `count` elements of the dtype.
+            unsafe { round_into(self, problem.dtype, *ptr, dst, count, 1.0) }?;
         }
         // Scratch is freed stream-ordered after the kernels that read it.
         drop((d_buf, dmask_acc));
