@@ -15,23 +15,12 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-SHAPES = [
-    (32, 32, 1024, 32, "f16", False),
-    (16, 16, 2048, 64, "f16", False),
-    (8, 16, 4096, 128, "bf16", False),
-    (8, 16, 4096, 128, "bf16", True),
-    (4, 16, 8192, 128, "f16", False),
-]
-BACKENDS = {
-    "default": None,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+# The five shapes and the backend table are the forward bench's (same folder, here and
+# in the GPU bundle).
+from bench_torch import BACKENDS, DTYPES, SHAPES
+from bench_torch import flops as forward_flops
 
 
 def problems():
@@ -49,8 +38,7 @@ def label(shape, variant):
 
 def flops(shape):
     b, h, l, e, _, causal = shape
-    full = 4.0 * b * h * l * l * e
-    return 2.5 * (full / 2 if causal else full)
+    return 2.5 * forward_flops(b, h, l, e, causal)
 
 
 def time_backward(shape, variant, backend, warmup=2, max_runs=20, budget_ms=600.0):
