@@ -601,69 +601,47 @@ fn efficient_backward_is_bitwise_repeatable() {
 #[ignore = "needs a CUDA device"]
 fn backward_dispatch_takes_math_where_it_fits_else_the_fused_kernel() {
     let mut rng = SplitMix64(3);
-    let run = |q: &Array4<f64>, backends| {
-        let lse = Array3::<f32>::zeros((1, 1, 4));
+    let lse = Array3::<f32>::zeros((1, 1, 4));
+    // q, k, v, out and dout all one array: only the dispatch is under test.
+    fn run<T: GpuElem>(
+        q: &Array4<T>,
+        lse: &Array3<f32>,
+        backends: BackendSet,
+    ) -> Result<sdpa_cuda::HostGradients<T>, sdpa_cuda::CudaError> {
+        let v = q.view();
         gpu().sdpa_backward_host(
-            q.view(),
-            q.view(),
-            q.view(),
-            q.view(),
+            v,
+            v,
+            v,
+            v,
             lse.view(),
-            q.view(),
+            v,
             None,
             &SdpaOptions::default(),
             backends,
         )
-    };
+    }
     let q64 = random::<f64, _>(&mut rng, [1, 1, 4, 8]);
     // f64 has no fused backward: math runs.
-    assert_eq!(run(&q64, BackendSet::ALL).unwrap().backend, Backend::Math);
-    let e = run(&q64, BackendSet::only(Backend::Efficient)).unwrap_err();
+    assert_eq!(
+        run(&q64, &lse, BackendSet::ALL).unwrap().backend,
+        Backend::Math
+    );
+    let e = run(&q64, &lse, BackendSet::only(Backend::Efficient)).unwrap_err();
     assert!(e.to_string().contains("efficient"), "{e}");
     let q32 = random::<f32, _>(&mut rng, [1, 1, 4, 8]);
-    let lse = Array3::<f32>::zeros((1, 1, 4));
-    let g = gpu()
-        .sdpa_backward_host(
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            lse.view(),
-            q32.view(),
-            None,
-            &SdpaOptions::default(),
-            BackendSet::ALL,
-        )
-        .unwrap();
     // Math's scratch fits: math (the faster) runs; efficient only when asked for.
-    assert_eq!(g.backend, Backend::Math);
-    let g = gpu()
-        .sdpa_backward_host(
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            lse.view(),
-            q32.view(),
-            None,
-            &SdpaOptions::default(),
-            BackendSet::only(Backend::Efficient),
-        )
-        .unwrap();
-    assert_eq!(g.backend, Backend::Efficient);
-    let e = gpu()
-        .sdpa_backward_host(
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            q32.view(),
-            lse.view(),
-            q32.view(),
-            None,
-            &SdpaOptions::default(),
-            BackendSet::only(Backend::Flash),
-        )
-        .unwrap_err();
+    assert_eq!(
+        run(&q32, &lse, BackendSet::ALL).unwrap().backend,
+        Backend::Math
+    );
+    assert_eq!(
+        run(&q32, &lse, BackendSet::only(Backend::Efficient))
+            .unwrap()
+            .backend,
+        Backend::Efficient
+    );
+    let e = run(&q32, &lse, BackendSet::only(Backend::Flash)).unwrap_err();
     assert!(e.to_string().contains("no backward"), "{e}");
 }
 
