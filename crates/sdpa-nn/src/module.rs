@@ -449,9 +449,10 @@ impl<T: Element> CausalSelfAttention<T> {
         let resid = profiler.cpu("resid_dropout", || {
             self.resid_dropout(&mut out, elements, |r| r as u64)
         });
+        // The attention's views of qkv are done with: it moves into `saved`, uncopied.
         let saved = save.then(|| Saved {
             rows: rows.to_owned(),
-            qkv: qkv.clone(),
+            qkv,
             y,
             attn,
             lse,
