@@ -285,6 +285,54 @@ BUGS += [
 ]
 
 
+
+# The tensor-core backward (kernels/bwd/attn_bwd_tc.cu): the flash tests of
+# sdpa-cuda-gpu_backward on the GPU, ci/emu-planted.sh on the CPU.
+BUGS += [
+    (
+        "bwd-tc-d-left-out",
+        "backward: D left out",
+        "bwd/attn_bwd_tc.cu",
+        [("const float ds = seen ? prob * (grad_p - sdd[r]) : 0.f;", "const float ds = seen ? prob * grad_p : 0.f;")],
+        "the tensor-core kernel's dS = P dP instead of P (dP - D)",
+    ),
+    (
+        "bwd-tc-dropout-scale-missing",
+        "backward: dropout scale missing",
+        "bwd/attn_bwd_tc.cu",
+        [("& 1ull) ? (float)p.keep_scale : 0.f;", "& 1ull) ? 1.f : 0.f;")],
+        "the tensor-core kernel's replayed keep bits without 1 / (1 - p)",
+    ),
+    (
+        "bwd-tc-causal-off-by-one",
+        "backward: causal off by one (backward only)",
+        "bwd/attn_bwd_tc.cu",
+        [("bool seen = !edge || j < key_limit(p.causal, i, seq.len_q, seq.len_k);", "bool seen = !edge || j <= key_limit(p.causal, i, seq.len_q, seq.len_k);")],
+        "the tensor-core kernel lets row i reach key j == its causal limit",
+    ),
+    (
+        "bwd-tc-gqa-first-head-only",
+        "backward: wrong GQA reduction",
+        "bwd/attn_bwd_tc.cu",
+        [("const int iters = per_head * p.group;", "const int iters = per_head;")],
+        "the tensor-core kernel's dk and dv take only the first query head of each group",
+    ),
+    (
+        "bwd-tc-dq-race",
+        "backward: a race without atomics",
+        "bwd/attn_bwd_tc.cu",
+        [("if (i < seq.len_q && d < p.head_dim)\n                            red_add4(", "if (i < seq.len_q && d < p.head_dim)\n                            red_add4_plain(")],
+        "dq's block sums added by plain read-modify-write from every key block at once",
+    ),
+    (
+        "bwd-tc-shared-word-swap",
+        "backward: wrong dropout draw",
+        "bwd/attn_bwd_tc.cu",
+        [("pick_word(w, (u32)(c - r) & 3u)", "pick_word(w, (u32)(c + r) & 3u)")],
+        "the four lanes of a key quad trade the wrong words of their Philox blocks",
+    ),
+]
+
 def apply_to(text, subs, bug_id, name):
     for old, new in subs:
         n = text.count(old)

@@ -6,6 +6,7 @@
 // memory model or of timing: a race the hardware would show may not show here (racecheck
 // on the device covers that).
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -46,6 +47,7 @@ inline thread_local int emu_lane = 0, emu_warp = 0;
 inline std::mutex emu_atomic;
 
 inline void __syncthreads() { emu_block->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __syncwarp(unsigned = 0xffffffffu) { (*emu_warps)[emu_warp].bar->arrive_and_wait(); }
 
 template <class T>

@@ -37,11 +37,6 @@
 // tiles under the 48 KB of static shared memory.
 #define TILE (MAX_DIM > 128 ? 16 : 32)
 
-// The broadcast offset of (b, h, i, j) in the dmask accumulator.
-__device__ __forceinline__ i64 dmask_at(const BwdParams& p, int b, int h, int i, int j) {
-    return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
-}
-
 // exp(s - lse) (P before the row's renormalisation), the keep factor Z / (1 - p) and dP
 // of score (b, h, i, j) for a key inside the row's causal range: `qk` and `dov` the raw
 // dot products q.k and dout.v, `lse` the row's (natural-log) lse. In natural units, as

@@ -50,12 +50,6 @@ extern "C" __global__ void SDPA_KERNEL_CONVERT(const BwdParams p, int which, u64
     }
 }
 
-// The broadcast offset of (b, h, i, j) in the dmask accumulator (contiguous, the mask's
-// own shape; 0 strides on the axes the mask broadcasts along).
-__device__ __forceinline__ i64 dmask_offset(const BwdParams& p, int b, int h, int i, int j) {
-    return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
-}
-
 // Whether row i reads key j (causal range, bool mask), and the additive mask's entry.
 __device__ __forceinline__ bool key_visible(const BwdParams& p, int b, int h, int i, int j, acc_t& add) {
     add = 0;
@@ -133,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
             ds[j] = grad_s;
             w[j] = prob * keep_factor(p, row * p.len_kv + j);
             if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0) {
-                atomicAdd((acc_t*)p.dmask + dmask_offset(p, b, h, i, j), grad_s);
+                atomicAdd((acc_t*)p.dmask + dmask_at(p, b, h, i, j), grad_s);
             }
         }
     }

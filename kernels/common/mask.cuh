@@ -51,3 +51,9 @@ __device__ __forceinline__ float masked_log2(const FwdParams& p, int b, int h, i
     }
     return x;
 }
+
+// The broadcast offset of (b, h, i, j) in a backward's dmask accumulator (contiguous in
+// the mask's own shape; 0 strides on the axes the mask broadcasts along).
+__device__ __forceinline__ i64 dmask_at(const BwdParams& p, int b, int h, int i, int j) {
+    return b * p.dmask_stride_b + h * p.dmask_stride_h + i * p.dmask_stride_l + j * p.dmask_stride_s;
+}

@@ -18,6 +18,7 @@
 #include "common/epilogue.cuh"
 #include "common/load.cuh"
 #include "common/mask.cuh"
+#include "common/mma.cuh"
 #include "common/params.cuh"
 #include "common/philox.cuh"
 #include "common/seqlen.cuh"
@@ -49,63 +50,11 @@ static_assert(SHARED_BYTES <= 232448, "Q, K and V tiles exceed sm_90's shared me
 static_assert(SHARED_BYTES <= 166912, "Q, K and V tiles exceed sm_80's shared memory");
 #endif
 
-// SDPA_EMU: the CPU emulator's stand-ins (ci/emu/cuda_emu.h); NVRTC never defines it.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
-#ifdef SDPA_EMU
-    emu_ldmatrix_x4(r, addr, false);
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
-#ifdef SDPA_EMU
-    emu_ldmatrix_x4(r, addr, true);
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-#ifdef SDPA_EMU
-    emu_mma16816(c, a, b0, b1, SDPA_DTYPE == 3);
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
-        ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into shared
-// memory, zero-filling rows past `len` and columns past `dim` up to D.
+// Rows [row0, row0 + ROWS) of a [len, dim] matrix into this kernel's tile layout.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* base, i64 stride, int row0,
                                           int len, int dim, bool vec_ok, int tid) {
-    constexpr int CHUNKS = D / 8;
-#pragma unroll 4
-    for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
-        const int r = c / CHUNKS;
-        const int col = (c % CHUNKS) * 8;
-        u16* dst = smem + r * SROW + col;
-        const int valid = chunk_valid(row0 + r, len, col, dim);
-        const u16* src = base + (i64)(row0 + r) * stride + col;
-        if (vec_ok) {
-            cp_async16(smem_addr(dst), valid > 0 ? (const void*)src : (const void*)base, valid * 2);
-        } else {
-            u32 w[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const u32 lo = (2 * e < valid) ? (u32)src[2 * e] : 0u;
-                const u32 hi = (2 * e + 1 < valid) ? (u32)src[2 * e + 1] : 0u;
-                w[e] = lo | (hi << 16);
-            }
-            *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-    }
+    load_rows<ROWS, D, SROW, NTHREADS>(smem, base, stride, row0, len, dim, vec_ok, tid);
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const FwdParams p) {

@@ -565,7 +565,7 @@ pub struct BackwardRow {
 }
 
 /// The backward benchmarks: the five shapes, then the second with dropout 0.1 and with a
-/// key-padding mask, each on efficient and math.
+/// key-padding mask, each on flash (where it takes the problem), efficient and math.
 pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
     let mut problems = Vec::new();
     for shape in issue_shapes() {
@@ -587,8 +587,42 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
     padded.mask = BenchMask::KeyPadding;
     problems.push((format!("{base},keypadding"), padded));
     let mut rows = Vec::new();
+    // The deterministic mode on flash, the five shapes again.
+    let deterministic: Vec<(String, BenchProblem)> = issue_shapes()
+        .into_iter()
+        .map(|shape| {
+            (
+                format!(
+                    "{},{},{},{},{},{},deterministic",
+                    shape.batch, shape.heads, shape.len, shape.head_dim, shape.dtype, shape.causal
+                ),
+                shape.problem(),
+            )
+        })
+        .collect();
+    for (label, problem) in &deterministic {
+        gpu.set_deterministic_backward(true);
+        let timed = time_backward(gpu, problem, Backend::Flash, 2, 10, 800.0);
+        gpu.set_deterministic_backward(false);
+        if let Some(t) = timed? {
+            rows.push(BackwardRow {
+                label: label.clone(),
+                backend: "flash".to_string(),
+                median_ms: t.median_ms,
+                min_ms: t.min_ms,
+                runs: t.runs,
+                tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
+            });
+        }
+    }
     for (label, problem) in problems {
-        for backend in [Backend::Efficient, Backend::Math] {
+        for backend in Backend::PRIORITY {
+            // SDPA_BENCH_BACKENDS=flash times only those (tile sweeps).
+            if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {
+                if !only.split(',').any(|b| b.trim() == backend.name()) {
+                    continue;
+                }
+            }
             let (warmup, runs, budget) = match backend {
                 Backend::Math => (1, 5, 800.0),
                 _ => (2, 10, 800.0),

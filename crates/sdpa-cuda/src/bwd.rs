@@ -184,12 +184,26 @@ pub fn math_backward_scratch(problem: &Problem) -> Option<usize> {
         .checked_mul(acc)
 }
 
-/// The backend whose backward runs `problem` from `backends`. Math (cuBLAS) is the
-/// faster of the two on every benchmark shape (BENCHMARKS.md: 5-9x the fused scalar
-/// backward), so it runs where its scratch ([`math_backward_scratch`], `L x S` buffers)
-/// fits in 90% of `free` device bytes (when known); otherwise, and for varlen problems
-/// (math takes none), the efficient backend's fused backward, which keeps O(L) extra
-/// memory. Flash has no backward yet.
+/// Whether the tensor-core backward (`kernels/bwd/attn_bwd_tc.cu`) covers `problem`:
+/// f16/bf16 with the larger of E and Ev at most 128.
+pub fn tc_backward_covers(problem: &Problem) -> bool {
+    problem.dtype.is_half() && problem.head_dim.max(problem.head_dim_v) <= TC_BACKWARD_MAX_DIM
+}
+
+/// The widest head dim of the tensor-core backward (its dK and dV accumulators live in
+/// registers: D/2 each a thread).
+pub const TC_BACKWARD_MAX_DIM: usize = 128;
+
+/// The backend whose backward runs `problem` from `backends`, first of:
+/// 1. flash, where the tensor-core backward covers it ([`tc_backward_covers`]) and the
+///    forward's flash rules hold (no mask, `E == Ev`);
+/// 2. efficient on the same tensor-core kernel (any mask, dropout, `E != Ev`);
+/// 3. math (cuBLAS) where its scratch ([`math_backward_scratch`], `L x S` buffers) fits
+///    in 90% of `free` device bytes (when known): 5-9x the fused scalar kernel;
+/// 4. efficient's fused scalar kernel (f32, head dims past 128, or math not fitting),
+///    which keeps O(L) extra memory like the tensor-core one; then math.
+///
+/// Varlen problems never take math (it takes no `cu_seqlens`).
 ///
 /// # Errors
 /// `SdpaError::NoBackend` with each candidate's reason when none of the set can run it.
@@ -204,23 +218,32 @@ pub fn select_backward(
         (None, Some(_)) => true,
         (Some(free), Some(need)) => need <= free / 10 * 9,
     };
-    let order = if math_fits {
-        [Backend::Math, Backend::Efficient]
+    let tc = tc_backward_covers(problem);
+    let order = if tc || !math_fits {
+        [Backend::Flash, Backend::Efficient, Backend::Math]
     } else {
-        [Backend::Efficient, Backend::Math]
+        [Backend::Flash, Backend::Math, Backend::Efficient]
     };
     for backend in order {
         if !backends.contains(backend) {
             reasons.push((backend, "not in the enabled backends".to_string()));
             continue;
         }
-        match check_support(backend, problem, Device::Cuda) {
+        let support = check_support(backend, problem, Device::Cuda).and_then(|()| {
+            if backend == Backend::Flash && !tc {
+                Err(format!(
+                    "has a backward for f16/bf16 up to head dim {TC_BACKWARD_MAX_DIM}, got {} at {}",
+                    problem.dtype,
+                    problem.head_dim.max(problem.head_dim_v)
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        match support {
             Ok(()) => return Ok(backend),
             Err(reason) => reasons.push((backend, reason)),
         }
-    }
-    if backends.contains(Backend::Flash) {
-        reasons.push((Backend::Flash, "has no backward yet".to_string()));
     }
     Err(SdpaError::NoBackend(reasons).into())
 }
@@ -344,8 +367,12 @@ impl GpuContext {
             _ => None,
         };
         match backend {
-            Backend::Efficient => self.run_fused_backward(&problem, &mut params, dmask_target)?,
-            _ => self.run_math_backward(&problem, &mut params, dmask_target)?,
+            Backend::Math => self.run_math_backward(&problem, &mut params, dmask_target)?,
+            _ if tc_backward_covers(&problem) => {
+                let dq_elems = product("query", &[b, hq, l, e])?;
+                self.run_tc_backward(&problem, &mut params, dmask_target, dq_elems)?
+            }
+            _ => self.run_fused_backward(&problem, &mut params, dmask_target)?,
         }
         Ok(DeviceGradients {
             dq,
@@ -435,6 +462,10 @@ impl GpuContext {
             }
         }
         match backend {
+            Backend::Flash | Backend::Efficient if tc_backward_covers(&problem) => {
+                let dq_elems = product("cu_seqlens_q", &[cq.total(), hq, e])?;
+                self.run_tc_backward(&problem, &mut params, None, dq_elems)?
+            }
             Backend::Efficient => self.run_fused_backward(&problem, &mut params, None)?,
             other => {
                 return Err(SdpaError::NoBackend(vec![(
@@ -739,6 +770,117 @@ impl GpuContext {
         drop((d_buf, dmask_acc));
         Ok(())
     }
+
+    /// The tensor-core backward (`kernels/bwd/attn_bwd_tc.cu`): the pre kernel (D), the
+    /// main kernel over key blocks (dk, dv; dq into an f32 accumulator laid out like dq's
+    /// storage), then dq (and dmask) rounded once. Scratch: f32 `B * Hq * L` for D and
+    /// the dq accumulator (`4 * |dq|` bytes), and for an additive mask one of its size;
+    /// no L x S buffer. The mask-and-dropout variant only where the call has either.
+    /// `dq_elems` is the element count of dq's storage (`B * Hq * L * E` dense,
+    /// `total_q * Hq * E` packed).
+    fn run_tc_backward(
+        &self,
+        problem: &Problem,
+        params: &mut BwdParams,
+        dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
+        dq_elems: usize,
+    ) -> Result<()> {
+        let widest = problem.head_dim.max(problem.head_dim_v);
+        let extras = problem.dropout.is_active() || problem.mask.is_some();
+        let spec =
+            KernelSpec::fitting(Kind::BwdTc, problem.dtype, widest, extras).ok_or_else(|| {
+                SdpaError::NoBackend(vec![(
+                    Backend::Flash,
+                    format!(
+                        "has no tensor-core backward for {} at head dim {widest}",
+                        problem.dtype
+                    ),
+                )])
+            })?;
+        let geometry = spec
+            .geometry(self.config())
+            .expect("the tensor-core backward has a geometry");
+        let pre = self.kernel(&spec, Entry::BwdPre)?;
+        let main = self.kernel(&spec, Entry::BwdMain)?;
+        let rows = product("query", &[problem.batch, problem.heads_q, problem.len_q])?;
+        // Deterministic mode: after D, one turn counter (i32) per query block and head.
+        let turns = if self.deterministic_backward() {
+            params.deterministic = 1;
+            let block_m = self.config().bwd_tiles(spec.head_dim).block_m as usize;
+            product(
+                "query",
+                &[
+                    problem.batch,
+                    problem.heads_q,
+                    problem.len_q.div_ceil(block_m),
+                ],
+            )?
+        } else {
+            0
+        };
+        let (d_buf, d_ptr) = zeroed(
+            self,
+            rows.checked_add(turns).ok_or_else(|| {
+                CudaError::bad_layout("query", "a size that fits in memory", rows)
+            })?,
+            4,
+        )?;
+        params.softmax_d = d_ptr;
+        let (dq_buf, dq_acc) = zeroed(self, dq_elems, 4)?;
+        params.dq_accum = dq_acc;
+        let dmask_acc = dmask_accumulator(self, params, dmask, 4)?;
+        let stream = self.stream();
+        if problem.len_q > 0 {
+            let config = launch::grid(
+                problem.len_q.div_ceil(4),
+                problem.heads_q,
+                problem.batch,
+                128,
+                0,
+            )?;
+            // SAFETY: one warp per query row (b, h, i): out and dout read through strides
+            // `BwdParams::build` checked against their buffers, D written at row (b, h, i)
+            // of the `rows` f32 values above.
+            unsafe { launch::launch_params(stream, &pre.function, config, &*params) }?;
+        }
+        // With no query rows the main kernel writes dk = dv = 0.
+        if problem.len_kv > 0 {
+            let config = launch::grid(
+                problem.len_kv.div_ceil(geometry.block_rows as usize),
+                problem.heads_kv,
+                problem.batch,
+                geometry.threads,
+                main.shared_bytes,
+            )?;
+            // SAFETY: one CTA per (key block, kv head, batch) with the shared memory the
+            // module declares; q, k, v, dout, lse and the mask read through checked
+            // strides; D read at rows written by the pre kernel before it on the stream;
+            // dk and dv written at (b, hkv, j) of their buffers; dq_accum (dq's storage
+            // layout, `dq_elems` f32) and the dmask accumulator indexed like dq and
+            // through the mask's broadcast strides.
+            unsafe { launch::launch_params(stream, &main.function, config, &*params) }?;
+        }
+        // SAFETY: `dq_acc` holds `dq_elems` f32 values laid out like dq's storage, whose
+        // `dq_elems` elements start at `params.dq`.
+        unsafe {
+            round_into(
+                self,
+                problem.dtype,
+                dq_acc,
+                params.dq,
+                dq_elems,
+                problem.scale,
+            )
+        }?;
+        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
+            let dst = out.checked_address(self, "dmask")?;
+            // SAFETY: `ptr` holds `count` f32 values (the accumulator above), `dst` the
+            // contiguous dmask of `count` elements of the dtype.
+            unsafe { round_into(self, problem.dtype, *ptr, dst, count, 1.0) }?;
+        }
+        drop((d_buf, dq_buf, dmask_acc));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -752,24 +894,44 @@ mod tests {
     }
 
     #[test]
-    fn backward_dispatch_takes_math_where_its_scratch_fits() {
+    fn backward_dispatch_takes_tensor_cores_then_math_where_its_scratch_fits() {
+        // f16 at head dim 64: flash's tensor-core backward, efficient's where flash is off
+        // or the call has a mask, whatever the memory.
         let p = problem(DType::F16, 1024, 1024);
-        let need = math_backward_scratch(&p).unwrap();
+        assert_eq!(
+            select_backward(&p, BackendSet::ALL, Some(0)).unwrap(),
+            Backend::Flash
+        );
+        let no_flash = BackendSet::ALL.without(Backend::Flash);
+        assert_eq!(
+            select_backward(&p, no_flash, Some(0)).unwrap(),
+            Backend::Efficient
+        );
+        // f32: math where its scratch fits in 90% of the free memory, else the fused
+        // scalar kernel.
+        let p32 = problem(DType::F32, 1024, 1024);
+        let need = math_backward_scratch(&p32).unwrap();
         // 4 bytes * (2*4*1024*(128 + 64 + 1 + 2048) + 2*4*1024*256).
         assert_eq!(
             need,
             4 * (2 * 4 * 1024 * (2 * 64 + 64 + 1 + 2 * 1024) + 2 * 4 * 1024 * 256)
         );
+        for (free, want) in [
+            (None, Backend::Math),
+            (Some(2 * need), Backend::Math),
+            (Some(need), Backend::Efficient),
+        ] {
+            assert_eq!(select_backward(&p32, BackendSet::ALL, free).unwrap(), want);
+        }
+        let e = select_backward(&p32, BackendSet::only(Backend::Flash), None).unwrap_err();
+        assert!(e.to_string().contains("f16 or bf16"), "{e}");
+        // Head dim 256 in bf16: past the tensor-core backward; flash says so.
+        let t = |len| TensorDesc::contiguous(DType::BF16, [1, 2, len, 256]);
+        let wide = Problem::new(&t(64), &t(64), &t(64), None, &SdpaOptions::default()).unwrap();
+        let e = select_backward(&wide, BackendSet::only(Backend::Flash), None).unwrap_err();
+        assert!(e.to_string().contains("up to head dim 128"), "{e}");
         assert_eq!(
-            select_backward(&p, BackendSet::ALL, None).unwrap(),
-            Backend::Math
-        );
-        assert_eq!(
-            select_backward(&p, BackendSet::ALL, Some(2 * need)).unwrap(),
-            Backend::Math
-        );
-        assert_eq!(
-            select_backward(&p, BackendSet::ALL, Some(need)).unwrap(),
+            select_backward(&wide, BackendSet::ALL, Some(0)).unwrap(),
             Backend::Efficient
         );
         // f64: efficient has no f64 kernel, math runs whatever the memory.
@@ -778,8 +940,6 @@ mod tests {
             select_backward(&p64, BackendSet::ALL, Some(0)).unwrap(),
             Backend::Math
         );
-        let e = select_backward(&p64, BackendSet::only(Backend::Flash), None).unwrap_err();
-        assert!(e.to_string().contains("no backward yet"), "{e}");
     }
 
     #[test]

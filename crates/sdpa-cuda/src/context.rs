@@ -44,6 +44,7 @@ pub struct GpuContext {
     functions: Mutex<HashMap<(KernelSpec, Entry), Kernel>>,
     blas: OnceLock<std::result::Result<Arc<CudaBlas>, CudaError>>,
     poison: AtomicBool,
+    deterministic: AtomicBool,
     compiled: AtomicUsize,
     loaded_from_disk: AtomicUsize,
 }
@@ -111,6 +112,7 @@ impl GpuContext {
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             poison: AtomicBool::new(false),
+            deterministic: AtomicBool::new(false),
             compiled: AtomicUsize::new(0),
             loaded_from_disk: AtomicUsize::new(0),
         })
@@ -171,6 +173,20 @@ impl GpuContext {
         self.poison.store(on, Ordering::Relaxed);
     }
 
+    /// When on, the tensor-core backward adds each dq block in a fixed order (key block
+    /// 0 first), so dq is bitwise identical run to run on the same device (dk and dv
+    /// always are); off (the default), the key blocks add with atomics in whatever order
+    /// they run. Like PyTorch's `use_deterministic_algorithms`, a switch of the context.
+    /// dmask's sums stay atomic either way.
+    pub fn set_deterministic_backward(&self, on: bool) {
+        self.deterministic.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`set_deterministic_backward`](Self::set_deterministic_backward) is on.
+    pub fn deterministic_backward(&self) -> bool {
+        self.deterministic.load(Ordering::Relaxed)
+    }
+
     /// Device 0, created once per process with [`set_poison_outputs`](Self::set_poison_outputs)
     /// on: the context the workspace's GPU test suites share (sdpa-cuda, sdpa-nested,
     /// sdpa-nn), so an element a kernel leaves unwritten fails the comparison as NaN.
@@ -216,6 +232,7 @@ impl GpuContext {
         let function = module.load_function(&spec.symbol(entry, &self.config))?;
         let shared_bytes = match spec.kind {
             Kind::FwdTc | Kind::FwdWgmma => self.declared_shared_bytes(&module, spec)?,
+            Kind::BwdTc if entry == Entry::BwdMain => self.declared_shared_bytes(&module, spec)?,
             _ => 0,
         };
         if shared_bytes as usize > self.max_shared {

@@ -355,6 +355,8 @@ impl BwdParams {
             ..Default::default()
         };
         [p.dout_stride_b, p.dout_stride_h, p.dout_stride_l] = strides3(ops.dout);
+        // The tensor-core backward reads dout's rows like q's: 16-byte loads need it too.
+        p.fwd.vec_ok &= vec_ok(problem.dtype, &[(ops.dout, p.dout)]) as i32;
         [p.dq_stride_b, p.dq_stride_h, p.dq_stride_l] = strides3(ops.dq);
         [p.dk_stride_b, p.dk_stride_h, p.dk_stride_l] = strides3(ops.dk);
         [p.dv_stride_b, p.dv_stride_h, p.dv_stride_l] = strides3(ops.dv);

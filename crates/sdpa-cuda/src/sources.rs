@@ -6,7 +6,7 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 16] = [
+pub const SOURCES: [(&str, &str); 18] = [
     (
         "common/dtype.cuh",
         include_str!("../../../kernels/common/dtype.cuh"),
@@ -22,6 +22,10 @@ pub const SOURCES: [(&str, &str); 16] = [
     (
         "common/mask.cuh",
         include_str!("../../../kernels/common/mask.cuh"),
+    ),
+    (
+        "common/mma.cuh",
+        include_str!("../../../kernels/common/mma.cuh"),
     ),
     (
         "common/params.cuh",
@@ -67,6 +71,10 @@ pub const SOURCES: [(&str, &str); 16] = [
     (
         "bwd/attn_bwd_simt.cu",
         include_str!("../../../kernels/bwd/attn_bwd_simt.cu"),
+    ),
+    (
+        "bwd/attn_bwd_tc.cu",
+        include_str!("../../../kernels/bwd/attn_bwd_tc.cu"),
     ),
 ];
 

@@ -24,6 +24,8 @@ pub enum Kind {
     MathBwd,
     /// The efficient backend's fused scalar backward (f32, f16, bf16).
     BwdSimt,
+    /// The mma.sync tensor-core backward (flash, and efficient in f16/bf16; sm_80+).
+    BwdTc,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
 }
@@ -47,6 +49,10 @@ pub enum Entry {
     BwdDq,
     /// Fused backward, key-major: dk and dv.
     BwdDkDv,
+    /// Tensor-core backward: D = rowsum(dout * out) per query row.
+    BwdPre,
+    /// Tensor-core backward: dk and dv of a key block, dq added into its accumulator.
+    BwdMain,
     /// Module: writes the bias into every row.
     NnBiasRows,
     /// Module: residual dropout in place.
@@ -88,7 +94,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 7] = [
+pub const TABLE: [Variant; 8] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -157,6 +163,17 @@ pub const TABLE: [Variant; 7] = [
         // Mask and dropout are always compiled in (run-time switches).
         extras: &[true],
         entries: &[Entry::BwdDq, Entry::BwdDkDv],
+        arch: Arch::Sm80Plus,
+    },
+    Variant {
+        kind: Kind::BwdTc,
+        source: "bwd/attn_bwd_tc.cu",
+        prefix: "attn_bwd_tc",
+        dtypes: HALF,
+        // The dK and dV accumulators (D/2 registers a thread each) cap it at 128.
+        head_dims: &[32, 64, 96, 128],
+        extras: &[false, true],
+        entries: &[Entry::BwdPre, Entry::BwdMain],
         arch: Arch::Sm80Plus,
     },
     Variant {
@@ -298,6 +315,18 @@ impl KernelSpec {
             (Kind::MathBwd, _) => format!("{prefix}_round_{dtype}"),
             (Kind::BwdSimt, Entry::BwdDq) => format!("{prefix}_dq_{dtype}_d{d}"),
             (Kind::BwdSimt, _) => format!("{prefix}_dkdv_{dtype}_d{d}"),
+            (Kind::BwdTc, entry) => {
+                let t = config.bwd_tiles(d);
+                let part = if entry == Entry::BwdPre {
+                    "pre"
+                } else {
+                    "main"
+                };
+                format!(
+                    "{prefix}_{part}_{dtype}_d{d}_w{}_m{}_b{}{extras}",
+                    t.warps, t.block_m, t.min_blocks
+                )
+            }
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
             (Kind::Nn, _) => "nn_dropout_rows".to_string(),
@@ -360,6 +389,18 @@ impl KernelSpec {
                 ("SDPA_KERNEL_DQ", self.symbol(Entry::BwdDq, config)),
                 ("SDPA_KERNEL_DKDV", self.symbol(Entry::BwdDkDv, config)),
             ]),
+            Kind::BwdTc => {
+                let t = config.bwd_tiles(self.head_dim);
+                d.extend([
+                    ("SDPA_HEAD_DIM", self.head_dim.to_string()),
+                    ("SDPA_WARPS", t.warps.to_string()),
+                    ("SDPA_BLOCK_M", t.block_m.to_string()),
+                    ("SDPA_MIN_BLOCKS", t.min_blocks.to_string()),
+                    ("SDPA_EXTRAS", (self.extras as u32).to_string()),
+                    ("SDPA_KERNEL_PRE", self.symbol(Entry::BwdPre, config)),
+                    ("SDPA_KERNEL", self.symbol(Entry::BwdMain, config)),
+                ]);
+            }
             Kind::Nn => {}
         }
         d
@@ -407,6 +448,14 @@ impl KernelSpec {
                 block_rows: 4,
                 threads: 128,
             }),
+            // Here "rows" are the keys a CTA owns.
+            Kind::BwdTc => {
+                let t = config.bwd_tiles(self.head_dim);
+                Some(Geometry {
+                    block_rows: t.block_keys(),
+                    threads: t.threads(),
+                })
+            }
             Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn => None,
         }
     }
@@ -500,7 +549,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 4);
+        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

@@ -145,6 +145,67 @@ impl WgTiles {
     }
 }
 
+/// Tile shape of the mma.sync backward (`kernels/bwd/attn_bwd_tc.cu`) for one padded
+/// head dim: a CTA owns `16 * warps` keys and walks the query rows `block_m` at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BwdTiles {
+    /// Warps per CTA (each owns 16 keys).
+    pub warps: u32,
+    /// Query rows per step (a multiple of 16).
+    pub block_m: u32,
+    /// CTAs per SM the register budget is sized for (`__launch_bounds__`).
+    pub min_blocks: u32,
+}
+
+impl BwdTiles {
+    /// Keys per CTA (the grid's x is `ceil(S / block_keys)`).
+    pub fn block_keys(&self) -> u32 {
+        16 * self.warps
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> u32 {
+        32 * self.warps
+    }
+
+    /// The default for a padded head dim (kernels/NOTES.md has the sweep).
+    pub fn default_for(head_dim: u32) -> Self {
+        let t = |warps, block_m, min_blocks| BwdTiles {
+            warps,
+            block_m,
+            min_blocks,
+        };
+        // Eight warps (128 keys a CTA, half the dq additions of 64 per key) and 64 query
+        // rows a step: the fastest of the H200 sweep at every head dim (NOTES.md).
+        let _ = head_dim;
+        t(8, 64, 1)
+    }
+
+    fn from_fields(v: &[u32]) -> std::result::Result<Self, String> {
+        let [warps, block_m, min_blocks] = *v else {
+            return Err("warps,block_m,min_blocks".into());
+        };
+        if !(1..=16).contains(&warps) {
+            return Err("warps in 1..=16".into());
+        }
+        if block_m == 0 || block_m % 16 != 0 || block_m > 128 {
+            return Err("block_m a multiple of 16 in 16..=128".into());
+        }
+        let frags = block_m / 16;
+        if warps % frags != 0 && frags % warps != 0 {
+            return Err("warps a multiple or a divisor of block_m / 16".into());
+        }
+        if !(1..=4).contains(&min_blocks) {
+            return Err("min_blocks in 1..=4".into());
+        }
+        Ok(BwdTiles {
+            warps,
+            block_m,
+            min_blocks,
+        })
+    }
+}
+
 /// Tile overrides of one kernel family: `(head dim or every dim, shape)`, first match wins.
 type Overrides<T> = Vec<(Option<u32>, T)>;
 
@@ -199,6 +260,7 @@ fn parse_overrides<T>(
 pub struct KernelConfig {
     tc: Overrides<TcTiles>,
     wg: Overrides<WgTiles>,
+    bwd: Overrides<BwdTiles>,
     wgmma: bool,
     kernel_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
@@ -211,6 +273,7 @@ impl Default for KernelConfig {
         KernelConfig {
             tc: Vec::new(),
             wg: Vec::new(),
+            bwd: Vec::new(),
             wgmma: true,
             kernel_dir: None,
             cache_dir: crate::cache::default_cache_dir(),
@@ -222,6 +285,7 @@ impl KernelConfig {
     /// The defaults with the process's overrides applied:
     /// - `SDPA_CUDA_TC_TILES`: `[dim:]warps,block_n,min_blocks[,row_frags]` entries, `;`-separated;
     /// - `SDPA_CUDA_WG_TILES`: `[dim:]warpgroups,block_n,min_blocks[,m_tiles]` entries;
+    /// - `SDPA_CUDA_BWD_TILES`: `[dim:]warps,block_m,min_blocks` entries (the mma.sync backward);
     /// - `SDPA_CUDA_WGMMA=0`: keep the mma.sync kernel on sm_90 (for comparisons);
     /// - `SDPA_KERNEL_DIR`: a folder mirroring `kernels/` whose files replace the
     ///   embedded ones (planted-bug runs);
@@ -238,6 +302,9 @@ impl KernelConfig {
         }
         if let Some(text) = var("SDPA_CUDA_WG_TILES") {
             config.wg = parse_overrides("SDPA_CUDA_WG_TILES", &text, WgTiles::from_fields)?;
+        }
+        if let Some(text) = var("SDPA_CUDA_BWD_TILES") {
+            config.bwd = parse_overrides("SDPA_CUDA_BWD_TILES", &text, BwdTiles::from_fields)?;
         }
         if let Some(text) = var("SDPA_CUDA_WGMMA") {
             config.wgmma = match text.as_str() {
@@ -295,6 +362,19 @@ impl KernelConfig {
         Ok(self)
     }
 
+    /// Every padded head dim (or `head_dim`) takes `tiles` in the mma.sync backward.
+    pub fn with_bwd_tiles(mut self, head_dim: Option<u32>, tiles: BwdTiles) -> Result<Self> {
+        BwdTiles::from_fields(&[tiles.warps, tiles.block_m, tiles.min_blocks]).map_err(
+            |expected| CudaError::Config {
+                var: "bwd tiles",
+                expected,
+                actual: format!("{tiles:?}"),
+            },
+        )?;
+        self.bwd.insert(0, (head_dim, tiles));
+        Ok(self)
+    }
+
     /// Whether the dispatcher may use the Hopper kernel on sm_90.
     pub fn with_wgmma(mut self, on: bool) -> Self {
         self.wgmma = on;
@@ -333,6 +413,11 @@ impl KernelConfig {
     /// The Hopper kernel's tiles for a padded head dim.
     pub fn wg_tiles(&self, head_dim: u32) -> WgTiles {
         pick(&self.wg, head_dim).unwrap_or_else(|| WgTiles::default_for(head_dim))
+    }
+
+    /// The mma.sync backward's tiles for a padded head dim.
+    pub fn bwd_tiles(&self, head_dim: u32) -> BwdTiles {
+        pick(&self.bwd, head_dim).unwrap_or_else(|| BwdTiles::default_for(head_dim))
     }
 
     /// Whether the Hopper kernel may run.
@@ -408,6 +493,31 @@ mod tests {
         assert!(KernelConfig::default()
             .with_wg_tiles(None, w(9, 64, 1, 1))
             .is_err());
+    }
+
+    #[test]
+    fn bwd_overrides_and_defaults() {
+        let t = |warps, block_m, min_blocks| BwdTiles {
+            warps,
+            block_m,
+            min_blocks,
+        };
+        let parse = |s| parse_overrides("B", s, BwdTiles::from_fields);
+        assert_eq!(
+            parse("128:8,32,1;4,64,2").unwrap(),
+            vec![(Some(128), t(8, 32, 1)), (None, t(4, 64, 2))]
+        );
+        // block_m not a multiple of 16, 3 warps over 4 fragments, a missing field.
+        for bad in ["4,40,1", "3,64,1", "4,64", "4,64,5", "0,64,1"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("B: expected") && e.contains(bad), "{e}");
+        }
+        assert_eq!(t(8, 32, 1).block_keys(), 128);
+        let config = KernelConfig::default()
+            .with_bwd_tiles(Some(64), t(8, 64, 1))
+            .unwrap();
+        assert_eq!(config.bwd_tiles(64), t(8, 64, 1));
+        assert_eq!(config.bwd_tiles(128), BwdTiles::default_for(128));
     }
 
     #[test]

@@ -559,12 +559,111 @@ fn efficient_backward_matches_the_reference_in_every_dtype() {
     );
 }
 
+/// The cases flash takes (no mask, E == Ev, head dims up to the tensor-core backward's).
+fn flash_cases(all: Vec<Case>) -> Vec<Case> {
+    all.into_iter()
+        .filter(|c| {
+            matches!(c.mask, TestMask::None) && c.head_dim == c.head_dim_v && c.head_dim <= 128
+        })
+        .collect()
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
-fn efficient_backward_is_bitwise_repeatable() {
-    // No atomics on dq, dk, dv: each element is one warp's fixed-order sum.
-    let case = &long_cases()[1];
-    let x = inputs::<f16>(case, 5);
+fn flash_backward_matches_the_reference() {
+    let mut all = cases();
+    all.extend(long_cases());
+    let flash = flash_cases(all);
+    assert!(flash.len() >= 2, "{} flash cases", flash.len());
+    // And flash's own: dropout, GQA, L != S both ways, head dims 32, 96, 128.
+    let extra = |name, len_q, len_kv, head_dim, group, causal, p: f64| Case {
+        name,
+        batch: 2,
+        heads_kv: 2,
+        group,
+        len_q,
+        len_kv,
+        head_dim,
+        head_dim_v: head_dim,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            enable_gqa: group > 1,
+            causal,
+            dropout: if p > 0.0 {
+                Dropout::new(p, 77, 4)
+            } else {
+                Dropout::NONE
+            },
+            ..Default::default()
+        },
+    };
+    let mut flash = flash;
+    flash.extend([
+        extra(
+            "flash E=32 L=200 S=130 top-left",
+            200,
+            130,
+            32,
+            1,
+            Causal::TopLeft,
+            0.0,
+        ),
+        extra(
+            "flash E=96 L=77 S=260 GQA 3 bottom-right dropout 0.15",
+            77,
+            260,
+            96,
+            3,
+            Causal::BottomRight,
+            0.15,
+        ),
+        extra(
+            "flash E=128 L=260 S=260 dropout 0.1 (S % 4 == 0)",
+            260,
+            260,
+            128,
+            1,
+            Causal::None,
+            0.1,
+        ),
+        extra(
+            "flash E=64 L=130 S=131 GQA 2 dropout 0.3 (S % 4 != 0)",
+            130,
+            131,
+            64,
+            2,
+            Causal::None,
+            0.3,
+        ),
+    ]);
+    backend_matches_the_reference(Backend::Flash, &[DType::F16, DType::BF16], &flash);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn flash_backward_is_bitwise_repeatable_in_deterministic_mode() {
+    // Its own context: the switch is context-wide and the shared one runs other tests.
+    let det = sdpa_cuda::GpuContext::new(0).unwrap();
+    det.set_deterministic_backward(true);
+    let case = Case {
+        name: "deterministic: L=300 S=520 E=64 GQA 2 causal bottom-right",
+        batch: 2,
+        heads_kv: 1,
+        group: 2,
+        len_q: 300,
+        len_kv: 520,
+        head_dim: 64,
+        head_dim_v: 64,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            enable_gqa: true,
+            causal: Causal::BottomRight,
+            ..Default::default()
+        },
+    };
+    let x = inputs::<f16>(&case, 9);
     let wide = |a: &Array4<f16>| a.mapv(f16::wide);
     let fwd = sdpa_ref::sdpa::<f64>(
         wide(&x.q).view(),
@@ -575,6 +674,57 @@ fn efficient_backward_is_bitwise_repeatable() {
     )
     .unwrap();
     let out: Array4<f16> = fwd.out.mapv(f16::narrow);
+    let run = |ctx: &sdpa_cuda::GpuContext| {
+        ctx.sdpa_backward_host(
+            x.q.view(),
+            x.k.view(),
+            x.v.view(),
+            out.view(),
+            fwd.lse.view(),
+            x.dout.view(),
+            None,
+            &case.options,
+            BackendSet::only(Backend::Flash),
+        )
+        .unwrap()
+    };
+    let (a, b, free) = (run(&det), run(&det), run(gpu()));
+    let bits = |x: &Array4<f16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.dq), bits(&b.dq));
+    assert_eq!(bits(&a.dk), bits(&b.dk));
+    assert_eq!(bits(&a.dv), bits(&b.dv));
+    // The same sums in another order: equal to the atomic mode's up to f32 rounding
+    // (then one f16 rounding).
+    let worst =
+        a.dq.iter()
+            .zip(free.dq.iter())
+            .map(|(p, q)| (p.to_f64() - q.to_f64()).abs())
+            .fold(0.0, f64::max);
+    let scale = free.dq.iter().map(|v| v.to_f64().abs()).fold(0.0, f64::max);
+    assert!(
+        worst <= 2e-3 * scale.max(1e-3),
+        "dq differs by {worst} (magnitude {scale})"
+    );
+    assert_eq!(bits(&a.dk), bits(&free.dk));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn efficient_backward_is_bitwise_repeatable() {
+    // The f32 scalar kernel: no atomics on dq, dk, dv, each element one warp's
+    // fixed-order sum. (The f16/bf16 tensor-core kernel adds dq with atomics.)
+    let case = &long_cases()[1];
+    let x = inputs::<f32>(case, 5);
+    let wide = |a: &Array4<f32>| a.mapv(f32::wide);
+    let fwd = sdpa_ref::sdpa::<f64>(
+        wide(&x.q).view(),
+        wide(&x.k).view(),
+        wide(&x.v).view(),
+        None,
+        &case.options,
+    )
+    .unwrap();
+    let out: Array4<f32> = fwd.out.mapv(f32::narrow);
     let run = || {
         gpu()
             .sdpa_backward_host(
@@ -591,7 +741,7 @@ fn efficient_backward_is_bitwise_repeatable() {
             .unwrap()
     };
     let (a, b) = (run(), run());
-    let bits = |x: &Array4<f16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits = |x: &Array4<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.dq), bits(&b.dq));
     assert_eq!(bits(&a.dk), bits(&b.dk));
     assert_eq!(bits(&a.dv), bits(&b.dv));
@@ -599,7 +749,7 @@ fn efficient_backward_is_bitwise_repeatable() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn backward_dispatch_takes_math_where_it_fits_else_the_fused_kernel() {
+fn backward_dispatch_takes_tensor_cores_then_math_where_it_fits() {
     let mut rng = SplitMix64(3);
     let lse = Array3::<f32>::zeros((1, 1, 4));
     // q, k, v, out and dout all one array: only the dispatch is under test.
@@ -642,7 +792,19 @@ fn backward_dispatch_takes_math_where_it_fits_else_the_fused_kernel() {
         Backend::Efficient
     );
     let e = run(&q32, &lse, BackendSet::only(Backend::Flash)).unwrap_err();
-    assert!(e.to_string().contains("no backward"), "{e}");
+    assert!(e.to_string().contains("f16 or bf16"), "{e}");
+    // f16: the tensor-core backward, as flash, else as efficient.
+    let q16 = random::<f16, _>(&mut rng, [1, 1, 4, 8]);
+    assert_eq!(
+        run(&q16, &lse, BackendSet::ALL).unwrap().backend,
+        Backend::Flash
+    );
+    assert_eq!(
+        run(&q16, &lse, BackendSet::ALL.without(Backend::Flash))
+            .unwrap()
+            .backend,
+        Backend::Efficient
+    );
 }
 
 #[test]
@@ -726,6 +888,26 @@ fn sanitize_backward_small() {
     ];
     backend_matches_the_reference(Backend::Efficient, &[DType::F16, DType::F32], &cases);
     backend_matches_the_reference(Backend::Math, &[DType::BF16], &cases);
+    // The tensor-core backward's plain variant (flash: no mask), several key and query
+    // blocks, GQA, causal skips, a partial last block.
+    let flash = vec![Case {
+        name: "sanitize flash: L=150 S=200 E=64 GQA 2 causal top-left",
+        batch: 1,
+        heads_kv: 1,
+        group: 2,
+        len_q: 150,
+        len_kv: 200,
+        head_dim: 64,
+        head_dim_v: 64,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            enable_gqa: true,
+            causal: Causal::TopLeft,
+            ..Default::default()
+        },
+    }];
+    backend_matches_the_reference(Backend::Flash, &[DType::BF16], &flash);
 }
 
 /// A random problem: shapes, GQA, causal alignment, mask kind and broadcast, dropout,
@@ -787,7 +969,7 @@ fn random_case(n: u64) -> Case {
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn random_problems_match_the_reference_on_both_backends() {
+fn random_problems_match_the_reference_on_every_backend() {
     // PROPTEST_CASES random problems (default 24) through each backend, each dtype it
     // takes; a failing line names the draw and its case.
     let n: u64 = std::env::var("PROPTEST_CASES")
@@ -807,6 +989,11 @@ fn random_problems_match_the_reference_on_both_backends() {
         Backend::Math,
         &[DType::F64, DType::F32, DType::BF16],
         &cases,
+    );
+    backend_matches_the_reference(
+        Backend::Flash,
+        &[DType::F16, DType::BF16],
+        &flash_cases(cases),
     );
 }
 

@@ -1,0 +1,458 @@
+// Tensor-core attention backward (flash, and efficient in f16/bf16): the
+// FlashAttention-2 algorithm on mma.sync m16n8k16 with f32 accumulation. DESIGN.md
+// "Backward", with s = scale q.k (+ mask), P = exp(s - lse) from the forward's lse,
+// Z the forward's Philox keep bits at the same flat index, dP = (dout.v) Z / (1 - p),
+// D = rowsum(dout * out) and dS = P (dP - D):
+//
+//   pre  (SDPA_KERNEL_PRE) one warp per query row: D in f32 into softmax_d.
+//   main (SDPA_KERNEL) one CTA per (block of BN = 16 * SDPA_WARPS keys, kv head, batch);
+//        warp w owns keys n0 + 16w .. n0 + 16w + 15. K and V stay in shared memory; the
+//        CTA walks the query blocks (BM rows) of every query head of the kv head's group,
+//        Q and dout double-buffered through cp.async. Per block, each warp computes
+//        S^T = K Q^T and dP^T = V dout^T for its keys (16 x BM, registers), P and dS
+//        in place, then dV += (P Z/(1-p))^T dout and dK += dS^T Q with P and dS fed
+//        from registers as A fragments (the GQA sum over the group happens in these
+//        accumulators). dS^T goes to shared memory, and after one barrier the warps
+//        split dQ_block = dS K (BM x D) between them and add it into the f32
+//        accumulator dq_accum with atomics (its order is not fixed: dq is not bitwise
+//        repeatable; dk and dv are). dK (times scale) and dV are written once at the end.
+//   post the host rounds dq = scale * dq_accum once to the dtype (math_bwd's round).
+//
+// Query blocks whose rows see none of the CTA's keys (causal) are skipped; only blocks
+// that reach past a row's key limit test keys one by one. A row past the sequence or
+// with no key (lse -inf) gets lse +inf here: P = 0. A key a bool mask hides (or an
+// additive -inf) has P = dS = 0 whatever dout.v holds (DESIGN.md's NaN rule).
+//
+// Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (the larger of E and Ev padded
+// to a multiple of 32, at most 128), SDPA_WARPS, SDPA_BLOCK_M (multiple of 16),
+// SDPA_MIN_BLOCKS, SDPA_EXTRAS (0: causal, GQA, varlen; 1: masks and dropout too),
+// SDPA_KERNEL_PRE, SDPA_KERNEL.
+#include "common/dtype.cuh"
+#include "common/load.cuh"
+#include "common/mask.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/philox.cuh"
+#include "common/seqlen.cuh"
+#include "common/softmax.cuh"
+
+#define D SDPA_HEAD_DIM
+#define NW SDPA_WARPS
+#define BN (16 * NW)
+#define BM SDPA_BLOCK_M
+#define NTHREADS (32 * NW)
+// Shared-memory row strides: 16 bytes of padding keep ldmatrix free of bank conflicts.
+#define SROW (D + 8)
+#define DSROW (BM + 8)
+#define KV_ELEMS (BN * SROW)
+#define QD_ELEMS (BM * SROW)
+#define DS_ELEMS (BN * DSROW)
+// K, V; two stages of Q and of dout; dS^T; two stages of lse (log2 units) and of D.
+#define SHARED_BYTES (2 * (2 * KV_ELEMS + 4 * QD_ELEMS + DS_ELEMS) + 4 * 4 * BM)
+// dQ = dS K: BM / 16 row fragments, split further by columns when there are more warps.
+#define DQ_ROW_FRAGS (BM / 16)
+#define DQ_SPLIT (NW > DQ_ROW_FRAGS ? NW / DQ_ROW_FRAGS : 1)
+#define DQ_TILES (D / 8 / DQ_SPLIT)
+#define DQ_CHUNK (DQ_TILES % 8 == 0 ? 8 : DQ_TILES % 6 == 0 ? 6 : DQ_TILES % 4 == 0 ? 4 : 2)
+
+static_assert(D % 32 == 0 && D <= 128, "head dim class: a multiple of 32 up to 128");
+static_assert(BM % 16 == 0 && BM <= 128, "query block: a multiple of 16 up to 128");
+static_assert(NW % DQ_ROW_FRAGS == 0 || DQ_ROW_FRAGS % NW == 0, "warps and query fragments");
+static_assert((D / 8) % DQ_SPLIT == 0 && DQ_TILES % 2 == 0, "dQ column split");
+
+extern "C" __constant__ unsigned int sdpa_shared_bytes = SHARED_BYTES;
+#if __CUDA_ARCH__ >= 900
+static_assert(SHARED_BYTES <= 232448, "backward tiles exceed sm_90's shared memory");
+#else
+static_assert(SHARED_BYTES <= 166912, "backward tiles exceed sm_80's shared memory");
+#endif
+
+// Grid (ceil(L / 4), Hq, B), 128 threads: one warp per query row, D = rowsum(dout * out)
+// at row (b, h, i) of the [B, Hq, L] softmax_d.
+extern "C" __global__ void __launch_bounds__(128) SDPA_KERNEL_PRE(const BwdParams p) {
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int b = blockIdx.z;
+    const int h = blockIdx.y;
+    const SeqLens seq(p, b);
+    const int i = blockIdx.x * 4 + warp;
+    if (i >= seq.len_q) return;
+    const elem_t* o = (const elem_t*)p.out + b * p.out_stride_b + h * p.out_stride_h + (seq.start_q + i) * p.out_stride_l;
+    const elem_t* g = (const elem_t*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + (seq.start_q + i) * p.dout_stride_l;
+    float acc = 0.f;
+    for (int d = lane; d < p.head_dim_v; d += 32) acc = fmaf(load_elem(o + d), load_elem(g + d), acc);
+    acc = warp_sum(acc);
+    if (lane == 0) ((float*)p.softmax_d)[((i64)b * p.heads_q + h) * p.len_q + i] = acc;
+}
+
+// dst[0..4] += (a, b, c, d) in one vector reduction on sm_90 (16-byte aligned dst).
+__device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, float d) {
+#if !defined(SDPA_EMU) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+    atomicAdd(dst + 2, c);
+    atomicAdd(dst + 3, d);
+#endif
+}
+
+// Deterministic mode's pieces: the turn counter's acquire load and release increment,
+// and dq_accum's loads and stores through L2 (another SM wrote the value last).
+__device__ __forceinline__ int load_acquire(const int* at) {
+#ifdef SDPA_EMU
+    return __atomic_load_n(at, __ATOMIC_ACQUIRE);
+#else
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(at) : "memory");
+    return v;
+#endif
+}
+__device__ __forceinline__ void release_next(int* at) {
+#ifdef SDPA_EMU
+    __atomic_fetch_add(at, 1, __ATOMIC_RELEASE);
+#else
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(at) : "memory");
+#endif
+}
+__device__ __forceinline__ float load_cg(const float* at) {
+#ifdef SDPA_EMU
+    return *at;
+#else
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(at) : "memory");
+    return v;
+#endif
+}
+__device__ __forceinline__ void store_cg(float* at, float v) {
+#ifdef SDPA_EMU
+    *at = v;
+#else
+    asm volatile("st.global.cg.f32 [%0], %1;" ::"l"(at), "f"(v) : "memory");
+#endif
+}
+
+// A plain read-modify-write of four values: no kernel calls it; the planted-bug catalogue
+// (ci/planted_bugs.py, bwd-tc-dq-race) swaps it in for red_add4 to plant a race.
+__device__ __forceinline__ void red_add4_plain(float* dst, float a, float b, float c, float d) {
+    dst[0] += a;
+    dst[1] += b;
+    dst[2] += c;
+    dst[3] += d;
+}
+
+// The first block of ROWS query rows with a row that sees key n0 (key limits grow with
+// the row).
+template <int ROWS>
+__device__ __forceinline__ int first_query_block(const BwdParams& p, const SeqLens& seq, int n0, int n_m) {
+    int m = 0;
+    while (m < n_m && key_limit(p.causal, min(m * ROWS + ROWS, seq.len_q) - 1, seq.len_q, seq.len_k) <= n0) ++m;
+    return m;
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KERNEL(const BwdParams p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* s_k = (u16*)smem_raw;
+    u16* s_v = s_k + KV_ELEMS;
+    u16* s_q = s_v + KV_ELEMS;
+    u16* s_do = s_q + 2 * QD_ELEMS;
+    u16* s_ds = s_do + 2 * QD_ELEMS;
+    float* s_lse = (float*)(s_ds + DS_ELEMS);
+    float* s_dd = s_lse + 2 * BM;
+
+    const int b = blockIdx.z;
+    const int hk = blockIdx.y;
+    const int n0 = blockIdx.x * BN;
+    const SeqLens seq(p, b);
+    if (n0 >= seq.len_k) return;  // the whole block: before any barrier
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const bool vec_ok = p.vec_ok != 0;
+
+    const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + seq.start_k * p.k_stride_l;
+    const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + seq.start_k * p.v_stride_l;
+    load_rows<BN, D, SROW, NTHREADS>(s_k, k, p.k_stride_l, n0, seq.len_k, p.head_dim, vec_ok, tid);
+    load_rows<BN, D, SROW, NTHREADS>(s_v, v, p.v_stride_l, n0, seq.len_k, p.head_dim_v, vec_ok, tid);
+    cp_async_commit();
+
+    const int n_m = (seq.len_q + BM - 1) / BM;
+    const int m_begin = first_query_block<BM>(p, seq, n0, n_m);
+    const int per_head = n_m - m_begin;
+    const int iters = per_head * p.group;
+
+    // Stage `it` (query head hk * group + it / per_head, block m_begin + it % per_head)
+    // into buffer `buf`: Q and dout by cp.async, lse (log2 units, +inf for no weight)
+    // and D by plain stores.
+    auto stage = [&](int it, int buf) {
+        const int h = hk * p.group + it / per_head;
+        const int m0 = (m_begin + it % per_head) * BM;
+        const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + seq.start_q * p.q_stride_l;
+        const u16* gr = (const u16*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + seq.start_q * p.dout_stride_l;
+        load_rows<BM, D, SROW, NTHREADS>(s_q + buf * QD_ELEMS, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
+        load_rows<BM, D, SROW, NTHREADS>(s_do + buf * QD_ELEMS, gr, p.dout_stride_l, m0, seq.len_q, p.head_dim_v,
+                                         vec_ok, tid);
+        const float* lse = (const float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.start_q * p.lse_stride_l;
+        const float* dd = (const float*)p.softmax_d + ((i64)b * p.heads_q + h) * p.len_q;
+        for (int r = tid; r < BM; r += NTHREADS) {
+            const int i = m0 + r;
+            float l2 = -SDPA_NEG_INF, d_row = 0.f;
+            if (i < seq.len_q) {
+                const float x = lse[i * p.lse_stride_l];
+                l2 = x == SDPA_NEG_INF ? -SDPA_NEG_INF : x * SDPA_LOG2E;
+                d_row = dd[i];
+            }
+            s_lse[buf * BM + r] = l2;
+            s_dd[buf * BM + r] = d_row;
+        }
+        cp_async_commit();
+    };
+
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+    // This warp's keys in A-fragment row order: key_row(e) for C element e.
+    const int key_base = warp * 16 + g;
+    const u32 a_off = (u32)((warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
+    const u32 b_off = (u32)(((lane & 7) + (lane >> 4) * 8) * SROW + ((lane >> 3) & 1) * 8);
+    const u32 bt_off = (u32)(((lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
+
+    if (iters > 0) stage(0, 0);
+    for (int it = 0; it < iters; ++it) {
+        const int buf = it & 1;
+        cp_async_wait<0>();
+        // Stage `it` has landed for every thread; the other buffers and dS^T are free.
+        __syncthreads();
+        if (it + 1 < iters) stage(it + 1, buf ^ 1);
+        const int h = hk * p.group + it / per_head;
+        const int m0 = (m_begin + it % per_head) * BM;
+        const u16* sq = s_q + buf * QD_ELEMS;
+        const u16* sdo = s_do + buf * QD_ELEMS;
+        const float* slse = s_lse + buf * BM;
+        const float* sdd = s_dd + buf * BM;
+
+        // S^T = K Q^T and dP^T = V dout^T: this warp's 16 keys x BM query rows.
+        float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            u32 ka[4], va[4];
+            ldmatrix_x4(ka, smem_addr(s_k + a_off + ks * 16));
+            ldmatrix_x4(va, smem_addr(s_v + a_off + ks * 16));
+#pragma unroll
+            for (int np = 0; np < BM / 16; ++np) {
+                u32 qb[4], ob[4];
+                ldmatrix_x4(qb, smem_addr(sq + np * 16 * SROW + b_off + ks * 16));
+                ldmatrix_x4(ob, smem_addr(sdo + np * 16 * SROW + b_off + ks * 16));
+                mma16816(st[2 * np], ka, qb[0], qb[1]);
+                mma16816(st[2 * np + 1], ka, qb[2], qb[3]);
+                mma16816(dpt[2 * np], va, ob[0], ob[1]);
+                mma16816(dpt[2 * np + 1], va, ob[2], ob[3]);
+            }
+        }
+
+        // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
+        // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1).
+        const bool edge = n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k);
+#if SDPA_EXTRAS
+        // The forward's keep bits of this warp's elements, bit 4 nt + e. Where every row
+        // of the dropout stream starts at a multiple of 4 (S % 4 == 0), four keys of a
+        // row share one Philox block: the four lanes that hold keys 4a .. 4a + 3 (lanes
+        // 4 apart) each draw one of their four (key half, query) blocks and trade words,
+        // a quarter of the Philox work of one draw per element.
+        u64 keep_bits = ~0ull;
+        if (p.dropout) {
+            if ((p.len_kv & 3) == 0) {
+                const int c = g & 3;
+                const int lane0 = lane - 4 * c;
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; ++nt) {
+                    const int i = m0 + nt * 8 + 2 * t4 + (c & 1);
+                    const int j0 = n0 + warp * 16 + (g & ~3) + 8 * (c >> 1);
+                    const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int k = (c + r) & 3;
+                        const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * k);
+                        if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (nt * 4 + k));
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
+                        const int j = n0 + key_base + 8 * (e >> 1);
+                        if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
+                                           dropout_index(p, b, h, i, j)))
+                            keep_bits &= ~(1ull << (nt * 4 + e));
+                    }
+            }
+        }
+#endif
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = nt * 8 + 2 * t4 + (e & 1);
+                const int i = m0 + r;
+                const int j = n0 + key_base + 8 * (e >> 1);
+                float x = st[nt][e] * p.scale_log2;
+                bool seen = !edge || j < key_limit(p.causal, i, seq.len_q, seq.len_k);
+#if SDPA_EXTRAS
+                const bool inside = i < seq.len_q && j < seq.len_k;
+                if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
+#endif
+                seen = seen && x != SDPA_NEG_INF;
+                const float prob = seen ? fast_exp2(x - slse[r]) : 0.f;
+                float grad_p = dpt[nt][e], weight = prob;
+#if SDPA_EXTRAS
+                if (p.dropout && seen && inside) {
+                    const float keep = ((keep_bits >> (nt * 4 + e)) & 1ull) ? (float)p.keep_scale : 0.f;
+                    grad_p *= keep;
+                    weight *= keep;
+                }
+#endif
+                const float ds = seen ? prob * (grad_p - sdd[r]) : 0.f;
+#if SDPA_EXTRAS
+                if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
+                    atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+#endif
+                st[nt][e] = weight;
+                dpt[nt][e] = ds;
+            }
+        }
+
+        // dV += (P Z/(1-p))^T dout and dK += dS^T Q (A from registers, B transposed from
+        // shared memory); dS^T to shared memory for dQ.
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            const u32 pa[4] = {pack2(st[2 * kk][0], st[2 * kk][1]), pack2(st[2 * kk][2], st[2 * kk][3]),
+                               pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const u32 da[4] = {pack2(dpt[2 * kk][0], dpt[2 * kk][1]), pack2(dpt[2 * kk][2], dpt[2 * kk][3]),
+                               pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                               pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            u16* ds_row = s_ds + key_base * DSROW + kk * 16 + 2 * t4;
+            *(u32*)ds_row = da[0];
+            *(u32*)(ds_row + 8 * DSROW) = da[1];
+            *(u32*)(ds_row + 8) = da[2];
+            *(u32*)(ds_row + 8 * DSROW + 8) = da[3];
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 ob[4], qb[4];
+                ldmatrix_x4_trans(ob, smem_addr(sdo + kk * 16 * SROW + bt_off + dp * 16));
+                ldmatrix_x4_trans(qb, smem_addr(sq + kk * 16 * SROW + bt_off + dp * 16));
+                mma16816(dv[2 * dp], pa, ob[0], ob[1]);
+                mma16816(dv[2 * dp + 1], pa, ob[2], ob[3]);
+                mma16816(dk[2 * dp], da, qb[0], qb[1]);
+                mma16816(dk[2 * dp + 1], da, qb[2], qb[3]);
+            }
+        }
+        // Deterministic mode: the key blocks that see this query block (a prefix 0 ..
+        // of blockIdx.x, as key limits grow with the row) add into it in that order,
+        // each waiting for its turn on the block's counter.
+        int* turn = nullptr;
+        if (p.deterministic) {
+            turn = (int*)((float*)p.softmax_d + (i64)p.batch * p.heads_q * p.len_q) +
+                   ((i64)b * p.heads_q + h) * ((p.len_q + BM - 1) / BM) + m0 / BM;
+            if (tid == 0)
+                while (load_acquire(turn) != (int)blockIdx.x) {
+                }
+        }
+        __syncthreads();  // dS^T is complete (and, deterministic, this block's turn came)
+
+        // dQ_block = dS K: task (row fragment, column group) per warp, into dq_accum.
+        float* dq_acc = (float*)p.dq_accum + b * p.dq_stride_b + h * p.dq_stride_h + seq.start_q * p.dq_stride_l;
+        // Four-wide reductions where every row of dq_accum starts 16-byte aligned.
+        const bool vec4 = (p.head_dim & 3) == 0 && (p.dq_stride_l & 3) == 0 && (p.dq_stride_h & 3) == 0;
+        for (int task = warp; task < DQ_ROW_FRAGS * DQ_SPLIT; task += NW) {
+            const int r0 = (task % DQ_ROW_FRAGS) * 16;
+            const int c_first = (task / DQ_ROW_FRAGS) * DQ_TILES;
+#pragma unroll 1
+            for (int c0 = c_first; c0 < c_first + DQ_TILES; c0 += DQ_CHUNK) {
+                float acc[DQ_CHUNK][4];
+#pragma unroll
+                for (int i = 0; i < DQ_CHUNK; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    u32 a[4];
+                    ldmatrix_x4_trans(a, smem_addr(s_ds + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * DSROW + r0 +
+                                                   ((lane >> 3) & 1) * 8));
+#pragma unroll
+                    for (int np = 0; np < DQ_CHUNK / 2; ++np) {
+                        u32 kb[4];
+                        ldmatrix_x4_trans(kb, smem_addr(s_k + kk * 16 * SROW + bt_off + (c0 + 2 * np) * 8));
+                        mma16816(acc[2 * np], a, kb[0], kb[1]);
+                        mma16816(acc[2 * np + 1], a, kb[2], kb[3]);
+                    }
+                }
+                // Lanes t and t ^ 1 swap halves so that each holds four consecutive
+                // columns of one row: even t row g, odd t row g + 8.
+                const bool odd = (t4 & 1) != 0;
+#pragma unroll
+                for (int nt = 0; nt < DQ_CHUNK; ++nt) {
+                    const float give0 = odd ? acc[nt][0] : acc[nt][2];
+                    const float give1 = odd ? acc[nt][1] : acc[nt][3];
+                    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
+                    const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+                    if (p.deterministic) {
+                        // This block alone adds now: plain adds, one thread an element.
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + r0 + g + 8 * (e >> 1);
+                            const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
+                            if (i < seq.len_q && d < p.head_dim) {
+                                float* at = dq_acc + i * p.dq_stride_l + d;
+                                store_cg(at, load_cg(at) + acc[nt][e]);
+                            }
+                        }
+                    } else if (vec4) {
+                        const int i = m0 + r0 + g + (odd ? 8 : 0);
+                        const int d = (c0 + nt) * 8 + 2 * (t4 & 2);
+                        if (i < seq.len_q && d < p.head_dim)
+                            red_add4(dq_acc + i * p.dq_stride_l + d, odd ? got0 : acc[nt][0], odd ? got1 : acc[nt][1],
+                                     odd ? acc[nt][2] : got0, odd ? acc[nt][3] : got1);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + r0 + g + 8 * (e >> 1);
+                            const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
+                            if (i < seq.len_q && d < p.head_dim) atomicAdd(dq_acc + i * p.dq_stride_l + d, acc[nt][e]);
+                        }
+                    }
+                }
+            }
+        }
+        if (p.deterministic) {
+            __threadfence();
+            __syncthreads();  // every add of this block is done and visible
+            if (tid == 0) release_next(turn);
+        }
+    }
+    cp_async_wait<0>();
+
+    elem_t* dk_out = (elem_t*)p.dk + b * p.dk_stride_b + hk * p.dk_stride_h + seq.start_k * p.dk_stride_l;
+    elem_t* dv_out = (elem_t*)p.dv + b * p.dv_stride_b + hk * p.dv_stride_h + seq.start_k * p.dv_stride_l;
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = n0 + key_base + 8 * (e >> 1);
+            const int d = nt * 8 + 2 * t4 + (e & 1);
+            if (j >= seq.len_k) continue;
+            if (d < p.head_dim) dk_out[j * p.dk_stride_l + d] = to_elem(dk[nt][e] * scale);
+            if (d < p.head_dim_v) dv_out[j * p.dv_stride_l + d] = to_elem(dv[nt][e]);
+        }
+    }
+}
