@@ -8,6 +8,10 @@
 //!   strides and `Ev != E` for f16/bf16; a scalar kernel for f32.
 //! - **math**: two cuBLAS GEMMs around a softmax kernel, every dtype including f64;
 //!   its backward ([`GpuContext::sdpa_backward`]): five GEMMs around elementwise kernels.
+//! - **backward** ([`select_backward`]): the tensor-core kernel (mma.sync, f16/bf16,
+//!   head dims up to 128) for flash and for efficient with masks; math (cuBLAS) for f32
+//!   where it fits; efficient's scalar kernel otherwise. Deterministic dq on request
+//!   ([`GpuContext::set_deterministic_backward`]).
 //!
 //! Kernels (`kernels/*/*.cu`) are embedded, compiled with NVRTC for the device's arch on
 //! first use, and cached in memory and on disk. cudarc loads the CUDA libraries at run
