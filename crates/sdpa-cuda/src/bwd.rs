@@ -695,6 +695,37 @@ impl GpuContext {
     }
 }
 
+/// The launch of a kernel with one warp per query row, four to a block:
+/// `(ceil(L / 4), Hq, B)` blocks of 128 threads.
+fn query_row_warps(problem: &Problem) -> Result<LaunchConfig> {
+    launch::grid(
+        problem.len_q.div_ceil(4),
+        problem.heads_q,
+        problem.batch,
+        128,
+        0,
+    )
+}
+
+impl GpuContext {
+    /// Rounds an f32 dmask accumulator (`acc`, from [`dmask_accumulator`]) once into
+    /// the output `dmask`; nothing without one.
+    fn round_dmask(
+        &self,
+        dtype: DType,
+        dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
+        acc: Option<&(Arc<Buffer>, u64)>,
+    ) -> Result<()> {
+        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, acc) {
+            let dst = out.checked_address(self, "dmask")?;
+            // SAFETY: `ptr` holds `count` f32 values (the accumulator), `dst` the
+            // contiguous dmask of `count` elements of the dtype.
+            unsafe { round_into(self, dtype, *ptr, dst, count, 1.0) }?;
+        }
+        Ok(())
+    }
+}
+
 impl GpuContext {
     /// The driver's free memory on this context's device, if it answers.
     pub fn free_memory(&self) -> Option<usize> {
@@ -732,13 +763,7 @@ impl GpuContext {
         let stream = self.stream();
         if problem.len_q > 0 {
             // One warp per query row, four to a block.
-            let config = launch::grid(
-                problem.len_q.div_ceil(4),
-                problem.heads_q,
-                problem.batch,
-                128,
-                0,
-            )?;
+            let config = query_row_warps(problem)?;
             // SAFETY: one warp per query row (b, h, i) of the grid; q, k, v, dout, lse and
             // the mask are read through strides `BwdParams::build` checked against their
             // buffers; dq is written at (b, h, i) of its contiguous [B, Hq, L, E] buffer,
@@ -760,12 +785,7 @@ impl GpuContext {
             // their contiguous buffers.
             unsafe { launch::launch_params(stream, &dkdv_kernel.function, config, &*params) }?;
         }
-        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
-            let dst = out.checked_address(self, "dmask")?;
-            // SAFETY: `ptr` holds `count` f32 values (the accumulator above), `dst` the
-            // contiguous dmask of `count` elements of the dtype.
-            unsafe { round_into(self, problem.dtype, *ptr, dst, count, 1.0) }?;
-        }
+        self.round_dmask(problem.dtype, dmask, dmask_acc.as_ref())?;
         // Scratch is freed stream-ordered after the kernels that read it.
         drop((d_buf, dmask_acc));
         Ok(())
@@ -831,13 +851,7 @@ impl GpuContext {
         let dmask_acc = dmask_accumulator(self, params, dmask, 4)?;
         let stream = self.stream();
         if problem.len_q > 0 {
-            let config = launch::grid(
-                problem.len_q.div_ceil(4),
-                problem.heads_q,
-                problem.batch,
-                128,
-                0,
-            )?;
+            let config = query_row_warps(problem)?;
             // SAFETY: one warp per query row (b, h, i): out and dout read through strides
             // `BwdParams::build` checked against their buffers, D written at row (b, h, i)
             // of the `rows` f32 values above.
@@ -872,12 +886,7 @@ impl GpuContext {
                 problem.scale,
             )
         }?;
-        if let (Some((out, count, _)), Some((_, ptr))) = (dmask, &dmask_acc) {
-            let dst = out.checked_address(self, "dmask")?;
-            // SAFETY: `ptr` holds `count` f32 values (the accumulator above), `dst` the
-            // contiguous dmask of `count` elements of the dtype.
-            unsafe { round_into(self, problem.dtype, *ptr, dst, count, 1.0) }?;
-        }
+        self.round_dmask(problem.dtype, dmask, dmask_acc.as_ref())?;
         drop((d_buf, dq_buf, dmask_acc));
         Ok(())
     }

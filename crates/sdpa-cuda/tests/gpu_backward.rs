@@ -31,7 +31,6 @@ use ndarray::{Array3, Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
 use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
 use sdpa_cuda::HostMask;
 use sdpa_harness::compare::compare;
-use sdpa_harness::elem::Elem;
 use sdpa_harness::gpu::{gpu, random, GpuElem};
 use sdpa_harness::strategies::SplitMix64;
 use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
@@ -640,6 +639,39 @@ fn flash_backward_matches_the_reference() {
     backend_matches_the_reference(Backend::Flash, &[DType::F16, DType::BF16], &flash);
 }
 
+/// The backward of mask-free `case` with the inputs of `seed`, through `backend` on
+/// `ctx`, from the f64 reference's forward (its out rounded to `T`).
+fn maskless_backward<T: GpuElem>(
+    ctx: &sdpa_cuda::GpuContext,
+    case: &Case,
+    seed: u64,
+    backend: Backend,
+) -> sdpa_cuda::HostGradients<T> {
+    let x = inputs::<T>(case, seed);
+    let wide = |a: &Array4<T>| a.mapv(T::wide);
+    let fwd = sdpa_ref::sdpa::<f64>(
+        wide(&x.q).view(),
+        wide(&x.k).view(),
+        wide(&x.v).view(),
+        None,
+        &case.options,
+    )
+    .unwrap();
+    let out: Array4<T> = fwd.out.mapv(T::narrow);
+    ctx.sdpa_backward_host(
+        x.q.view(),
+        x.k.view(),
+        x.v.view(),
+        out.view(),
+        fwd.lse.view(),
+        x.dout.view(),
+        None,
+        &case.options,
+        BackendSet::only(backend),
+    )
+    .unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn flash_backward_is_bitwise_repeatable_in_deterministic_mode() {
@@ -663,31 +695,7 @@ fn flash_backward_is_bitwise_repeatable_in_deterministic_mode() {
             ..Default::default()
         },
     };
-    let x = inputs::<f16>(&case, 9);
-    let wide = |a: &Array4<f16>| a.mapv(f16::wide);
-    let fwd = sdpa_ref::sdpa::<f64>(
-        wide(&x.q).view(),
-        wide(&x.k).view(),
-        wide(&x.v).view(),
-        None,
-        &case.options,
-    )
-    .unwrap();
-    let out: Array4<f16> = fwd.out.mapv(f16::narrow);
-    let run = |ctx: &sdpa_cuda::GpuContext| {
-        ctx.sdpa_backward_host(
-            x.q.view(),
-            x.k.view(),
-            x.v.view(),
-            out.view(),
-            fwd.lse.view(),
-            x.dout.view(),
-            None,
-            &case.options,
-            BackendSet::only(Backend::Flash),
-        )
-        .unwrap()
-    };
+    let run = |ctx| maskless_backward::<f16>(ctx, &case, 9, Backend::Flash);
     let (a, b, free) = (run(&det), run(&det), run(gpu()));
     let bits = |x: &Array4<f16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.dq), bits(&b.dq));
@@ -714,32 +722,7 @@ fn efficient_backward_is_bitwise_repeatable() {
     // The f32 scalar kernel: no atomics on dq, dk, dv, each element one warp's
     // fixed-order sum. (The f16/bf16 tensor-core kernel adds dq with atomics.)
     let case = &long_cases()[1];
-    let x = inputs::<f32>(case, 5);
-    let wide = |a: &Array4<f32>| a.mapv(f32::wide);
-    let fwd = sdpa_ref::sdpa::<f64>(
-        wide(&x.q).view(),
-        wide(&x.k).view(),
-        wide(&x.v).view(),
-        None,
-        &case.options,
-    )
-    .unwrap();
-    let out: Array4<f32> = fwd.out.mapv(f32::narrow);
-    let run = || {
-        gpu()
-            .sdpa_backward_host(
-                x.q.view(),
-                x.k.view(),
-                x.v.view(),
-                out.view(),
-                fwd.lse.view(),
-                x.dout.view(),
-                None,
-                &case.options,
-                BackendSet::only(Backend::Efficient),
-            )
-            .unwrap()
-    };
+    let run = || maskless_backward::<f32>(gpu(), case, 5, Backend::Efficient);
     let (a, b) = (run(), run());
     let bits = |x: &Array4<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.dq), bits(&b.dq));
