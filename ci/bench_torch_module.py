@@ -130,6 +130,18 @@ def main():
     except Exception as err:  # noqa: BLE001
         errors["module_compile"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         res["module_compile_us"] = None
+    # Training step: forward and backward of the same module in train mode (dropout 0
+    # and the tutorial's 0.1), eager.
+    g = torch.randn_like(x)
+    for p, key in [(0.0, "train_step_us"), (0.1, "train_step_dropout_us")]:
+        m = CausalSelfAttention(h, e, bias=False, is_causal=True, dropout=p).to(dev, dtype).train()
+        xt = x.clone().requires_grad_(True)
+
+        def step(m=m, xt=xt):
+            with torch.enable_grad():  # median_us times under no_grad
+                m(xt).backward(g)
+
+        res[key] = attempt(key, step, errors)
     res["errors"] = errors
     if args.json:
         json.dump(res, open(args.json, "w"), indent=1)
@@ -161,6 +173,11 @@ def main():
         f"| {f(ours_m)} | {f(res['module_eager_us'])} | {f(res['module_compile_us'])} | "
         f"{ratio(res['module_eager_us'], ours_m)} | {ratio(res['module_compile_us'], ours_m)} |"
     )
+    print(f"\nTraining step (forward + backward, train mode): B={ours['module_batch']}, T={ours['module_seq']}, E={e}, {h} heads, f16\n")
+    print("| dropout | ours | torch eager | eager / ours |")
+    print("|---|---|---|---|")
+    for label, key in [("0", "train_step_us"), ("0.1", "train_step_dropout_us")]:
+        print(f"| {label} | {f(ours.get(key))} | {f(res.get(key))} | {ratio(res.get(key), ours.get(key))} |")
     for k, v in errors.items():
         print(f"error in {k}: {v}")
 

@@ -5,6 +5,12 @@
 //! `[N, E]` rows `c_proj` reads (no transpose either). A dense batch is the varlen batch
 //! of `B` sequences of length `T`, so dense and nested input share one path.
 //!
+//! A training step runs on the device too: [`CudaCausalSelfAttention::forward_train`]
+//! keeps what [`CudaCausalSelfAttention::backward`] needs, which replays the residual
+//! dropout, runs both layers' backwards through cuBLAS (c_attn's over the q, k and v
+//! gradients as the attention's varlen backward returns them) and rounds each gradient
+//! once.
+//!
 //! Train/eval and the dropout stream follow the CPU module exactly: the same
 //! [`DropoutGenerator`] advances by the same counts in the same order (attention, then
 //! residual), and the kernels draw the same Philox bits, so a CPU and a CUDA module
@@ -35,7 +41,7 @@ use crate::device::{Linear, NnKernels, Timeline};
 use crate::module::{CausalSelfAttention, DropoutGenerator};
 use crate::profile::{Event, Profiler};
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
-use sdpa_core::{BackendSet, Causal, Dropout, Layout, SdpaError, SdpaOptions};
+use sdpa_core::{BackendSet, Causal, DType, Dropout, Layout, SdpaError, SdpaOptions};
 use sdpa_cuda::{DeviceElement, DeviceSeqlens, DeviceTensor, GpuContext, Result, Varlen};
 use sdpa_nested::CuSeqlens;
 use sdpa_ref::Element;
@@ -54,6 +60,44 @@ pub struct CudaCausalSelfAttention {
     backends: BackendSet,
     /// `cu_seqlens` of the last dense shape `(B, T)`, uploaded once per shape.
     dense_seqlens: Option<(usize, usize, DeviceSeqlens)>,
+    /// Ones for the biases' column sums in the backward, as many as the largest batch.
+    ones: Option<DeviceTensor>,
+}
+
+/// What [`CudaCausalSelfAttention::backward`] needs of its forward, on the device.
+#[derive(Debug, Clone)]
+pub struct CudaSaved {
+    rows: DeviceTensor,
+    qkv: DeviceTensor,
+    attn_rows: DeviceTensor,
+    attn_out: DeviceTensor,
+    lse: DeviceTensor,
+    options: SdpaOptions,
+    cu: DeviceSeqlens,
+    resid: Option<Dropout>,
+    nested: bool,
+}
+
+/// The gradients of [`CudaCausalSelfAttention::backward`], on the device, each in the
+/// module's dtype.
+#[derive(Debug, Clone)]
+pub struct CudaModuleGrads {
+    /// `[1, B, T, E]`.
+    pub dx: DeviceTensor,
+    /// `c_attn.weight [1, 1, 3E, E]` and `c_attn.bias [1, 1, 1, 3E]` (if it has one).
+    pub c_attn: (DeviceTensor, Option<DeviceTensor>),
+    /// `c_proj.weight [1, 1, E, E]` and `c_proj.bias [1, 1, 1, E]` (if it has one).
+    pub c_proj: (DeviceTensor, Option<DeviceTensor>),
+    /// The attention backward's backend.
+    pub attention_backend: sdpa_core::Backend,
+}
+
+fn upload_ones<T: DeviceElement + Element>(gpu: &GpuContext, n: usize) -> Result<DeviceTensor> {
+    let one = T::from_acc(num_traits::One::one());
+    DeviceTensor::upload(
+        gpu,
+        ndarray::Array4::from_elem((1, 1, n.max(1), 1), one).view(),
+    )
 }
 
 fn rows_view(t: &DeviceTensor, rows: usize, cols: usize) -> Result<DeviceTensor> {
@@ -83,6 +127,7 @@ impl CudaCausalSelfAttention {
             generator: module.generator(),
             backends: BackendSet::ALL,
             dense_seqlens: None,
+            ones: None,
         })
     }
 
@@ -182,17 +227,9 @@ impl CudaCausalSelfAttention {
     ) -> Result<DeviceTensor> {
         let [_, batch, len, e] = x.shape();
         self.check_input(x, [1, batch, len, self.embed_dim()])?;
-        let cu = match &self.dense_seqlens {
-            Some((b, t, cu)) if (*b, *t) == (batch, len) => cu.clone(),
-            _ => {
-                let offsets: Vec<u32> = (0..=batch).map(|b| (b * len) as u32).collect();
-                let cu = DeviceSeqlens::upload_u32(gpu, &offsets)?;
-                self.dense_seqlens = Some((batch, len, cu.clone()));
-                cu
-            }
-        };
+        let cu = self.dense_cu(gpu, batch, len)?;
         let rows = rows_view(x, batch * len, e)?;
-        let y = self.run(gpu, &rows, &cu, batch, len, false, timeline)?;
+        let y = self.run(gpu, &rows, &cu, batch, len, false, timeline, None)?;
         y.view(
             [1, batch, len, e],
             Layout::contiguous([1, batch, len, e]).strides,
@@ -223,6 +260,7 @@ impl CudaCausalSelfAttention {
             cu_seqlens.max_len(),
             true,
             timeline,
+            None,
         )
     }
 
@@ -236,6 +274,7 @@ impl CudaCausalSelfAttention {
         max_len: usize,
         nested: bool,
         mut timeline: Option<&mut Timeline>,
+        save: Option<&mut Option<CudaSaved>>,
     ) -> Result<DeviceTensor> {
         let n = rows.shape()[2];
         let e = self.embed_dim();
@@ -277,6 +316,7 @@ impl CudaCausalSelfAttention {
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let options = self.attention_options(batch, max_len);
         let backends = self.backends;
+        let mut attn_saved = None;
         let attn = timed("sdpa", &mut timeline, &mut || {
             let a = sdpa::attention_varlen(
                 &q,
@@ -290,15 +330,18 @@ impl CudaCausalSelfAttention {
                 &sdpa::Exec::cuda(gpu).with_backends(backends),
             )?;
             let label = format!("sdpa ({} varlen kernel)", a.backend);
-            let (out, _lse) = a
+            let (out, lse) = a
                 .into_cuda()
                 .expect("device tensors in, device tensors out");
             // The packed [N, H, D] output is the [N, E] rows c_proj reads.
-            Ok((rows_view(&out, n, e)?, Some(label)))
+            let out_rows = rows_view(&out, n, e)?;
+            attn_saved = Some((out, lse));
+            Ok((out_rows, Some(label)))
         })?;
         let mut out = timed("c_proj (cublas gemm)", &mut timeline, &mut || {
             Ok((self.c_proj.forward(gpu, &self.kernels, &attn)?, None))
         })?;
+        let mut resid = None;
         if self.training && self.dropout > 0.0 {
             let d = self
                 .generator
@@ -308,8 +351,180 @@ impl CudaCausalSelfAttention {
                 kernels.dropout_rows(gpu, &out, &d, nested.then_some(cu))?;
                 Ok((out.clone(), None))
             })?;
+            resid = Some(d);
+        }
+        if let (Some(slot), Some((attn_out, lse))) = (save, attn_saved) {
+            *slot = Some(CudaSaved {
+                rows: rows.clone(),
+                qkv,
+                attn_rows: attn,
+                attn_out,
+                lse,
+                options,
+                cu: cu.clone(),
+                resid,
+                nested,
+            });
         }
         Ok(out)
+    }
+
+    /// The forward of a training step on dense `x [1, B, T, E]`: [`forward`](Self::forward)'s
+    /// result and what [`backward`](Self::backward) needs (the layers' inputs, the
+    /// attention's out and lse, the dropout streams drawn), all on the device.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_train(
+        &mut self,
+        gpu: &GpuContext,
+        x: &DeviceTensor,
+    ) -> Result<(DeviceTensor, CudaSaved)> {
+        let [_, batch, len, e] = x.shape();
+        self.check_input(x, [1, batch, len, self.embed_dim()])?;
+        if batch * len == 0 {
+            return Err(SdpaError::invalid(
+                "input",
+                "at least one row",
+                format!("{:?}", x.shape()),
+            )
+            .into());
+        }
+        let cu = self.dense_cu(gpu, batch, len)?;
+        let rows = rows_view(x, batch * len, e)?;
+        let mut saved = None;
+        let y = self.run(gpu, &rows, &cu, batch, len, false, None, Some(&mut saved))?;
+        let saved = saved.expect("a forward with rows saves");
+        Ok((
+            y.view(
+                [1, batch, len, e],
+                Layout::contiguous([1, batch, len, e]).strides,
+                0,
+            )?,
+            saved,
+        ))
+    }
+
+    /// The backward of the [`forward_train`](Self::forward_train) call that gave `saved`,
+    /// for the incoming gradient `dout [1, B, T, E]`, on the device: the residual
+    /// dropout's keep bits replayed, c_proj's backward (cuBLAS), the attention's varlen
+    /// backward ([`GpuContext::sdpa_varlen_backward`], the tensor-core kernel in
+    /// f16/bf16), c_attn's backward over the q, k and v gradients as they come (no
+    /// concat). dx and the weights' and biases' gradients, each rounded once.
+    ///
+    /// # Errors
+    /// `dout` not the forward's output shape; what the device refuses.
+    pub fn backward(
+        &mut self,
+        gpu: &GpuContext,
+        saved: &CudaSaved,
+        dout: &DeviceTensor,
+    ) -> Result<CudaModuleGrads> {
+        let n = saved.rows.shape()[2];
+        let e = self.embed_dim();
+        let (h, d) = (self.heads, e / self.heads);
+        let want = [1, dout.shape()[1], dout.shape()[2], e];
+        if dout.shape()[1] * dout.shape()[2] != n {
+            return Err(SdpaError::invalid(
+                "grad_out",
+                format!("{n} rows of {e} (the forward's output)"),
+                format!("{:?}", dout.shape()),
+            )
+            .into());
+        }
+        self.check_input(dout, want)?;
+        let dtype = self.c_attn.dtype();
+        // dpre = dout with the residual dropout's keep bits (and 1 / (1 - p)) replayed.
+        let dpre = DeviceTensor::alloc(gpu, dtype, [1, 1, n, e])?;
+        let bytes = n * e * dtype.size_bytes();
+        // SAFETY: both are checked contiguous tensors of `bytes` bytes.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dpre.checked_address(gpu, "grad_out")?,
+                dout.checked_address(gpu, "grad_out")?,
+                bytes,
+                gpu.stream().cu_stream(),
+            )
+        }?;
+        if let Some(resid) = &saved.resid {
+            self.kernels
+                .dropout_rows(gpu, &dpre, resid, saved.nested.then_some(&saved.cu))?;
+        }
+        let ones = self.ones(gpu, n)?;
+        let proj = self
+            .c_proj
+            .backward(gpu, &saved.attn_rows, &[&dpre], &ones)?;
+        // dattn rows [N, E] are the packed [1, H, N, D] the attention's out is.
+        let dattn = proj.dx.view(
+            [1, h, n, d],
+            [(n * e) as isize, d as isize, e as isize, 1],
+            0,
+        )?;
+        let part = |i: usize| {
+            saved.qkv.view(
+                [1, h, n, d],
+                [(n * 3 * e) as isize, d as isize, (3 * e) as isize, 1],
+                i * e,
+            )
+        };
+        let g = gpu.sdpa_varlen_backward(
+            &part(0)?,
+            &part(1)?,
+            &part(2)?,
+            Varlen {
+                cu_seqlens_q: &saved.cu,
+                cu_seqlens_k: &saved.cu,
+            },
+            &saved.attn_out,
+            &saved.lse,
+            &dattn,
+            &saved.options,
+            self.backends,
+        )?;
+        let (dq, dk, dv) = (
+            rows_view(&g.dq, n, e)?,
+            rows_view(&g.dk, n, e)?,
+            rows_view(&g.dv, n, e)?,
+        );
+        let attn = self
+            .c_attn
+            .backward(gpu, &saved.rows, &[&dq, &dk, &dv], &ones)?;
+        Ok(CudaModuleGrads {
+            dx: attn.dx.view(want, Layout::contiguous(want).strides, 0)?,
+            c_attn: (attn.weight, attn.bias),
+            c_proj: (proj.weight, proj.bias),
+            attention_backend: g.backend,
+        })
+    }
+
+    /// `cu_seqlens` of the dense shape `(B, T)`, uploaded once per shape.
+    fn dense_cu(&mut self, gpu: &GpuContext, batch: usize, len: usize) -> Result<DeviceSeqlens> {
+        Ok(match &self.dense_seqlens {
+            Some((b, t, cu)) if (*b, *t) == (batch, len) => cu.clone(),
+            _ => {
+                let offsets: Vec<u32> = (0..=batch).map(|b| (b * len) as u32).collect();
+                let cu = DeviceSeqlens::upload_u32(gpu, &offsets)?;
+                self.dense_seqlens = Some((batch, len, cu.clone()));
+                cu
+            }
+        })
+    }
+
+    /// At least `n` ones of the module's dtype (`[1, 1, >= n, 1]`), uploaded once per size.
+    fn ones(&mut self, gpu: &GpuContext, n: usize) -> Result<DeviceTensor> {
+        if let Some(t) = &self.ones {
+            if t.shape()[2] >= n {
+                return Ok(t.clone());
+            }
+        }
+        let t = match self.c_attn.dtype() {
+            DType::F64 => upload_ones::<f64>(gpu, n)?,
+            DType::F32 => upload_ones::<f32>(gpu, n)?,
+            DType::F16 => upload_ones::<half::f16>(gpu, n)?,
+            DType::BF16 => upload_ones::<half::bf16>(gpu, n)?,
+        };
+        self.ones = Some(t.clone());
+        Ok(t)
     }
 
     /// Uploads `x [B, T, E]`, runs [`forward`](Self::forward) and downloads.

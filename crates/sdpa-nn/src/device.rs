@@ -293,6 +293,179 @@ impl Linear {
     }
 }
 
+/// The gradients of a device [`Linear`]: `dx [1, 1, N, in]`, `weight [1, 1, out, in]`,
+/// `bias [1, 1, 1, out]` (if the layer has one), each in the layer's dtype.
+#[derive(Debug, Clone)]
+pub struct LinearGrads {
+    /// The input's gradient.
+    pub dx: DeviceTensor,
+    /// The weight's gradient.
+    pub weight: DeviceTensor,
+    /// The bias's gradient.
+    pub bias: Option<DeviceTensor>,
+}
+
+/// A zeroed contiguous `[1, 1, rows, cols]` tensor.
+fn zeros(gpu: &GpuContext, dtype: DType, rows: usize, cols: usize) -> Result<DeviceTensor> {
+    let t = DeviceTensor::alloc(gpu, dtype, [1, 1, rows, cols])?;
+    let bytes = rows * cols * dtype.size_bytes();
+    if bytes > 0 {
+        let ptr = t.checked_address(gpu, "gradient")?;
+        // SAFETY: t is a fresh contiguous allocation of `bytes` bytes.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0, bytes, gpu.stream().cu_stream())
+        }?;
+    }
+    Ok(t)
+}
+
+impl Linear {
+    /// The backward of `y = x W^T + b` for the incoming gradient `dy [N, out]`, given as
+    /// `parts`: column blocks of equal width, each a contiguous `[1, 1, N, out / P]`
+    /// (c_attn's is q, k and v, as the attention backward returns them, so no concat).
+    /// `ones` holds at least `N` ones of the dtype (`[1, 1, >= N, 1]`) for the bias's
+    /// column sums. cuBLAS, f32 accumulation: `dW` and `db` are one product per block
+    /// (each of their rows written once); `dx` sums the blocks in an f32 buffer and is
+    /// rounded once, as the CPU `Linear::backward`.
+    ///
+    /// # Errors
+    /// Parts that do not tile `out`, operands of other shapes; cuBLAS failing.
+    pub fn backward(
+        &self,
+        gpu: &GpuContext,
+        x: &DeviceTensor,
+        parts: &[&DeviceTensor],
+        ones: &DeviceTensor,
+    ) -> Result<LinearGrads> {
+        let n = x.shape()[2];
+        let (k_in, out) = (self.in_features, self.out_features);
+        let dtype = self.dtype();
+        check_rows("input", x, n, k_in, dtype)?;
+        if parts.is_empty() || out % parts.len() != 0 {
+            return Err(CudaError::bad_layout(
+                "grad_out",
+                format!("column blocks that tile {out} features"),
+                parts.len(),
+            ));
+        }
+        let w = out / parts.len();
+        for part in parts {
+            check_rows("grad_out", part, n, w, dtype)?;
+        }
+        if ones.shape()[2] < n || ones.dtype() != dtype {
+            return Err(CudaError::bad_layout(
+                "ones",
+                format!("at least {n} {dtype} ones"),
+                format!("{} {:?}", ones.dtype(), ones.shape()),
+            ));
+        }
+        let weight = zeros(gpu, dtype, out, k_in)?;
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|_| zeros(gpu, dtype, 1, out))
+            .transpose()?;
+        let dx = zeros(gpu, dtype, n, k_in)?;
+        if n == 0 || k_in == 0 || w == 0 {
+            return Ok(LinearGrads { dx, weight, bias });
+        }
+        let types = blas_types(dtype);
+        let size = dtype.size_bytes() as u64;
+        let op = |ptr, ld, dt| Operand {
+            ptr,
+            dtype: dt,
+            ld,
+            stride: 0,
+        };
+        let dx_acc = DeviceTensor::alloc(gpu, DType::F32, [1, 1, n, k_in])?;
+        let (x_ptr, w_ptr) = (
+            x.checked_address(gpu, "input")?,
+            self.weight.checked_address(gpu, "weight")?,
+        );
+        let (dw_ptr, dx_acc_ptr) = (
+            weight.checked_address(gpu, "weight")?,
+            dx_acc.checked_address(gpu, "dx")?,
+        );
+        let ones_ptr = ones.checked_address(gpu, "ones")?;
+        for (p, part) in parts.iter().enumerate() {
+            let d_ptr = part.checked_address(gpu, "grad_out")?;
+            // Column-major views: x [in x N], dy_p [w x N], W's rows p*w.. [in x w].
+            let w_rows = w_ptr + (p * w * k_in) as u64 * size;
+            let products = [
+                // dx^T [in x N] (+)= W_p [in x w] * dy_p [w x N], in f32.
+                Gemm {
+                    trans_a: false,
+                    trans_b: false,
+                    m: k_in,
+                    n,
+                    k: w,
+                    a: op(w_rows, k_in, types.elem),
+                    b: op(d_ptr, w, types.elem),
+                    c: op(dx_acc_ptr, k_in, types.acc),
+                    batch: 1,
+                    accumulate: p > 0,
+                    compute: types.compute,
+                },
+                // dW_p^T [in x w] = x [in x N] * dy_p^T [N x w].
+                Gemm {
+                    trans_a: false,
+                    trans_b: true,
+                    m: k_in,
+                    n: w,
+                    k: n,
+                    a: op(x_ptr, k_in, types.elem),
+                    b: op(d_ptr, w, types.elem),
+                    c: op(dw_ptr + (p * w * k_in) as u64 * size, k_in, types.elem),
+                    batch: 1,
+                    accumulate: false,
+                    compute: types.compute,
+                },
+            ];
+            for g in products {
+                // SAFETY: every operand is a checked contiguous tensor of the sizes named
+                // (x [N, in], dy_p [N, w], W [out, in] with block p's rows, dW likewise,
+                // the f32 dx accumulator [N, in]).
+                unsafe { g.run(gpu) }?;
+            }
+            if let Some(db) = &bias {
+                let db_ptr = db.checked_address(gpu, "bias")? + (p * w) as u64 * size;
+                // db_p [w x 1] = dy_p [w x N] * ones [N x 1].
+                let g = Gemm {
+                    trans_a: false,
+                    trans_b: false,
+                    m: w,
+                    n: 1,
+                    k: n,
+                    a: op(d_ptr, w, types.elem),
+                    b: op(ones_ptr, n, types.elem),
+                    c: op(db_ptr, w, types.elem),
+                    batch: 1,
+                    accumulate: false,
+                    compute: types.compute,
+                };
+                // SAFETY: dy_p [N, w], ones (>= N values) and db's block [w] are checked.
+                unsafe { g.run(gpu) }?;
+            }
+        }
+        let round = gpu.kernel(
+            &KernelSpec::plain(Kind::MathBwd, dtype),
+            Entry::MathBwdRound,
+        )?;
+        let (src, dst, total, factor) = (
+            dx_acc_ptr,
+            dx.checked_address(gpu, "dx")?,
+            (n * k_in) as u64,
+            1.0f64,
+        );
+        let mut builder = gpu.stream().launch_builder(&round.function);
+        builder.arg(&src).arg(&dst).arg(&total).arg(&factor);
+        // SAFETY: src holds n*in f32 values, dst n*in elements of the dtype.
+        unsafe { builder.launch(elementwise(n * k_in)) }?;
+        drop(dx_acc);
+        Ok(LinearGrads { dx, weight, bias })
+    }
+}
+
 /// CUDA events around named ops on the context's stream, read back once the stream has
 /// drained: device time per op, placed on a host clock for a trace.
 pub struct Timeline {

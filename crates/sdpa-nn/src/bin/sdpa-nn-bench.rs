@@ -5,6 +5,8 @@
 //!   8 heads, f16, eval: the module on the nested batch vs on the zero-padded dense
 //!   batch, and the attention call alone both ways;
 //! - issue 6's module comparison: B = 32, T = 256, E = 512, 8 heads, f16, eval;
+//! - issue 15's training step: the same module in train mode, forward_train + backward,
+//!   dropout 0 and 0.1;
 //! - the profile of that module (table, and a Chrome trace with `--trace FILE`).
 //!
 //! CUDA events around each call, 10 warm-ups, median of 100 calls. Writes one JSON object
@@ -145,6 +147,27 @@ fn main() -> Res<()> {
         Ok(())
     })?;
 
+    // Issue 15's training step (forward_train + backward on the device), train mode,
+    // the tutorial's dropout 0.1 and none.
+    let dout_module = random_tensor(&gpu, &mut rng, [1, mb, mt, e])?;
+    let mut step_us = Vec::new();
+    for p in [0.0, 0.1] {
+        let layers = (host.c_attn().clone(), host.c_proj().clone());
+        let mut cpu = CausalSelfAttention::new(layers.0, layers.1, heads, p, true)?;
+        cpu.train();
+        let mut t = CudaCausalSelfAttention::upload(&gpu, &cpu)?;
+        let us = time(&gpu, || {
+            let (_, saved) = t.forward_train(&gpu, &x_module)?;
+            t.backward(&gpu, &saved, &dout_module)?;
+            Ok(())
+        })?;
+        step_us.push(us);
+    }
+    println!(
+        "training step: B={mb} T={mt} E={e} H={heads} f16: ours {:.1} us, with dropout 0.1 {:.1} us",
+        step_us[0], step_us[1]
+    );
+
     // Check that the dense forward output is finite (timings of NaN work are no use).
     let y = m.forward(&gpu, &x_module)?.download::<f16>(&gpu)?;
     let finite = y.iter().all(|v| v.is_finite());
@@ -171,9 +194,11 @@ fn main() -> Res<()> {
     if let Some(path) = arg("--json") {
         let lengths_json: Vec<String> = lengths.iter().map(|l| l.to_string()).collect();
         let json = format!(
-            "{{\"device\":\"{}\",\"lengths\":[{}],\"batch\":{batch},\"max_len\":{max_len},\"embed\":{e},\"heads\":{heads},\"padding\":{padding:.4},\"nested_module_us\":{nested_module:.2},\"dense_module_us\":{dense_module:.2},\"nested_attn_us\":{nested_attn:.2},\"dense_attn_us\":{dense_attn:.2},\"module_batch\":{mb},\"module_seq\":{mt},\"module_us\":{module_us:.2},\"finite\":{finite}}}\n",
+            "{{\"device\":\"{}\",\"lengths\":[{}],\"batch\":{batch},\"max_len\":{max_len},\"embed\":{e},\"heads\":{heads},\"padding\":{padding:.4},\"nested_module_us\":{nested_module:.2},\"dense_module_us\":{dense_module:.2},\"nested_attn_us\":{nested_attn:.2},\"dense_attn_us\":{dense_attn:.2},\"module_batch\":{mb},\"module_seq\":{mt},\"module_us\":{module_us:.2},\"train_step_us\":{:.2},\"train_step_dropout_us\":{:.2},\"finite\":{finite}}}\n",
             gpu.name(),
-            lengths_json.join(",")
+            lengths_json.join(","),
+            step_us[0],
+            step_us[1],
         );
         std::fs::write(&path, json)?;
     }
