@@ -7,6 +7,7 @@
 // magnitude), and the math grad kernel in f64 too (bound 1e-10). Exit status 1 on any
 // gradient outside its bound; built and run by ci/emu.sh.
 #include "cuda_emu.h"
+#include "emu_ref.h"
 #include "common/dtype.cuh"
 #include "common/params.cuh"
 #include "common/philox.cuh"
@@ -23,17 +24,6 @@ extern "C" void emu_math_grad_f64(const BwdParams, u64, u64);
 
 namespace {
 
-struct Rng {
-    u64 s;
-    double next() {  // uniform in [-1, 1)
-        s += 0x9E3779B97F4A7C15ull;
-        u64 z = s;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
-    }
-};
 
 enum class MaskKind { None, Bool, Additive };
 
@@ -48,11 +38,6 @@ struct Case {
     int masked_row;  // a row with every key masked (bool/additive), or -1
 };
 
-int key_limit_ref(int causal, int i, int l, int s) {
-    if (causal == 1) return std::min(i + 1, s);
-    if (causal == 2) return (int)std::max(0LL, std::min((long long)s, (long long)i + 1 + s - l));
-    return s;
-}
 
 struct Result {
     double worst = 0;  // largest error / magnitude over the gradients

@@ -7,6 +7,7 @@
 // within 1e-2 of its largest magnitude (a planted bug moves it by O(1)). Exit status 1
 // on any failure; run by ci/emu.sh.
 #include "cuda_emu.h"
+#include "emu_ref.h"
 #include "common/dtype.cuh"
 #include "common/params.cuh"
 #include "common/philox.cuh"
@@ -39,17 +40,6 @@ const Config CONFIGS[] = {
     {"d128/w8/m32", w8m32_pre, w8m32_main, w8m32_arena, w8m32_block_keys, w8m32_threads, 128},
 };
 
-struct Rng {
-    u64 s;
-    double next() {  // uniform in [-1, 1)
-        s += 0x9E3779B97F4A7C15ull;
-        u64 z = s;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
-    }
-};
 
 struct Case {
     std::string name;
@@ -63,11 +53,6 @@ struct Case {
     std::vector<int> lens_q, lens_k;  // non-empty: varlen (packed rows, i32 cu_seqlens)
 };
 
-int key_limit_ref(int causal, int i, int l, int s) {
-    if (causal == 1) return std::min(i + 1, s);
-    if (causal == 2) return (int)std::max(0LL, std::min((long long)s, (long long)i + 1 + s - l));
-    return s;
-}
 
 bool report(const char* what, const std::vector<double>& got, const std::vector<double>& want,
             const std::string& name, const char* config) {

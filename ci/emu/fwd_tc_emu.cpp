@@ -4,6 +4,7 @@
 // inputs: out within 4e-3 of its magnitude (the weights are rounded to f16 before P V),
 // lse within 2e-4 (1 + |lse|). Exit status 1 on any failure; run by ci/emu.sh.
 #include "cuda_emu.h"
+#include "emu_ref.h"
 #include "common/dtype.cuh"
 #include "common/params.cuh"
 #include "common/philox.cuh"
@@ -17,17 +18,6 @@ extern "C" unsigned emu_tc_block_rows();
 
 namespace {
 
-struct Rng {
-    u64 s;
-    double next() {
-        s += 0x9E3779B97F4A7C15ull;
-        u64 z = s;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
-    }
-};
 
 struct Case {
     std::string name;
@@ -39,11 +29,6 @@ struct Case {
     int vec_ok;
 };
 
-int key_limit_ref(int causal, int i, int l, int s) {
-    if (causal == 1) return std::min(i + 1, s);
-    if (causal == 2) return (int)std::max(0LL, std::min((long long)s, (long long)i + 1 + s - l));
-    return s;
-}
 
 bool run(const Case& c) {
     const int hq = c.hkv * c.group, ev = c.e;

@@ -567,19 +567,27 @@ pub struct BackwardRow {
 /// The backward benchmarks: the five shapes, then the second with dropout 0.1 and with a
 /// key-padding mask, each on flash (where it takes the problem), efficient and math.
 pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
-    let mut problems = Vec::new();
-    for shape in issue_shapes() {
-        let label = format!(
+    // The label ci/bench_torch_bwd.py keys its rows by.
+    let label = |s: &BenchShape| {
+        format!(
             "{},{},{},{},{},{}",
-            shape.batch, shape.heads, shape.len, shape.head_dim, shape.dtype, shape.causal
-        );
-        problems.push((label, shape.problem()));
-    }
+            s.batch, s.heads, s.len, s.head_dim, s.dtype, s.causal
+        )
+    };
+    let row = |label: &str, backend: Backend, problem: &BenchProblem, t: Timing| BackwardRow {
+        label: label.to_string(),
+        backend: backend.name().to_string(),
+        median_ms: t.median_ms,
+        min_ms: t.min_ms,
+        runs: t.runs,
+        tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
+    };
+    let mut problems: Vec<(String, BenchProblem)> = issue_shapes()
+        .iter()
+        .map(|shape| (label(shape), shape.problem()))
+        .collect();
     let second = issue_shapes()[1];
-    let base = format!(
-        "{},{},{},{},{},{}",
-        second.batch, second.heads, second.len, second.head_dim, second.dtype, second.causal
-    );
+    let base = label(&second);
     let mut dropout = second.problem();
     dropout.options.dropout = sdpa_core::Dropout::new(0.1, 0, 0);
     problems.push((format!("{base},dropout0.1"), dropout));
@@ -588,34 +596,17 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
     problems.push((format!("{base},keypadding"), padded));
     let mut rows = Vec::new();
     // The deterministic mode on flash, the five shapes again.
-    let deterministic: Vec<(String, BenchProblem)> = issue_shapes()
-        .into_iter()
-        .map(|shape| {
-            (
-                format!(
-                    "{},{},{},{},{},{},deterministic",
-                    shape.batch, shape.heads, shape.len, shape.head_dim, shape.dtype, shape.causal
-                ),
-                shape.problem(),
-            )
-        })
-        .collect();
-    for (label, problem) in &deterministic {
+    for shape in issue_shapes() {
+        let problem = shape.problem();
         gpu.set_deterministic_backward(true);
-        let timed = time_backward(gpu, problem, Backend::Flash, 2, 10, 800.0);
+        let timed = time_backward(gpu, &problem, Backend::Flash, 2, 10, 800.0);
         gpu.set_deterministic_backward(false);
         if let Some(t) = timed? {
-            rows.push(BackwardRow {
-                label: label.clone(),
-                backend: "flash".to_string(),
-                median_ms: t.median_ms,
-                min_ms: t.min_ms,
-                runs: t.runs,
-                tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
-            });
+            let name = format!("{},deterministic", label(&shape));
+            rows.push(row(&name, Backend::Flash, &problem, t));
         }
     }
-    for (label, problem) in problems {
+    for (name, problem) in problems {
         for backend in Backend::PRIORITY {
             // SDPA_BENCH_BACKENDS=flash times only those (tile sweeps).
             if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {
@@ -628,14 +619,7 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
                 _ => (2, 10, 800.0),
             };
             if let Some(t) = time_backward(gpu, &problem, backend, warmup, runs, budget)? {
-                rows.push(BackwardRow {
-                    label: label.clone(),
-                    backend: backend.name().to_string(),
-                    median_ms: t.median_ms,
-                    min_ms: t.min_ms,
-                    runs: t.runs,
-                    tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
-                });
+                rows.push(row(&name, backend, &problem, t));
             }
         }
     }

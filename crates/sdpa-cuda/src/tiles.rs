@@ -168,8 +168,9 @@ impl BwdTiles {
         32 * self.warps
     }
 
-    /// The default for a padded head dim (kernels/NOTES.md has the sweep).
-    pub fn default_for(head_dim: u32) -> Self {
+    /// The default for a padded head dim (kernels/NOTES.md has the sweep): one shape
+    /// for all of them.
+    pub fn default_for(_head_dim: u32) -> Self {
         let t = |warps, block_m, min_blocks| BwdTiles {
             warps,
             block_m,
@@ -177,7 +178,6 @@ impl BwdTiles {
         };
         // Eight warps (128 keys a CTA, half the dq additions of 64 per key) and 64 query
         // rows a step: the fastest of the H200 sweep at every head dim (NOTES.md).
-        let _ = head_dim;
         t(8, 64, 1)
     }
 
