@@ -148,26 +148,6 @@ proptest! {
         assert_bitwise_eq(&a.out, &b.out)?;
     }
 
-    /// The kept fraction of attention weights is within 4 sigma of 1 - p.
-    #[test]
-    fn kept_fraction_matches_p(
-        p in 0.05f64..0.95, seed in any::<u64>(), offset in any::<u64>(),
-        l in 16usize..80, s_len in 16usize..80, heads in 1usize..4,
-    ) {
-        // q = 0 makes every weight 1/S before dropout, so a weight is 0 iff dropped.
-        let q = Array4::<f64>::zeros((2, heads, l, 8));
-        let kv = Array4::<f64>::ones((2, heads, s_len, 8));
-        let options = SdpaOptions { dropout: Dropout::new(p, seed, offset), ..Default::default() };
-        let w = sdpa_ref::attention_weights(q.view(), kv.view(), kv.view(), None, &options).unwrap();
-        let n = w.len() as f64;
-        let kept = w.iter().filter(|x| **x != 0.0).count() as f64;
-        let sigma = (p * (1.0 - p) / n).sqrt();
-        prop_assert!(((kept / n) - (1.0 - p)).abs() <= 4.0 * sigma,
-            "kept {} of {} (p = {}), {} sigma off", kept, n, p, ((kept / n) - (1.0 - p)).abs() / sigma);
-        let expected = 1.0 / s_len as f64 / (1.0 - p);
-        prop_assert!(w.iter().all(|x| *x == 0.0 || (x - expected).abs() <= 1e-15));
-    }
-
     /// A strided view (a `[B, L, H, E]` buffer seen as `[B, H, L, E]`) gives the result of
     /// a contiguous copy.
     #[test]
@@ -332,4 +312,35 @@ fn dropout_mean_over_seeds_tends_to_no_dropout() {
     )
     .unwrap();
     assert!(compare(one.out.view().into_dyn(), plain.out.view().into_dyn()).max_abs > 1e-3);
+}
+
+proptest! {
+    // A statistical test: each case fails with probability about 6e-5 by chance (a
+    // 4-sigma excursion of the kept count), so with random draws every run CI would
+    // fail about once in 60 runs (it did, 2026-12-03: 4.007 sigma). Its draws are a
+    // fixed sequence instead, the same every run; the bound is unchanged.
+    #![proptest_config(ProptestConfig {
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5d9a_0f11),
+        ..proptest_config()
+    })]
+
+    /// The kept fraction of attention weights is within 4 sigma of 1 - p.
+    #[test]
+    fn kept_fraction_matches_p(
+        p in 0.05f64..0.95, seed in any::<u64>(), offset in any::<u64>(),
+        l in 16usize..80, s_len in 16usize..80, heads in 1usize..4,
+    ) {
+        // q = 0 makes every weight 1/S before dropout, so a weight is 0 iff dropped.
+        let q = Array4::<f64>::zeros((2, heads, l, 8));
+        let kv = Array4::<f64>::ones((2, heads, s_len, 8));
+        let options = SdpaOptions { dropout: Dropout::new(p, seed, offset), ..Default::default() };
+        let w = sdpa_ref::attention_weights(q.view(), kv.view(), kv.view(), None, &options).unwrap();
+        let n = w.len() as f64;
+        let kept = w.iter().filter(|x| **x != 0.0).count() as f64;
+        let sigma = (p * (1.0 - p) / n).sqrt();
+        prop_assert!(((kept / n) - (1.0 - p)).abs() <= 4.0 * sigma,
+            "kept {} of {} (p = {}), {} sigma off", kept, n, p, ((kept / n) - (1.0 - p)).abs() / sigma);
+        let expected = 1.0 / s_len as f64 / (1.0 - p);
+        prop_assert!(w.iter().all(|x| *x == 0.0 || (x - expected).abs() <= 1e-15));
+    }
 }
