@@ -293,7 +293,7 @@ BUGS += [
         "bwd-tc-d-left-out",
         "backward: D left out",
         "bwd/attn_bwd_tc.cu",
-        [("const float ds = seen ? prob * (grad_p - sdd[r]) : 0.f;", "const float ds = seen ? prob * grad_p : 0.f;")],
+        [("const float ds = seen ? prob * (grad_p - d_row) : 0.f;", "const float ds = seen ? prob * grad_p : 0.f;")],
         "the tensor-core kernel's dS = P dP instead of P (dP - D)",
     ),
     (
@@ -307,7 +307,7 @@ BUGS += [
         "bwd-tc-causal-off-by-one",
         "backward: causal off by one (backward only)",
         "bwd/attn_bwd_tc.cu",
-        [("bool seen = !edge || j < key_limit(p.causal, i, seq.len_q, seq.len_k);", "bool seen = !edge || j <= key_limit(p.causal, i, seq.len_q, seq.len_k);")],
+        [("bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));", "bool seen = !edge || (i < seq.len_q && j <= key_limit(p.causal, i, seq.len_q, seq.len_k));")],
         "the tensor-core kernel lets row i reach key j == its causal limit",
     ),
     (
@@ -321,7 +321,7 @@ BUGS += [
         "bwd-tc-dq-race",
         "backward: a race without atomics",
         "bwd/attn_bwd_tc.cu",
-        [("if (i < seq.len_q && d < p.head_dim)\n                            red_add4(", "if (i < seq.len_q && d < p.head_dim)\n                            red_add4_plain(")],
+        [("red_add4(dq_acc + i * p.dq_stride_l + d,", "red_add4_plain(dq_acc + i * p.dq_stride_l + d,")],
         "dq's block sums added by plain read-modify-write from every key block at once",
     ),
     (

@@ -185,11 +185,12 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
     BwdParams p;
     std::memset(&p, 0, sizeof p);
     std::vector<unsigned short> gk(k.size(), 0x7e00), gv(v.size(), 0x7e00);  // NaN-poisoned
-    std::vector<float> dq_acc(q.size(), 0.f), gd(mask_n, 0.f), dbuf((size_t)nb * hq * max_q, NAN);
+    // D and the log2 lse (NaN-poisoned: the pre kernel writes every row the main one reads).
+    std::vector<float> dq_acc(q.size(), 0.f), gd(mask_n, 0.f), dbuf(2 * (size_t)nb * hq * max_q, NAN);
     // Deterministic mode: zeroed turn counters (one per query block of 64 rows or fewer,
-    // enough for either tile shape) after D.
+    // enough for either tile shape) after them.
     if (deterministic) dbuf.resize(dbuf.size() + (size_t)nb * hq * max_q, 0.f);
-    for (size_t n = (size_t)nb * hq * max_q; n < dbuf.size(); ++n) dbuf[n] = 0.f;
+    for (size_t n = 2 * (size_t)nb * hq * max_q; n < dbuf.size(); ++n) dbuf[n] = 0.f;
     p.q = (u64)q.data(), p.k = (u64)k.data(), p.v = (u64)v.data(), p.out = (u64)out.data(), p.lse = (u64)lse.data();
     p.mask = c.mask == 1 ? (u64)bmask.data() : c.mask == 2 ? (u64)amask.data() : 0;
     auto strides = [&](long long* s, int heads, int len, int dim) {

@@ -31,6 +31,9 @@ struct uint4 {
 struct uint2 {
     unsigned x, y;
 };
+struct float2 {
+    float x, y;
+};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
@@ -144,6 +147,11 @@ inline unsigned emu_smem_addr(const void* p) {
 inline void emu_cp_async16(unsigned dst, const void* src, int bytes) {
     std::memcpy(emu_shared_base + dst, src, bytes);
     std::memset(emu_shared_base + dst + bytes, 0, 16 - bytes);
+}
+
+inline void emu_cp_async4(unsigned dst, const void* src, int bytes) {
+    std::memcpy(emu_shared_base + dst, src, bytes);
+    std::memset(emu_shared_base + dst + bytes, 0, 4 - bytes);
 }
 
 // IEEE half and bfloat16, round to nearest even (the PTX cvt.rn's).

@@ -4,7 +4,8 @@
 // Z the forward's Philox keep bits at the same flat index, dP = (dout.v) Z / (1 - p),
 // D = rowsum(dout * out) and dS = P (dP - D):
 //
-//   pre  (SDPA_KERNEL_PRE) one warp per query row: D in f32 into softmax_d.
+//   pre  (SDPA_KERNEL_PRE) one warp per query row: D in f32 into softmax_d, and after
+//        it the row's lse in log2 units (+inf for a row with no key: P = 0).
 //   main (SDPA_KERNEL) one CTA per (block of BN = 16 * SDPA_WARPS keys, kv head, batch);
 //        warp w owns keys n0 + 16w .. n0 + 16w + 15. K and V stay in shared memory; the
 //        CTA walks the query blocks (BM rows) of every query head of the kv head's group,
@@ -19,8 +20,8 @@
 //   post the host rounds dq = scale * dq_accum once to the dtype (math_bwd's round).
 //
 // Query blocks whose rows see none of the CTA's keys (causal) are skipped; only blocks
-// that reach past a row's key limit test keys one by one. A row past the sequence or
-// with no key (lse -inf) gets lse +inf here: P = 0. A key a bool mask hides (or an
+// that reach past a row's key limit or the sequence's end test elements one by one. A
+// row with no key (lse -inf) gets lse +inf here: P = 0. A key a bool mask hides (or an
 // additive -inf) has P = dS = 0 whatever dout.v holds (DESIGN.md's NaN rule).
 //
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (the larger of E and Ev padded
@@ -68,7 +69,8 @@ static_assert(SHARED_BYTES <= 166912, "backward tiles exceed sm_80's shared memo
 #endif
 
 // Grid (ceil(L / 4), Hq, B), 128 threads: one warp per query row, D = rowsum(dout * out)
-// at row (b, h, i) of the [B, Hq, L] softmax_d.
+// at row (b, h, i) of the [B, Hq, L] softmax_d and the row's lse in log2 units at the
+// same row of the [B, Hq, L] after it.
 extern "C" __global__ void __launch_bounds__(128) SDPA_KERNEL_PRE(const BwdParams p) {
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -82,19 +84,32 @@ extern "C" __global__ void __launch_bounds__(128) SDPA_KERNEL_PRE(const BwdParam
     float acc = 0.f;
     for (int d = lane; d < p.head_dim_v; d += 32) acc = fmaf(load_elem(o + d), load_elem(g + d), acc);
     acc = warp_sum(acc);
-    if (lane == 0) ((float*)p.softmax_d)[((i64)b * p.heads_q + h) * p.len_q + i] = acc;
+    if (lane == 0) {
+        const i64 row = ((i64)b * p.heads_q + h) * p.len_q + i;
+        const float* lse = (const float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.start_q * p.lse_stride_l;
+        const float x = lse[i * p.lse_stride_l];
+        ((float*)p.softmax_d)[row] = acc;
+        ((float*)p.softmax_d)[(i64)p.batch * p.heads_q * p.len_q + row] =
+            x == SDPA_NEG_INF ? -SDPA_NEG_INF : x * SDPA_LOG2E;
+    }
 }
 
-// dst[0..4] += (a, b, c, d) in one vector reduction on sm_90 (16-byte aligned dst).
-__device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, float d) {
+// dst[0..4] += (a, b, c, d) in one vector reduction on sm_90 (16-byte aligned dst), when
+// `on` (a predicate, not a branch: the dq loop has none).
+__device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, float d, bool on) {
 #if !defined(SDPA_EMU) && __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
-                 : "memory");
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %5, 0;\n"
+        "@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4}; }" ::"l"(dst),
+        "f"(a), "f"(b), "f"(c), "f"(d), "r"((int)on)
+        : "memory");
 #else
-    atomicAdd(dst, a);
-    atomicAdd(dst + 1, b);
-    atomicAdd(dst + 2, c);
-    atomicAdd(dst + 3, d);
+    if (on) {
+        atomicAdd(dst, a);
+        atomicAdd(dst + 1, b);
+        atomicAdd(dst + 2, c);
+        atomicAdd(dst + 3, d);
+    }
 #endif
 }
 
@@ -135,11 +150,13 @@ __device__ __forceinline__ void store_cg(float* at, float v) {
 
 // A plain read-modify-write of four values: no kernel calls it; the planted-bug catalogue
 // (ci/planted_bugs.py, bwd-tc-dq-race) swaps it in for red_add4 to plant a race.
-__device__ __forceinline__ void red_add4_plain(float* dst, float a, float b, float c, float d) {
-    dst[0] += a;
-    dst[1] += b;
-    dst[2] += c;
-    dst[3] += d;
+__device__ __forceinline__ void red_add4_plain(float* dst, float a, float b, float c, float d, bool on) {
+    if (on) {
+        dst[0] += a;
+        dst[1] += b;
+        dst[2] += c;
+        dst[3] += d;
+    }
 }
 
 // The first block of ROWS query rows with a row that sees key n0 (key limits grow with
@@ -184,29 +201,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const int per_head = n_m - m_begin;
     const int iters = per_head * p.group;
 
-    // Stage `it` (query head hk * group + it / per_head, block m_begin + it % per_head)
-    // into buffer `buf`: Q and dout by cp.async, lse (log2 units, +inf for no weight)
-    // and D by plain stores.
-    auto stage = [&](int it, int buf) {
-        const int h = hk * p.group + it / per_head;
-        const int m0 = (m_begin + it % per_head) * BM;
+    // Stage (query head h, block at row m0) into buffer `buf`: Q and dout, and the pre
+    // kernel's lse (log2 units) and D rows, all by cp.async: a plain load here would
+    // stall these threads, and the whole CTA at the next barrier.
+    auto stage = [&](int h, int m0, int buf) {
         const u16* q = (const u16*)p.q + b * p.q_stride_b + h * p.q_stride_h + seq.start_q * p.q_stride_l;
         const u16* gr = (const u16*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + seq.start_q * p.dout_stride_l;
         load_rows<BM, D, SROW, NTHREADS>(s_q + buf * QD_ELEMS, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
         load_rows<BM, D, SROW, NTHREADS>(s_do + buf * QD_ELEMS, gr, p.dout_stride_l, m0, seq.len_q, p.head_dim_v,
                                          vec_ok, tid);
-        const float* lse = (const float*)p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.start_q * p.lse_stride_l;
         const float* dd = (const float*)p.softmax_d + ((i64)b * p.heads_q + h) * p.len_q;
-        for (int r = tid; r < BM; r += NTHREADS) {
-            const int i = m0 + r;
-            float l2 = -SDPA_NEG_INF, d_row = 0.f;
-            if (i < seq.len_q) {
-                const float x = lse[i * p.lse_stride_l];
-                l2 = x == SDPA_NEG_INF ? -SDPA_NEG_INF : x * SDPA_LOG2E;
-                d_row = dd[i];
-            }
-            s_lse[buf * BM + r] = l2;
-            s_dd[buf * BM + r] = d_row;
+        const float* l2 = dd + (i64)p.batch * p.heads_q * p.len_q;
+        for (int r = tid; r < 2 * BM; r += NTHREADS) {
+            const int i = m0 + (r % BM);
+            const bool in = i < seq.len_q;
+            const float* src = (r < BM ? l2 : dd) + (in ? i : 0);
+            float* dst = (r < BM ? s_lse : s_dd) + buf * BM + r % BM;
+            cp_async4(smem_addr(dst), src, in ? 4 : 0);
         }
         cp_async_commit();
     };
@@ -219,21 +230,31 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 
     // This warp's keys in A-fragment row order: key_row(e) for C element e.
     const int key_base = warp * 16 + g;
-    const u32 a_off = (u32)((warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
-    const u32 b_off = (u32)(((lane & 7) + (lane >> 4) * 8) * SROW + ((lane >> 3) & 1) * 8);
-    const u32 bt_off = (u32)(((lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
+    // Shared addresses, 32-bit: four lane offsets from the arena's base, computed once;
+    // every other term below (which tile, which buffer, which fragment) is a constant or
+    // one add, so it folds into the ldmatrix instruction.
+    const u32 base = smem_addr(smem_raw);
+    const u32 a_lane = base + 2 * (u32)((warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
+    const u32 b_lane = base + 2 * (u32)(((lane & 7) + (lane >> 4) * 8) * SROW + ((lane >> 3) & 1) * 8);
+    const u32 bt_lane = base + 2 * (u32)(((lane & 7) + ((lane >> 3) & 1) * 8) * SROW + (lane >> 4) * 8);
+    const u32 ds_lane = base + 2 * (u32)(((lane & 7) + (lane >> 4) * 8) * DSROW + ((lane >> 3) & 1) * 8);
+    // Byte offsets of the tiles in the arena (s_k at 0).
+    constexpr u32 V_AT = 2 * KV_ELEMS, Q_AT = 4 * KV_ELEMS, DO_AT = Q_AT + 4 * QD_ELEMS,
+                  DS_AT = DO_AT + 4 * QD_ELEMS;
 
-    if (iters > 0) stage(0, 0);
+    // The query head and block of step `it`, carried forward without a division a step.
+    int h_cur = hk * p.group, mb_cur = m_begin;
+    if (iters > 0) stage(h_cur, m_begin * BM, 0);
     for (int it = 0; it < iters; ++it) {
         const int buf = it & 1;
+        const int h = h_cur;
+        const int m0 = mb_cur * BM;
+        if (++mb_cur == n_m) mb_cur = m_begin, ++h_cur;
         cp_async_wait<0>();
         // Stage `it` has landed for every thread; the other buffers and dS^T are free.
         __syncthreads();
-        if (it + 1 < iters) stage(it + 1, buf ^ 1);
-        const int h = hk * p.group + it / per_head;
-        const int m0 = (m_begin + it % per_head) * BM;
-        const u16* sq = s_q + buf * QD_ELEMS;
-        const u16* sdo = s_do + buf * QD_ELEMS;
+        if (it + 1 < iters) stage(h_cur, mb_cur * BM, buf ^ 1);
+        const u32 buf_at = buf * (2 * QD_ELEMS);  // this step's Q and dout buffers
         const float* slse = s_lse + buf * BM;
         const float* sdd = s_dd + buf * BM;
 
@@ -243,16 +264,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         for (int i = 0; i < BM / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
+#pragma unroll 2
         for (int ks = 0; ks < D / 16; ++ks) {
             u32 ka[4], va[4];
-            ldmatrix_x4(ka, smem_addr(s_k + a_off + ks * 16));
-            ldmatrix_x4(va, smem_addr(s_v + a_off + ks * 16));
+            ldmatrix_x4(ka, a_lane + ks * 32);
+            ldmatrix_x4(va, a_lane + V_AT + ks * 32);
 #pragma unroll
             for (int np = 0; np < BM / 16; ++np) {
                 u32 qb[4], ob[4];
-                ldmatrix_x4(qb, smem_addr(sq + np * 16 * SROW + b_off + ks * 16));
-                ldmatrix_x4(ob, smem_addr(sdo + np * 16 * SROW + b_off + ks * 16));
+                ldmatrix_x4(qb, b_lane + buf_at + Q_AT + 2 * (np * 16 * SROW + ks * 16));
+                ldmatrix_x4(ob, b_lane + buf_at + DO_AT + 2 * (np * 16 * SROW + ks * 16));
                 mma16816(st[2 * np], ka, qb[0], qb[1]);
                 mma16816(st[2 * np + 1], ka, qb[2], qb[3]);
                 mma16816(dpt[2 * np], va, ob[0], ob[1]);
@@ -260,9 +281,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             }
         }
 
-        // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
-        // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1).
-        const bool edge = n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k);
 #if SDPA_EXTRAS
         // The forward's keep bits of this warp's elements, bit 4 nt + e. Where every row
         // of the dropout stream starts at a multiple of 4 (S % 4 == 0), four keys of a
@@ -300,38 +318,54 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             }
         }
 #endif
+        // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
+        // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only
+        // edge blocks test each element: keys past a row's limit, and rows past the
+        // sequence (their lse and D are zero-filled, not +inf).
+        // Called with a constant `edge` on each side of one branch: once inlined, neither
+        // copy tests the flag inside its loop.
+        auto probs_and_grads = [&](const bool edge) {
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
+            for (int nt = 0; nt < BM / 8; ++nt) {
+                // Rows 2 t4 and 2 t4 + 1 of the tile: one 8-byte read each of lse and D.
+                const float2 lse_pair = *(const float2*)(slse + nt * 8 + 2 * t4);
+                const float2 d_pair = *(const float2*)(sdd + nt * 8 + 2 * t4);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = nt * 8 + 2 * t4 + (e & 1);
-                const int i = m0 + r;
-                const int j = n0 + key_base + 8 * (e >> 1);
-                float x = st[nt][e] * p.scale_log2;
-                bool seen = !edge || j < key_limit(p.causal, i, seq.len_q, seq.len_k);
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
+                    const int j = n0 + key_base + 8 * (e >> 1);
+                    const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
+                    const float d_row = (e & 1) ? d_pair.y : d_pair.x;
+                    float x = st[nt][e] * p.scale_log2;
+                    bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
 #if SDPA_EXTRAS
-                const bool inside = i < seq.len_q && j < seq.len_k;
-                if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
+                    const bool inside = i < seq.len_q && j < seq.len_k;
+                    if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
 #endif
-                seen = seen && x != SDPA_NEG_INF;
-                const float prob = seen ? fast_exp2(x - slse[r]) : 0.f;
-                float grad_p = dpt[nt][e], weight = prob;
+                    seen = seen && x != SDPA_NEG_INF;
+                    const float prob = seen ? fast_exp2(x - lse_row) : 0.f;
+                    float grad_p = dpt[nt][e], weight = prob;
 #if SDPA_EXTRAS
-                if (p.dropout && seen && inside) {
-                    const float keep = ((keep_bits >> (nt * 4 + e)) & 1ull) ? (float)p.keep_scale : 0.f;
-                    grad_p *= keep;
-                    weight *= keep;
+                    if (p.dropout && seen && inside) {
+                        const float keep = ((keep_bits >> (nt * 4 + e)) & 1ull) ? (float)p.keep_scale : 0.f;
+                        grad_p *= keep;
+                        weight *= keep;
+                    }
+#endif
+                    const float ds = seen ? prob * (grad_p - d_row) : 0.f;
+#if SDPA_EXTRAS
+                    if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
+                        atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+#endif
+                    st[nt][e] = weight;
+                    dpt[nt][e] = ds;
                 }
-#endif
-                const float ds = seen ? prob * (grad_p - sdd[r]) : 0.f;
-#if SDPA_EXTRAS
-                if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
-                    atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
-#endif
-                st[nt][e] = weight;
-                dpt[nt][e] = ds;
             }
-        }
+        };
+        if (n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
+            probs_and_grads(true);
+        else
+            probs_and_grads(false);
 
         // dV += (P Z/(1-p))^T dout and dK += dS^T Q (A from registers, B transposed from
         // shared memory); dS^T to shared memory for dQ.
@@ -350,8 +384,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 ob[4], qb[4];
-                ldmatrix_x4_trans(ob, smem_addr(sdo + kk * 16 * SROW + bt_off + dp * 16));
-                ldmatrix_x4_trans(qb, smem_addr(sq + kk * 16 * SROW + bt_off + dp * 16));
+                ldmatrix_x4_trans(ob, bt_lane + buf_at + DO_AT + 2 * (kk * 16 * SROW + dp * 16));
+                ldmatrix_x4_trans(qb, bt_lane + buf_at + Q_AT + 2 * (kk * 16 * SROW + dp * 16));
                 mma16816(dv[2 * dp], pa, ob[0], ob[1]);
                 mma16816(dv[2 * dp + 1], pa, ob[2], ob[3]);
                 mma16816(dk[2 * dp], da, qb[0], qb[1]);
@@ -363,7 +397,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         // each waiting for its turn on the block's counter.
         int* turn = nullptr;
         if (p.deterministic) {
-            turn = (int*)((float*)p.softmax_d + (i64)p.batch * p.heads_q * p.len_q) +
+            turn = (int*)((float*)p.softmax_d + 2 * (i64)p.batch * p.heads_q * p.len_q) +
                    ((i64)b * p.heads_q + h) * ((p.len_q + BM - 1) / BM) + m0 / BM;
             if (tid == 0)
                 while (load_acquire(turn) != (int)blockIdx.x) {
@@ -375,6 +409,40 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         float* dq_acc = (float*)p.dq_accum + b * p.dq_stride_b + h * p.dq_stride_h + seq.start_q * p.dq_stride_l;
         // Four-wide reductions where every row of dq_accum starts 16-byte aligned.
         const bool vec4 = (p.head_dim & 3) == 0 && (p.dq_stride_l & 3) == 0 && (p.dq_stride_h & 3) == 0;
+        // The adds of one chunk, `mode` a constant at each call: 2 deterministic (this
+        // block alone adds now: plain adds through L2, one thread an element), 1 four-wide
+        // reductions, 0 scalar atomics.
+        auto add_chunk = [&](const float (&acc)[DQ_CHUNK][4], int r0, int c0, const int mode) {
+            // Lanes t and t ^ 1 swap halves so that each holds four consecutive columns of
+            // one row: even t row g, odd t row g + 8.
+            const bool odd = (t4 & 1) != 0;
+#pragma unroll
+            for (int nt = 0; nt < DQ_CHUNK; ++nt) {
+                if (mode == 1) {
+                    const float give0 = odd ? acc[nt][0] : acc[nt][2];
+                    const float give1 = odd ? acc[nt][1] : acc[nt][3];
+                    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
+                    const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+                    const int i = m0 + r0 + g + (odd ? 8 : 0);
+                    const int d = (c0 + nt) * 8 + 2 * (t4 & 2);
+                    red_add4(dq_acc + i * p.dq_stride_l + d, odd ? got0 : acc[nt][0], odd ? got1 : acc[nt][1],
+                             odd ? acc[nt][2] : got0, odd ? acc[nt][3] : got1, i < seq.len_q && d < p.head_dim);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + r0 + g + 8 * (e >> 1);
+                        const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
+                        if (i < seq.len_q && d < p.head_dim) {
+                            float* at = dq_acc + i * p.dq_stride_l + d;
+                            if (mode == 2)
+                                store_cg(at, load_cg(at) + acc[nt][e]);
+                            else
+                                atomicAdd(at, acc[nt][e]);
+                        }
+                    }
+                }
+            }
+        };
         for (int task = warp; task < DQ_ROW_FRAGS * DQ_SPLIT; task += NW) {
             const int r0 = (task % DQ_ROW_FRAGS) * 16;
             const int c_first = (task / DQ_ROW_FRAGS) * DQ_TILES;
@@ -383,54 +451,26 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                 float acc[DQ_CHUNK][4];
 #pragma unroll
                 for (int i = 0; i < DQ_CHUNK; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+                const u32 kb_addr = bt_lane + 16 * c0;  // K at 0
+                const u32 a_addr = ds_lane + DS_AT + 2 * r0;
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     u32 a[4];
-                    ldmatrix_x4_trans(a, smem_addr(s_ds + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * DSROW + r0 +
-                                                   ((lane >> 3) & 1) * 8));
+                    ldmatrix_x4_trans(a, a_addr + 2 * (kk * 16 * DSROW));
 #pragma unroll
                     for (int np = 0; np < DQ_CHUNK / 2; ++np) {
                         u32 kb[4];
-                        ldmatrix_x4_trans(kb, smem_addr(s_k + kk * 16 * SROW + bt_off + (c0 + 2 * np) * 8));
+                        ldmatrix_x4_trans(kb, kb_addr + 2 * (kk * 16 * SROW + np * 16));
                         mma16816(acc[2 * np], a, kb[0], kb[1]);
                         mma16816(acc[2 * np + 1], a, kb[2], kb[3]);
                     }
                 }
-                // Lanes t and t ^ 1 swap halves so that each holds four consecutive
-                // columns of one row: even t row g, odd t row g + 8.
-                const bool odd = (t4 & 1) != 0;
-#pragma unroll
-                for (int nt = 0; nt < DQ_CHUNK; ++nt) {
-                    const float give0 = odd ? acc[nt][0] : acc[nt][2];
-                    const float give1 = odd ? acc[nt][1] : acc[nt][3];
-                    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
-                    const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-                    if (p.deterministic) {
-                        // This block alone adds now: plain adds, one thread an element.
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m0 + r0 + g + 8 * (e >> 1);
-                            const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
-                            if (i < seq.len_q && d < p.head_dim) {
-                                float* at = dq_acc + i * p.dq_stride_l + d;
-                                store_cg(at, load_cg(at) + acc[nt][e]);
-                            }
-                        }
-                    } else if (vec4) {
-                        const int i = m0 + r0 + g + (odd ? 8 : 0);
-                        const int d = (c0 + nt) * 8 + 2 * (t4 & 2);
-                        if (i < seq.len_q && d < p.head_dim)
-                            red_add4(dq_acc + i * p.dq_stride_l + d, odd ? got0 : acc[nt][0], odd ? got1 : acc[nt][1],
-                                     odd ? acc[nt][2] : got0, odd ? acc[nt][3] : got1);
-                    } else {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m0 + r0 + g + 8 * (e >> 1);
-                            const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
-                            if (i < seq.len_q && d < p.head_dim) atomicAdd(dq_acc + i * p.dq_stride_l + d, acc[nt][e]);
-                        }
-                    }
-                }
+                if (p.deterministic)
+                    add_chunk(acc, r0, c0, 2);
+                else if (vec4)
+                    add_chunk(acc, r0, c0, 1);
+                else
+                    add_chunk(acc, r0, c0, 0);
             }
         }
         if (p.deterministic) {

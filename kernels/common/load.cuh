@@ -24,6 +24,14 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
 #endif
 }
+// 4 bytes global -> shared, asynchronously (through L1); zero-filled when `bytes` is 0.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int bytes) {
+#ifdef SDPA_EMU
+    emu_cp_async4(dst, src, bytes);
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #ifndef SDPA_EMU
     asm volatile("cp.async.commit_group;");

@@ -45,11 +45,30 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 
 // Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into shared
 // memory rows of STRIDE elements, zero-filling rows past `len` and columns past `dim` up
-// to DIM (a multiple of 8); THREADS threads share the copy (cp.async when vec_ok).
+// to DIM (a multiple of 8); THREADS threads share the copy (cp.async when vec_ok). Where
+// THREADS is a multiple of the DIM / 8 chunks of a row, each thread keeps one column
+// and steps down the rows: its addresses are computed once and advanced by constants.
 template <int ROWS, int DIM, int STRIDE, int THREADS>
 __device__ __forceinline__ void load_rows(u16* smem, const u16* base, i64 stride, int row0,
                                           int len, int dim, bool vec_ok, int tid) {
     constexpr int CHUNKS = DIM / 8;
+    if (THREADS % CHUNKS == 0 && vec_ok) {
+        constexpr int ROW_STEP = THREADS / CHUNKS;
+        const int r_first = tid / CHUNKS;
+        const int col = (tid % CHUNKS) * 8;
+        const int col_valid = max(min(8, dim - col), 0);
+        const u32 dst = smem_addr(smem + r_first * STRIDE + col);
+        const u16* src = base + (i64)(row0 + r_first) * stride + col;
+#pragma unroll
+        for (int k = 0; k < (ROWS + ROW_STEP - 1) / ROW_STEP; ++k) {
+            const int r = r_first + k * ROW_STEP;
+            if (ROWS % ROW_STEP != 0 && r >= ROWS) break;
+            const int valid = row0 + r < len ? col_valid : 0;
+            cp_async16(dst + 2 * k * ROW_STEP * STRIDE, valid > 0 ? (const void*)(src + k * ROW_STEP * stride)
+                                                                  : (const void*)base, valid * 2);
+        }
+        return;
+    }
 #pragma unroll 4
     for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
         const int r = c / CHUNKS;

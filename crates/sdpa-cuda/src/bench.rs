@@ -582,27 +582,31 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
         runs: t.runs,
         tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
     };
-    let mut problems: Vec<(String, BenchProblem)> = issue_shapes()
+    let shapes = selected_shapes();
+    let mut problems: Vec<(String, BenchProblem)> = shapes
         .iter()
-        .map(|shape| (label(shape), shape.problem()))
+        .map(|(_, shape)| (label(shape), shape.problem()))
         .collect();
-    let second = issue_shapes()[1];
-    let base = label(&second);
-    let mut dropout = second.problem();
-    dropout.options.dropout = sdpa_core::Dropout::new(0.1, 0, 0);
-    problems.push((format!("{base},dropout0.1"), dropout));
-    let mut padded = second.problem();
-    padded.mask = BenchMask::KeyPadding;
-    problems.push((format!("{base},keypadding"), padded));
+    // The second shape with dropout and with a key-padding mask (where it is selected).
+    if let Some((_, second)) = shapes.iter().find(|(i, _)| *i == 1) {
+        let base = label(second);
+        let mut dropout = second.problem();
+        dropout.options.dropout = sdpa_core::Dropout::new(0.1, 0, 0);
+        problems.push((format!("{base},dropout0.1"), dropout));
+        let mut padded = second.problem();
+        padded.mask = BenchMask::KeyPadding;
+        problems.push((format!("{base},keypadding"), padded));
+    }
     let mut rows = Vec::new();
-    // The deterministic mode on flash, the five shapes again.
-    for shape in issue_shapes() {
+    // The deterministic mode on flash, the shapes again (SDPA_BENCH_DETERMINISTIC=0: not).
+    let deterministic = std::env::var("SDPA_BENCH_DETERMINISTIC").map_or(true, |v| v != "0");
+    for (_, shape) in shapes.iter().filter(|_| deterministic) {
         let problem = shape.problem();
         gpu.set_deterministic_backward(true);
         let timed = time_backward(gpu, &problem, Backend::Flash, 2, 10, 800.0);
         gpu.set_deterministic_backward(false);
         if let Some(t) = timed? {
-            let name = format!("{},deterministic", label(&shape));
+            let name = format!("{},deterministic", label(shape));
             rows.push(row(&name, Backend::Flash, &problem, t));
         }
     }
@@ -656,17 +660,24 @@ pub fn runs_for(backend: Backend) -> (usize, usize, f64) {
     }
 }
 
-/// Every backend on every shape of [`issue_shapes`].
+/// The shapes of [`issue_shapes`] with their indices; `SDPA_BENCH_SHAPES=0,1` keeps only
+/// those (tile sweeps, profiles).
+fn selected_shapes() -> Vec<(usize, BenchShape)> {
+    let only = std::env::var("SDPA_BENCH_SHAPES").ok();
+    issue_shapes()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            only.as_ref()
+                .map_or(true, |o| o.split(',').any(|s| s.trim() == i.to_string()))
+        })
+        .collect()
+}
+
+/// Every backend on every shape of [`issue_shapes`] (or those `SDPA_BENCH_SHAPES` keeps).
 pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    // SDPA_BENCH_SHAPES=0,1 times only those of the five (tile sweeps).
-    let only_shapes = std::env::var("SDPA_BENCH_SHAPES").ok();
-    for (i, shape) in issue_shapes().into_iter().enumerate() {
-        if let Some(only) = &only_shapes {
-            if !only.split(',').any(|s| s.trim() == i.to_string()) {
-                continue;
-            }
-        }
+    for (_, shape) in selected_shapes() {
         for backend in Backend::PRIORITY {
             // SDPA_BENCH_BACKENDS=flash,math times only those.
             if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {

@@ -793,9 +793,9 @@ impl GpuContext {
 
     /// The tensor-core backward (`kernels/bwd/attn_bwd_tc.cu`): the pre kernel (D), the
     /// main kernel over key blocks (dk, dv; dq into an f32 accumulator laid out like dq's
-    /// storage), then dq (and dmask) rounded once. Scratch: f32 `B * Hq * L` for D and
-    /// the dq accumulator (`4 * |dq|` bytes), and for an additive mask one of its size;
-    /// no L x S buffer. The mask-and-dropout variant only where the call has either.
+    /// storage), then dq (and dmask) rounded once. Scratch: f32 `2 * B * Hq * L` for D
+    /// and the log2 lse, the dq accumulator (`4 * |dq|` bytes), and for an additive mask
+    /// one of its size; no L x S buffer. The mask-and-dropout variant only where the call has either.
     /// `dq_elems` is the element count of dq's storage (`B * Hq * L * E` dense,
     /// `total_q * Hq * E` packed).
     fn run_tc_backward(
@@ -823,7 +823,7 @@ impl GpuContext {
         let pre = self.kernel(&spec, Entry::BwdPre)?;
         let main = self.kernel(&spec, Entry::BwdMain)?;
         let rows = product("query", &[problem.batch, problem.heads_q, problem.len_q])?;
-        // Deterministic mode: after D, one turn counter (i32) per query block and head.
+        // Deterministic mode: after D and lse, one turn counter (i32) per query block and head.
         let turns = if self.deterministic_backward() {
             params.deterministic = 1;
             let block_m = self.config().bwd_tiles(spec.head_dim).block_m as usize;
@@ -838,11 +838,14 @@ impl GpuContext {
         } else {
             0
         };
+        // D, then lse in log2 units (both written by the pre kernel), then the counters.
         let (d_buf, d_ptr) = zeroed(
             self,
-            rows.checked_add(turns).ok_or_else(|| {
-                CudaError::bad_layout("query", "a size that fits in memory", rows)
-            })?,
+            rows.checked_mul(2)
+                .and_then(|r| r.checked_add(turns))
+                .ok_or_else(|| {
+                    CudaError::bad_layout("query", "a size that fits in memory", rows)
+                })?,
             4,
         )?;
         params.softmax_d = d_ptr;
