@@ -185,12 +185,11 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
     BwdParams p;
     std::memset(&p, 0, sizeof p);
     std::vector<unsigned short> gk(k.size(), 0x7e00), gv(v.size(), 0x7e00);  // NaN-poisoned
+    // Deterministic mode: two CTAs along the keys, each with its own dq slice (so each
+    // walks several key blocks where there are more than two).
+    const unsigned splits = deterministic ? 2 : 1;
     // D and the log2 lse (NaN-poisoned: the pre kernel writes every row the main one reads).
-    std::vector<float> dq_acc(q.size(), 0.f), gd(mask_n, 0.f), dbuf(2 * (size_t)nb * hq * max_q, NAN);
-    // Deterministic mode: zeroed turn counters (one per query block of 64 rows or fewer,
-    // enough for either tile shape) after them.
-    if (deterministic) dbuf.resize(dbuf.size() + (size_t)nb * hq * max_q, 0.f);
-    for (size_t n = 2 * (size_t)nb * hq * max_q; n < dbuf.size(); ++n) dbuf[n] = 0.f;
+    std::vector<float> dq_acc(splits * q.size(), 0.f), gd(mask_n, 0.f), dbuf(2 * (size_t)nb * hq * max_q, NAN);
     p.q = (u64)q.data(), p.k = (u64)k.data(), p.v = (u64)v.data(), p.out = (u64)out.data(), p.lse = (u64)lse.data();
     p.mask = c.mask == 1 ? (u64)bmask.data() : c.mask == 2 ? (u64)amask.data() : 0;
     auto strides = [&](long long* s, int heads, int len, int dim) {
@@ -219,20 +218,26 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
     p.dout = (u64)dout.data(), p.dk = (u64)gk.data(), p.dv = (u64)gv.data();
     p.dq_accum = (u64)dq_acc.data(), p.softmax_d = (u64)dbuf.data();
     p.dmask = c.mask == 2 ? (u64)gd.data() : 0;
-    p.deterministic = deterministic;
+    p.dq_split_stride = deterministic ? (long long)q.size() : 0;
 
     emu_launch(cfg.pre, EmuDim{(unsigned)((max_q + 3) / 4), (unsigned)hq, (unsigned)nb}, EmuDim{128}, p);
     emu_shared_base = cfg.arena();
     const unsigned bn = cfg.block_keys();
-    emu_launch(cfg.main, EmuDim{(max_k + bn - 1) / bn, (unsigned)c.hkv, (unsigned)nb}, EmuDim{cfg.threads()}, p);
+    const unsigned grid_x = deterministic ? splits : (max_k + bn - 1) / bn;
+    emu_launch(cfg.main, EmuDim{grid_x, (unsigned)c.hkv, (unsigned)nb}, EmuDim{cfg.threads()}, p);
 
     auto widen = [&](const std::vector<unsigned short>& x) {
         std::vector<double> r(x.size());
         for (size_t n = 0; n < x.size(); ++n) r[n] = f(x[n]);
         return r;
     };
-    std::vector<double> gq(dq_acc.size());
-    for (size_t n = 0; n < gq.size(); ++n) gq[n] = (double)dq_acc[n] * scale;
+    // The slices summed in order in f32, as the round kernel does.
+    std::vector<double> gq(q.size());
+    for (size_t n = 0; n < gq.size(); ++n) {
+        float sum = dq_acc[n];
+        for (unsigned s = 1; s < splits; ++s) sum += dq_acc[s * q.size() + n];
+        gq[n] = (double)sum * scale;
+    }
     const std::string name = c.name + (deterministic ? " [deterministic]" : "");
     bool ok = report("dq", gq, dq, name, cfg.name);
     ok = report("dk", widen(gk), dk, name, cfg.name) && ok;

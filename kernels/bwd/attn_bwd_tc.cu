@@ -113,41 +113,6 @@ __device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, 
 #endif
 }
 
-// Deterministic mode's pieces: the turn counter's acquire load and release increment,
-// and dq_accum's loads and stores through L2 (another SM wrote the value last).
-__device__ __forceinline__ int load_acquire(const int* at) {
-#ifdef SDPA_EMU
-    return __atomic_load_n(at, __ATOMIC_ACQUIRE);
-#else
-    int v;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(at) : "memory");
-    return v;
-#endif
-}
-__device__ __forceinline__ void release_next(int* at) {
-#ifdef SDPA_EMU
-    __atomic_fetch_add(at, 1, __ATOMIC_RELEASE);
-#else
-    asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(at) : "memory");
-#endif
-}
-__device__ __forceinline__ float load_cg(const float* at) {
-#ifdef SDPA_EMU
-    return *at;
-#else
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(at) : "memory");
-    return v;
-#endif
-}
-__device__ __forceinline__ void store_cg(float* at, float v) {
-#ifdef SDPA_EMU
-    *at = v;
-#else
-    asm volatile("st.global.cg.f32 [%0], %1;" ::"l"(at), "f"(v) : "memory");
-#endif
-}
-
 // A plain read-modify-write of four values: no kernel calls it; the planted-bug catalogue
 // (ci/planted_bugs.py, bwd-tc-dq-race) swaps it in for red_add4 to plant a race.
 __device__ __forceinline__ void red_add4_plain(float* dst, float a, float b, float c, float d, bool on) {
@@ -180,9 +145,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 
     const int b = blockIdx.z;
     const int hk = blockIdx.y;
-    const int n0 = blockIdx.x * BN;
     const SeqLens seq(p, b);
-    if (n0 >= seq.len_k) return;  // the whole block: before any barrier
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int lane = tid & 31;
@@ -192,14 +155,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 
     const u16* k = (const u16*)p.k + b * p.k_stride_b + hk * p.k_stride_h + seq.start_k * p.k_stride_l;
     const u16* v = (const u16*)p.v + b * p.v_stride_b + hk * p.v_stride_h + seq.start_k * p.v_stride_l;
-    load_rows<BN, D, SROW, NTHREADS>(s_k, k, p.k_stride_l, n0, seq.len_k, p.head_dim, vec_ok, tid);
-    load_rows<BN, D, SROW, NTHREADS>(s_v, v, p.v_stride_l, n0, seq.len_k, p.head_dim_v, vec_ok, tid);
-    cp_async_commit();
-
+    // dq_split_stride > 0 (deterministic): this CTA's own dq accumulator slice.
+    float* dq_split = (float*)p.dq_accum + blockIdx.x * p.dq_split_stride;
     const int n_m = (seq.len_q + BM - 1) / BM;
-    const int m_begin = first_query_block<BM>(p, seq, n0, n_m);
-    const int per_head = n_m - m_begin;
-    const int iters = per_head * p.group;
 
     // Stage (query head h, block at row m0) into buffer `buf`: Q and dout, and the pre
     // kernel's lse (log2 units) and D rows, all by cp.async: a plain load here would
@@ -222,12 +180,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         cp_async_commit();
     };
 
-    float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
-
     // This warp's keys in A-fragment row order: key_row(e) for C element e.
     const int key_base = warp * 16 + g;
     // Shared addresses, 32-bit: four lane offsets from the arena's base, computed once;
@@ -242,257 +194,252 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     constexpr u32 V_AT = 2 * KV_ELEMS, Q_AT = 4 * KV_ELEMS, DO_AT = Q_AT + 4 * QD_ELEMS,
                   DS_AT = DO_AT + 4 * QD_ELEMS;
 
-    // The query head and block of step `it`, carried forward without a division a step.
-    int h_cur = hk * p.group, mb_cur = m_begin;
-    if (iters > 0) stage(h_cur, m_begin * BM, 0);
-    for (int it = 0; it < iters; ++it) {
-        const int buf = it & 1;
-        const int h = h_cur;
-        const int m0 = mb_cur * BM;
-        if (++mb_cur == n_m) mb_cur = m_begin, ++h_cur;
-        cp_async_wait<0>();
-        // Stage `it` has landed for every thread; the other buffers and dS^T are free.
-        __syncthreads();
-        if (it + 1 < iters) stage(h_cur, mb_cur * BM, buf ^ 1);
-        const u32 buf_at = buf * (2 * QD_ELEMS);  // this step's Q and dout buffers
-        const float* slse = s_lse + buf * BM;
-        const float* sdd = s_dd + buf * BM;
+    // Key blocks blockIdx.x, + gridDim.x, ... (one, where the grid has a CTA a block).
+    for (int n0 = blockIdx.x * BN; n0 < seq.len_k; n0 += gridDim.x * BN) {
+        __syncthreads();  // the previous key block's K, V and dS^T are no longer read
+        load_rows<BN, D, SROW, NTHREADS>(s_k, k, p.k_stride_l, n0, seq.len_k, p.head_dim, vec_ok, tid);
+        load_rows<BN, D, SROW, NTHREADS>(s_v, v, p.v_stride_l, n0, seq.len_k, p.head_dim_v, vec_ok, tid);
+        cp_async_commit();
 
-        // S^T = K Q^T and dP^T = V dout^T: this warp's 16 keys x BM query rows.
-        float st[BM / 8][4], dpt[BM / 8][4];
+        const int m_begin = first_query_block<BM>(p, seq, n0, n_m);
+        const int per_head = n_m - m_begin;
+        const int iters = per_head * p.group;
+
+        float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-        for (int i = 0; i < BM / 8; ++i)
+        for (int i = 0; i < D / 8; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+            for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+        // The query head and block of step `it`, carried forward without a division a step.
+        int h_cur = hk * p.group, mb_cur = m_begin;
+        if (iters > 0) stage(h_cur, m_begin * BM, 0);
+        for (int it = 0; it < iters; ++it) {
+            const int buf = it & 1;
+            const int h = h_cur;
+            const int m0 = mb_cur * BM;
+            if (++mb_cur == n_m) mb_cur = m_begin, ++h_cur;
+            cp_async_wait<0>();
+            // Stage `it` has landed for every thread; the other buffers and dS^T are free.
+            __syncthreads();
+            if (it + 1 < iters) stage(h_cur, mb_cur * BM, buf ^ 1);
+            const u32 buf_at = buf * (2 * QD_ELEMS);  // this step's Q and dout buffers
+            const float* slse = s_lse + buf * BM;
+            const float* sdd = s_dd + buf * BM;
+
+            // S^T = K Q^T and dP^T = V dout^T: this warp's 16 keys x BM query rows.
+            float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+            for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
 #pragma unroll 2
-        for (int ks = 0; ks < D / 16; ++ks) {
-            u32 ka[4], va[4];
-            ldmatrix_x4(ka, a_lane + ks * 32);
-            ldmatrix_x4(va, a_lane + V_AT + ks * 32);
+            for (int ks = 0; ks < D / 16; ++ks) {
+                u32 ka[4], va[4];
+                ldmatrix_x4(ka, a_lane + ks * 32);
+                ldmatrix_x4(va, a_lane + V_AT + ks * 32);
 #pragma unroll
-            for (int np = 0; np < BM / 16; ++np) {
-                u32 qb[4], ob[4];
-                ldmatrix_x4(qb, b_lane + buf_at + Q_AT + 2 * (np * 16 * SROW + ks * 16));
-                ldmatrix_x4(ob, b_lane + buf_at + DO_AT + 2 * (np * 16 * SROW + ks * 16));
-                mma16816(st[2 * np], ka, qb[0], qb[1]);
-                mma16816(st[2 * np + 1], ka, qb[2], qb[3]);
-                mma16816(dpt[2 * np], va, ob[0], ob[1]);
-                mma16816(dpt[2 * np + 1], va, ob[2], ob[3]);
+                for (int np = 0; np < BM / 16; ++np) {
+                    u32 qb[4], ob[4];
+                    ldmatrix_x4(qb, b_lane + buf_at + Q_AT + 2 * (np * 16 * SROW + ks * 16));
+                    ldmatrix_x4(ob, b_lane + buf_at + DO_AT + 2 * (np * 16 * SROW + ks * 16));
+                    mma16816(st[2 * np], ka, qb[0], qb[1]);
+                    mma16816(st[2 * np + 1], ka, qb[2], qb[3]);
+                    mma16816(dpt[2 * np], va, ob[0], ob[1]);
+                    mma16816(dpt[2 * np + 1], va, ob[2], ob[3]);
+                }
             }
-        }
 
 #if SDPA_EXTRAS
-        // The forward's keep bits of this warp's elements, bit 4 nt + e. Where every row
-        // of the dropout stream starts at a multiple of 4 (S % 4 == 0), four keys of a
-        // row share one Philox block: the four lanes that hold keys 4a .. 4a + 3 (lanes
-        // 4 apart) each draw one of their four (key half, query) blocks and trade words,
-        // a quarter of the Philox work of one draw per element.
-        u64 keep_bits = ~0ull;
-        if (p.dropout) {
-            if ((p.len_kv & 3) == 0) {
-                const int c = g & 3;
-                const int lane0 = lane - 4 * c;
+            // The forward's keep bits of this warp's elements, bit 4 nt + e. Where every row
+            // of the dropout stream starts at a multiple of 4 (S % 4 == 0), four keys of a
+            // row share one Philox block: the four lanes that hold keys 4a .. 4a + 3 (lanes
+            // 4 apart) each draw one of their four (key half, query) blocks and trade words,
+            // a quarter of the Philox work of one draw per element.
+            u64 keep_bits = ~0ull;
+            if (p.dropout) {
+                if ((p.len_kv & 3) == 0) {
+                    const int c = g & 3;
+                    const int lane0 = lane - 4 * c;
+#pragma unroll
+                    for (int nt = 0; nt < BM / 8; ++nt) {
+                        const int i = m0 + nt * 8 + 2 * t4 + (c & 1);
+                        const int j0 = n0 + warp * 16 + (g & ~3) + 8 * (c >> 1);
+                        const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int k = (c + r) & 3;
+                            const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * k);
+                            if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (nt * 4 + k));
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
+                            const int j = n0 + key_base + 8 * (e >> 1);
+                            if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
+                                               dropout_index(p, b, h, i, j)))
+                                keep_bits &= ~(1ull << (nt * 4 + e));
+                        }
+                }
+            }
+#endif
+            // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
+            // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only
+            // edge blocks test each element: keys past a row's limit, and rows past the
+            // sequence (their lse and D are zero-filled, not +inf).
+            // Called with a constant `edge` on each side of one branch: once inlined, neither
+            // copy tests the flag inside its loop.
+            auto probs_and_grads = [&](const bool edge) {
 #pragma unroll
                 for (int nt = 0; nt < BM / 8; ++nt) {
-                    const int i = m0 + nt * 8 + 2 * t4 + (c & 1);
-                    const int j0 = n0 + warp * 16 + (g & ~3) + 8 * (c >> 1);
-                    const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        const int k = (c + r) & 3;
-                        const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * k);
-                        if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (nt * 4 + k));
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int nt = 0; nt < BM / 8; ++nt)
+                    // Rows 2 t4 and 2 t4 + 1 of the tile: one 8-byte read each of lse and D.
+                    const float2 lse_pair = *(const float2*)(slse + nt * 8 + 2 * t4);
+                    const float2 d_pair = *(const float2*)(sdd + nt * 8 + 2 * t4);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
                         const int j = n0 + key_base + 8 * (e >> 1);
-                        if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
-                                           dropout_index(p, b, h, i, j)))
-                            keep_bits &= ~(1ull << (nt * 4 + e));
+                        const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
+                        const float d_row = (e & 1) ? d_pair.y : d_pair.x;
+                        float x = st[nt][e] * p.scale_log2;
+                        bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
+#if SDPA_EXTRAS
+                        const bool inside = i < seq.len_q && j < seq.len_k;
+                        if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
+#endif
+                        seen = seen && x != SDPA_NEG_INF;
+                        const float prob = seen ? fast_exp2(x - lse_row) : 0.f;
+                        float grad_p = dpt[nt][e], weight = prob;
+#if SDPA_EXTRAS
+                        if (p.dropout && seen && inside) {
+                            const float keep = ((keep_bits >> (nt * 4 + e)) & 1ull) ? (float)p.keep_scale : 0.f;
+                            grad_p *= keep;
+                            weight *= keep;
+                        }
+#endif
+                        const float ds = seen ? prob * (grad_p - d_row) : 0.f;
+#if SDPA_EXTRAS
+                        if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
+                            atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+#endif
+                        st[nt][e] = weight;
+                        dpt[nt][e] = ds;
                     }
-            }
-        }
-#endif
-        // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
-        // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only
-        // edge blocks test each element: keys past a row's limit, and rows past the
-        // sequence (their lse and D are zero-filled, not +inf).
-        // Called with a constant `edge` on each side of one branch: once inlined, neither
-        // copy tests the flag inside its loop.
-        auto probs_and_grads = [&](const bool edge) {
+                }
+            };
+            if (n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
+                probs_and_grads(true);
+            else
+                probs_and_grads(false);
+
+            // dV += (P Z/(1-p))^T dout and dK += dS^T Q (A from registers, B transposed from
+            // shared memory); dS^T to shared memory for dQ.
 #pragma unroll
-            for (int nt = 0; nt < BM / 8; ++nt) {
-                // Rows 2 t4 and 2 t4 + 1 of the tile: one 8-byte read each of lse and D.
-                const float2 lse_pair = *(const float2*)(slse + nt * 8 + 2 * t4);
-                const float2 d_pair = *(const float2*)(sdd + nt * 8 + 2 * t4);
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                const u32 pa[4] = {pack2(st[2 * kk][0], st[2 * kk][1]), pack2(st[2 * kk][2], st[2 * kk][3]),
+                                   pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const u32 da[4] = {pack2(dpt[2 * kk][0], dpt[2 * kk][1]), pack2(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                   pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                   pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+                u16* ds_row = s_ds + key_base * DSROW + kk * 16 + 2 * t4;
+                *(u32*)ds_row = da[0];
+                *(u32*)(ds_row + 8 * DSROW) = da[1];
+                *(u32*)(ds_row + 8) = da[2];
+                *(u32*)(ds_row + 8 * DSROW + 8) = da[3];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
-                    const int j = n0 + key_base + 8 * (e >> 1);
-                    const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
-                    const float d_row = (e & 1) ? d_pair.y : d_pair.x;
-                    float x = st[nt][e] * p.scale_log2;
-                    bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
-#if SDPA_EXTRAS
-                    const bool inside = i < seq.len_q && j < seq.len_k;
-                    if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
-#endif
-                    seen = seen && x != SDPA_NEG_INF;
-                    const float prob = seen ? fast_exp2(x - lse_row) : 0.f;
-                    float grad_p = dpt[nt][e], weight = prob;
-#if SDPA_EXTRAS
-                    if (p.dropout && seen && inside) {
-                        const float keep = ((keep_bits >> (nt * 4 + e)) & 1ull) ? (float)p.keep_scale : 0.f;
-                        grad_p *= keep;
-                        weight *= keep;
-                    }
-#endif
-                    const float ds = seen ? prob * (grad_p - d_row) : 0.f;
-#if SDPA_EXTRAS
-                    if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
-                        atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
-#endif
-                    st[nt][e] = weight;
-                    dpt[nt][e] = ds;
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    u32 ob[4], qb[4];
+                    ldmatrix_x4_trans(ob, bt_lane + buf_at + DO_AT + 2 * (kk * 16 * SROW + dp * 16));
+                    ldmatrix_x4_trans(qb, bt_lane + buf_at + Q_AT + 2 * (kk * 16 * SROW + dp * 16));
+                    mma16816(dv[2 * dp], pa, ob[0], ob[1]);
+                    mma16816(dv[2 * dp + 1], pa, ob[2], ob[3]);
+                    mma16816(dk[2 * dp], da, qb[0], qb[1]);
+                    mma16816(dk[2 * dp + 1], da, qb[2], qb[3]);
                 }
             }
-        };
-        if (n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
-            probs_and_grads(true);
-        else
-            probs_and_grads(false);
+            __syncthreads();  // dS^T is complete
 
-        // dV += (P Z/(1-p))^T dout and dK += dS^T Q (A from registers, B transposed from
-        // shared memory); dS^T to shared memory for dQ.
+            // dQ_block = dS K: task (row fragment, column group) per warp, into dq_accum.
+            float* dq_acc = dq_split + b * p.dq_stride_b + h * p.dq_stride_h + seq.start_q * p.dq_stride_l;
+            // Four-wide reductions where every row of dq_accum starts 16-byte aligned.
+            const bool vec4 = (p.head_dim & 3) == 0 && (p.dq_stride_l & 3) == 0 && (p.dq_stride_h & 3) == 0;
+            // The adds of one chunk, `vector` a constant at each call: four-wide reductions
+            // or scalar atomics. Each element of a block is added by the same thread at every
+            // key block, so with a slice per CTA (deterministic) the adds into an element
+            // come in program order: the same sum every run.
+            auto add_chunk = [&](const float (&acc)[DQ_CHUNK][4], int r0, int c0, const bool vector) {
+                // Lanes t and t ^ 1 swap halves so that each holds four consecutive columns of
+                // one row: even t row g, odd t row g + 8.
+                const bool odd = (t4 & 1) != 0;
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-            const u32 pa[4] = {pack2(st[2 * kk][0], st[2 * kk][1]), pack2(st[2 * kk][2], st[2 * kk][3]),
-                               pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-            const u32 da[4] = {pack2(dpt[2 * kk][0], dpt[2 * kk][1]), pack2(dpt[2 * kk][2], dpt[2 * kk][3]),
-                               pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                               pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-            u16* ds_row = s_ds + key_base * DSROW + kk * 16 + 2 * t4;
-            *(u32*)ds_row = da[0];
-            *(u32*)(ds_row + 8 * DSROW) = da[1];
-            *(u32*)(ds_row + 8) = da[2];
-            *(u32*)(ds_row + 8 * DSROW + 8) = da[3];
+                for (int nt = 0; nt < DQ_CHUNK; ++nt) {
+                    if (vector) {
+                        const float give0 = odd ? acc[nt][0] : acc[nt][2];
+                        const float give1 = odd ? acc[nt][1] : acc[nt][3];
+                        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
+                        const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+                        const int i = m0 + r0 + g + (odd ? 8 : 0);
+                        const int d = (c0 + nt) * 8 + 2 * (t4 & 2);
+                        red_add4(dq_acc + i * p.dq_stride_l + d, odd ? got0 : acc[nt][0], odd ? got1 : acc[nt][1],
+                                 odd ? acc[nt][2] : got0, odd ? acc[nt][3] : got1, i < seq.len_q && d < p.head_dim);
+                    } else {
 #pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 ob[4], qb[4];
-                ldmatrix_x4_trans(ob, bt_lane + buf_at + DO_AT + 2 * (kk * 16 * SROW + dp * 16));
-                ldmatrix_x4_trans(qb, bt_lane + buf_at + Q_AT + 2 * (kk * 16 * SROW + dp * 16));
-                mma16816(dv[2 * dp], pa, ob[0], ob[1]);
-                mma16816(dv[2 * dp + 1], pa, ob[2], ob[3]);
-                mma16816(dk[2 * dp], da, qb[0], qb[1]);
-                mma16816(dk[2 * dp + 1], da, qb[2], qb[3]);
-            }
-        }
-        // Deterministic mode: the key blocks that see this query block (a prefix 0 ..
-        // of blockIdx.x, as key limits grow with the row) add into it in that order,
-        // each waiting for its turn on the block's counter.
-        int* turn = nullptr;
-        if (p.deterministic) {
-            turn = (int*)((float*)p.softmax_d + 2 * (i64)p.batch * p.heads_q * p.len_q) +
-                   ((i64)b * p.heads_q + h) * ((p.len_q + BM - 1) / BM) + m0 / BM;
-            if (tid == 0)
-                while (load_acquire(turn) != (int)blockIdx.x) {
-                }
-        }
-        __syncthreads();  // dS^T is complete (and, deterministic, this block's turn came)
-
-        // dQ_block = dS K: task (row fragment, column group) per warp, into dq_accum.
-        float* dq_acc = (float*)p.dq_accum + b * p.dq_stride_b + h * p.dq_stride_h + seq.start_q * p.dq_stride_l;
-        // Four-wide reductions where every row of dq_accum starts 16-byte aligned.
-        const bool vec4 = (p.head_dim & 3) == 0 && (p.dq_stride_l & 3) == 0 && (p.dq_stride_h & 3) == 0;
-        // The adds of one chunk, `mode` a constant at each call: 2 deterministic (this
-        // block alone adds now: plain adds through L2, one thread an element), 1 four-wide
-        // reductions, 0 scalar atomics.
-        auto add_chunk = [&](const float (&acc)[DQ_CHUNK][4], int r0, int c0, const int mode) {
-            // Lanes t and t ^ 1 swap halves so that each holds four consecutive columns of
-            // one row: even t row g, odd t row g + 8.
-            const bool odd = (t4 & 1) != 0;
-#pragma unroll
-            for (int nt = 0; nt < DQ_CHUNK; ++nt) {
-                if (mode == 1) {
-                    const float give0 = odd ? acc[nt][0] : acc[nt][2];
-                    const float give1 = odd ? acc[nt][1] : acc[nt][3];
-                    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
-                    const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-                    const int i = m0 + r0 + g + (odd ? 8 : 0);
-                    const int d = (c0 + nt) * 8 + 2 * (t4 & 2);
-                    red_add4(dq_acc + i * p.dq_stride_l + d, odd ? got0 : acc[nt][0], odd ? got1 : acc[nt][1],
-                             odd ? acc[nt][2] : got0, odd ? acc[nt][3] : got1, i < seq.len_q && d < p.head_dim);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = m0 + r0 + g + 8 * (e >> 1);
-                        const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
-                        if (i < seq.len_q && d < p.head_dim) {
-                            float* at = dq_acc + i * p.dq_stride_l + d;
-                            if (mode == 2)
-                                store_cg(at, load_cg(at) + acc[nt][e]);
-                            else
-                                atomicAdd(at, acc[nt][e]);
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + r0 + g + 8 * (e >> 1);
+                            const int d = (c0 + nt) * 8 + 2 * t4 + (e & 1);
+                            if (i < seq.len_q && d < p.head_dim) atomicAdd(dq_acc + i * p.dq_stride_l + d, acc[nt][e]);
                         }
                     }
                 }
-            }
-        };
-        for (int task = warp; task < DQ_ROW_FRAGS * DQ_SPLIT; task += NW) {
-            const int r0 = (task % DQ_ROW_FRAGS) * 16;
-            const int c_first = (task / DQ_ROW_FRAGS) * DQ_TILES;
+            };
+            for (int task = warp; task < DQ_ROW_FRAGS * DQ_SPLIT; task += NW) {
+                const int r0 = (task % DQ_ROW_FRAGS) * 16;
+                const int c_first = (task / DQ_ROW_FRAGS) * DQ_TILES;
 #pragma unroll 1
-            for (int c0 = c_first; c0 < c_first + DQ_TILES; c0 += DQ_CHUNK) {
-                float acc[DQ_CHUNK][4];
+                for (int c0 = c_first; c0 < c_first + DQ_TILES; c0 += DQ_CHUNK) {
+                    float acc[DQ_CHUNK][4];
 #pragma unroll
-                for (int i = 0; i < DQ_CHUNK; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-                const u32 kb_addr = bt_lane + 16 * c0;  // K at 0
-                const u32 a_addr = ds_lane + DS_AT + 2 * r0;
+                    for (int i = 0; i < DQ_CHUNK; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+                    const u32 kb_addr = bt_lane + 16 * c0;  // K at 0
+                    const u32 a_addr = ds_lane + DS_AT + 2 * r0;
 #pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    u32 a[4];
-                    ldmatrix_x4_trans(a, a_addr + 2 * (kk * 16 * DSROW));
+                    for (int kk = 0; kk < BN / 16; ++kk) {
+                        u32 a[4];
+                        ldmatrix_x4_trans(a, a_addr + 2 * (kk * 16 * DSROW));
 #pragma unroll
-                    for (int np = 0; np < DQ_CHUNK / 2; ++np) {
-                        u32 kb[4];
-                        ldmatrix_x4_trans(kb, kb_addr + 2 * (kk * 16 * SROW + np * 16));
-                        mma16816(acc[2 * np], a, kb[0], kb[1]);
-                        mma16816(acc[2 * np + 1], a, kb[2], kb[3]);
+                        for (int np = 0; np < DQ_CHUNK / 2; ++np) {
+                            u32 kb[4];
+                            ldmatrix_x4_trans(kb, kb_addr + 2 * (kk * 16 * SROW + np * 16));
+                            mma16816(acc[2 * np], a, kb[0], kb[1]);
+                            mma16816(acc[2 * np + 1], a, kb[2], kb[3]);
+                        }
                     }
+                    if (vec4)
+                        add_chunk(acc, r0, c0, true);
+                    else
+                        add_chunk(acc, r0, c0, false);
                 }
-                if (p.deterministic)
-                    add_chunk(acc, r0, c0, 2);
-                else if (vec4)
-                    add_chunk(acc, r0, c0, 1);
-                else
-                    add_chunk(acc, r0, c0, 0);
             }
         }
-        if (p.deterministic) {
-            __threadfence();
-            __syncthreads();  // every add of this block is done and visible
-            if (tid == 0) release_next(turn);
-        }
-    }
-    cp_async_wait<0>();
+        cp_async_wait<0>();
 
-    elem_t* dk_out = (elem_t*)p.dk + b * p.dk_stride_b + hk * p.dk_stride_h + seq.start_k * p.dk_stride_l;
-    elem_t* dv_out = (elem_t*)p.dv + b * p.dv_stride_b + hk * p.dv_stride_h + seq.start_k * p.dv_stride_l;
-    const float scale = (float)p.scale;
+        elem_t* dk_out = (elem_t*)p.dk + b * p.dk_stride_b + hk * p.dk_stride_h + seq.start_k * p.dk_stride_l;
+        elem_t* dv_out = (elem_t*)p.dv + b * p.dv_stride_b + hk * p.dv_stride_h + seq.start_k * p.dv_stride_l;
+        const float scale = (float)p.scale;
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
+        for (int nt = 0; nt < D / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int j = n0 + key_base + 8 * (e >> 1);
-            const int d = nt * 8 + 2 * t4 + (e & 1);
-            if (j >= seq.len_k) continue;
-            if (d < p.head_dim) dk_out[j * p.dk_stride_l + d] = to_elem(dk[nt][e] * scale);
-            if (d < p.head_dim_v) dv_out[j * p.dv_stride_l + d] = to_elem(dv[nt][e]);
+            for (int e = 0; e < 4; ++e) {
+                const int j = n0 + key_base + 8 * (e >> 1);
+                const int d = nt * 8 + 2 * t4 + (e & 1);
+                if (j >= seq.len_k) continue;
+                if (d < p.head_dim) dk_out[j * p.dk_stride_l + d] = to_elem(dk[nt][e] * scale);
+                if (d < p.head_dim_v) dv_out[j * p.dv_stride_l + d] = to_elem(dv[nt][e]);
+            }
         }
     }
 }

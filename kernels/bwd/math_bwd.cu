@@ -133,12 +133,16 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
     }
 }
 
-// dst[n] = to_elem(factor * src[n]) for n < total: a gradient's one rounding.
-extern "C" __global__ void SDPA_KERNEL_ROUND(u64 src, u64 dst, u64 total, double factor) {
+// dst[n] = to_elem(factor * (src[n] + src[total + n] + ...)) over `splits` slices summed
+// in slice order (the tensor-core backward's deterministic dq), for n < total: a
+// gradient's one rounding.
+extern "C" __global__ void SDPA_KERNEL_ROUND(u64 src, u64 splits, u64 dst, u64 total, double factor) {
     const acc_t* from = (const acc_t*)src;
     elem_t* to = (elem_t*)dst;
     const acc_t f = (acc_t)factor;
     for (u64 n = (u64)blockIdx.x * blockDim.x + threadIdx.x; n < total; n += (u64)gridDim.x * blockDim.x) {
-        to[n] = to_elem(f * from[n]);
+        acc_t sum = from[n];
+        for (u64 s = 1; s < splits; ++s) sum += from[s * total + n];
+        to[n] = to_elem(f * sum);
     }
 }

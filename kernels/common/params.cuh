@@ -101,8 +101,11 @@ struct BwdParams : FwdParams {
     long long dmask_stride_h;
     long long dmask_stride_l;
     long long dmask_stride_s;
-    int deterministic;  // 1: dq accumulated in a fixed order, bitwise equal run to run
-    int reserved;
+    // 0: every CTA of the tensor-core backward adds into one dq accumulator (atomics,
+    // order not fixed). > 0 (deterministic mode): CTA x of the grid owns the slice at
+    // x * dq_split_stride, each element added by one thread in program order, and the
+    // slices are summed in order when dq is rounded: bitwise equal run to run.
+    long long dq_split_stride;
 };
 
 static_assert(sizeof(BwdParams) == 528, "BwdParams must match sdpa_cuda::params::BwdParams");

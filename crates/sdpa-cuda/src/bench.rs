@@ -599,7 +599,7 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
     }
     let mut rows = Vec::new();
     // The deterministic mode on flash, the shapes again (SDPA_BENCH_DETERMINISTIC=0: not).
-    let deterministic = std::env::var("SDPA_BENCH_DETERMINISTIC").map_or(true, |v| v != "0");
+    let deterministic = !std::env::var("SDPA_BENCH_DETERMINISTIC").is_ok_and(|v| v == "0");
     for (_, shape) in shapes.iter().filter(|_| deterministic) {
         let problem = shape.problem();
         gpu.set_deterministic_backward(true);
@@ -669,7 +669,7 @@ fn selected_shapes() -> Vec<(usize, BenchShape)> {
         .enumerate()
         .filter(|(i, _)| {
             only.as_ref()
-                .map_or(true, |o| o.split(',').any(|s| s.trim() == i.to_string()))
+                .is_none_or(|o| o.split(',').any(|s| s.trim() == i.to_string()))
         })
         .collect()
 }

@@ -271,16 +271,31 @@ fn dmask_accumulator(
     Ok(Some((buffer, ptr)))
 }
 
-/// `dst[n] = to_elem(factor * src[n])` for `n < total` (the math backward's round
-/// kernel): a gradient's one rounding to `dtype`. Nothing for `total == 0`.
+/// The deterministic mode's dq slices: enough CTAs along the keys for about two waves
+/// of the `sm_count` SMs over `heads` (batch x kv heads) CTAs a key position, the key
+/// blocks spread evenly over them, at most `key_blocks` and at most 1 GiB of f32
+/// slices (at least one).
+fn dq_splits(key_blocks: usize, heads: usize, sm_count: usize, dq_elems: usize) -> usize {
+    let wanted = (2 * sm_count)
+        .div_ceil(heads.max(1))
+        .clamp(1, key_blocks.max(1));
+    let per_cta = key_blocks.max(1).div_ceil(wanted);
+    let even = key_blocks.max(1).div_ceil(per_cta);
+    let budget = ((1usize << 30) / 4 / dq_elems.max(1)).max(1);
+    even.min(budget)
+}
+
+/// `dst[n] = to_elem(factor * (src[n] + src[total + n] + ...))` over `splits` slices,
+/// summed in slice order, for `n < total` (the math backward's round kernel): a
+/// gradient's one rounding to `dtype`. Nothing for `total == 0`.
 ///
 /// # Safety
-/// `src` holds `total` accumulator values (f64 for f64, else f32) and `dst` `total`
-/// elements of `dtype`, both live allocations of `gpu`'s context.
+/// `src` holds `splits * total` accumulator values (f64 for f64, else f32) and `dst`
+/// `total` elements of `dtype`, both live allocations of `gpu`'s context.
 unsafe fn round_into(
     gpu: &GpuContext,
     dtype: DType,
-    src: u64,
+    (src, splits): (u64, usize),
     dst: u64,
     total: usize,
     factor: f64,
@@ -292,9 +307,14 @@ unsafe fn round_into(
         &KernelSpec::plain(Kind::MathBwd, dtype),
         Entry::MathBwdRound,
     )?;
-    let total64 = total as u64;
+    let (total64, splits64) = (total as u64, splits as u64);
     let mut builder = gpu.stream().launch_builder(&round.function);
-    builder.arg(&src).arg(&dst).arg(&total64).arg(&factor);
+    builder
+        .arg(&src)
+        .arg(&splits64)
+        .arg(&dst)
+        .arg(&total64)
+        .arg(&factor);
     // SAFETY: the caller's contract above.
     unsafe { builder.launch(launch::elementwise(total)) }?;
     Ok(())
@@ -686,7 +706,7 @@ impl GpuContext {
         for (src, dst, total, factor) in rounds {
             // SAFETY: `src` holds `total` acc values (scratch above) and `dst` is a
             // contiguous output of `total` elements of the dtype, allocated by the caller.
-            unsafe { round_into(self, dtype, src, dst, total, factor) }?;
+            unsafe { round_into(self, dtype, (src, 1), dst, total, factor) }?;
         }
         // Scratch is freed stream-ordered after the kernels that read it.
         drop((scratch, d_buf, scores_buf, dw_buf, dmask_acc));
@@ -720,7 +740,7 @@ impl GpuContext {
             let dst = out.checked_address(self, "dmask")?;
             // SAFETY: `ptr` holds `count` f32 values (the accumulator), `dst` the
             // contiguous dmask of `count` elements of the dtype.
-            unsafe { round_into(self, dtype, *ptr, dst, count, 1.0) }?;
+            unsafe { round_into(self, dtype, (*ptr, 1), dst, count, 1.0) }?;
         }
         Ok(())
     }
@@ -823,33 +843,28 @@ impl GpuContext {
         let pre = self.kernel(&spec, Entry::BwdPre)?;
         let main = self.kernel(&spec, Entry::BwdMain)?;
         let rows = product("query", &[problem.batch, problem.heads_q, problem.len_q])?;
-        // Deterministic mode: after D and lse, one turn counter (i32) per query block and head.
-        let turns = if self.deterministic_backward() {
-            params.deterministic = 1;
-            let block_m = self.config().bwd_tiles(spec.head_dim).block_m as usize;
-            product(
-                "query",
-                &[
-                    problem.batch,
-                    problem.heads_q,
-                    problem.len_q.div_ceil(block_m),
-                ],
-            )?
+        // D, then lse in log2 units (both written by the pre kernel).
+        let (d_buf, d_ptr) = zeroed(self, product("query", &[rows, 2])?, 4)?;
+        params.softmax_d = d_ptr;
+        let key_blocks = problem.len_kv.div_ceil(geometry.block_rows as usize);
+        // Deterministic mode: `splits` CTAs along the keys, each with its own dq slice.
+        let splits = if self.deterministic_backward() {
+            dq_splits(
+                key_blocks,
+                problem.batch * problem.heads_kv,
+                self.sm_count()?,
+                dq_elems,
+            )
+        } else {
+            1
+        };
+        params.dq_split_stride = if splits > 1 {
+            i64::try_from(dq_elems)
+                .map_err(|_| CudaError::bad_layout("dq", "a size a kernel can index", dq_elems))?
         } else {
             0
         };
-        // D, then lse in log2 units (both written by the pre kernel), then the counters.
-        let (d_buf, d_ptr) = zeroed(
-            self,
-            rows.checked_mul(2)
-                .and_then(|r| r.checked_add(turns))
-                .ok_or_else(|| {
-                    CudaError::bad_layout("query", "a size that fits in memory", rows)
-                })?,
-            4,
-        )?;
-        params.softmax_d = d_ptr;
-        let (dq_buf, dq_acc) = zeroed(self, dq_elems, 4)?;
+        let (dq_buf, dq_acc) = zeroed(self, product("dq", &[dq_elems, splits])?, 4)?;
         params.dq_accum = dq_acc;
         let dmask_acc = dmask_accumulator(self, params, dmask, 4)?;
         let stream = self.stream();
@@ -862,8 +877,13 @@ impl GpuContext {
         }
         // With no query rows the main kernel writes dk = dv = 0.
         if problem.len_kv > 0 {
+            let grid_x = if self.deterministic_backward() {
+                splits
+            } else {
+                key_blocks
+            };
             let config = launch::grid(
-                problem.len_kv.div_ceil(geometry.block_rows as usize),
+                grid_x,
                 problem.heads_kv,
                 problem.batch,
                 geometry.threads,
@@ -877,13 +897,13 @@ impl GpuContext {
             // through the mask's broadcast strides.
             unsafe { launch::launch_params(stream, &main.function, config, &*params) }?;
         }
-        // SAFETY: `dq_acc` holds `dq_elems` f32 values laid out like dq's storage, whose
-        // `dq_elems` elements start at `params.dq`.
+        // SAFETY: `dq_acc` holds `splits` slices of `dq_elems` f32 values laid out like
+        // dq's storage, whose `dq_elems` elements start at `params.dq`.
         unsafe {
             round_into(
                 self,
                 problem.dtype,
-                dq_acc,
+                (dq_acc, splits),
                 params.dq,
                 dq_elems,
                 problem.scale,

@@ -154,6 +154,14 @@ impl GpuContext {
         self.max_shared
     }
 
+    /// Streaming multiprocessors on the device.
+    pub fn sm_count(&self) -> Result<usize> {
+        Ok(self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize)
+    }
+
     /// L2 cache size, bytes.
     pub fn l2_bytes(&self) -> Result<usize> {
         Ok(self

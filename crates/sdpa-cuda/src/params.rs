@@ -145,8 +145,10 @@ pub struct BwdParams {
     pub dmask_stride_h: i64,
     pub dmask_stride_l: i64,
     pub dmask_stride_s: i64,
-    pub deterministic: i32,
-    pub reserved: i32,
+    /// 0: the tensor-core backward's CTAs add into one dq accumulator (atomics). > 0
+    /// (deterministic mode): CTA x of the grid owns the slice at `x * dq_split_stride`
+    /// elements, summed in slice order when dq is rounded.
+    pub dq_split_stride: i64,
 }
 
 // SAFETY: as for `FwdParams`: `#[repr(C)]`, plain integers after an embedded
@@ -429,7 +431,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FwdParams, scale_log2), 312);
         assert_eq!(std::mem::offset_of!(FwdParams, vec_ok), 332);
         assert_eq!(std::mem::offset_of!(BwdParams, dout), 336);
-        assert_eq!(std::mem::offset_of!(BwdParams, deterministic), 520);
+        assert_eq!(std::mem::offset_of!(BwdParams, dq_split_stride), 520);
         // The codes, value for value.
         for line in [
             "enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGHT = 2 };",
