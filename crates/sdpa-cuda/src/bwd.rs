@@ -292,7 +292,7 @@ fn dq_splits(key_blocks: usize, heads: usize, sm_count: usize, dq_elems: usize) 
 /// # Safety
 /// `src` holds `splits * total` accumulator values (f64 for f64, else f32) and `dst`
 /// `total` elements of `dtype`, both live allocations of `gpu`'s context.
-unsafe fn round_into(
+pub unsafe fn round_into(
     gpu: &GpuContext,
     dtype: DType,
     (src, splits): (u64, usize),

@@ -55,7 +55,7 @@ pub mod spec;
 mod tensor;
 pub mod tiles;
 
-pub use bwd::{math_backward_scratch, select_backward, DeviceGradients, HostGradients};
+pub use bwd::{math_backward_scratch, round_into, select_backward, DeviceGradients, HostGradients};
 pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
 pub use error::{CudaError, Result};
 pub use fwd::{fused_spec, Attention, HostOutput};

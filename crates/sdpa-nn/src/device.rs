@@ -447,20 +447,9 @@ impl Linear {
                 unsafe { g.run(gpu) }?;
             }
         }
-        let round = gpu.kernel(
-            &KernelSpec::plain(Kind::MathBwd, dtype),
-            Entry::MathBwdRound,
-        )?;
-        let (src, dst, total, factor) = (
-            dx_acc_ptr,
-            dx.checked_address(gpu, "dx")?,
-            (n * k_in) as u64,
-            1.0f64,
-        );
-        let mut builder = gpu.stream().launch_builder(&round.function);
-        builder.arg(&src).arg(&dst).arg(&total).arg(&factor);
-        // SAFETY: src holds n*in f32 values, dst n*in elements of the dtype.
-        unsafe { builder.launch(elementwise(n * k_in)) }?;
+        let dst = dx.checked_address(gpu, "dx")?;
+        // SAFETY: dx_acc holds n*in f32 values (one slice), dx n*in elements of the dtype.
+        unsafe { sdpa_cuda::round_into(gpu, dtype, (dx_acc_ptr, 1), dst, n * k_in, 1.0) }?;
         drop(dx_acc);
         Ok(LinearGrads { dx, weight, bias })
     }
