@@ -243,10 +243,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                     u32 qb[4], ob[4];
                     ldmatrix_x4(qb, b_lane + buf_at + Q_AT + 2 * (np * 16 * SROW + ks * 16));
                     ldmatrix_x4(ob, b_lane + buf_at + DO_AT + 2 * (np * 16 * SROW + ks * 16));
-                    mma16816(st[2 * np], ka, qb[0], qb[1]);
-                    mma16816(st[2 * np + 1], ka, qb[2], qb[3]);
-                    mma16816(dpt[2 * np], va, ob[0], ob[1]);
-                    mma16816(dpt[2 * np + 1], va, ob[2], ob[3]);
+                    mma16816_x2(st[2 * np], st[2 * np + 1], ka, qb);
+                    mma16816_x2(dpt[2 * np], dpt[2 * np + 1], va, ob);
                 }
             }
 
@@ -355,10 +353,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                     u32 ob[4], qb[4];
                     ldmatrix_x4_trans(ob, bt_lane + buf_at + DO_AT + 2 * (kk * 16 * SROW + dp * 16));
                     ldmatrix_x4_trans(qb, bt_lane + buf_at + Q_AT + 2 * (kk * 16 * SROW + dp * 16));
-                    mma16816(dv[2 * dp], pa, ob[0], ob[1]);
-                    mma16816(dv[2 * dp + 1], pa, ob[2], ob[3]);
-                    mma16816(dk[2 * dp], da, qb[0], qb[1]);
-                    mma16816(dk[2 * dp + 1], da, qb[2], qb[3]);
+                    mma16816_x2(dv[2 * dp], dv[2 * dp + 1], pa, ob);
+                    mma16816_x2(dk[2 * dp], dk[2 * dp + 1], da, qb);
                 }
             }
             __syncthreads();  // dS^T is complete
@@ -414,8 +410,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                         for (int np = 0; np < DQ_CHUNK / 2; ++np) {
                             u32 kb[4];
                             ldmatrix_x4_trans(kb, kb_addr + 2 * (kk * 16 * SROW + np * 16));
-                            mma16816(acc[2 * np], a, kb[0], kb[1]);
-                            mma16816(acc[2 * np + 1], a, kb[2], kb[3]);
+                            mma16816_x2(acc[2 * np], acc[2 * np + 1], a, kb);
                         }
                     }
                     if (vec4)

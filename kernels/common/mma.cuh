@@ -43,6 +43,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 #endif
 }
 
+// Two C tiles side by side from one ldmatrix.x4 B fragment (n-tiles 2k, 2k+1: b[0..1]
+// and b[2..3]).
+__device__ __forceinline__ void mma16816_x2(float (&c0)[4], float (&c1)[4], const u32 (&a)[4], const u32 (&b)[4]) {
+    mma16816(c0, a, b[0], b[1]);
+    mma16816(c1, a, b[2], b[3]);
+}
+
 // Rows [row0, row0 + ROWS) of a [len, dim] matrix (row stride `stride`) into shared
 // memory rows of STRIDE elements, zero-filling rows past `len` and columns past `dim` up
 // to DIM (a multiple of 8); THREADS threads share the copy (cp.async when vec_ok). Where
