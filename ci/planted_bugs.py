@@ -144,7 +144,7 @@ BUGS = [
     (
         "missing-barrier-wgmma",
         "a missing barrier",
-        "fwd/attn_fwd_wgmma.cu",
+        "common/wgmma_tile.cuh",
         [("    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");\n    __syncthreads();",
           "    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");")],
         "no CTA barrier between the K/V tile loads and the wgmma's that read them (nor before the buffers are refilled)",
@@ -167,7 +167,7 @@ BUGS = [
     (
         "unswizzled-store-wgmma",
         "(extra) shared-memory layout disagrees with the wgmma descriptor",
-        "fwd/attn_fwd_wgmma.cu",
+        "common/wgmma_tile.cuh",
         [("((cc ^ ((r * RB >> 7) & SW_MASK)) << 4)", "(cc << 4)")],
         "tiles stored without the XOR swizzle the descriptors declare",
     ),
@@ -330,6 +330,46 @@ BUGS += [
         "bwd/attn_bwd_tc.cu",
         [("pick_word(w, (u32)(c - r) & 3u)", "pick_word(w, (u32)(c + r) & 3u)")],
         "the four lanes of a key quad trade the wrong words of their Philox blocks",
+    ),
+]
+
+# The Hopper backward (kernels/bwd/attn_bwd_wgmma.cu): the flash tests of
+# sdpa-cuda-gpu_backward on an sm_90 device (their mask- and dropout-free cases run it).
+BUGS += [
+    (
+        "bwd-wg-d-left-out",
+        "backward: D left out",
+        "bwd/attn_bwd_wgmma.cu",
+        [("const float ds = seen ? prob * (dpt[idx] - d_row) : 0.f;", "const float ds = seen ? prob * dpt[idx] : 0.f;")],
+        "the Hopper kernel's dS = P dP instead of P (dP - D)",
+    ),
+    (
+        "bwd-wg-causal-off-by-one",
+        "backward: causal off by one (backward only)",
+        "bwd/attn_bwd_wgmma.cu",
+        [("(i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));", "(i < seq.len_q && j <= key_limit(p.causal, i, seq.len_q, seq.len_k));")],
+        "the Hopper kernel lets row i reach key j == its causal limit",
+    ),
+    (
+        "bwd-wg-gqa-first-head-only",
+        "backward: wrong GQA reduction",
+        "bwd/attn_bwd_wgmma.cu",
+        [("const int iters = per_head * p.group;", "const int iters = per_head;")],
+        "the Hopper kernel's dk and dv take only the first query head of each group",
+    ),
+    (
+        "bwd-wg-dq-race",
+        "backward: a race without atomics",
+        "bwd/attn_bwd_wgmma.cu",
+        [("red_add4(dq_acc + i * p.dq_stride_l + d,", "red_add4_plain(dq_acc + i * p.dq_stride_l + d,")],
+        "dq's block sums added by plain read-modify-write from every key block at once",
+    ),
+    (
+        "bwd-wg-ds-unswizzled",
+        "backward: wrong shared-memory layout",
+        "bwd/attn_bwd_wgmma.cu",
+        [("r * 8 * RB + (((cg & 7) ^ g) << 4);", "r * 8 * RB + ((cg & 7) << 4);")],
+        "dS^T stored without the swizzle the dQ product's descriptor reads it through",
     ),
 ]
 

@@ -240,7 +240,9 @@ impl GpuContext {
         let function = module.load_function(&spec.symbol(entry, &self.config))?;
         let shared_bytes = match spec.kind {
             Kind::FwdTc | Kind::FwdWgmma => self.declared_shared_bytes(&module, spec)?,
-            Kind::BwdTc if entry == Entry::BwdMain => self.declared_shared_bytes(&module, spec)?,
+            Kind::BwdTc | Kind::BwdWgmma if entry == Entry::BwdMain => {
+                self.declared_shared_bytes(&module, spec)?
+            }
             _ => 0,
         };
         if shared_bytes as usize > self.max_shared {

@@ -55,7 +55,10 @@ pub mod spec;
 mod tensor;
 pub mod tiles;
 
-pub use bwd::{math_backward_scratch, round_into, select_backward, DeviceGradients, HostGradients};
+pub use bwd::{
+    math_backward_scratch, round_into, select_backward, tc_backward_spec, DeviceGradients,
+    HostGradients,
+};
 pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
 pub use error::{CudaError, Result};
 pub use fwd::{fused_spec, Attention, HostOutput};

@@ -6,7 +6,11 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 18] = [
+pub const SOURCES: [(&str, &str); 21] = [
+    (
+        "common/bwd.cuh",
+        include_str!("../../../kernels/common/bwd.cuh"),
+    ),
     (
         "common/dtype.cuh",
         include_str!("../../../kernels/common/dtype.cuh"),
@@ -48,6 +52,10 @@ pub const SOURCES: [(&str, &str); 18] = [
         include_str!("../../../kernels/common/wgmma.cuh"),
     ),
     (
+        "common/wgmma_tile.cuh",
+        include_str!("../../../kernels/common/wgmma_tile.cuh"),
+    ),
+    (
         "fwd/attn_fwd_tc.cu",
         include_str!("../../../kernels/fwd/attn_fwd_tc.cu"),
     ),
@@ -75,6 +83,10 @@ pub const SOURCES: [(&str, &str); 18] = [
     (
         "bwd/attn_bwd_tc.cu",
         include_str!("../../../kernels/bwd/attn_bwd_tc.cu"),
+    ),
+    (
+        "bwd/attn_bwd_wgmma.cu",
+        include_str!("../../../kernels/bwd/attn_bwd_wgmma.cu"),
     ),
 ];
 
@@ -147,13 +159,14 @@ mod tests {
             "fwd/attn_fwd_wgmma.cu",
             "bwd/math_bwd.cu",
             "bwd/attn_bwd_simt.cu",
+            "bwd/attn_bwd_wgmma.cu",
         ] {
             let src = expanded_source(name, None).unwrap();
             assert!(!src.contains("#include"), "{name}");
             assert!(!src.contains("#pragma once"), "{name}");
             assert_eq!(src.matches("struct FwdParams {").count(), 1, "{name}");
             // The Hopper kernel has no dropout, so no Philox.
-            let philox = usize::from(name != "fwd/attn_fwd_wgmma.cu");
+            let philox = usize::from(!name.ends_with("_wgmma.cu"));
             assert_eq!(src.matches("philox4x32_10(uint4").count(), philox, "{name}");
         }
     }

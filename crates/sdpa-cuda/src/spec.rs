@@ -26,6 +26,8 @@ pub enum Kind {
     BwdSimt,
     /// The mma.sync tensor-core backward (flash, and efficient in f16/bf16; sm_80+).
     BwdTc,
+    /// The Hopper warpgroup-MMA backward (sm_90a): the plain flash path.
+    BwdWgmma,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
 }
@@ -94,7 +96,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 8] = [
+pub const TABLE: [Variant; 9] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -175,6 +177,17 @@ pub const TABLE: [Variant; 8] = [
         extras: &[false, true],
         entries: &[Entry::BwdPre, Entry::BwdMain],
         arch: Arch::Sm80Plus,
+    },
+    Variant {
+        kind: Kind::BwdWgmma,
+        source: "bwd/attn_bwd_wgmma.cu",
+        prefix: "attn_bwd_wgmma",
+        dtypes: HALF,
+        // One swizzled column block of 64, or two; the query block is 8192 / D rows.
+        head_dims: &[64, 128],
+        extras: &[false],
+        entries: &[Entry::BwdPre, Entry::BwdMain],
+        arch: Arch::Sm90a,
     },
     Variant {
         kind: Kind::Nn,
@@ -327,6 +340,14 @@ impl KernelSpec {
                     t.warps, t.block_m, t.min_blocks
                 )
             }
+            (Kind::BwdWgmma, entry) => {
+                let part = if entry == Entry::BwdPre {
+                    "pre"
+                } else {
+                    "main"
+                };
+                format!("{prefix}_{part}_{dtype}_d{d}")
+            }
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
             (Kind::Nn, _) => "nn_dropout_rows".to_string(),
@@ -401,6 +422,11 @@ impl KernelSpec {
                     ("SDPA_KERNEL", self.symbol(Entry::BwdMain, config)),
                 ]);
             }
+            Kind::BwdWgmma => d.extend([
+                ("SDPA_HEAD_DIM", self.head_dim.to_string()),
+                ("SDPA_KERNEL_PRE", self.symbol(Entry::BwdPre, config)),
+                ("SDPA_KERNEL", self.symbol(Entry::BwdMain, config)),
+            ]),
             Kind::Nn => {}
         }
         d
@@ -456,6 +482,11 @@ impl KernelSpec {
                     threads: t.threads(),
                 })
             }
+            // Two warpgroups of 64 keys each (the tiles are fixed per head dim).
+            Kind::BwdWgmma => Some(Geometry {
+                block_rows: 128,
+                threads: 256,
+            }),
             Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn => None,
         }
     }
@@ -549,7 +580,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4);
+        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4 + 4);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

@@ -626,6 +626,55 @@ fn flash_backward_matches_the_reference() {
             Causal::None,
             0.1,
         ),
+        // Mask- and dropout-free: the Hopper kernel on sm_90 (query blocks of 128 rows at
+        // E = 64, 64 at E = 128; 128 keys a CTA), several key and query blocks, partial
+        // blocks at both ends, padded head dims.
+        extra(
+            "flash E=64 L=300 S=517 GQA 2 top-left",
+            300,
+            517,
+            64,
+            2,
+            Causal::TopLeft,
+            0.0,
+        ),
+        extra(
+            "flash E=128 L=190 S=333 bottom-right",
+            190,
+            333,
+            128,
+            1,
+            Causal::BottomRight,
+            0.0,
+        ),
+        extra(
+            "flash E=80 L=257 S=129 GQA 3",
+            257,
+            129,
+            80,
+            3,
+            Causal::None,
+            0.0,
+        ),
+        extra(
+            "flash E=48 L=333 S=190 bottom-right (fully masked rows)",
+            333,
+            190,
+            48,
+            1,
+            Causal::BottomRight,
+            0.0,
+        ),
+        extra("flash E=128 L=1 S=700", 1, 700, 128, 1, Causal::None, 0.0),
+        extra(
+            "flash E=64 L=700 S=1 top-left",
+            700,
+            1,
+            64,
+            1,
+            Causal::TopLeft,
+            0.0,
+        ),
         extra(
             "flash E=64 L=130 S=131 GQA 2 dropout 0.3 (S % 4 != 0)",
             130,
@@ -792,6 +841,37 @@ fn backward_dispatch_takes_tensor_cores_then_math_where_it_fits() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn hopper_backward_takes_the_plain_path_on_sm90() {
+    use sdpa_core::{Problem, TensorDesc};
+    use sdpa_cuda::spec::Kind;
+    use sdpa_cuda::tc_backward_spec;
+    let gpu = gpu();
+    let problem = |dim: usize, options: &SdpaOptions| {
+        let t = |len| TensorDesc::contiguous(DType::BF16, [2, 4, len, dim]);
+        Problem::new(&t(300), &t(500), &t(500), None, options).unwrap()
+    };
+    let plain = SdpaOptions {
+        causal: Causal::BottomRight,
+        ..Default::default()
+    };
+    let dropout = SdpaOptions {
+        dropout: Dropout::new(0.1, 1, 0),
+        ..Default::default()
+    };
+    let wgmma = gpu.arch() == 90;
+    let kind = |dim, options: &SdpaOptions| tc_backward_spec(gpu, &problem(dim, options)).unwrap();
+    for dim in [40, 64, 96, 128] {
+        let spec = kind(dim, &plain);
+        assert_eq!(spec.kind == Kind::BwdWgmma, wgmma, "E={dim}: {spec:?}");
+        assert_eq!(spec.head_dim, if dim <= 64 { 64 } else { 128 });
+    }
+    // Dropout, and head dims the Hopper kernel has no class for, stay on mma.sync.
+    assert_eq!(kind(64, &dropout).kind, Kind::BwdTc);
+    assert_eq!(kind(32, &plain).kind, Kind::BwdTc);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn backward_refuses_bad_arguments_by_name() {
     let gpu = gpu();
     let mut rng = SplitMix64(7);
@@ -871,8 +951,8 @@ fn sanitize_backward_small() {
     ];
     backend_matches_the_reference(Backend::Efficient, &[DType::F16, DType::F32], &cases);
     backend_matches_the_reference(Backend::Math, &[DType::BF16], &cases);
-    // The tensor-core backward's plain variant (flash: no mask), several key and query
-    // blocks, GQA, causal skips, a partial last block.
+    // The tensor-core backward's plain variant (flash: no mask; the Hopper kernel on
+    // sm_90), several key and query blocks, GQA, causal skips, a partial last block.
     let flash = vec![Case {
         name: "sanitize flash: L=150 S=200 E=64 GQA 2 causal top-left",
         batch: 1,
@@ -890,6 +970,20 @@ fn sanitize_backward_small() {
             ..Default::default()
         },
     }];
+    let mut flash = flash;
+    flash.push(Case {
+        name: "sanitize flash: L=70 S=150 E=128 causal bottom-right",
+        len_q: 70,
+        len_kv: 150,
+        head_dim: 128,
+        head_dim_v: 128,
+        group: 1,
+        options: SdpaOptions {
+            causal: Causal::BottomRight,
+            ..Default::default()
+        },
+        ..flash[0].clone()
+    });
     backend_matches_the_reference(Backend::Flash, &[DType::BF16], &flash);
 }
 
