@@ -7,7 +7,7 @@ Generated because each wrapper lists N/2 accumulator operands by hand.
 """
 SS_N = [64, 128]          # S = Q K^T: N = keys a tile
 RS_N = [32, 64, 128]      # O += P V: N = padded head dim
-TT_N = [64]               # backward dQ = dS K: both operands N-/M-major
+TT_N = [32, 64]           # backward dQ = dS K: both operands N-/M-major
 
 def ops(n):
     return ", ".join(f"%{i}" for i in range(n // 2))

@@ -43,15 +43,15 @@ run_one() {
   fi
   local start=$(date +%s)
   # A bug in the backward's kernels runs the backward tests (the fused kernels': the
-  # efficient ones; math_bwd.cu's: the math ones; the tensor-core kernel's: all of them,
-  # as flash and efficient both run it), and its racecheck their small set.
+  # efficient ones; math_bwd.cu's: the math ones; the tensor-core kernels': all of them,
+  # as flash and efficient both run them), and its racecheck their small set.
   local file tests sanitize
   file=$([ "$id" = none ] && echo "none${PLANTED_BACKWARD:+-bwd}" || python3 "$HERE/planted_bugs.py" file "$id")
   case "$file" in
     bwd/attn_bwd_simt.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 efficient) ;;
     bwd/math_bwd.cu)      tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 math_backward) ;;
     bwd/attn_bwd_tc.cu)   tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
-    bwd/attn_bwd_wgmma.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 flash) ;;
+    bwd/attn_bwd_wgmma.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     none-bwd)             tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     *)                    tests=("$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 --skip second_context_reads_kernels_from_the_disk_cache) ;;
   esac

@@ -333,14 +333,14 @@ BUGS += [
     ),
 ]
 
-# The Hopper backward (kernels/bwd/attn_bwd_wgmma.cu): the flash tests of
-# sdpa-cuda-gpu_backward on an sm_90 device (their mask- and dropout-free cases run it).
+# The Hopper backward (kernels/bwd/attn_bwd_wgmma.cu): every test of
+# sdpa-cuda-gpu_backward on an sm_90 device (flash's cases and efficient's masked ones).
 BUGS += [
     (
         "bwd-wg-d-left-out",
         "backward: D left out",
         "bwd/attn_bwd_wgmma.cu",
-        [("const float ds = seen ? prob * (dpt[idx] - d_row) : 0.f;", "const float ds = seen ? prob * dpt[idx] : 0.f;")],
+        [("const float ds = st[idx] * (grad_p - d_row);", "const float ds = st[idx] * grad_p;")],
         "the Hopper kernel's dS = P dP instead of P (dP - D)",
     ),
     (
@@ -370,6 +370,34 @@ BUGS += [
         "bwd/attn_bwd_wgmma.cu",
         [("r * 8 * RB + (((cg & 7) ^ g) << 4);", "r * 8 * RB + ((cg & 7) << 4);")],
         "dS^T stored without the swizzle the dQ product's descriptor reads it through",
+    ),
+    (
+        "bwd-wg-dropout-scale-missing",
+        "backward: dropout scale missing",
+        "bwd/attn_bwd_wgmma.cu",
+        [("keep = ((keep_bits >> idx) & 1ull) ? (float)p.keep_scale : 0.f;", "keep = ((keep_bits >> idx) & 1ull) ? 1.f : 0.f;")],
+        "the Hopper kernel's replayed keep bits without 1 / (1 - p)",
+    ),
+    (
+        "bwd-wg-shared-word-swap",
+        "backward: wrong dropout draw",
+        "bwd/attn_bwd_wgmma.cu",
+        [("pick_word(w, (u32)(c - r) & 3u)", "pick_word(w, (u32)(c + r) & 3u)")],
+        "the Hopper kernel's lanes of a key quad trade the wrong words of their Philox blocks",
+    ),
+    (
+        "bwd-wg-mask-ignored",
+        "backward: mask ignored",
+        "bwd/attn_bwd_wgmma.cu",
+        [("if (seen && i < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, i, j, x);", "if (false) x = masked_log2(p, b, h, i, j, x);")],
+        "the Hopper kernel's P recomputed without the mask (bool or additive)",
+    ),
+    (
+        "bwd-wg-dmask-unkept",
+        "backward: dmask not summed over broadcast axes",
+        "bwd/attn_bwd_wgmma.cu",
+        [("atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);", "*((float*)p.dmask + dmask_at(p, b, h, i, j)) = ds;")],
+        "the Hopper kernel's dmask stores each score's dS over the others broadcast onto it",
     ),
 ]
 

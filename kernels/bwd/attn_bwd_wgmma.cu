@@ -1,12 +1,14 @@
-// Hopper (sm_90a) attention backward for the plain flash path (f16/bf16, no mask, no
-// dropout; causal both alignments, GQA, varlen): the FlashAttention-2/3 algorithm with
+// Hopper (sm_90a) attention backward for the flash path (f16/bf16; causal both
+// alignments, GQA, varlen; with SDPA_EXTRAS = 1 also bool and additive masks with their
+// dmask, and dropout replayed from the forward's Philox stream): the FlashAttention-2/3
+// algorithm with
 // every product on warpgroup MMA (wgmma.mma_async), f32 accumulators. The same pre
 // kernel, grid, dq accumulator and round kernel as the mma.sync backward
 // (attn_bwd_tc.cu, whose header states the algebra): only the main kernel differs.
 //
 // One CTA = two warpgroups = BN = 128 keys (each warpgroup owns 64, the wgmma M) of one
-// kv head; K and V stay in shared memory while the CTA walks the query blocks (BM rows:
-// 128 at D = 64, 64 at D = 128) of every query head of the group, Q, dout, lse and D
+// kv head; K and V stay in shared memory while the CTA walks the query blocks (BM = 64
+// rows) of every query head of the group, Q, dout, lse and D
 // double-buffered through cp.async. Tiles use the forward's swizzled layout
 // (common/wgmma_tile.cuh). Per query block, in each warpgroup:
 //   S^T  = K_w Q^T      A = K (K-major), B = Q (K-major)            64 x BM
@@ -16,20 +18,26 @@
 //   dK  += dS^T Q       A = dS^T from registers, B = Q (N-major)     64 x D
 // dS^T also goes to shared memory ([BN keys][BM queries], swizzled); after a CTA barrier
 //   dQ   = dS K         A = dS^T tile (M-major), B = K (N-major)     64 x 64
-// each warpgroup one 64 x 64 part of the BM x D block (its 64 columns at D = 128, its 64
-// rows at D = 64), added into the f32 dq accumulator with vector reductions (in a fixed
+// each warpgroup D / 2 columns of the 64 x D block, added into the f32 dq accumulator with
+// vector reductions (in a fixed
 // thread order per CTA slice: the deterministic mode's slices work as in attn_bwd_tc.cu).
 // Query blocks no row of which sees the CTA's keys (causal) are skipped; only blocks that
 // reach past a row's key limit or the sequence's end test elements one by one.
 //
+// Masks and dropout work as in attn_bwd_tc.cu (whose element layout this kernel's
+// accumulators share: warp w of a warpgroup holds keys 16 w + g and 16 w + g + 8): a
+// masked score leaves P and dS at 0, dmask takes dS by f32 atomics, and dV's weight and
+// dP are scaled by the keep factor Z / (1 - p).
+//
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (64 or 128: the larger of E and
-// Ev padded, zero-filled in shared memory, padded columns never stored), SDPA_KERNEL_PRE,
-// SDPA_KERNEL.
+// Ev padded, zero-filled in shared memory, padded columns never stored), SDPA_EXTRAS (0 or
+// 1), SDPA_KERNEL_PRE, SDPA_KERNEL.
 #include "common/bwd.cuh"
 #include "common/dtype.cuh"
 #include "common/load.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
+#include "common/philox.cuh"
 #include "common/seqlen.cuh"
 #include "common/softmax.cuh"
 #include "common/wgmma.cuh"
@@ -37,12 +45,18 @@
 #define D SDPA_HEAD_DIM
 #define NTHREADS 256
 #define BN 128
-#define BM (8192 / D)
+// Query rows a step: 64 (the default), or SDPA_BWD_BM = 128 at D = 64 (sweeps).
+#ifdef SDPA_BWD_BM
+#define BM SDPA_BWD_BM
+#else
+#define BM 64
+#endif
 #define RB 128
 #define SW_MASK 7
 #define SW_MODE 1
 #define KPB 4
 static_assert(D == 64 || D == 128, "head dim class: 64 or 128");
+static_assert(BM == 64 || (BM == 128 && D == 64), "query block: 64, or 128 at D = 64");
 // Shared memory: K, V; two stages of Q and of dout; dS^T; two stages of lse and of D;
 // from a 1024-byte boundary the kernel rounds its base up to (the extra KiB).
 #define KV_BYTES (BN * 2 * D)
@@ -62,6 +76,15 @@ static_assert(SHARED_BYTES <= 232448, "backward tiles exceed sm_90's shared memo
 #define WGMMA_KV wgmma_rs_n64
 #else
 #define WGMMA_KV wgmma_rs_n128
+#endif
+// dQ = dS K: each warpgroup D / 2 columns of the BM x D block (BM = 64), or its 64 rows
+// (BM = 128).
+#define SPLIT_COLS (BM == 64)
+#define DQ_N (SPLIT_COLS ? D / 2 : D)
+#if DQ_N == 32
+#define WGMMA_DQ wgmma_ss_tt_n32
+#else
+#define WGMMA_DQ wgmma_ss_tt_n64
 #endif
 
 #include "common/wgmma_tile.cuh"
@@ -113,19 +136,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
 
     // Descriptors (see attn_fwd_wgmma.cu): K-major tiles advance 32 bytes a k-step inside
     // a column block and a block (rows x RB) at every KPB steps; N-/M-major ones 16 rows.
+    // Each is made at its use from the arena's base, laundered (an empty asm the compiler
+    // cannot see through): kept from one step to the next they would hold two registers
+    // each, which the accumulators need.
     const u32 sbo = 8 * RB;
-    const u64 k_desc0 = make_desc(s_k + wg * 64 * RB, 16, sbo);
-    const u64 v_desc0 = make_desc(s_v + wg * 64 * RB, 16, sbo);
-    const u64 q_desc0 = make_desc(s_q, 16, sbo);
-    const u64 do_desc0 = make_desc(s_do, 16, sbo);
-    const u64 qt_desc0 = make_desc(s_q, BM * RB, sbo);
-    const u64 dot_desc0 = make_desc(s_do, BM * RB, sbo);
-    // dQ part of this warpgroup: its 64 columns (D = 128) or its 64 query rows (D = 64).
-    constexpr bool SPLIT_COLS = D == 128;
+    constexpr u32 V_AT = KV_BYTES, Q_AT = 2 * KV_BYTES, DO_AT = Q_AT + 2 * QD_BYTES, DS_AT = DO_AT + 2 * QD_BYTES;
+    const u32 wg_rows = wg * 64 * RB;  // this warpgroup's keys in K and V
+    auto desc = [&](u32 off, u32 lbo) {
+        u32 at = s_k;
+        asm volatile("" : "+r"(at));
+        return make_desc(at + off, lbo, sbo);
+    };
+    // dQ part of this warpgroup: its DQ_N columns from dq_col0 (an N-major descriptor may
+    // start inside a 128-byte swizzle row: the swizzle is a function of the address) or
+    // its 64 query rows from dq_row0.
     const int dq_row0 = SPLIT_COLS ? 0 : wg * 64;
-    const int dq_col0 = SPLIT_COLS ? wg * 64 : 0;
-    const u64 dst_desc0 = make_desc(s_ds + (dq_row0 / 64) * (BN * RB), BN * RB, sbo);
-    const u64 kt_desc0 = make_desc(s_k + (dq_col0 / 64) * (BN * RB), BN * RB, sbo);
+    const int dq_col0 = SPLIT_COLS ? wg * DQ_N : 0;
+    const u32 dst_off = DS_AT + (dq_row0 / 64) * (BN * RB);
+    const u32 kt_off = (dq_col0 / 64) * (BN * RB) + (dq_col0 % 64) * 2;
     // This thread's dS^T stores: key row wg 64 + 16 (warp & 3) + g (+ 8), query pairs 2 t4
     // of each 8-column group; the swizzle phase of its rows is g.
     const u32 ds_row = s_ds + (u32)(wg * 64 + (warp & 3) * 16 + g) * RB + 4 * t4;
@@ -161,9 +189,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
 
             float st[BM / 2], dpt[BM / 2];
             {
-                u64 kd = k_desc0, vd = v_desc0;
-                u64 qd = q_desc0 + buf * (QD_BYTES / 16), od = do_desc0 + buf * (QD_BYTES / 16);
-                asm volatile("" : "+l"(kd), "+l"(vd), "+l"(qd), "+l"(od));
+                const u64 kd = desc(wg_rows, 16), vd = desc(V_AT + wg_rows, 16);
+                const u64 qd = desc(Q_AT + buf * QD_BYTES, 16), od = desc(DO_AT + buf * QD_BYTES, 16);
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < D / 16; ++ks) {
@@ -180,70 +207,124 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                 }
                 wgmma_commit();
             }
-            wgmma_wait<0>();
-            fence_regs(st);
-            fence_regs(dpt);
-
-            // P^T into st and dS^T = P^T (dP^T - D) into dpt. Element idx: key n0 + key_off
-            // + 8 ((idx >> 1) & 1), query row m0 + 8 (idx >> 2) + 2 t4 + (idx & 1). Only edge
-            // blocks test each element: keys past a row's limit, rows past the sequence
-            // (their lse and D are zero-filled). Called with a constant `edge`.
+#if SDPA_EXTRAS
+            // The forward's keep bits of this thread's elements, bit idx (attn_bwd_tc.cu: four
+            // lanes 4 apart share the Philox blocks of four keys of a row where S % 4 == 0).
+            u64 keep_bits = ~0ull;
+            if (p.dropout) {
+                if ((p.len_kv & 3) == 0) {
+                    const int c = g & 3;
+                    const int lane0 = lane - 4 * c;
+#pragma unroll
+                    for (int cg = 0; cg < BM / 8; ++cg) {
+                        const int i = m0 + cg * 8 + 2 * t4 + (c & 1);
+                        const int j0 = n0 + key_off - g + (g & ~3) + 8 * (c >> 1);
+                        const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int kq = (c + r) & 3;
+                            const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * kq);
+                            if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (cg * 4 + kq));
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int cg = 0; cg < BM / 8; ++cg)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
+                            const int j = n0 + key_off + 8 * (e >> 1);
+                            if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
+                                               dropout_index(p, b, h, i, j)))
+                                keep_bits &= ~(1ull << (cg * 4 + e));
+                        }
+                }
+            }
+            const bool any_mask = p.mask_kind != MASK_NONE;
+#else
+            const bool any_mask = false;
+#endif
+            // P^T into st as soon as S^T is done (dP^T still running), then dS^T = P^T (dP^T -
+            // D) into dpt. Element idx: key n0 + key_off + 8 ((idx >> 1) & 1), query row m0 +
+            // 8 (idx >> 2) + 2 t4 + (idx & 1). Only edge blocks test each element (keys past a
+            // row's limit, rows past the sequence, whose lse and D are zero-filled) and, with
+            // a mask, every block: bit idx of `unseen`, whose dS is 0 whatever dP holds.
+            // Called with a constant `edge`.
             auto probs_and_grads = [&](const bool edge) {
+                u64 unseen = 0;
+                wgmma_wait<1>();
+                fence_regs(st);
 #pragma unroll
                 for (int cg = 0; cg < BM / 8; ++cg) {
                     const float2 lse_pair = *(const float2*)(slse + cg * 8 + 2 * t4);
-                    const float2 d_pair = *(const float2*)(sdd + cg * 8 + 2 * t4);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int idx = 4 * cg + e;
                         const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
                         const int j = n0 + key_off + 8 * (e >> 1);
                         const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
+                        bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
+                        float x = st[idx] * p.scale_log2;
+#if SDPA_EXTRAS
+                        if (any_mask) {
+                            if (seen && i < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, i, j, x);
+                            seen = seen && x != SDPA_NEG_INF;
+                        }
+#endif
+                        st[idx] = seen ? fast_exp2(x - lse_row) : 0.f;
+                        if ((edge || any_mask) && !seen) unseen |= 1ull << idx;
+                    }
+                }
+                wgmma_wait<0>();
+                fence_regs(dpt);
+#pragma unroll
+                for (int cg = 0; cg < BM / 8; ++cg) {
+                    const float2 d_pair = *(const float2*)(sdd + cg * 8 + 2 * t4);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int idx = 4 * cg + e;
                         const float d_row = (e & 1) ? d_pair.y : d_pair.x;
-                        const bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
-                        const float prob = seen ? fast_exp2(st[idx] * p.scale_log2 - lse_row) : 0.f;
-                        const float ds = seen ? prob * (dpt[idx] - d_row) : 0.f;
-                        st[idx] = prob;
-                        dpt[idx] = ds;
+                        float grad_p = dpt[idx];
+#if SDPA_EXTRAS
+                        float keep = 1.f;
+                        if (p.dropout) {
+                            keep = ((keep_bits >> idx) & 1ull) ? (float)p.keep_scale : 0.f;
+                            grad_p *= keep;
+                        }
+#endif
+                        const float ds = st[idx] * (grad_p - d_row);
+                        const bool hidden = (edge || any_mask) && ((unseen >> idx) & 1ull);
+                        dpt[idx] = hidden ? 0.f : ds;
+#if SDPA_EXTRAS
+                        if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && !hidden) {
+                            const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
+                            const int j = n0 + key_off + 8 * (e >> 1);
+                            if (i < seq.len_q && j < seq.len_k)
+                                atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+                        }
+                        st[idx] *= keep;
+#endif
                     }
                 }
             };
-            if (n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
+            if (any_mask || n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
                 probs_and_grads(true);
             else
                 probs_and_grads(false);
 
-            // dS^T to shared memory (16-bit pairs: queries 2 t4, 2 t4 + 1 of a key row).
+            // P^T and dS^T as A fragments; dV += P^T dout and dK += dS^T Q (one group).
+            u32 pf[BM / 16][4], df[BM / 16][4];
 #pragma unroll
-            for (int cg = 0; cg < BM / 8; ++cg) {
+            for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const u32 at = ds_row + (cg / 8) * (BN * RB) + r * 8 * RB + (((cg & 7) ^ g) << 4);
-                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(pack2(dpt[4 * cg + 2 * r], dpt[4 * cg + 2 * r + 1]))
-                                 : "memory");
+                for (int r = 0; r < 4; ++r) {
+                    pf[kk][r] = pack2(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+                    df[kk][r] = pack2(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
                 }
             }
-            // P^T and dS^T as A fragments; dV += P^T dout and dK += dS^T Q (one group).
-            u32 pf[BM / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                pf[kk][0] = pack2(st[8 * kk + 0], st[8 * kk + 1]);
-                pf[kk][1] = pack2(st[8 * kk + 2], st[8 * kk + 3]);
-                pf[kk][2] = pack2(st[8 * kk + 4], st[8 * kk + 5]);
-                pf[kk][3] = pack2(st[8 * kk + 6], st[8 * kk + 7]);
-            }
-            u32 df[BM / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                df[kk][0] = pack2(dpt[8 * kk + 0], dpt[8 * kk + 1]);
-                df[kk][1] = pack2(dpt[8 * kk + 2], dpt[8 * kk + 3]);
-                df[kk][2] = pack2(dpt[8 * kk + 4], dpt[8 * kk + 5]);
-                df[kk][3] = pack2(dpt[8 * kk + 6], dpt[8 * kk + 7]);
-            }
             {
-                u64 od = dot_desc0 + buf * (QD_BYTES / 16);
-                u64 qd = qt_desc0 + buf * (QD_BYTES / 16);
-                asm volatile("" : "+l"(od), "+l"(qd));
+                const u64 od = desc(DO_AT + buf * QD_BYTES, BM * RB);
+                const u64 qd = desc(Q_AT + buf * QD_BYTES, BM * RB);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BM / 16; ++kk) WGMMA_KV(dv, pf[kk], od + kk * (16 * RB / 16), 1);
@@ -251,19 +332,28 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                 for (int kk = 0; kk < BM / 16; ++kk) WGMMA_KV(dk, df[kk], qd + kk * (16 * RB / 16), 1);
                 wgmma_commit();
             }
+            // dS^T to shared memory while those run (16-bit pairs: queries 2 t4, 2 t4 + 1 of
+            // a key row).
+#pragma unroll
+            for (int cg = 0; cg < BM / 8; ++cg) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const u32 at = ds_row + (cg / 8) * (BN * RB) + r * 8 * RB + (((cg & 7) ^ g) << 4);
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(df[cg / 2][(cg & 1) * 2 + r]) : "memory");
+                }
+            }
             // dS^T complete (both warpgroups) and visible to the async proxy.
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             __syncthreads();
 
             // dQ part = dS K over the CTA's 128 keys.
-            float dq[32];
+            float dq[DQ_N / 2];
             {
-                u64 ad = dst_desc0, bd = kt_desc0;
-                asm volatile("" : "+l"(ad), "+l"(bd));
+                const u64 ad = desc(dst_off, BN * RB), bd = desc(kt_off, BN * RB);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk)
-                    wgmma_ss_tt_n64(dq, ad + kk * (16 * RB / 16), bd + kk * (16 * RB / 16), kk > 0);
+                    WGMMA_DQ(dq, ad + kk * (16 * RB / 16), bd + kk * (16 * RB / 16), kk > 0);
                 wgmma_commit();
             }
             wgmma_wait<0>();
@@ -277,7 +367,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
             const bool odd = (t4 & 1) != 0;
             const int row_g = m0 + dq_row0 + (warp & 3) * 16 + g;
 #pragma unroll
-            for (int cg = 0; cg < 8; ++cg) {
+            for (int cg = 0; cg < DQ_N / 8; ++cg) {
                 const float* a = dq + 4 * cg;
                 if (vec4) {
                     const float got0 = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[2], 1);

@@ -718,14 +718,14 @@ impl GpuContext {
 /// The launch of a kernel with one warp per query row, four to a block:
 /// `(ceil(L / 4), Hq, B)` blocks of 128 threads.
 /// The tensor-core backward module a problem runs on: the Hopper kernel
-/// (`kernels/bwd/attn_bwd_wgmma.cu`) on sm_90 for the plain path (no mask, no dropout)
-/// at head dims 33 to 128 unless the context's configuration keeps mma.sync
+/// (`kernels/bwd/attn_bwd_wgmma.cu`) on sm_90 at head dims 33 to 128, masks and dropout
+/// included (its `extras` variant), unless the context's configuration keeps mma.sync
 /// (`SDPA_CUDA_WGMMA=0`); the mma.sync kernel otherwise.
 pub fn tc_backward_spec(gpu: &GpuContext, problem: &Problem) -> Result<KernelSpec> {
     let widest = problem.head_dim.max(problem.head_dim_v);
     let extras = problem.dropout.is_active() || problem.mask.is_some();
-    if !extras && widest > 32 && gpu.config().wgmma() {
-        if let Some(spec) = KernelSpec::fitting(Kind::BwdWgmma, problem.dtype, widest, false) {
+    if widest > 32 && gpu.config().wgmma() {
+        if let Some(spec) = KernelSpec::fitting(Kind::BwdWgmma, problem.dtype, widest, extras) {
             if spec.runs_on(gpu.arch()) {
                 return Ok(spec);
             }

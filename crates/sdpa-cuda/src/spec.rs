@@ -185,7 +185,7 @@ pub const TABLE: [Variant; 9] = [
         dtypes: HALF,
         // One swizzled column block of 64, or two; the query block is 8192 / D rows.
         head_dims: &[64, 128],
-        extras: &[false],
+        extras: &[false, true],
         entries: &[Entry::BwdPre, Entry::BwdMain],
         arch: Arch::Sm90a,
     },
@@ -346,7 +346,7 @@ impl KernelSpec {
                 } else {
                     "main"
                 };
-                format!("{prefix}_{part}_{dtype}_d{d}")
+                format!("{prefix}_{part}_{dtype}_d{d}{extras}")
             }
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
@@ -424,6 +424,7 @@ impl KernelSpec {
             }
             Kind::BwdWgmma => d.extend([
                 ("SDPA_HEAD_DIM", self.head_dim.to_string()),
+                ("SDPA_EXTRAS", (self.extras as u32).to_string()),
                 ("SDPA_KERNEL_PRE", self.symbol(Entry::BwdPre, config)),
                 ("SDPA_KERNEL", self.symbol(Entry::BwdMain, config)),
             ]),
@@ -580,7 +581,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4 + 4);
+        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4 + 8);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

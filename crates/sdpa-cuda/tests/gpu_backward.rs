@@ -841,7 +841,7 @@ fn backward_dispatch_takes_tensor_cores_then_math_where_it_fits() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn hopper_backward_takes_the_plain_path_on_sm90() {
+fn hopper_backward_takes_every_option_on_sm90() {
     use sdpa_core::{Problem, TensorDesc};
     use sdpa_cuda::spec::Kind;
     use sdpa_cuda::tc_backward_spec;
@@ -861,13 +861,16 @@ fn hopper_backward_takes_the_plain_path_on_sm90() {
     let wgmma = gpu.arch() == 90;
     let kind = |dim, options: &SdpaOptions| tc_backward_spec(gpu, &problem(dim, options)).unwrap();
     for dim in [40, 64, 96, 128] {
-        let spec = kind(dim, &plain);
-        assert_eq!(spec.kind == Kind::BwdWgmma, wgmma, "E={dim}: {spec:?}");
-        assert_eq!(spec.head_dim, if dim <= 64 { 64 } else { 128 });
+        for (options, extras) in [(&plain, false), (&dropout, true)] {
+            let spec = kind(dim, options);
+            assert_eq!(spec.kind == Kind::BwdWgmma, wgmma, "E={dim}: {spec:?}");
+            assert_eq!(spec.head_dim, if dim <= 64 { 64 } else { 128 });
+            assert_eq!(spec.extras, extras, "E={dim}: {spec:?}");
+        }
     }
-    // Dropout, and head dims the Hopper kernel has no class for, stay on mma.sync.
-    assert_eq!(kind(64, &dropout).kind, Kind::BwdTc);
+    // Head dims the Hopper kernel has no class for stay on mma.sync.
     assert_eq!(kind(32, &plain).kind, Kind::BwdTc);
+    assert_eq!(kind(32, &dropout).kind, Kind::BwdTc);
 }
 
 #[test]
