@@ -6,7 +6,7 @@ the L2 cache. With --ours (sdpa-cuda-bench --json output) it prints one markdown
 of both, with TFLOP/s and our time's ratio to PyTorch's (speed-up: >1 means ours is
 faster).
 
-Usage: python3 bench_torch.py [--ours ours.jsonl] [--json torch.json]
+Usage: python3 bench_torch.py [--ours ours.jsonl] [--json torch.json] [--shapes "B,H,L,E,dt,causal;..."]
 """
 import argparse
 import json
@@ -89,6 +89,13 @@ def time_backend(shape, backend, warmup, max_runs, budget_ms):
     return statistics.median(times), None
 
 
+def parse_shape(entry):
+    b, h, l, e, dt, causal = [f.strip() for f in entry.split(",")]
+    if dt not in DTYPES or causal not in ("true", "false"):
+        raise SystemExit(f"bad shape {entry!r}: B,H,L,E,f16|bf16,true|false")
+    return (int(b), int(h), int(l), int(e), dt, causal == "true")
+
+
 def key(shape):
     b, h, l, e, dt, causal = shape
     return f"({b},{h},{l},{e}) {dt}{' causal' if causal else ''}"
@@ -98,7 +105,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours")
     ap.add_argument("--json")
+    ap.add_argument("--shapes", help="B,H,L,E,dtype,causal;... (sdpa-cuda-bench's SDPA_BENCH_SHAPE_LIST)")
     args = ap.parse_args()
+    if args.shapes:
+        SHAPES[:] = [parse_shape(e) for e in args.shapes.split(";") if e.strip()]
     torch.backends.cuda.matmul.allow_tf32 = False
     theirs = {}
     for shape in SHAPES:

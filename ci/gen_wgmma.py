@@ -6,7 +6,7 @@ Generated because each wrapper lists N/2 accumulator operands by hand.
     python3 ci/gen_wgmma.py > kernels/common/wgmma.cuh
 """
 SS_N = [64, 128]          # S = Q K^T: N = keys a tile
-RS_N = [32, 64, 128]      # O += P V: N = padded head dim
+RS_N = [32, 64, 96, 128, 192, 256]  # O += P V: N = padded head dim
 TT_N = [32, 64]           # backward dQ = dS K: both operands N-/M-major
 
 def ops(n):

@@ -389,7 +389,7 @@ BUGS += [
         "bwd-wg-mask-ignored",
         "backward: mask ignored",
         "bwd/attn_bwd_wgmma.cu",
-        [("if (seen && i < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, i, j, x);", "if (false) x = masked_log2(p, b, h, i, j, x);")],
+        [("x = key_mask ? x + key_bias[e >> 1] : masked_log2(p, b, h, i, j, x);", "(void)key_bias;")],
         "the Hopper kernel's P recomputed without the mask (bool or additive)",
     ),
     (
@@ -398,6 +398,13 @@ BUGS += [
         "bwd/attn_bwd_wgmma.cu",
         [("atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);", "*((float*)p.dmask + dmask_at(p, b, h, i, j)) = ds;")],
         "the Hopper kernel's dmask stores each score's dS over the others broadcast onto it",
+    ),
+    (
+        "bwd-wg-key-dmask-half-quad",
+        "backward: dmask not summed over broadcast axes",
+        "bwd/attn_bwd_wgmma.cu",
+        [("sum += __shfl_xor_sync(0xffffffffu, sum, 2);", "")],
+        "a key-padding dmask summed over two of the four lanes that hold a key's rows",
     ),
 ]
 

@@ -241,6 +241,20 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                 }
             }
             const bool any_mask = p.mask_kind != MASK_NONE;
+            // A mask that broadcasts along the queries (a key-padding mask [B, 1, 1, S], its L
+            // stride 0) has one entry a key: this thread's two keys' entries are read once a
+            // block (log2 units; -inf for a hidden key), and its dmask sums over the rows of
+            // the block in registers, one atomic a key and lane quad.
+            const bool key_mask = any_mask && p.mask_stride_l == 0;
+            const bool key_dmask = p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && p.dmask_stride_l == 0;
+            float key_bias[2] = {0.f, 0.f}, key_ds[2] = {0.f, 0.f};
+            if (key_mask) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int j = n0 + key_off + 8 * r;
+                    if (j < seq.len_k) key_bias[r] = masked_log2(p, b, h, 0, j, 0.f);
+                }
+            }
 #else
             const bool any_mask = false;
 #endif
@@ -267,7 +281,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                         float x = st[idx] * p.scale_log2;
 #if SDPA_EXTRAS
                         if (any_mask) {
-                            if (seen && i < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, i, j, x);
+                            if (seen && i < seq.len_q && j < seq.len_k)
+                                x = key_mask ? x + key_bias[e >> 1] : masked_log2(p, b, h, i, j, x);
                             seen = seen && x != SDPA_NEG_INF;
                         }
 #endif
@@ -299,13 +314,27 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                         if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && !hidden) {
                             const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
                             const int j = n0 + key_off + 8 * (e >> 1);
-                            if (i < seq.len_q && j < seq.len_k)
+                            if (key_dmask)
+                                key_ds[e >> 1] += i < seq.len_q ? ds : 0.f;
+                            else if (i < seq.len_q && j < seq.len_k)
                                 atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
                         }
                         st[idx] *= keep;
 #endif
                     }
                 }
+#if SDPA_EXTRAS
+                if (key_dmask) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        float sum = key_ds[r];
+                        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                        const int j = n0 + key_off + 8 * r;
+                        if (t4 == 0 && j < seq.len_k) atomicAdd((float*)p.dmask + dmask_at(p, b, h, 0, j), sum);
+                    }
+                }
+#endif
             };
             if (any_mask || n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
                 probs_and_grads(true);

@@ -55,13 +55,15 @@ __device__ __forceinline__ void load_tile_sw(u32 tile, const u16* base, i64 stri
                                              int dim, bool vec_ok, int tid) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks a row
     constexpr int CPB = RB / 16;   // chunks a column block
-    if (vec_ok && dim == D && row0 + ROWS <= len) {
+    // The fast path needs a fixed chunk column a thread: not at D = 96 or 192 with two
+    // warpgroups (12 or 24 chunks a row), which take the general loop.
+    constexpr bool FIXED = NTHREADS % CHUNKS == 0;
+    if (FIXED && vec_ok && dim == D && row0 + ROWS <= len) {
         // Whole tile, 16-byte aligned rows, no padded columns: thread tid copies chunk
         // tid % CHUNKS of rows tid / CHUNKS + i RSTEP. Rows RSTEP apart have the same
         // swizzle phase (asserted), so one address computation, then constant steps.
-        constexpr int RSTEP = NTHREADS / CHUNKS;
-        static_assert(NTHREADS % CHUNKS == 0, "a thread's chunk column is fixed");
-        static_assert((RSTEP * RB) % 128 == 0 && ((RSTEP * RB) >> 7) % (SW_MASK + 1) == 0,
+        constexpr int RSTEP = FIXED ? NTHREADS / CHUNKS : 1;
+        static_assert(!FIXED || ((RSTEP * RB) % 128 == 0 && ((RSTEP * RB) >> 7) % (SW_MASK + 1) == 0),
                       "a thread's swizzle phase is fixed");
         const int r0 = tid / CHUNKS;
         const int ch = tid % CHUNKS;

@@ -6,7 +6,8 @@
 // query rows (the wgmma M), each with its own S and O accumulators. Q, and K/V tiles of
 // SDPA_BLOCK_N keys (double buffered, cp.async by every thread), sit in shared memory in
 // the swizzled layout wgmma reads through matrix descriptors:
-// a tile's rows are cut into column blocks of RB = min(2 D, 128) bytes, each block stored
+// a tile's rows are cut into column blocks of RB bytes (128, else 64 where 2 D is not a
+// multiple of 128: D = 32 and 96), each block stored
 // [rows][RB bytes] with its 16-byte chunks XOR-swizzled by address bits 7.. (128-, 64- or
 // 32-byte swizzle), every block 1024-byte aligned.
 //   S = Q K^T : A = Q (K-major descriptor), B = K (K-major descriptor).
@@ -22,7 +23,7 @@
 // FlashAttention-3's intra-warpgroup overlap across key tiles, measured slower here:
 // kernels/NOTES.md, wgmma v2.)
 //
-// Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (32, 64 or 128: E and Ev
+// Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (32, 64, 96, 128, 192 or 256: E and Ev
 // padded, zero-filled in shared memory, padded columns never stored), SDPA_BLOCK_N (64
 // or 128), SDPA_WARPGROUPS, SDPA_M_TILES (1 or 2), SDPA_MIN_BLOCKS, SDPA_KERNEL (symbol).
 // Run time (FwdParams): causal alignment, scale, GQA group, varlen, strides.
@@ -45,7 +46,7 @@
 #define NTHREADS (128 * NWG)
 // Bytes of one swizzled row of a column block, blocks a row, the swizzle mask and the
 // descriptor's swizzle mode (1: 128 B, 2: 64 B, 3: 32 B), 16-element k-steps a block.
-#define RB ((2 * D) < 128 ? (2 * D) : 128)
+#define RB ((2 * D) % 128 == 0 ? 128 : ((2 * D) % 64 == 0 ? 64 : 32))
 #define NCB ((2 * D) / RB)
 #define SW_MASK (RB / 16 - 1)
 #define SW_MODE (RB == 128 ? 1 : (RB == 64 ? 2 : 3))
@@ -70,8 +71,16 @@ static_assert(SHARED_BYTES <= 232448, "Q, K and V tiles exceed sm_90's shared me
 #define WGMMA_O wgmma_rs_n32
 #elif D == 64
 #define WGMMA_O wgmma_rs_n64
+#elif D == 96
+#define WGMMA_O wgmma_rs_n96
 #elif D == 128
 #define WGMMA_O wgmma_rs_n128
+#elif D == 192
+#define WGMMA_O wgmma_rs_n192
+#elif D == 256
+#define WGMMA_O wgmma_rs_n256
+#else
+#error "head dim class: 32, 64, 96, 128, 192 or 256"
 #endif
 
 #include "common/wgmma_tile.cuh"

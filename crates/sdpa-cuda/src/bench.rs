@@ -9,7 +9,7 @@
 //! `sdpa-cuda-bench --backward`).
 
 use crate::context::GpuContext;
-use crate::error::Result;
+use crate::error::{CudaError, Result};
 use crate::params::Varlen;
 use crate::tensor::{DeviceMask, DeviceSeqlens, DeviceTensor};
 use cudarc::driver::sys::CUevent_flags;
@@ -582,7 +582,7 @@ pub fn run_backward_benchmarks(gpu: &GpuContext) -> Result<Vec<BackwardRow>> {
         runs: t.runs,
         tflops: 2.5 * problem.flops() / (t.median_ms * 1e-3) / 1e12,
     };
-    let shapes = selected_shapes();
+    let shapes = selected_shapes()?;
     let mut problems: Vec<(String, BenchProblem)> = shapes
         .iter()
         .map(|(_, shape)| (label(shape), shape.problem()))
@@ -661,23 +661,66 @@ pub fn runs_for(backend: Backend) -> (usize, usize, f64) {
 }
 
 /// The shapes of [`issue_shapes`] with their indices; `SDPA_BENCH_SHAPES=0,1` keeps only
-/// those (tile sweeps, profiles).
-fn selected_shapes() -> Vec<(usize, BenchShape)> {
+/// those (tile sweeps, profiles). `SDPA_BENCH_SHAPE_LIST` replaces the list (head-dim
+/// and length sweeps; [`parse_shape_list`]).
+fn selected_shapes() -> Result<Vec<(usize, BenchShape)>> {
     let only = std::env::var("SDPA_BENCH_SHAPES").ok();
-    issue_shapes()
+    let shapes = match std::env::var("SDPA_BENCH_SHAPE_LIST") {
+        Ok(list) => parse_shape_list(&list).map_err(|e| {
+            CudaError::bad_layout(
+                "SDPA_BENCH_SHAPE_LIST",
+                "B,H,L,E,f16|bf16,true|false;...",
+                e,
+            )
+        })?,
+        Err(_) => issue_shapes(),
+    };
+    Ok(shapes
         .into_iter()
         .enumerate()
         .filter(|(i, _)| {
             only.as_ref()
                 .is_none_or(|o| o.split(',').any(|s| s.trim() == i.to_string()))
         })
-        .collect()
+        .collect())
+}
+
+/// `B,H,L,E,dtype,causal` shapes separated by `;` (dtype `f16` or `bf16`, causal `true`
+/// or `false`), the form `ci/bench_torch.py --shapes` takes; an error names the entry.
+pub fn parse_shape_list(list: &str) -> std::result::Result<Vec<BenchShape>, String> {
+    let mut shapes = Vec::new();
+    for entry in list.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let f: Vec<&str> = entry.split(',').map(str::trim).collect();
+        let bad = || format!("{entry:?}");
+        if f.len() != 6 {
+            return Err(bad());
+        }
+        let num = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
+        let dtype = match f[4] {
+            "f16" => "f16",
+            "bf16" => "bf16",
+            _ => return Err(bad()),
+        };
+        let causal = f[5].parse::<bool>().map_err(|_| bad())?;
+        shapes.push(BenchShape {
+            batch: num(f[0])?,
+            heads: num(f[1])?,
+            len: num(f[2])?,
+            head_dim: num(f[3])?,
+            dtype,
+            causal,
+        });
+    }
+    if shapes.is_empty() {
+        return Err("no shape".to_string());
+    }
+    Ok(shapes)
 }
 
 /// Every backend on every shape of [`issue_shapes`] (or those `SDPA_BENCH_SHAPES` keeps).
 pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    for (_, shape) in selected_shapes() {
+    for (_, shape) in selected_shapes()? {
         for backend in Backend::PRIORITY {
             // SDPA_BENCH_BACKENDS=flash,math times only those.
             if let Ok(only) = std::env::var("SDPA_BENCH_BACKENDS") {
@@ -692,4 +735,37 @@ pub fn run_issue_benchmarks(gpu: &GpuContext) -> Result<Vec<BenchRow>> {
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_lists_parse_and_bad_entries_are_named() {
+        let shapes = parse_shape_list("2,16,4096,96,bf16,true; 1,8,512,256,f16,false;").unwrap();
+        assert_eq!(shapes.len(), 2);
+        assert_eq!(
+            (
+                shapes[0].batch,
+                shapes[0].heads,
+                shapes[0].len,
+                shapes[0].head_dim
+            ),
+            (2, 16, 4096, 96)
+        );
+        assert_eq!((shapes[0].dtype, shapes[0].causal), ("bf16", true));
+        assert_eq!((shapes[1].dtype, shapes[1].causal), ("f16", false));
+        for bad in [
+            "1,8,512,256,f32,false",
+            "1,8,512,256,f16",
+            "0,8,512,64,f16,false",
+            "1,8,x,64,f16,true",
+            "1,8,64,64,f16,yes",
+        ] {
+            let e = parse_shape_list(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!(parse_shape_list(" ; ").is_err());
+    }
 }

@@ -26,7 +26,8 @@ pub enum Kind {
     BwdSimt,
     /// The mma.sync tensor-core backward (flash, and efficient in f16/bf16; sm_80+).
     BwdTc,
-    /// The Hopper warpgroup-MMA backward (sm_90a): the plain flash path.
+    /// The Hopper warpgroup-MMA backward (sm_90a): flash and efficient in f16/bf16, masks
+    /// and dropout in its `extras` variant.
     BwdWgmma,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
@@ -114,8 +115,8 @@ pub const TABLE: [Variant; 9] = [
         source: "fwd/attn_fwd_wgmma.cu",
         prefix: "attn_fwd_wgmma",
         dtypes: HALF,
-        // One swizzled column block of 64 (128 bytes), or two.
-        head_dims: &[32, 64, 128],
+        // Column blocks of 64 elements (128 bytes; of 32 at D = 32 and 96), one to four.
+        head_dims: &[32, 64, 96, 128, 192, 256],
         extras: &[false],
         entries: &[Entry::Forward],
         arch: Arch::Sm90a,
@@ -183,7 +184,7 @@ pub const TABLE: [Variant; 9] = [
         source: "bwd/attn_bwd_wgmma.cu",
         prefix: "attn_bwd_wgmma",
         dtypes: HALF,
-        // One swizzled column block of 64, or two; the query block is 8192 / D rows.
+        // One swizzled column block of 64, or two; query blocks of 64 rows.
         head_dims: &[64, 128],
         extras: &[false, true],
         entries: &[Entry::BwdPre, Entry::BwdMain],
@@ -524,8 +525,28 @@ mod tests {
         );
         let wg = |w| dim(Kind::FwdWgmma, DType::BF16, w);
         assert_eq!(
-            [wg(8), wg(33), wg(96), wg(129)],
-            [Some(32), Some(64), Some(128), None]
+            [
+                wg(8),
+                wg(33),
+                wg(80),
+                wg(96),
+                wg(100),
+                wg(129),
+                wg(200),
+                wg(256),
+                wg(257)
+            ],
+            [
+                Some(32),
+                Some(64),
+                Some(96),
+                Some(96),
+                Some(128),
+                Some(192),
+                Some(256),
+                Some(256),
+                None
+            ]
         );
         assert_eq!(dim(Kind::FwdTc, DType::F32, 64), None);
         assert!(KernelSpec::fitting(Kind::FwdWgmma, DType::F16, 64, true).is_none());
@@ -581,7 +602,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 6 + 6 + 4 + 4 + 9 + 16 + 4 + 8);
+        assert_eq!(specs.len(), 32 + 12 + 6 + 4 + 4 + 9 + 16 + 4 + 8);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

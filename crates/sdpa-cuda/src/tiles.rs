@@ -100,8 +100,9 @@ impl WgTiles {
         128 * self.warpgroups
     }
 
-    /// The default for a padded head dim, 64 keys a tile: three warpgroups (192 query
-    /// rows, 168 registers) at D = 128; at D = 64 and 32 one warpgroup a CTA and four
+    /// The default for a padded head dim, 64 keys a tile: two warpgroups (128 query rows,
+    /// O alone 96 or 128 registers) at D = 192 and 256; three (192 query rows, 168
+    /// registers) at D = 96 and 128; at D = 64 and 32 one warpgroup a CTA and four
     /// CTAs an SM (at most 128 registers), so no CTA barrier couples two warpgroups and
     /// the SM's four warpgroups drift apart (one's softmax under another's GEMMs). The
     /// fastest of the sweeps in kernels/NOTES.md.
@@ -114,7 +115,8 @@ impl WgTiles {
         };
         match head_dim {
             0..=64 => t(1, 64, 4),
-            _ => t(3, 64, 1),
+            65..=128 => t(3, 64, 1),
+            _ => t(2, 64, 1),
         }
     }
 

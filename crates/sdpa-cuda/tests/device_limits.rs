@@ -234,7 +234,7 @@ fn shared_memory_comes_from_the_kernels() {
         );
     }
     if gpu.arch() == 90 {
-        for head_dim in [32u32, 64, 128] {
+        for head_dim in [32u32, 64, 96, 128, 192, 256] {
             let spec =
                 KernelSpec::fitting(Kind::FwdWgmma, DType::BF16, head_dim as usize, false).unwrap();
             let t = config.wg_tiles(head_dim);
