@@ -29,6 +29,7 @@ fn tiny(mask: MaskSpec, causal: Causal, dropout: Dropout, group: usize) -> Probl
             dropout,
             scale: None,
             enable_gqa: group > 1,
+            ..Default::default()
         },
         data_seed: 7,
     }

@@ -269,6 +269,7 @@ fn run_typed<T: Element>(input: &Input) {
         dropout: Dropout::new(p, input.seed, input.offset),
         scale,
         enable_gqa: input.enable_gqa,
+        ..Default::default()
     };
 
     let validated = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), &options);

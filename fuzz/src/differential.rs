@@ -105,6 +105,7 @@ impl Input {
                 }),
                 scale: self.scale.map(|s| s as f64 / 16384.0),
                 enable_gqa: group > 1,
+                ..Default::default()
             },
             data_seed: self.data_seed,
         }
@@ -164,7 +165,13 @@ fn grad_bound(dtype: DType) -> f64 {
     }
 }
 
-fn gradients_close(what: &str, got: &run::BackwardOutput, truth: &run::BackwardOutput, dtype: DType, case: &Case) {
+fn gradients_close(
+    what: &str,
+    got: &run::BackwardOutput,
+    truth: &run::BackwardOutput,
+    dtype: DType,
+    case: &Case,
+) {
     let pairs = [
         ("dq", Some(&got.dq), Some(&truth.dq)),
         ("dk", Some(&got.dk), Some(&truth.dk)),
@@ -175,10 +182,16 @@ fn gradients_close(what: &str, got: &run::BackwardOutput, truth: &run::BackwardO
         let (g, t) = match (g, t) {
             (Some(g), Some(t)) => (g.to_f64(), t.to_f64()),
             (None, None) => continue,
-            _ => panic!("{what} {dtype} {name}: present on one side only\n{:?}", case.options),
+            _ => panic!(
+                "{what} {dtype} {name}: present on one side only\n{:?}",
+                case.options
+            ),
         };
         assert_eq!(g.shape(), t.shape(), "{what} {dtype} {name} shape");
-        let magnitude = t.iter().filter(|x| x.is_finite()).fold(1.0f64, |m, x| m.max(x.abs()));
+        let magnitude = t
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(1.0f64, |m, x| m.max(x.abs()));
         // Non-finite values must agree exactly (the same infinity, or NaN on both sides).
         let worst = g.iter().zip(t.iter()).fold(0.0f64, |m, (a, b)| {
             if a.is_finite() && b.is_finite() {
@@ -204,14 +217,18 @@ fn gradients_close(what: &str, got: &run::BackwardOutput, truth: &run::BackwardO
 fn backward_agrees(case: &Case, dtype: DType, seed: u64) {
     let problem = run::problem(case).expect("generated problems are valid");
     let mut rng = sdpa_harness::strategies::SplitMix64(seed ^ 0xd007_d007_d007_d007);
-    let dout = ndarray::ArrayD::from_shape_simple_fn(ndarray::IxDyn(&problem.out_shape()), || rng.symmetric());
+    let dout = ndarray::ArrayD::from_shape_simple_fn(ndarray::IxDyn(&problem.out_shape()), || {
+        rng.symmetric()
+    });
     let dout = sdpa_harness::Tensor::from_f64(&dout, dtype);
     let mut with_dout = case.clone();
     with_dout.results.insert("dout".into(), dout.clone());
     let mut wide = run::widened(&with_dout);
-    wide.results.insert("dout".into(), sdpa_harness::Tensor::F64(dout.to_f64()));
+    wide.results
+        .insert("dout".into(), sdpa_harness::Tensor::F64(dout.to_f64()));
     let truth = run::run_backward(&wide, &sdpa::Exec::cpu()).expect("generated problems are valid");
-    let got = run::run_backward(&with_dout, &sdpa::Exec::cpu()).expect("generated problems are valid");
+    let got =
+        run::run_backward(&with_dout, &sdpa::Exec::cpu()).expect("generated problems are valid");
     gradients_close("reference", &got, &truth, dtype, case);
     let Some(gpu) = gpu() else {
         return;

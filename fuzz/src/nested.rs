@@ -189,6 +189,7 @@ fn pad_and_attend(input: &Input) {
         }),
         scale: None,
         enable_gqa: group > 1,
+        ..Default::default()
     };
     let nested = sdpa_nested(&q, &k, &v, &options).expect("a consistent nested batch");
     let key_mask = key_padding_mask(k.cu_seqlens());

@@ -994,6 +994,7 @@ impl BenchArgs {
                 dropout: Dropout::new(self.dropout.unwrap_or(0.0), 0x5d9a_2024, 0),
                 scale: None,
                 enable_gqa: heads_kv != heads_q,
+                ..Default::default()
             },
             mask,
             varlen,

@@ -33,6 +33,7 @@ fn spec() -> ProblemSpec {
             dropout: Dropout::new(0.25, 77, 1234),
             scale: Some(-0.4),
             enable_gqa: true,
+            ..Default::default()
         },
         data_seed: 5,
     }

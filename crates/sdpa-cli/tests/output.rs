@@ -34,6 +34,7 @@ fn case(data_seed: u64) -> Case {
             dropout: Dropout::new(0.0, 0, 0),
             scale: None,
             enable_gqa: false,
+            ..Default::default()
         },
         data_seed,
     }

@@ -33,6 +33,7 @@ fn case(dtype: DType) -> Case {
             dropout: Dropout::new(0.0, 0, 0),
             scale: None,
             enable_gqa: false,
+            ..Default::default()
         },
         data_seed: 9,
     }

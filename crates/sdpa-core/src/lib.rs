@@ -40,5 +40,5 @@ pub use dropout::{philox4x32_10, Dropout};
 pub use dtype::{DType, Scalar};
 pub use error::{Result, SdpaError};
 pub use layout::{Layout, TensorDesc};
-pub use mask::{Causal, MaskDesc, MaskKind};
+pub use mask::{Causal, MaskDesc, MaskKind, Window};
 pub use problem::{shape_text, KvLayout, MaskPlan, Problem, SdpaOptions};

@@ -95,6 +95,59 @@ impl MaskDesc {
     }
 }
 
+/// A sliding window (FlashAttention's definition, bottom-right aligned): query `i` of `L`
+/// sees key `j` of `S` iff `i + S - L - left <= j <= i + S - L + right`; `-1` on a side
+/// is unbounded. ANDed with causal and any mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// Keys before the row's diagonal it sees (`-1`: all).
+    pub left: i64,
+    /// Keys after the row's diagonal it sees (`-1`: all).
+    pub right: i64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window::NONE
+    }
+}
+
+impl Window {
+    /// No window: every key.
+    pub const NONE: Window = Window {
+        left: -1,
+        right: -1,
+    };
+
+    /// Whether the window hides any key of some problem (a side is bounded).
+    pub fn is_active(self) -> bool {
+        self.left >= 0 || self.right >= 0
+    }
+
+    /// The keys `lo..hi` query `i` sees, for `L` queries and `S` keys (empty when
+    /// `lo >= hi`); clamped to `0..S`.
+    pub fn key_range(self, i: usize, len_q: usize, len_kv: usize) -> (usize, usize) {
+        let diag = i as i128 + len_kv as i128 - len_q as i128;
+        let lo = if self.left < 0 {
+            0
+        } else {
+            (diag - self.left as i128).clamp(0, len_kv as i128)
+        };
+        let hi = if self.right < 0 {
+            len_kv as i128
+        } else {
+            (diag + self.right as i128 + 1).clamp(0, len_kv as i128)
+        };
+        (lo as usize, hi as usize)
+    }
+
+    /// Whether query `i` may attend to key `j`.
+    pub fn allows(self, i: usize, j: usize, len_q: usize, len_kv: usize) -> bool {
+        let (lo, hi) = self.key_range(i, len_q, len_kv);
+        lo <= j && j < hi
+    }
+}
+
 /// Causal masking, applied on top of any explicit mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Causal {
@@ -155,6 +208,23 @@ impl std::str::FromStr for Causal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_are_bottom_right_aligned_and_clamped() {
+        let w = Window { left: 1, right: 0 };
+        // L = 3, S = 5: row i's diagonal is key i + 2.
+        assert_eq!(w.key_range(0, 3, 5), (1, 3));
+        assert_eq!(w.key_range(2, 3, 5), (3, 5));
+        // L > S: the first rows' windows fall before key 0.
+        assert_eq!(w.key_range(0, 6, 2), (0, 0));
+        assert_eq!(w.key_range(5, 6, 2), (0, 2));
+        assert_eq!(Window::NONE.key_range(3, 4, 9), (0, 9));
+        assert_eq!(Window { left: -1, right: 2 }.key_range(0, 4, 9), (0, 8));
+        assert!(Window { left: 0, right: 0 }.allows(1, 6, 4, 9));
+        assert!(!Window { left: 0, right: 0 }.allows(1, 5, 4, 9));
+        assert!(!Window::NONE.is_active() && Window { left: 0, right: -1 }.is_active());
+        assert_eq!(Window::default(), Window::NONE);
+    }
 
     #[test]
     fn broadcast_rules_follow_pytorch() {

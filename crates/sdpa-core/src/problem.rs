@@ -2,7 +2,7 @@ use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Result, SdpaError};
 use crate::layout::{checked_offset_bounds, checked_storage_len, fmt_shape, Layout, TensorDesc};
-use crate::mask::{Causal, MaskDesc, MaskKind};
+use crate::mask::{Causal, MaskDesc, MaskKind, Window};
 
 /// Everything about a call that is not a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -19,6 +19,13 @@ pub struct SdpaOptions {
     pub scale: Option<f64>,
     /// Grouped-query attention: query head `h` reads kv head `h / (Hq / Hkv)`.
     pub enable_gqa: bool,
+    /// Sliding window ([`Window`]); `Window::NONE` by default. The CPU reference runs
+    /// it; the CUDA backends refuse it (not yet built there).
+    pub window: Window,
+    /// Softcap `c > 0`: scores become `c * tanh(scale * q.k / c)` before any mask.
+    /// `None` by default; finite in f32. The CPU reference runs it; the CUDA backends
+    /// refuse it (not yet built there).
+    pub softcap: Option<f64>,
 }
 
 /// The explicit mask of a validated problem, read through broadcast strides.
@@ -99,6 +106,10 @@ pub struct Problem {
     pub scale: f64,
     /// Whether GQA was requested.
     pub enable_gqa: bool,
+    /// Sliding window (validated: each side `-1` or at least 0).
+    pub window: Window,
+    /// Softcap (validated: finite in f32 and positive).
+    pub softcap: Option<f64>,
     /// How sequences are laid out: dense, or packed with `cu_seqlens`.
     pub kv_layout: KvLayout,
 }
@@ -276,6 +287,27 @@ impl Problem {
                 .dropout
                 .validate_counters(batch, heads_q, len_q, len_kv)?;
         }
+        for (side, n) in [
+            ("window_left", options.window.left),
+            ("window_right", options.window.right),
+        ] {
+            if n < -1 {
+                return Err(SdpaError::invalid(
+                    side,
+                    "-1 (unbounded) or a key count >= 0",
+                    n,
+                ));
+            }
+        }
+        if let Some(c) = options.softcap {
+            if !(c > 0.0 && (c as f32).is_finite()) {
+                return Err(SdpaError::invalid(
+                    "softcap",
+                    format!("a positive number finite in f32 (at most {:e})", f32::MAX),
+                    format!("{c:e}"),
+                ));
+            }
+        }
         let scale = match options.scale {
             // The f16/bf16/f32 paths keep scores and the scale (the fused kernels as
             // `scale_log2`, f32 in FwdParams) in f32: a scale past f32's range turns every
@@ -309,6 +341,8 @@ impl Problem {
             dropout: options.dropout,
             scale,
             enable_gqa: options.enable_gqa,
+            window: options.window,
+            softcap: options.softcap,
             kv_layout: KvLayout::Dense,
         })
     }
@@ -324,6 +358,19 @@ impl Problem {
             v,
             kv_layout: KvLayout::Varlen,
             ..self
+        }
+    }
+
+    /// The options this problem was made with (the scale resolved), so that the same
+    /// tensors give the same problem again.
+    pub fn options(&self) -> SdpaOptions {
+        SdpaOptions {
+            causal: self.causal,
+            dropout: self.dropout,
+            scale: Some(self.scale),
+            enable_gqa: self.enable_gqa,
+            window: self.window,
+            softcap: self.softcap,
         }
     }
 
@@ -409,6 +456,15 @@ impl Problem {
         }
         if self.dropout.is_active() {
             s.push_str(&format!(" dropout_p={}", self.dropout.p));
+        }
+        if self.window.is_active() {
+            s.push_str(&format!(
+                " window=({},{})",
+                self.window.left, self.window.right
+            ));
+        }
+        if let Some(c) = self.softcap {
+            s.push_str(&format!(" softcap={c}"));
         }
         s
     }
@@ -515,6 +571,43 @@ mod tests {
             };
             assert!(msg(Problem::new(&q, &k, &v, None, &bad_scale)).starts_with("scale:"));
         }
+    }
+
+    #[test]
+    fn window_and_softcap_are_validated_by_name_and_refused_on_cuda() {
+        let x = t(DType::F16, [1, 2, 5, 8]);
+        let with = |window, softcap| SdpaOptions {
+            window,
+            softcap,
+            ..Default::default()
+        };
+        let err = |o: SdpaOptions| Problem::new(&x, &x, &x, None, &o).unwrap_err().to_string();
+        assert!(err(with(Window { left: -2, right: 0 }, None)).contains("window_left"));
+        assert!(err(with(Window { left: 0, right: -3 }, None)).contains("window_right"));
+        for c in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            assert!(err(with(Window::NONE, Some(c))).contains("softcap"), "{c}");
+        }
+        let p = Problem::new(
+            &x,
+            &x,
+            &x,
+            None,
+            &with(Window { left: 1, right: 0 }, Some(30.0)),
+        )
+        .unwrap();
+        let mut want = with(Window { left: 1, right: 0 }, Some(30.0));
+        want.scale = Some(p.scale);
+        assert_eq!(p.options(), want);
+        assert!(
+            p.summary().contains("window=(1,0) softcap=30"),
+            "{}",
+            p.summary()
+        );
+        for backend in crate::Backend::PRIORITY {
+            let reason = crate::check_support(backend, &p, crate::Device::Cuda).unwrap_err();
+            assert!(reason.contains("window"), "{backend}: {reason}");
+        }
+        assert!(crate::check_support(crate::Backend::Math, &p, crate::Device::Cpu).is_ok());
     }
 
     #[test]

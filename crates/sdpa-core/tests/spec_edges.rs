@@ -273,6 +273,7 @@ fn problem_shapes_groups_and_summary() {
         dropout: Dropout::new(0.25, 1, 2),
         scale: Some(-0.5),
         enable_gqa: true,
+        ..Default::default()
     };
     let mask = MaskDesc::contiguous(MaskKind::Additive(DType::BF16), &[7, 11]);
     let p = problem_with(

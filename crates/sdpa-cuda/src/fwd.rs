@@ -169,18 +169,7 @@ impl GpuContext {
         if let Err(reason) = check_support(backend, problem, Device::Cuda) {
             return Err(SdpaError::NoBackend(vec![(backend, reason)]).into());
         }
-        let again = self.problem(
-            q,
-            k,
-            v,
-            mask,
-            &SdpaOptions {
-                causal: problem.causal,
-                dropout: problem.dropout,
-                scale: Some(problem.scale),
-                enable_gqa: problem.enable_gqa,
-            },
-        )?;
+        let again = self.problem(q, k, v, mask, &problem.options())?;
         if again != *problem {
             return Err(CudaError::bad_layout(
                 "query",

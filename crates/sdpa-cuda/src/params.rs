@@ -474,6 +474,7 @@ mod tests {
             dropout: Dropout::new(0.25, 0x1234_5678_9abc, 77),
             scale: Some(-0.5),
             enable_gqa: true,
+            ..Default::default()
         };
         let problem = Problem::new(&q, &k, &k, Some(&mask), &options).unwrap();
         let p = FwdParams::from_problem(&problem);

@@ -635,6 +635,7 @@ fn sanitize_small_set() {
                 dropout: Dropout::new(p, 9, 1),
                 scale: None,
                 enable_gqa: true,
+                ..Default::default()
             },
             11,
         )

@@ -1043,6 +1043,7 @@ fn random_case(n: u64) -> Case {
             dropout,
             scale,
             enable_gqa: group > 1,
+            ..Default::default()
         },
     }
 }

@@ -36,7 +36,7 @@
 
 use crate::error::{HarnessError, Result};
 use crate::tensor::Tensor;
-use sdpa_core::{Causal, Dropout, SdpaOptions};
+use sdpa_core::{Causal, Dropout, SdpaOptions, Window};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -60,7 +60,7 @@ pub struct Case {
     pub extra_metadata: BTreeMap<String, String>,
 }
 
-const OPTION_KEYS: [&str; 7] = [
+const OPTION_KEYS: [&str; 10] = [
     "is_causal",
     "causal",
     "dropout_p",
@@ -68,6 +68,9 @@ const OPTION_KEYS: [&str; 7] = [
     "offset",
     "scale",
     "enable_gqa",
+    "window_left",
+    "window_right",
+    "softcap",
 ];
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -139,11 +142,31 @@ pub fn parse_options(meta: &HashMap<String, String>) -> Result<SdpaOptions> {
         .map(|v| parse_bool("enable_gqa", v))
         .transpose()?
         .unwrap_or(false);
+    let side = |key: &'static str| -> Result<i64> {
+        match get(key).map(str::trim) {
+            None | Some("") => Ok(-1),
+            Some(v) => parse_num(key, v, "-1 (unbounded) or a key count >= 0"),
+        }
+    };
+    let window = Window {
+        left: side("window_left")?,
+        right: side("window_right")?,
+    };
+    let softcap = match get("softcap").map(str::trim) {
+        None | Some("") | Some("none") | Some("None") | Some("0") => None,
+        Some(v) => Some(parse_num(
+            "softcap",
+            v,
+            "a positive number, or 0 / none for none",
+        )?),
+    };
     Ok(SdpaOptions {
         causal,
         dropout,
         scale,
         enable_gqa,
+        window,
+        softcap,
     })
 }
 
@@ -158,6 +181,14 @@ pub fn options_metadata(options: &SdpaOptions) -> BTreeMap<String, String> {
     m.insert("dropout_p".into(), options.dropout.p.to_string());
     m.insert("seed".into(), options.dropout.seed.to_string());
     m.insert("offset".into(), options.dropout.offset.to_string());
+    // Only where set: cases without them keep their bytes.
+    if options.window.is_active() {
+        m.insert("window_left".into(), options.window.left.to_string());
+        m.insert("window_right".into(), options.window.right.to_string());
+    }
+    if let Some(c) = options.softcap {
+        m.insert("softcap".into(), c.to_string());
+    }
     if let Some(s) = options.scale {
         m.insert("scale".into(), format!("{s:?}"));
     }
@@ -1032,4 +1063,33 @@ pub fn serialize(tensors: &[(String, &Tensor)], metadata: &BTreeMap<String, Stri
 
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("a str always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(options: &SdpaOptions) -> SdpaOptions {
+        parse_options(&options_metadata(options).into_iter().collect()).unwrap()
+    }
+
+    #[test]
+    fn window_and_softcap_metadata_round_trip_and_stay_out_when_unset() {
+        let plain = SdpaOptions::default();
+        let meta = options_metadata(&plain);
+        assert!(!meta.contains_key("window_left") && !meta.contains_key("softcap"));
+        assert_eq!(parsed(&plain), plain);
+        let set = SdpaOptions {
+            window: Window { left: 4, right: -1 },
+            softcap: Some(30.0),
+            ..Default::default()
+        };
+        assert_eq!(parsed(&set), set);
+        let bad = |key: &str, value: &str| {
+            let meta: HashMap<String, String> = [(key.to_string(), value.to_string())].into();
+            parse_options(&meta).unwrap_err().to_string()
+        };
+        assert!(bad("window_left", "x").contains("window_left"));
+        assert!(bad("softcap", "big").contains("softcap"));
+    }
 }

@@ -283,6 +283,7 @@ pub fn gpu_case(
                             dropout: Dropout::new(p, dropout_seed, offset),
                             scale,
                             enable_gqa: group > 1,
+                            ..Default::default()
                         },
                         data_seed,
                     },

@@ -216,6 +216,7 @@ pub fn options(enable_gqa: bool, with_dropout: bool) -> impl Strategy<Value = Sd
         dropout,
         scale,
         enable_gqa,
+        ..Default::default()
     })
 }
 

@@ -30,6 +30,7 @@ fn a_file_written_by_python_replays() {
             dropout: Dropout::new(0.25, 1234, 8),
             scale: Some(-0.3),
             enable_gqa: true,
+            ..Default::default()
         }
     );
     assert_eq!(case.name(), Some("python_written"));

@@ -164,6 +164,7 @@ fn check<T: GpuElem>(spec: &Spec) -> Result<(), TestCaseError> {
         dropout: spec.dropout,
         scale: None,
         enable_gqa: spec.group > 1,
+        ..Default::default()
     };
     let tol = tolerance::for_dtype(<T as DeviceElement>::DTYPE);
 

@@ -118,6 +118,7 @@ fn check_equivalence(spec: &NestedSpec) -> Result<(), TestCaseError> {
         dropout: spec.dropout,
         scale: spec.scale,
         enable_gqa: spec.group > 1,
+        ..Default::default()
     };
     let nested = sdpa_nested(&q, &k, &v, &options).unwrap();
 

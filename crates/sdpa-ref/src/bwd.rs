@@ -221,6 +221,17 @@ fn head_grads<T: Element>(
                 &mut probs,
             );
         }
+        // Softcap: s' = c tanh(s / c) is what the mask and softmax see; ds/ds' = 1 - tanh^2
+        // scales dS on its way to dq and dk (not dmask, added after the softcap).
+        let capped = p.softcap.map(|c| {
+            let c = T::Acc::from_f64(c);
+            let slope = probs.mapv(|x| {
+                let t = (x / c).tanh();
+                T::Acc::one() - t * t
+            });
+            crate::softcap_scores(probs.view_mut(), c);
+            slope
+        });
         let mut dscores = Array2::<T::Acc>::zeros((rows, len_kv));
         // (Ev = 0 makes an empty, finite product: 0.)
         general_mat_mul(
@@ -279,6 +290,12 @@ fn head_grads<T: Element>(
                 };
             }
         }
+        if let Some(ds) = grads.ds.as_mut() {
+            ds.slice_mut(s![block.clone(), ..]).assign(&dscores);
+        }
+        if let Some(slope) = &capped {
+            dscores.zip_mut_with(slope, |d, &g| *d = *d * g);
+        }
         // With E = 0 (an infinite default scale) or Ev = 0 these outputs are empty.
         general_mat_mul(
             scale,
@@ -301,9 +318,6 @@ fn head_grads<T: Element>(
             T::Acc::one(),
             &mut grads.dv,
         );
-        if let Some(ds) = grads.ds.as_mut() {
-            ds.slice_mut(s![block, ..]).assign(&dscores);
-        }
     }
     // A NaN in dout reaches `dv` of every key its row reads (kept or dropped, as the
     // math backend's `W^T dout`), and no other key.

@@ -222,6 +222,12 @@ impl DropoutSpace {
     }
 }
 
+/// Softcap `c` on scaled scores in place: `c * tanh(s / c)` (NaN stays NaN, +-inf
+/// becomes +-c).
+pub(crate) fn softcap_scores<A: Accum>(mut scores: ArrayViewMut2<'_, A>, c: A) {
+    scores.mapv_inplace(|x| c * (x / c).tanh());
+}
+
 /// Everything a query block needs, shared by all tasks.
 struct Context<'a, T: Element> {
     problem: &'a Problem,
@@ -287,6 +293,7 @@ impl<'a, T: Element> Context<'a, T> {
     fn reads_key(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
         let p = self.problem;
         p.causal.allows(i, j, p.len_q, p.len_kv)
+            && p.window.allows(i, j, p.len_q, p.len_kv)
             && match &self.mask {
                 Broadcast::Bool(m) => m[[b, h, i, j]],
                 Broadcast::None | Broadcast::Additive(_) => true,
@@ -323,10 +330,17 @@ impl<'a, T: Element> Context<'a, T> {
         let neg_inf = T::Acc::neg_infinity();
         let keep_scale = T::Acc::from_f64(p.dropout.keep_scale());
         let mut keep = vec![true; p.len_kv];
+        if let Some(c) = p.softcap {
+            softcap_scores(weights.view_mut(), T::Acc::from_f64(c));
+        }
         for (r, mut row) in weights.outer_iter_mut().enumerate() {
             let i = i0 + r;
             let row = row.as_slice_mut().expect("weights rows are contiguous");
-            let limit = p.causal.key_limit(i, p.len_q, p.len_kv);
+            // Keys lo..limit: the window's and causal's range.
+            let (lo, hi) = p.window.key_range(i, p.len_q, p.len_kv);
+            let limit = p.causal.key_limit(i, p.len_q, p.len_kv).min(hi);
+            let lo = lo.min(limit);
+            row[..lo].fill(neg_inf);
             row[limit..].fill(neg_inf);
             match &self.mask {
                 Broadcast::None => {}
@@ -338,9 +352,13 @@ impl<'a, T: Element> Context<'a, T> {
                     }
                 }
                 Broadcast::Additive(m) => {
-                    // Keys past the causal limit are not read: an entry there (NaN, or
-                    // +inf, which would meet the -inf) must not reach the row.
-                    for (x, &add) in row[..limit].iter_mut().zip(m.slice(s![b, h, i, ..])) {
+                    // Keys outside the causal and window range are not read: an entry
+                    // there (NaN, or +inf, which would meet the -inf) must not reach the
+                    // row.
+                    for (x, &add) in row[lo..limit]
+                        .iter_mut()
+                        .zip(m.slice(s![b, h, i, lo..limit]))
+                    {
                         *x = *x + add.to_acc();
                     }
                 }

@@ -10,7 +10,7 @@
 
 use half::{bf16, f16};
 use ndarray::{s, Array4, ArrayD, IxDyn};
-use sdpa_core::{Causal, Dropout, SdpaOptions};
+use sdpa_core::{Causal, Dropout, SdpaOptions, Window};
 use sdpa_ref::{sdpa, sdpa_backward, Accum, Element, Gradients, Mask};
 
 const H: f64 = 1e-6;
@@ -275,6 +275,61 @@ fn additive_masks_get_gradients_in_their_own_broadcast_shape() {
             assert_eq!(grads.dmask.unwrap().as_slice().unwrap()[1], 0.0);
         }
     }
+}
+
+#[test]
+fn window_and_softcap_match_finite_differences() {
+    let mut rng = Rng(21);
+    for (window, softcap, causal, dims) in [
+        (
+            Window { left: 2, right: 1 },
+            None,
+            Causal::None,
+            [2, 2, 2, 6, 6, 3, 2],
+        ),
+        (
+            Window { left: 1, right: -1 },
+            None,
+            Causal::BottomRight,
+            [1, 2, 2, 4, 9, 3, 3],
+        ),
+        (
+            Window { left: -1, right: 0 },
+            None,
+            Causal::None,
+            [1, 1, 1, 7, 4, 2, 2],
+        ),
+        (Window::NONE, Some(0.7), Causal::None, [2, 2, 2, 4, 5, 3, 4]),
+        (
+            Window { left: 3, right: 2 },
+            Some(1.5),
+            Causal::TopLeft,
+            [1, 2, 2, 6, 8, 4, 3],
+        ),
+    ] {
+        let options = SdpaOptions {
+            causal,
+            window,
+            softcap,
+            scale: Some(1.3),
+            ..Default::default()
+        };
+        let case = Case::new(&mut rng, dims, options);
+        check_against_fd(&format!("window {window:?} softcap {softcap:?}"), &case);
+    }
+    // An additive mask after the softcap: dmask is dS before the softcap's slope.
+    let options = SdpaOptions {
+        softcap: Some(0.9),
+        window: Window { left: 2, right: 2 },
+        ..Default::default()
+    };
+    let case = Case::new(&mut rng, [2, 2, 2, 5, 5, 3, 2], options);
+    let mask = ArrayD::from_shape_fn(IxDyn(&[5, 5]), |_| rng.uniform());
+    let grads = check_against_fd(
+        "softcap + additive",
+        &case.with_mask(OwnedMask::Additive(mask)),
+    );
+    assert!(grads.dmask.is_some());
 }
 
 #[test]

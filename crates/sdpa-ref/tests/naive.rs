@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 use ndarray::{Array, Array4, ArrayD, IxDyn};
-use sdpa_core::{Causal, Dropout, SdpaOptions};
+use sdpa_core::{Causal, Dropout, SdpaOptions, Window};
 use sdpa_ref::{sdpa, sdpa_in_space, DropoutSpace, Mask};
 
 struct Rng(u64);
@@ -40,6 +40,7 @@ fn naive(
     causal: Causal,
     scale: f64,
     dropout: Dropout,
+    (window, softcap): (Window, Option<f64>),
 ) -> (Array4<f64>, Vec<f64>) {
     let (b_n, hq, l, e) = q.dim();
     let (_, hkv, s, _) = k.dim();
@@ -52,12 +53,21 @@ fn naive(
             for i in 0..l {
                 let mut scores = vec![f64::NEG_INFINITY; s];
                 for (j, score) in scores.iter_mut().enumerate() {
-                    let allowed = causal.allows(i, j, l, s);
+                    // The window, from DESIGN.md's inequality: i + S - L - left <= j <= i +
+                    // S - L + right, -1 unbounded.
+                    let diag = i as i64 + s as i64 - l as i64;
+                    let jj = j as i64;
+                    let in_window = (window.left < 0 || jj >= diag - window.left)
+                        && (window.right < 0 || jj <= diag + window.right);
+                    let allowed = causal.allows(i, j, l, s) && in_window;
                     let mut dot = 0.0;
                     for x in 0..e {
                         dot += q[[b, h, i, x]] * k[[b, h / group, j, x]];
                     }
                     let mut value = dot * scale;
+                    if let Some(c) = softcap {
+                        value = c * (value / c).tanh();
+                    }
                     match &mask {
                         NaiveMask::None => {}
                         NaiveMask::Bool(m) => {
@@ -141,11 +151,29 @@ fn f64_reference_equals_the_naive_definition() {
         } else {
             Dropout::NONE
         };
+        let side = |rng: &mut Rng| {
+            if rng.below(3) == 0 {
+                -1
+            } else {
+                rng.below(12) as i64
+            }
+        };
+        let window = if rng.below(3) == 0 {
+            Window {
+                left: side(&mut rng),
+                right: side(&mut rng),
+            }
+        } else {
+            Window::NONE
+        };
+        let softcap = (rng.below(3) == 0).then(|| 0.3 + rng.uniform().abs() * 5.0);
         let options = SdpaOptions {
             causal,
             dropout,
             scale,
             enable_gqa: group > 1,
+            window,
+            softcap,
         };
         let mask_kind = rng.below(3);
         let bool_mask = Array::from_shape_simple_fn(IxDyn(&[1, hq, l, s]), || rng.below(4) != 0);
@@ -169,7 +197,16 @@ fn f64_reference_equals_the_naive_definition() {
         };
         let got = sdpa(q.view(), k.view(), v.view(), mask, &options).unwrap();
         let resolved_scale = scale.unwrap_or(1.0 / (e as f64).sqrt());
-        let (want, want_lse) = naive(&q, &k, &v, naive_mask, causal, resolved_scale, dropout);
+        let (want, want_lse) = naive(
+            &q,
+            &k,
+            &v,
+            naive_mask,
+            causal,
+            resolved_scale,
+            dropout,
+            (window, softcap),
+        );
         let err = max_abs_diff(&got.out, &want);
         assert!(err < 1e-12, "case {case}: max abs diff {err}");
         for (g, w) in got.lse.iter().zip(&want_lse) {
@@ -321,6 +358,7 @@ fn f32_reference_matches_the_naive_definition_with_its_scale_and_lse() {
             dropout,
             scale: Some(scale),
             enable_gqa: group > 1,
+            ..Default::default()
         };
         let to32 = |a: &Array4<f64>| a.mapv(|x| x as f32);
         let got = sdpa(
@@ -331,7 +369,16 @@ fn f32_reference_matches_the_naive_definition_with_its_scale_and_lse() {
             &options,
         )
         .unwrap();
-        let (want, want_lse) = naive(&q, &k, &v, NaiveMask::None, causal, scale, dropout);
+        let (want, want_lse) = naive(
+            &q,
+            &k,
+            &v,
+            NaiveMask::None,
+            causal,
+            scale,
+            dropout,
+            (Window::NONE, None),
+        );
         let err = max_abs_diff(&got.out.mapv(|x| x as f64), &want);
         assert!(err < 2e-5, "case {case}: max abs diff {err}");
         for (g, w) in got.lse.iter().zip(&want_lse) {
