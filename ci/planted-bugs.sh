@@ -52,11 +52,12 @@ run_one() {
     bwd/math_bwd.cu)      tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2 math_backward) ;;
     bwd/attn_bwd_tc.cu)   tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     bwd/attn_bwd_wgmma.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
+    common/bwd.cuh)       tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     none-bwd)             tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     *)                    tests=("$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 --skip second_context_reads_kernels_from_the_disk_cache) ;;
   esac
   case "$file" in
-    bwd/*|none-bwd) sanitize=("$BIN/sdpa-cuda-gpu_backward" --ignored --exact sanitize_backward_small) ;;
+    bwd/*|common/bwd.cuh|none-bwd) sanitize=("$BIN/sdpa-cuda-gpu_backward" --ignored --exact sanitize_backward_small) ;;
     *)              sanitize=("$BIN/sdpa-cuda-gpu" --ignored --exact sanitize_small_set) ;;
   esac
   # The mma.sync backward's bugs run with the Hopper kernels off, so that every flash

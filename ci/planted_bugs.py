@@ -325,11 +325,11 @@ BUGS += [
         "dq's block sums added by plain read-modify-write from every key block at once",
     ),
     (
-        "bwd-tc-shared-word-swap",
+        "bwd-shared-word-swap",
         "backward: wrong dropout draw",
-        "bwd/attn_bwd_tc.cu",
+        "common/bwd.cuh",
         [("pick_word(w, (u32)(c - r) & 3u)", "pick_word(w, (u32)(c + r) & 3u)")],
-        "the four lanes of a key quad trade the wrong words of their Philox blocks",
+        "the four lanes of a key quad trade the wrong words of their Philox blocks (both tensor-core backwards)",
     ),
 ]
 
@@ -377,13 +377,6 @@ BUGS += [
         "bwd/attn_bwd_wgmma.cu",
         [("keep = ((keep_bits >> idx) & 1ull) ? (float)p.keep_scale : 0.f;", "keep = ((keep_bits >> idx) & 1ull) ? 1.f : 0.f;")],
         "the Hopper kernel's replayed keep bits without 1 / (1 - p)",
-    ),
-    (
-        "bwd-wg-shared-word-swap",
-        "backward: wrong dropout draw",
-        "bwd/attn_bwd_wgmma.cu",
-        [("pick_word(w, (u32)(c - r) & 3u)", "pick_word(w, (u32)(c + r) & 3u)")],
-        "the Hopper kernel's lanes of a key quad trade the wrong words of their Philox blocks",
     ),
     (
         "bwd-wg-mask-ignored",

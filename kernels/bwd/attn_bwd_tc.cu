@@ -185,41 +185,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             }
 
 #if SDPA_EXTRAS
-            // The forward's keep bits of this warp's elements, bit 4 nt + e. Where every row
-            // of the dropout stream starts at a multiple of 4 (S % 4 == 0), four keys of a
-            // row share one Philox block: the four lanes that hold keys 4a .. 4a + 3 (lanes
-            // 4 apart) each draw one of their four (key half, query) blocks and trade words,
-            // a quarter of the Philox work of one draw per element.
-            u64 keep_bits = ~0ull;
-            if (p.dropout) {
-                if ((p.len_kv & 3) == 0) {
-                    const int c = g & 3;
-                    const int lane0 = lane - 4 * c;
-#pragma unroll
-                    for (int nt = 0; nt < BM / 8; ++nt) {
-                        const int i = m0 + nt * 8 + 2 * t4 + (c & 1);
-                        const int j0 = n0 + warp * 16 + (g & ~3) + 8 * (c >> 1);
-                        const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int k = (c + r) & 3;
-                            const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * k);
-                            if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (nt * 4 + k));
-                        }
-                    }
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < BM / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
-                            const int j = n0 + key_base + 8 * (e >> 1);
-                            if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
-                                               dropout_index(p, b, h, i, j)))
-                                keep_bits &= ~(1ull << (nt * 4 + e));
-                        }
-                }
-            }
+            // The forward's keep bits of this warp's elements, bit 4 nt + e (common/bwd.cuh).
+            const u64 keep_bits = p.dropout ? replay_keep_bits<BM>(p, b, h, m0, n0 + key_base, lane) : ~0ull;
 #endif
             // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
             // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only

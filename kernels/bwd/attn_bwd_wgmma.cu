@@ -208,38 +208,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                 wgmma_commit();
             }
 #if SDPA_EXTRAS
-            // The forward's keep bits of this thread's elements, bit idx (attn_bwd_tc.cu: four
-            // lanes 4 apart share the Philox blocks of four keys of a row where S % 4 == 0).
-            u64 keep_bits = ~0ull;
-            if (p.dropout) {
-                if ((p.len_kv & 3) == 0) {
-                    const int c = g & 3;
-                    const int lane0 = lane - 4 * c;
-#pragma unroll
-                    for (int cg = 0; cg < BM / 8; ++cg) {
-                        const int i = m0 + cg * 8 + 2 * t4 + (c & 1);
-                        const int j0 = n0 + key_off - g + (g & ~3) + 8 * (c >> 1);
-                        const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int kq = (c + r) & 3;
-                            const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * kq);
-                            if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (cg * 4 + kq));
-                        }
-                    }
-                } else {
-#pragma unroll
-                    for (int cg = 0; cg < BM / 8; ++cg)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
-                            const int j = n0 + key_off + 8 * (e >> 1);
-                            if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
-                                               dropout_index(p, b, h, i, j)))
-                                keep_bits &= ~(1ull << (cg * 4 + e));
-                        }
-                }
-            }
+            // The forward's keep bits of this thread's elements, bit idx (common/bwd.cuh).
+            const u64 keep_bits = p.dropout ? replay_keep_bits<BM>(p, b, h, m0, n0 + key_off, lane) : ~0ull;
             const bool any_mask = p.mask_kind != MASK_NONE;
             // A mask that broadcasts along the queries (a key-padding mask [B, 1, 1, S], its L
             // stride 0) has one entry a key: this thread's two keys' entries are read once a

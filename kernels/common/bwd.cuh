@@ -1,10 +1,11 @@
 // What the tensor-core backward kernels share (attn_bwd_tc.cu, attn_bwd_wgmma.cu): the
-// pre kernel (SDPA_KERNEL_PRE, defined by the includer), dq's vector reductions and the
-// first query block a key block sees.
+// pre kernel (SDPA_KERNEL_PRE, defined by the includer), dq's vector reductions, the
+// first query block a key block sees, and the dropout keep bits of a thread's scores.
 #pragma once
 #include "common/dtype.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
+#include "common/philox.cuh"
 #include "common/seqlen.cuh"
 #include "common/softmax.cuh"
 
@@ -71,4 +72,45 @@ __device__ __forceinline__ int first_query_block(const BwdParams& p, const SeqLe
     int m = 0;
     while (m < n_m && key_limit(p.causal, min(m * ROWS + ROWS, seq.len_q) - 1, seq.len_q, seq.len_k) <= n0) ++m;
     return m;
+}
+
+// The forward's keep bits of this thread's BM / 2 score elements in the accumulator layout
+// both kernels share (mma.sync's m16n8 C fragments, wgmma's per warp): bit 4 c + e is
+// query row m0 + 8 c + 2 t4 + (e & 1) and key key0 + 8 (e >> 1), key0 the thread's first
+// key (a row group of 16 plus g). Where every row of the dropout stream starts at a
+// multiple of 4 (S % 4 == 0), four keys of a row share one Philox block: the four lanes
+// that hold keys 4a .. 4a + 3 (lanes 4 apart) each draw one of their four (key half,
+// query) blocks and trade words, a quarter of the Philox work of one draw per element.
+template <int BM>
+__device__ __forceinline__ u64 replay_keep_bits(const BwdParams& p, int b, int h, int m0, int key0, int lane) {
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    u64 keep_bits = ~0ull;
+    if ((p.len_kv & 3) == 0) {
+        const int c = g & 3;
+        const int lane0 = lane - 4 * c;
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+            const int i = m0 + nt * 8 + 2 * t4 + (c & 1);
+            const int j0 = key0 - g + (g & ~3) + 8 * (c >> 1);
+            const uint4 w = philox_block(p.dropout_seed, p.dropout_offset, dropout_index(p, b, h, i, j0) >> 2);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int k = (c + r) & 3;
+                const u32 word = __shfl_sync(0xffffffffu, pick_word(w, (u32)(c - r) & 3u), lane0 + 4 * k);
+                if ((u64)word < p.dropout_threshold) keep_bits &= ~(1ull << (nt * 4 + k));
+            }
+        }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = m0 + nt * 8 + 2 * t4 + (e & 1);
+                const int j = key0 + 8 * (e >> 1);
+                if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, dropout_index(p, b, h, i, j)))
+                    keep_bits &= ~(1ull << (nt * 4 + e));
+            }
+    }
+    return keep_bits;
 }
