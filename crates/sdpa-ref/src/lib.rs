@@ -539,3 +539,64 @@ pub fn attention_weights<T: Element>(
     });
     Ok(all)
 }
+
+/// Merges the outputs of one query set over disjoint key sets (split-KV decoding's
+/// partial results, a ring's per-step blocks) into the output over their union, by
+/// their log-sum-exp: `lse = ln(sum_p exp(lse_p))`, `out = sum_p exp(lse_p - lse) out_p`.
+/// A part whose rows saw no key (`lse = -inf`) adds nothing; a row no part saw keeps
+/// output 0 and `lse = -inf`; a NaN in a part's lse or output reaches the merged row.
+/// Exact up to the f32 rounding of each part's lse. No dropout across parts: each part
+/// was normalised before its dropout, which the merge cannot undo.
+///
+/// # Errors
+/// `partials` naming the first part whose shapes differ from the first part's, or an
+/// empty list.
+pub fn merge_partials(parts: &[&Output<f64>]) -> Result<Output<f64>> {
+    let first = parts
+        .first()
+        .ok_or_else(|| SdpaError::invalid("partials", "at least one partial output", "none"))?;
+    for (n, part) in parts.iter().enumerate() {
+        if part.out.shape() != first.out.shape() || part.lse.shape() != first.lse.shape() {
+            return Err(SdpaError::invalid(
+                "partials",
+                format!(
+                    "every part with out {} and lse {} (part 0's)",
+                    sdpa_core::shape_text(first.out.shape()),
+                    sdpa_core::shape_text(first.lse.shape())
+                ),
+                format!(
+                    "part {n}: out {}, lse {}",
+                    sdpa_core::shape_text(part.out.shape()),
+                    sdpa_core::shape_text(part.lse.shape())
+                ),
+            ));
+        }
+    }
+    let (batch, heads, len) = first.lse.dim();
+    let width = first.out.dim().3;
+    let mut out = Array4::<f64>::zeros((batch, heads, len, width));
+    let mut lse = Array3::<f32>::from_elem((batch, heads, len), f32::NEG_INFINITY);
+    for ((b, h, i), merged) in lse.indexed_iter_mut() {
+        let lses: Vec<f64> = parts.iter().map(|p| p.lse[[b, h, i]] as f64).collect();
+        let max = lses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if lses.iter().any(|x| x.is_nan()) {
+            *merged = f32::NAN;
+            out.slice_mut(s![b, h, i, ..]).fill(f64::NAN);
+            continue;
+        }
+        if max == f64::NEG_INFINITY {
+            continue;
+        }
+        let total = max + lses.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        *merged = total as f32;
+        let mut row = out.slice_mut(s![b, h, i, ..]);
+        for (part, &l) in parts.iter().zip(&lses) {
+            if l == f64::NEG_INFINITY {
+                continue;
+            }
+            let weight = (l - total).exp();
+            row.zip_mut_with(&part.out.slice(s![b, h, i, ..]), |o, &x| *o += weight * x);
+        }
+    }
+    Ok(Output { out, lse })
+}
