@@ -37,7 +37,9 @@ use crate::{
     broadcast_mask, problem, Accum, Broadcast, Context, DropoutSpace, Element, Mask, QUERY_BLOCK,
 };
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayView3, ArrayView4, IxDyn, Zip};
+use ndarray::{
+    s, Array2, Array4, ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, IxDyn, Zip,
+};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 use sdpa_core::dropout::flat_index;
@@ -82,7 +84,43 @@ pub fn sdpa_backward<T: Element>(
     mask: Option<Mask<'_, T>>,
     options: &SdpaOptions,
 ) -> Result<Gradients<T>> {
+    backward(q, k, v, out, lse, dout, mask, None, options)
+}
+
+/// [`sdpa_backward`] of [`sdpa_with_alibi`](crate::sdpa_with_alibi)'s attention (the
+/// slopes are constants: no gradient).
+///
+/// # Errors
+/// As [`sdpa_backward`], and `alibi_slopes` as [`sdpa_with_alibi`](crate::sdpa_with_alibi).
+#[allow(clippy::too_many_arguments)]
+pub fn sdpa_backward_with_alibi<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, f32>,
+    dout: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi_slopes: ArrayViewD<'_, f32>,
+    options: &SdpaOptions,
+) -> Result<Gradients<T>> {
+    backward(q, k, v, out, lse, dout, mask, Some(alibi_slopes), options)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, f32>,
+    dout: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+) -> Result<Gradients<T>> {
     let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let alibi = crate::alibi_plan(alibi, &problem)?;
     let shape_check = |arg: &'static str, want: &[usize], got: &[usize]| {
         if want == got {
             Ok(())
@@ -103,7 +141,7 @@ pub fn sdpa_backward<T: Element>(
         Some(Mask::Additive(m)) => Some(m.shape().to_vec()),
         _ => None,
     };
-    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space).with_alibi(alibi);
     // NaN in a key is zeroed for dq's GEMM only: a row that reads it already has NaN
     // scores, hence NaN dS, and a row that does not read it must not see `0 * NaN`.
     let keys_nan_free: Vec<Array2<T::Acc>> = ctx.keys.iter().map(nan_to_zero).collect();
@@ -232,6 +270,14 @@ fn head_grads<T: Element>(
             crate::softcap_scores(probs.view_mut(), c);
             slope
         });
+        for (r, mut row) in probs.outer_iter_mut().enumerate() {
+            ctx.add_alibi(
+                b,
+                h,
+                i0 + r,
+                row.as_slice_mut().expect("probs rows are contiguous"),
+            );
+        }
         let mut dscores = Array2::<T::Acc>::zeros((rows, len_kv));
         // (Ev = 0 makes an empty, finite product: 0.)
         general_mat_mul(

@@ -36,12 +36,12 @@
 pub mod bwd;
 mod element;
 
-pub use bwd::{sdpa_backward, Gradients};
+pub use bwd::{sdpa_backward, sdpa_backward_with_alibi, Gradients};
 pub use element::{Accum, Element};
 
 use ndarray::{
     s, Array2, Array3, Array4, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
-    Axis, Ix4,
+    Axis, Ix4, IxDyn,
 };
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
@@ -243,6 +243,8 @@ struct Context<'a, T: Element> {
     value_nans: Vec<Vec<(usize, usize)>>,
     mask: Broadcast<'a, T>,
     space: DropoutSpace,
+    /// ALiBi slopes broadcast to `[B, Hq]`, if any.
+    alibi: Option<Array2<f64>>,
 }
 
 impl<'a, T: Element> Context<'a, T> {
@@ -285,6 +287,24 @@ impl<'a, T: Element> Context<'a, T> {
             q,
             mask,
             space,
+            alibi: None,
+        }
+    }
+
+    pub(crate) fn with_alibi(self, alibi: Option<Array2<f64>>) -> Self {
+        Context { alibi, ..self }
+    }
+
+    /// Adds row `i`'s ALiBi bias `-slope * |i + S - L - j|` of `(b, h)` to its scores.
+    pub(crate) fn add_alibi(&self, b: usize, h: usize, i: usize, row: &mut [T::Acc]) {
+        if let Some(slopes) = &self.alibi {
+            let p = self.problem;
+            let slope = T::Acc::from_f64(slopes[[b, h]]);
+            let diag = i as i128 + p.len_kv as i128 - p.len_q as i128;
+            for (j, x) in row.iter_mut().enumerate() {
+                let distance = T::Acc::from_f64((diag - j as i128).unsigned_abs() as f64);
+                *x = *x - slope * distance;
+            }
         }
     }
 
@@ -336,6 +356,7 @@ impl<'a, T: Element> Context<'a, T> {
         for (r, mut row) in weights.outer_iter_mut().enumerate() {
             let i = i0 + r;
             let row = row.as_slice_mut().expect("weights rows are contiguous");
+            self.add_alibi(b, h, i, row);
             // Keys lo..limit: the window's and causal's range.
             let (lo, hi) = p.window.key_range(i, p.len_q, p.len_kv);
             let limit = p.causal.key_limit(i, p.len_q, p.len_kv).min(hi);
@@ -488,7 +509,70 @@ pub fn sdpa_in_space<T: Element>(
     options: &SdpaOptions,
     space: Option<DropoutSpace>,
 ) -> Result<Output<T>> {
+    forward(q, k, v, mask, None, options, space)
+}
+
+/// [`sdpa`] with ALiBi: `-slope * |i + S - L - j|` added to the scores of head `h` (of
+/// batch `b`) after the scale and softcap, before the mask. `alibi_slopes` is `[Hq]` or
+/// `[B, Hq]`, finite.
+///
+/// # Errors
+/// As [`sdpa`], and `alibi_slopes` of another shape or with a non-finite slope.
+pub fn sdpa_with_alibi<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi_slopes: ArrayViewD<'_, f32>,
+    options: &SdpaOptions,
+) -> Result<Output<T>> {
+    forward(q, k, v, mask, Some(alibi_slopes), options, None)
+}
+
+/// The slopes `[Hq]` or `[B, Hq]` broadcast to `[B, Hq]` (f64), checked.
+pub(crate) fn alibi_plan(
+    slopes: Option<ArrayViewD<'_, f32>>,
+    p: &Problem,
+) -> Result<Option<Array2<f64>>> {
+    let Some(slopes) = slopes else {
+        return Ok(None);
+    };
+    let want = [p.batch, p.heads_q];
+    let fits = match slopes.shape() {
+        [h] => *h == p.heads_q,
+        [b, h] => *b == p.batch && *h == p.heads_q,
+        _ => false,
+    };
+    if !fits {
+        return Err(SdpaError::invalid(
+            "alibi_slopes",
+            format!("shape [{}] or {}", p.heads_q, sdpa_core::shape_text(&want)),
+            sdpa_core::shape_text(slopes.shape()),
+        ));
+    }
+    if let Some(bad) = slopes.iter().find(|x| !x.is_finite()) {
+        return Err(SdpaError::invalid("alibi_slopes", "finite slopes", bad));
+    }
+    let plan = slopes
+        .broadcast(IxDyn(&want))
+        .expect("[Hq] and [B, Hq] broadcast to [B, Hq]")
+        .mapv(f64::from)
+        .into_dimensionality::<ndarray::Ix2>()
+        .expect("two dims");
+    Ok(Some(plan))
+}
+
+fn forward<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+    space: Option<DropoutSpace>,
+) -> Result<Output<T>> {
     let problem = problem(&q, &k, &v, mask.as_ref(), options)?;
+    let alibi = alibi_plan(alibi, &problem)?;
     let space = DropoutSpace::resolve(space, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
@@ -497,7 +581,7 @@ pub fn sdpa_in_space<T: Element>(
         (batch, heads_q, len_q, head_dim_v),
         T::from_acc(T::Acc::zero()),
     );
-    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
+    let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space).with_alibi(alibi);
     ctx.for_each_block(&mut lse, &mut out, |[b, h, i0], kv, weights, mut rows| {
         let values = &ctx.values[kv];
         if values.ncols() > 0 {

@@ -201,6 +201,57 @@ fn check_against_fd(name: &str, case: &Case) -> Gradients<f64> {
     grads
 }
 
+/// dq, dk, dv of ALiBi attention against central differences of its forward.
+fn check_alibi_against_fd(case: &Case, slopes: ndarray::ArrayViewD<'_, f32>) {
+    let forward = |c: &Case| {
+        sdpa_ref::sdpa_with_alibi(
+            c.q.view(),
+            c.k.view(),
+            c.v.view(),
+            None,
+            slopes.clone(),
+            &c.options,
+        )
+        .unwrap()
+    };
+    let fwd = forward(case);
+    let grads = sdpa_ref::sdpa_backward_with_alibi(
+        case.q.view(),
+        case.k.view(),
+        case.v.view(),
+        fwd.out.view(),
+        fwd.lse.view(),
+        case.dout.view(),
+        None,
+        slopes.clone(),
+        &case.options,
+    )
+    .unwrap();
+    let inputs: [(&str, &Array4<f64>, Pick); 3] = [
+        ("dq", &grads.dq, |c| c.q.as_slice_mut().unwrap()),
+        ("dk", &grads.dk, |c| c.k.as_slice_mut().unwrap()),
+        ("dv", &grads.dv, |c| c.v.as_slice_mut().unwrap()),
+    ];
+    for (what, got, pick) in inputs {
+        let n = {
+            let mut c = case.clone();
+            pick(&mut c).len()
+        };
+        let fd: Vec<f64> = (0..n)
+            .map(|i| {
+                let h = H;
+                let mut plus = case.clone();
+                pick(&mut plus)[i] += h;
+                let mut minus = case.clone();
+                pick(&mut minus)[i] -= h;
+                let loss = |c: &Case| (&forward(c).out * &c.dout).sum();
+                (loss(&plus) - loss(&minus)) / (2.0 * h)
+            })
+            .collect();
+        assert_close(&format!("alibi: {what}"), got.iter(), &fd);
+    }
+}
+
 fn options(causal: Causal) -> SdpaOptions {
     SdpaOptions {
         causal,
@@ -317,6 +368,16 @@ fn window_and_softcap_match_finite_differences() {
         let case = Case::new(&mut rng, dims, options);
         check_against_fd(&format!("window {window:?} softcap {softcap:?}"), &case);
     }
+    // ALiBi ([B, Hq] slopes) with a softcap and a window, bottom-right causal.
+    let options = SdpaOptions {
+        softcap: Some(1.1),
+        window: Window { left: 3, right: -1 },
+        causal: Causal::BottomRight,
+        ..Default::default()
+    };
+    let case = Case::new(&mut rng, [2, 2, 2, 5, 7, 3, 2], options);
+    let slopes = ArrayD::from_shape_fn(IxDyn(&[2, 2]), |_| rng.uniform().abs() as f32);
+    check_alibi_against_fd(&case, slopes.view());
     // An additive mask after the softcap: dmask is dS before the softcap's slope.
     let options = SdpaOptions {
         softcap: Some(0.9),

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{Array, Array4, ArrayD, IxDyn};
 use sdpa_core::{Causal, Dropout, SdpaOptions, Window};
-use sdpa_ref::{sdpa, sdpa_in_space, DropoutSpace, Mask};
+use sdpa_ref::{sdpa, sdpa_in_space, sdpa_with_alibi, DropoutSpace, Mask};
 
 struct Rng(u64);
 impl Rng {
@@ -40,7 +40,7 @@ fn naive(
     causal: Causal,
     scale: f64,
     dropout: Dropout,
-    (window, softcap): (Window, Option<f64>),
+    (window, softcap, alibi): (Window, Option<f64>, Option<&ndarray::Array2<f64>>),
 ) -> (Array4<f64>, Vec<f64>) {
     let (b_n, hq, l, e) = q.dim();
     let (_, hkv, s, _) = k.dim();
@@ -67,6 +67,9 @@ fn naive(
                     let mut value = dot * scale;
                     if let Some(c) = softcap {
                         value = c * (value / c).tanh();
+                    }
+                    if let Some(slopes) = alibi {
+                        value -= slopes[[b, h]] * (diag - jj).abs() as f64;
                     }
                     match &mask {
                         NaiveMask::None => {}
@@ -167,6 +170,21 @@ fn f64_reference_equals_the_naive_definition() {
             Window::NONE
         };
         let softcap = (rng.below(3) == 0).then(|| 0.3 + rng.uniform().abs() * 5.0);
+        // ALiBi slopes [Hq] or [B, Hq] (f32), a third of the cases.
+        let alibi_shape = if rng.below(2) == 0 {
+            vec![hq]
+        } else {
+            vec![b, hq]
+        };
+        let slopes =
+            ArrayD::from_shape_simple_fn(IxDyn(&alibi_shape), || rng.uniform().abs() as f32 * 0.5);
+        let with_alibi = rng.below(3) == 0;
+        let slopes_bh = slopes
+            .broadcast(IxDyn(&[b, hq]))
+            .unwrap()
+            .mapv(f64::from)
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap();
         let options = SdpaOptions {
             causal,
             dropout,
@@ -195,7 +213,11 @@ fn f64_reference_equals_the_naive_definition() {
                 NaiveMask::Add(&add_mask),
             ),
         };
-        let got = sdpa(q.view(), k.view(), v.view(), mask, &options).unwrap();
+        let got = if with_alibi {
+            sdpa_with_alibi(q.view(), k.view(), v.view(), mask, slopes.view(), &options).unwrap()
+        } else {
+            sdpa(q.view(), k.view(), v.view(), mask, &options).unwrap()
+        };
         let resolved_scale = scale.unwrap_or(1.0 / (e as f64).sqrt());
         let (want, want_lse) = naive(
             &q,
@@ -205,7 +227,7 @@ fn f64_reference_equals_the_naive_definition() {
             causal,
             resolved_scale,
             dropout,
-            (window, softcap),
+            (window, softcap, with_alibi.then_some(&slopes_bh)),
         );
         let err = max_abs_diff(&got.out, &want);
         assert!(err < 1e-12, "case {case}: max abs diff {err}");
@@ -377,7 +399,7 @@ fn f32_reference_matches_the_naive_definition_with_its_scale_and_lse() {
             causal,
             scale,
             dropout,
-            (Window::NONE, None),
+            (Window::NONE, None, None),
         );
         let err = max_abs_diff(&got.out.mapv(|x| x as f64), &want);
         assert!(err < 2e-5, "case {case}: max abs diff {err}");
@@ -421,5 +443,22 @@ fn dropout_space_must_cover_the_problem() {
     ] {
         let err = run(bad).expect_err(what).to_string();
         assert!(err.contains("dropout space"), "{what}: {err}");
+    }
+}
+
+#[test]
+fn alibi_slopes_of_a_wrong_shape_or_not_finite_are_named() {
+    let q = Array4::<f64>::zeros((2, 3, 4, 8));
+    let options = SdpaOptions::default();
+    for (shape, value) in [
+        (vec![2], 0.5f32),
+        (vec![3, 2], 0.5),
+        (vec![1, 1, 3], 0.5),
+        (vec![3], f32::NAN),
+    ] {
+        let slopes = ArrayD::from_elem(IxDyn(&shape), value);
+        let e = sdpa_with_alibi(q.view(), q.view(), q.view(), None, slopes.view(), &options)
+            .unwrap_err();
+        assert!(e.to_string().contains("alibi_slopes"), "{shape:?}: {e}");
     }
 }
