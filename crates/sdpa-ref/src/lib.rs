@@ -35,6 +35,7 @@
 
 pub mod bwd;
 mod element;
+pub mod kvcache;
 
 pub use bwd::{sdpa_backward, sdpa_backward_with_alibi, Gradients};
 pub use element::{Accum, Element};
