@@ -51,41 +51,24 @@ pub enum KvCache<'a, T> {
     },
 }
 
-/// Where key `j` of batch row `b` lives: `(array index 0, index 1, kv head axis)`; dense
-/// `[b, h, j]`, paged `[block, slot, h]`.
-fn slot<T>(cache: &KvCache<'_, T>, b: usize, j: usize) -> (usize, usize) {
-    match cache {
-        KvCache::Dense { .. } => (b, j),
-        KvCache::Paged { k, block_table, .. } => {
-            let size = k.shape()[1];
-            (block_table[[b, j / size]] as usize, j % size)
+impl<'a, T> KvCache<'a, T> {
+    /// The key and value arrays.
+    fn arrays(&mut self) -> (&mut ArrayViewMut4<'a, T>, &mut ArrayViewMut4<'a, T>) {
+        match self {
+            KvCache::Dense { k, v } | KvCache::Paged { k, v, .. } => (k, v),
         }
     }
-}
 
-fn key<'c, T>(
-    cache: &'c KvCache<'_, T>,
-    b: usize,
-    h: usize,
-    j: usize,
-) -> ndarray::ArrayView1<'c, T> {
-    let (x, y) = slot(cache, b, j);
-    match cache {
-        KvCache::Dense { k, .. } => k.slice(s![x, h, y, ..]),
-        KvCache::Paged { k, .. } => k.slice(s![x, y, h, ..]),
-    }
-}
-
-fn value<'c, T>(
-    cache: &'c KvCache<'_, T>,
-    b: usize,
-    h: usize,
-    j: usize,
-) -> ndarray::ArrayView1<'c, T> {
-    let (x, y) = slot(cache, b, j);
-    match cache {
-        KvCache::Dense { v, .. } => v.slice(s![x, h, y, ..]),
-        KvCache::Paged { v, .. } => v.slice(s![x, y, h, ..]),
+    /// The index of kv head `h`'s row for key `j` of batch row `b` in either array:
+    /// dense `[b, h, j]`, paged `[block_table[b][j / block_size], j % block_size, h]`.
+    fn at(&self, b: usize, h: usize, j: usize) -> [usize; 3] {
+        match self {
+            KvCache::Dense { .. } => [b, h, j],
+            KvCache::Paged { k, block_table, .. } => {
+                let size = k.shape()[1];
+                [block_table[[b, j / size]] as usize, j % size, h]
+            }
+        }
     }
 }
 
@@ -235,22 +218,13 @@ pub fn attention_with_kvcache<T: Element>(
         for b in 0..batch {
             let start = cache_seqlens[b] as usize;
             for t in 0..kn.shape()[2] {
-                let (x, y) = slot(&cache, b, start + t);
                 for h in 0..hkv {
-                    match &mut cache {
-                        KvCache::Dense { k, v } => {
-                            k.slice_mut(s![x, h, y, ..])
-                                .assign(&kn.slice(s![b, h, t, ..]));
-                            v.slice_mut(s![x, h, y, ..])
-                                .assign(&vn.slice(s![b, h, t, ..]));
-                        }
-                        KvCache::Paged { k, v, .. } => {
-                            k.slice_mut(s![x, y, h, ..])
-                                .assign(&kn.slice(s![b, h, t, ..]));
-                            v.slice_mut(s![x, y, h, ..])
-                                .assign(&vn.slice(s![b, h, t, ..]));
-                        }
-                    }
+                    let [x, y, z] = cache.at(b, h, start + t);
+                    let (k, v) = cache.arrays();
+                    k.slice_mut(s![x, y, z, ..])
+                        .assign(&kn.slice(s![b, h, t, ..]));
+                    v.slice_mut(s![x, y, z, ..])
+                        .assign(&vn.slice(s![b, h, t, ..]));
                 }
             }
         }
@@ -269,8 +243,18 @@ pub fn attention_with_kvcache<T: Element>(
     let mut lse = Array3::from_elem((batch, hq, lq), f32::NEG_INFINITY);
     for b in 0..batch {
         let n = cache_seqlens[b] as usize + l_new;
-        let k = Array4::from_shape_fn((1, hkv, n, e), |(_, h, j, c)| key(&cache, b, h, j)[c]);
-        let v = Array4::from_shape_fn((1, hkv, n, ev), |(_, h, j, c)| value(&cache, b, h, j)[c]);
+        let at = |h, j| cache.at(b, h, j);
+        let (kc, vc) = match &cache {
+            KvCache::Dense { k, v } | KvCache::Paged { k, v, .. } => (k, v),
+        };
+        let k = Array4::from_shape_fn((1, hkv, n, e), |(_, h, j, c)| {
+            let [x, y, z] = at(h, j);
+            kc[[x, y, z, c]]
+        });
+        let v = Array4::from_shape_fn((1, hkv, n, ev), |(_, h, j, c)| {
+            let [x, y, z] = at(h, j);
+            vc[[x, y, z, c]]
+        });
         let row = sdpa(
             q.slice(s![b..b + 1, .., .., ..]),
             k.view(),

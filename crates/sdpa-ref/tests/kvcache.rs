@@ -2,26 +2,19 @@
 //! append in place, bad tables refused by batch row with nothing written.
 
 use ndarray::{s, Array1, Array2, Array4};
+use sdpa_core::rng::SplitMix64;
 use sdpa_core::{Causal, SdpaOptions};
 use sdpa_ref::kvcache::{attention_with_kvcache, KvCache};
 use sdpa_ref::sdpa;
 
-struct Rng(u64);
+/// Random draws from the project's SplitMix64.
+struct Rng(SplitMix64);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
     fn array(&mut self, shape: [usize; 4]) -> Array4<f64> {
-        Array4::from_shape_simple_fn(shape, || self.uniform())
+        Array4::from_shape_simple_fn(shape, || self.0.symmetric())
     }
 }
 
@@ -58,7 +51,7 @@ fn paged_copy(dense: &Array4<f64>, bs: usize, rng: &mut Rng) -> (Array4<f64>, Ar
 
 #[test]
 fn paged_equals_dense_equals_the_gathered_reference_with_appends() {
-    let mut rng = Rng(0xcac4e);
+    let mut rng = Rng(SplitMix64(0xcac4e));
     for case in 0..40 {
         let b_n = 1 + rng.below(3);
         let hkv = 1 + rng.below(2);
@@ -177,7 +170,7 @@ fn paged_equals_dense_equals_the_gathered_reference_with_appends() {
 
 #[test]
 fn bad_tables_and_lengths_are_refused_by_batch_row_before_any_write() {
-    let mut rng = Rng(9);
+    let mut rng = Rng(SplitMix64(9));
     let q = rng.array([2, 2, 1, 4]);
     let kn = rng.array([2, 2, 1, 4]);
     let (mut k, mut v) = (
