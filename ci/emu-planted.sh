@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then ids=("$@"); else
   mapfile -t ids < <(for id in $(python3 ci/planted_bugs.py list); do
-    case "$(python3 ci/planted_bugs.py file "$id")" in *wgmma*) ;; bwd/*|fwd/attn_fwd_tc.cu|common/*) echo "$id" ;; esac; done)
+    case "$(python3 ci/planted_bugs.py file "$id")" in *wgmma*) ;; bwd/*|fwd/attn_fwd_tc.cu|common/*|decode/*) echo "$id" ;; esac; done)
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -401,6 +401,32 @@ BUGS += [
     ),
 ]
 
+# The decode kernels (issue 17): caught by ci/emu.sh's decode cases on the CPU and by
+# sdpa-cuda-gpu_decode on the GPU.
+BUGS += [
+    (
+        "decode-split-merge",
+        "decode: wrong split merge",
+        "decode/attn_decode.cu",
+        [("const float w = expf(lse[s * total_rows + row] - base);", "const float w = 1.f;")],
+        "the combine averages the splits' outputs instead of weighting them by exp(lse)",
+    ),
+    (
+        "decode-window-off-by-one",
+        "decode: off-by-one window",
+        "decode/attn_decode.cu",
+        [("max(0, i + off - p.window_left); };", "max(0, i + off - p.window_left + 1); };")],
+        "a row sees window_left - 1 keys before its diagonal instead of window_left",
+    ),
+    (
+        "decode-stale-block-index",
+        "decode: stale block index",
+        "decode/attn_decode.cu",
+        [("p.table_stride + j / p.block_size];", "p.table_stride + (j & ~63) / p.block_size];")],
+        "one block-table lookup a 64-key tile (the tile's first key's block) for every key of it",
+    ),
+]
+
 def apply_to(text, subs, bug_id, name):
     for old, new in subs:
         n = text.count(old)

@@ -28,6 +28,7 @@ pub mod dropout;
 mod dtype;
 mod error;
 pub mod hash;
+pub mod kvcache;
 mod layout;
 mod mask;
 mod problem;

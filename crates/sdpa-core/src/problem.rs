@@ -28,6 +28,52 @@ pub struct SdpaOptions {
     pub softcap: Option<f64>,
 }
 
+impl SdpaOptions {
+    /// The window, softcap and scale checked (by those names), and the scale a head dim
+    /// of `head_dim` gets (`1 / sqrt(E)` when `scale` is `None`).
+    ///
+    /// # Errors
+    /// `window_left` / `window_right` below -1, a softcap not positive and finite in f32,
+    /// a scale not finite in f32.
+    pub fn checked_scale(&self, head_dim: usize) -> Result<f64> {
+        for (side, n) in [
+            ("window_left", self.window.left),
+            ("window_right", self.window.right),
+        ] {
+            if n < -1 {
+                return Err(SdpaError::invalid(
+                    side,
+                    "-1 (unbounded) or a key count >= 0",
+                    n,
+                ));
+            }
+        }
+        if let Some(c) = self.softcap {
+            if !(c > 0.0 && (c as f32).is_finite()) {
+                return Err(SdpaError::invalid(
+                    "softcap",
+                    format!("a positive number finite in f32 (at most {:e})", f32::MAX),
+                    format!("{c:e}"),
+                ));
+            }
+        }
+        match self.scale {
+            // The f16/bf16/f32 paths keep scores and the scale (the fused kernels as
+            // `scale_log2`, f32 in FwdParams) in f32: a scale past f32's range turns every
+            // score into an infinity and the row into NaN. One bound for every dtype,
+            // f64 included (only its math path keeps the scale in f64), so a problem
+            // valid in one dtype stays valid in another.
+            Some(s) if !(s as f32).is_finite() => Err(SdpaError::invalid(
+                "scale",
+                format!("a number finite in f32 (|scale| <= {:e})", f32::MAX),
+                format!("{s:e}"),
+            )),
+            Some(s) => Ok(s),
+            None => Ok(1.0 / (head_dim as f64).sqrt()),
+        }
+    }
+}
+
 /// The explicit mask of a validated problem, read through broadcast strides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MaskPlan {
@@ -287,43 +333,7 @@ impl Problem {
                 .dropout
                 .validate_counters(batch, heads_q, len_q, len_kv)?;
         }
-        for (side, n) in [
-            ("window_left", options.window.left),
-            ("window_right", options.window.right),
-        ] {
-            if n < -1 {
-                return Err(SdpaError::invalid(
-                    side,
-                    "-1 (unbounded) or a key count >= 0",
-                    n,
-                ));
-            }
-        }
-        if let Some(c) = options.softcap {
-            if !(c > 0.0 && (c as f32).is_finite()) {
-                return Err(SdpaError::invalid(
-                    "softcap",
-                    format!("a positive number finite in f32 (at most {:e})", f32::MAX),
-                    format!("{c:e}"),
-                ));
-            }
-        }
-        let scale = match options.scale {
-            // The f16/bf16/f32 paths keep scores and the scale (the fused kernels as
-            // `scale_log2`, f32 in FwdParams) in f32: a scale past f32's range turns every
-            // score into an infinity and the row into NaN. One bound for every dtype,
-            // f64 included (only its math path keeps the scale in f64), so a problem
-            // valid in one dtype stays valid in another.
-            Some(s) if !(s as f32).is_finite() => {
-                return Err(SdpaError::invalid(
-                    "scale",
-                    format!("a number finite in f32 (|scale| <= {:e})", f32::MAX),
-                    format!("{s:e}"),
-                ));
-            }
-            Some(s) => s,
-            None => 1.0 / (head_dim as f64).sqrt(),
-        };
+        let scale = options.checked_scale(head_dim)?;
         Ok(Problem {
             batch,
             heads_q,

@@ -769,3 +769,153 @@ mod tests {
         assert!(parse_shape_list(" ; ").is_err());
     }
 }
+
+/// One decode benchmark: `q [B, Hq, Lq, E]` over a cache of `S` keys a row (all rows
+/// full), dense or paged, bf16.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DecodeShape {
+    /// Batch.
+    pub batch: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// KV heads.
+    pub heads_kv: usize,
+    /// Query rows a call (1: decoding; hundreds: chunked prefill).
+    pub len_q: usize,
+    /// Keys each row attends to.
+    pub len_kv: usize,
+    /// Head dim.
+    pub head_dim: usize,
+    /// 0: dense; else the paged cache's block size.
+    pub block_size: usize,
+}
+
+impl DecodeShape {
+    /// K and V bytes one call reads (bf16).
+    pub fn kv_bytes(&self) -> f64 {
+        (2 * self.batch * self.heads_kv * self.len_kv * self.head_dim * 2) as f64
+    }
+}
+
+/// The decode grid: GQA 32/8 and MHA at D = 128, B from 1 to 128, S from 2k to
+/// 128k; paged at block sizes 16 and 256; chunked prefill (Lq = 512 over 8k keys).
+pub fn decode_shapes() -> Vec<DecodeShape> {
+    let d = |batch, heads_q, heads_kv, len_q, len_kv, block_size| DecodeShape {
+        batch,
+        heads_q,
+        heads_kv,
+        len_q,
+        len_kv,
+        head_dim: 128,
+        block_size,
+    };
+    vec![
+        d(1, 32, 8, 1, 2048, 0),
+        d(1, 32, 8, 1, 32768, 0),
+        d(1, 32, 8, 1, 131072, 0),
+        d(8, 32, 8, 1, 8192, 0),
+        d(8, 32, 8, 1, 32768, 0),
+        d(64, 32, 8, 1, 4096, 0),
+        d(128, 32, 8, 1, 2048, 0),
+        d(128, 32, 8, 1, 8192, 0),
+        d(1, 32, 32, 1, 32768, 0),
+        d(8, 32, 32, 1, 8192, 0),
+        d(64, 32, 32, 1, 4096, 0),
+        d(8, 32, 8, 1, 32768, 16),
+        d(8, 32, 8, 1, 32768, 256),
+        d(64, 32, 8, 1, 4096, 16),
+        d(64, 32, 8, 1, 4096, 256),
+        d(1, 32, 8, 512, 8192, 0),
+    ]
+}
+
+/// One decode timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeRow {
+    /// The shape.
+    pub shape: DecodeShape,
+    /// Median microseconds a call (the append-free decode call, uploads of the lengths
+    /// and the table and the output allocation included).
+    pub median_us: f64,
+    /// Fastest call.
+    pub min_us: f64,
+    /// K/V bytes over the median time, GB/s.
+    pub kv_gbs: f64,
+    /// Key splits chosen.
+    pub splits: usize,
+}
+
+/// Times [`GpuContext::attention_with_kvcache`] on every shape of [`decode_shapes`]
+/// (`SDPA_BENCH_SHAPES=0,3` keeps some), rotating caches so that they exceed twice the
+/// L2 cache.
+pub fn run_decode_benchmarks(gpu: &GpuContext) -> Result<Vec<DecodeRow>> {
+    let only = std::env::var("SDPA_BENCH_SHAPES").ok();
+    let mut rows = Vec::new();
+    for (i, shape) in decode_shapes().into_iter().enumerate() {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|s| s.trim() == i.to_string()))
+        {
+            continue;
+        }
+        rows.push(time_decode(gpu, &shape)?);
+    }
+    Ok(rows)
+}
+
+fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
+    let (b, hq, hkv, lq, s, e) = (
+        shape.batch,
+        shape.heads_q,
+        shape.heads_kv,
+        shape.len_q,
+        shape.len_kv,
+        shape.head_dim,
+    );
+    let bs = shape.block_size;
+    let cache_shape = if bs == 0 {
+        [b, hkv, s, e]
+    } else {
+        [b * s.div_ceil(bs), bs, hkv, e]
+    };
+    let sets = input_sets(shape.kv_bytes() as usize, gpu.l2_bytes()?);
+    let mut caches = Vec::with_capacity(sets);
+    for i in 0..sets {
+        let k = random_tensor(gpu, DType::BF16, cache_shape, 10 * i as u64)?;
+        let v = random_tensor(gpu, DType::BF16, cache_shape, 10 * i as u64 + 1)?;
+        caches.push((k, v));
+    }
+    let q = random_tensor(gpu, DType::BF16, [b, hq, lq, e], 7)?;
+    let per_row = if bs == 0 { 0 } else { s.div_ceil(bs) };
+    // Row r's blocks are r * per_row .. (r + 1) * per_row, interleaved across rows so
+    // that a row's pages are not contiguous.
+    let table = ndarray::Array2::from_shape_fn((b, per_row.max(1)), |(r, m)| {
+        (m * b + r).min(b * per_row.max(1) - 1) as i32
+    });
+    let lens = ndarray::Array1::from_elem(b, s as i32);
+    let options = sdpa_core::SdpaOptions::default();
+    let splits = std::cell::Cell::new(0);
+    let call = |i: usize| -> Result<()> {
+        let (k, v) = &caches[i % sets];
+        let cache = if bs == 0 {
+            crate::DeviceKvCache::Dense { k, v }
+        } else {
+            crate::DeviceKvCache::Paged {
+                k,
+                v,
+                block_table: table.view(),
+            }
+        };
+        let r = gpu.attention_with_kvcache(&q, cache, lens.view(), None, None, &options, None)?;
+        splits.set(r.splits);
+        Ok(())
+    };
+    let t = time_calls(gpu, 5, 100, 1500.0, 10, call)?;
+    Ok(DecodeRow {
+        shape: *shape,
+        median_us: t.median_ms * 1e3,
+        min_us: t.min_ms * 1e3,
+        kv_gbs: shape.kv_bytes() / (t.median_ms * 1e-3) / 1e9,
+        splits: splits.get(),
+    })
+}

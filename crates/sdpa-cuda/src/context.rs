@@ -243,6 +243,9 @@ impl GpuContext {
             Kind::BwdTc | Kind::BwdWgmma if entry == Entry::BwdMain => {
                 self.declared_shared_bytes(&module, spec)?
             }
+            Kind::Decode if matches!(entry, Entry::DecodeSplit(_)) => {
+                self.declared_shared_bytes(&module, spec)?
+            }
             _ => 0,
         };
         if shared_bytes as usize > self.max_shared {

@@ -6,6 +6,9 @@
 //!   `sdpa-core`, log-sum-exp out.
 //! - **efficient**: the same kernel with any bool/additive mask read through broadcast
 //!   strides and `Ev != E` for f16/bf16; a scalar kernel for f32.
+//! - **decode** ([`GpuContext::attention_with_kvcache`]): split-KV attention over a dense
+//!   or paged KV cache with the append of new keys, GQA heads packed a tile, window,
+//!   softcap and ALiBi; f32/f16/bf16, head dims up to 256.
 //! - **math**: two cuBLAS GEMMs around a softmax kernel, every dtype including f64;
 //!   its backward ([`GpuContext::sdpa_backward`]): five GEMMs around elementwise kernels.
 //! - **backward** ([`select_backward`]): the tensor-core kernel (mma.sync, f16/bf16,
@@ -44,6 +47,7 @@ pub mod blas;
 mod bwd;
 pub mod cache;
 mod context;
+mod decode;
 mod error;
 mod fwd;
 pub mod launch;
@@ -60,6 +64,7 @@ pub use bwd::{
     HostGradients,
 };
 pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
+pub use decode::{choose_splits, tile_rows, DecodeParams, DeviceKvCache, KvAttention, MAX_SPLITS};
 pub use error::{CudaError, Result};
 pub use fwd::{fused_spec, Attention, HostOutput};
 pub use params::Varlen;

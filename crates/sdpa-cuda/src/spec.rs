@@ -31,6 +31,8 @@ pub enum Kind {
     BwdWgmma,
     /// The causal module's elementwise kernels (bias rows, residual dropout).
     Nn,
+    /// Decoding over a KV cache: the append, split-KV attention, the combine.
+    Decode,
 }
 
 /// A function of a module.
@@ -60,6 +62,12 @@ pub enum Entry {
     NnBiasRows,
     /// Module: residual dropout in place.
     NnDropoutRows,
+    /// Decode: `k_new` / `v_new` written into the cache.
+    DecodeAppend,
+    /// Decode: one key split of a tile of this many packed query rows (1, 4, 8 or 16).
+    DecodeSplit(u32),
+    /// Decode: the splits of each row merged by lse.
+    DecodeCombine,
 }
 
 /// Which compute capabilities a kind runs on.
@@ -97,7 +105,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 9] = [
+pub const TABLE: [Variant; 10] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -200,7 +208,34 @@ pub const TABLE: [Variant; 9] = [
         entries: &[Entry::NnBiasRows, Entry::NnDropoutRows],
         arch: Arch::Sm80Plus,
     },
+    Variant {
+        kind: Kind::Decode,
+        source: "decode/attn_decode.cu",
+        prefix: "attn_decode",
+        dtypes: &[DType::F32, DType::F16, DType::BF16],
+        // Classes of max(E, Ev): shared rows of 64, 128 or 256 elements.
+        head_dims: &[64, 128, 256],
+        extras: &[false],
+        entries: &[
+            Entry::DecodeAppend,
+            Entry::DecodeSplit(1),
+            Entry::DecodeSplit(4),
+            Entry::DecodeSplit(8),
+            Entry::DecodeSplit(16),
+            Entry::DecodeCombine,
+        ],
+        arch: Arch::Sm80Plus,
+    },
 ];
+
+/// Keys a decode block holds: 64, or 32 where f32 rows of 256 would not fit twice.
+pub fn decode_block_n(dtype: DType, head_dim: u32) -> u32 {
+    if dtype == DType::F32 && head_dim > 128 {
+        32
+    } else {
+        64
+    }
+}
 
 /// One compiled module: a row of [`TABLE`] at one dtype, head-dim class and feature set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -352,6 +387,11 @@ impl KernelSpec {
             // nn.cu's symbols are fixed; its module is per dtype.
             (Kind::Nn, Entry::NnBiasRows) => "nn_bias_rows".to_string(),
             (Kind::Nn, _) => "nn_dropout_rows".to_string(),
+            (Kind::Decode, Entry::DecodeAppend) => format!("{prefix}_append_{dtype}_d{d}"),
+            (Kind::Decode, Entry::DecodeSplit(rows)) => {
+                format!("{prefix}_split_{dtype}_d{d}_r{rows}")
+            }
+            (Kind::Decode, _) => format!("{prefix}_combine_{dtype}_d{d}"),
         }
     }
 
@@ -430,6 +470,31 @@ impl KernelSpec {
                 ("SDPA_KERNEL", self.symbol(Entry::BwdMain, config)),
             ]),
             Kind::Nn => {}
+            Kind::Decode => {
+                d.extend([
+                    ("SDPA_HEAD_DIM", self.head_dim.to_string()),
+                    (
+                        "SDPA_BLOCK_N",
+                        decode_block_n(self.dtype, self.head_dim).to_string(),
+                    ),
+                    (
+                        "SDPA_KERNEL_APPEND",
+                        self.symbol(Entry::DecodeAppend, config),
+                    ),
+                    (
+                        "SDPA_KERNEL_COMBINE",
+                        self.symbol(Entry::DecodeCombine, config),
+                    ),
+                ]);
+                for (name, rows) in [
+                    ("SDPA_KERNEL_SPLIT1", 1),
+                    ("SDPA_KERNEL_SPLIT4", 4),
+                    ("SDPA_KERNEL_SPLIT8", 8),
+                    ("SDPA_KERNEL_SPLIT16", 16),
+                ] {
+                    d.push((name, self.symbol(Entry::DecodeSplit(rows), config)));
+                }
+            }
         }
         d
     }
@@ -489,7 +554,7 @@ impl KernelSpec {
                 block_rows: 128,
                 threads: 256,
             }),
-            Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn => None,
+            Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn | Kind::Decode => None,
         }
     }
 }
@@ -602,7 +667,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 12 + 6 + 4 + 4 + 9 + 16 + 4 + 8);
+        assert_eq!(specs.len(), 32 + 12 + 6 + 4 + 4 + 9 + 16 + 4 + 8 + 9);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

@@ -18,6 +18,11 @@ fn every_variant_compiles_clean_for_sm80_and_sm90() {
         .into_iter()
         .flat_map(|spec| [(spec, 80), (spec, 90)])
         .filter(|(spec, arch)| spec.runs_on(*arch))
+        // SDPA_NVRTC_ONLY=<source prefix> (e.g. `decode/`) compiles one family while
+        // a kernel is being written; CI sets nothing and compiles all.
+        .filter(|(spec, _)| {
+            std::env::var("SDPA_NVRTC_ONLY").map_or(true, |only| spec.source().starts_with(&only))
+        })
         .collect();
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());

@@ -20,14 +20,17 @@
 //! let mut v = Array4::<f64>::from_elem((1, 2, 8, 4), 1.0);
 //! let lens = Array1::from(vec![3i32]);
 //! let cache = KvCache::Dense { k: k.view_mut(), v: v.view_mut() };
-//! let out = attention_with_kvcache(q.view(), cache, lens.view(), None, &SdpaOptions::default())?;
+//! let out = attention_with_kvcache(q.view(), cache, lens.view(), None, None, &SdpaOptions::default())?;
 //! assert!(out.out.iter().all(|&x| (x - 1.0).abs() < 1e-12));
 //! # Ok::<(), sdpa_core::SdpaError>(())
 //! ```
 
-use crate::{sdpa, Element, Output};
-use ndarray::{s, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut4};
-use sdpa_core::{shape_text, Causal, Result, SdpaError, SdpaOptions};
+use crate::{forward, Element, Output};
+use ndarray::{
+    s, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut4, Axis,
+};
+use sdpa_core::kvcache::{self, CacheShape, KvCall, KvPlan};
+use sdpa_core::{Causal, Result, SdpaOptions};
 
 /// A KV cache the call reads (and appends to).
 #[derive(Debug)]
@@ -72,147 +75,67 @@ impl<'a, T> KvCache<'a, T> {
     }
 }
 
-/// Checks every argument against `q [B, Hq, Lq, E]`; returns `(Hkv, E, Ev, capacity)`.
+/// The call as `sdpa_core::kvcache::check` sees it (the block table copied row-major).
 fn check<T>(
     q: &ArrayView4<'_, T>,
     cache: &KvCache<'_, T>,
     cache_seqlens: &ArrayView1<'_, i32>,
     new: Option<&(ArrayView4<'_, T>, ArrayView4<'_, T>)>,
     options: &SdpaOptions,
-) -> Result<(usize, usize, usize, usize)> {
-    let [batch, _, _, e] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
-    if options.dropout.is_active() {
-        return Err(SdpaError::invalid(
-            "dropout_p",
-            "0 for a KV-cache call",
-            options.dropout.p,
-        ));
-    }
-    let (kshape, vshape) = match cache {
-        KvCache::Dense { k, v } => (k.shape(), v.shape()),
-        KvCache::Paged { k, v, .. } => (k.shape(), v.shape()),
+) -> Result<KvPlan> {
+    let dims = |a: &[usize]| [a[0], a[1], a[2], a[3]];
+    let lens: Vec<i32> = cache_seqlens.iter().copied().collect();
+    let (table, table_shape) = match cache {
+        KvCache::Paged { block_table, .. } => (
+            block_table.iter().copied().collect::<Vec<i32>>(),
+            [block_table.nrows(), block_table.ncols()],
+        ),
+        KvCache::Dense { .. } => (Vec::new(), [0, 0]),
     };
-    let (hkv, ev) = match cache {
-        KvCache::Dense { .. } => (kshape[1], vshape[3]),
-        KvCache::Paged { .. } => (kshape[2], vshape[3]),
+    let shape = match cache {
+        KvCache::Dense { k, v } => CacheShape::Dense {
+            k: dims(k.shape()),
+            v: dims(v.shape()),
+        },
+        KvCache::Paged { k, v, .. } => CacheShape::Paged {
+            k: dims(k.shape()),
+            v: dims(v.shape()),
+            table: &table,
+            table_shape,
+        },
     };
-    let layout_ok = kshape[..3] == vshape[..3]
-        && kshape[3] == e
-        && match cache {
-            KvCache::Dense { .. } => kshape[0] == batch,
-            KvCache::Paged { .. } => kshape[1] > 0,
-        };
-    if !layout_ok {
-        let want = match cache {
-            KvCache::Dense { .. } => {
-                format!("k [{batch}, Hkv, S_max, {e}] and v [{batch}, Hkv, S_max, Ev]")
-            }
-            KvCache::Paged { .. } => {
-                format!("k [num_blocks, block_size >= 1, Hkv, {e}] and v [num_blocks, block_size, Hkv, Ev]")
-            }
-        };
-        return Err(SdpaError::invalid(
-            "k_cache",
-            want,
-            format!("k {}, v {}", shape_text(kshape), shape_text(vshape)),
-        ));
-    }
-    let capacity = match cache {
-        KvCache::Dense { .. } => kshape[2],
-        KvCache::Paged { block_table, .. } => {
-            if block_table.nrows() != batch {
-                return Err(SdpaError::invalid(
-                    "block_table",
-                    format!("[{batch}, max_blocks]"),
-                    shape_text(block_table.shape()),
-                ));
-            }
-            block_table.ncols() * kshape[1]
-        }
-    };
-    if cache_seqlens.len() != batch {
-        return Err(SdpaError::invalid(
-            "cache_seqlens",
-            format!("[{batch}]"),
-            shape_text(cache_seqlens.shape()),
-        ));
-    }
-    let l_new = match new {
-        None => 0,
-        Some((kn, vn)) => {
-            let want_k = [batch, hkv, kn.shape()[2], e];
-            let want_v = [batch, hkv, kn.shape()[2], ev];
-            if kn.shape() != want_k || vn.shape() != want_v {
-                return Err(SdpaError::invalid(
-                    "k_new",
-                    format!(
-                        "k_new {} and v_new {}",
-                        shape_text(&want_k),
-                        shape_text(&want_v)
-                    ),
-                    format!(
-                        "k_new {}, v_new {}",
-                        shape_text(kn.shape()),
-                        shape_text(vn.shape())
-                    ),
-                ));
-            }
-            kn.shape()[2]
-        }
-    };
-    for (b, &len) in cache_seqlens.iter().enumerate() {
-        let total = usize::try_from(len).ok().and_then(|n| n.checked_add(l_new));
-        match total {
-            None => {
-                return Err(SdpaError::invalid(
-                    "cache_seqlens",
-                    "lengths >= 0",
-                    format!("batch row {b}: {len}"),
-                ))
-            }
-            Some(n) if n > capacity => {
-                return Err(SdpaError::invalid(
-                    "cache_seqlens",
-                    format!("cache_seqlens + L_new at most the cache's {capacity} keys"),
-                    format!("batch row {b}: {len} + {l_new}"),
-                ))
-            }
-            Some(n) => {
-                if let KvCache::Paged { k, block_table, .. } = cache {
-                    let blocks = n.div_ceil(kshape[1]);
-                    for m in 0..blocks {
-                        let index = block_table[[b, m]];
-                        if index < 0 || index as usize >= k.shape()[0] {
-                            return Err(SdpaError::invalid(
-                                "block_table",
-                                format!("block indices in 0..{}", k.shape()[0]),
-                                format!("batch row {b}, entry {m}: {index}"),
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok((hkv, e, ev, capacity))
+    kvcache::check(&KvCall {
+        q: dims(q.shape()),
+        cache: shape,
+        cache_seqlens: &lens,
+        new: new.map(|(kn, vn)| (dims(kn.shape()), dims(vn.shape()))),
+        options,
+    })
 }
 
 /// Attention of `q` over each batch row's cached keys (after the append), as the module
-/// docs say. `lse` is `-inf` for a row with no key, as in [`sdpa`].
+/// docs say, with ALiBi when `alibi_slopes` (`[Hq]` or `[B, Hq]`, f32) are given. GQA is
+/// implied (Hkv divides Hq). `lse` is `-inf` for a row with no key, as in
+/// [`sdpa`](crate::sdpa).
 ///
 /// # Errors
-/// `k_cache`, `block_table`, `cache_seqlens` or `k_new` naming the batch row or shape at
-/// fault, `dropout_p` when dropout is asked for, and whatever [`sdpa`] refuses for the
-/// gathered keys. Nothing is written on an error.
+/// Everything `sdpa_core::kvcache::check` refuses (`k_cache`, `block_table`,
+/// `cache_seqlens`, `k_new`, `query`, `dropout_p`, naming the batch row at fault), bad
+/// `alibi_slopes`, and whatever the reference refuses for the gathered keys. Nothing is
+/// written on an error.
 pub fn attention_with_kvcache<T: Element>(
     q: ArrayView4<'_, T>,
     mut cache: KvCache<'_, T>,
     cache_seqlens: ArrayView1<'_, i32>,
     new: Option<(ArrayView4<'_, T>, ArrayView4<'_, T>)>,
+    alibi_slopes: Option<ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
 ) -> Result<Output<T>> {
-    let (hkv, e, ev, _) = check(&q, &cache, &cache_seqlens, new.as_ref(), options)?;
-    let batch = q.shape()[0];
+    let plan = check(&q, &cache, &cache_seqlens, new.as_ref(), options)?;
+    let (batch, hkv, e, ev) = (plan.batch, plan.heads_kv, plan.head_dim, plan.head_dim_v);
+    let alibi = alibi_slopes
+        .map(|a| crate::alibi_slopes(a, batch, plan.heads_q))
+        .transpose()?;
     // The append, in place: key cache_seqlens[b] + t of row b gets k_new[b, :, t].
     if let Some((kn, vn)) = &new {
         for b in 0..batch {
@@ -229,13 +152,14 @@ pub fn attention_with_kvcache<T: Element>(
             }
         }
     }
-    let l_new = new.as_ref().map_or(0, |(kn, _)| kn.shape()[2]);
+    let l_new = plan.len_new;
     let options = SdpaOptions {
         causal: if options.causal == Causal::None {
             Causal::None
         } else {
             Causal::BottomRight
         },
+        enable_gqa: true,
         ..*options
     };
     let [_, hq, lq, _] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
@@ -255,12 +179,17 @@ pub fn attention_with_kvcache<T: Element>(
             let [x, y, z] = at(h, j);
             vc[[x, y, z, c]]
         });
-        let row = sdpa(
+        let slopes = alibi
+            .as_ref()
+            .map(|a| a.index_axis(Axis(0), b).mapv(|x| x as f32).into_dyn());
+        let row = forward(
             q.slice(s![b..b + 1, .., .., ..]),
             k.view(),
             v.view(),
             None,
+            slopes.as_ref().map(|a| a.view()),
             &options,
+            None,
         )?;
         out.slice_mut(s![b..b + 1, .., .., ..]).assign(&row.out);
         lse.slice_mut(s![b..b + 1, .., ..]).assign(&row.lse);

@@ -535,19 +535,27 @@ pub(crate) fn alibi_plan(
     slopes: Option<ArrayViewD<'_, f32>>,
     p: &Problem,
 ) -> Result<Option<Array2<f64>>> {
-    let Some(slopes) = slopes else {
-        return Ok(None);
-    };
-    let want = [p.batch, p.heads_q];
+    slopes
+        .map(|s| alibi_slopes(s, p.batch, p.heads_q))
+        .transpose()
+}
+
+/// Slopes `[Hq]` or `[B, Hq]` broadcast to `[B, Hq]` (f64), checked.
+pub(crate) fn alibi_slopes(
+    slopes: ArrayViewD<'_, f32>,
+    batch: usize,
+    heads_q: usize,
+) -> Result<Array2<f64>> {
+    let want = [batch, heads_q];
     let fits = match slopes.shape() {
-        [h] => *h == p.heads_q,
-        [b, h] => *b == p.batch && *h == p.heads_q,
+        [h] => *h == heads_q,
+        [b, h] => *b == batch && *h == heads_q,
         _ => false,
     };
     if !fits {
         return Err(SdpaError::invalid(
             "alibi_slopes",
-            format!("shape [{}] or {}", p.heads_q, sdpa_core::shape_text(&want)),
+            format!("shape [{heads_q}] or {}", sdpa_core::shape_text(&want)),
             sdpa_core::shape_text(slopes.shape()),
         ));
     }
@@ -560,7 +568,7 @@ pub(crate) fn alibi_plan(
         .mapv(f64::from)
         .into_dimensionality::<ndarray::Ix2>()
         .expect("two dims");
-    Ok(Some(plan))
+    Ok(plan)
 }
 
 fn forward<T: Element>(

@@ -91,6 +91,7 @@ fn paged_equals_dense_equals_the_gathered_reference_with_appends() {
             },
             lens.view(),
             new,
+            None,
             &options,
         )
         .unwrap();
@@ -119,6 +120,7 @@ fn paged_equals_dense_equals_the_gathered_reference_with_appends() {
             },
             lens.view(),
             new,
+            None,
             &options,
         )
         .unwrap();
@@ -189,6 +191,7 @@ fn bad_tables_and_lengths_are_refused_by_batch_row_before_any_write() {
             },
             lens.view(),
             Some((kn.view(), kn.view())),
+            None,
             &SdpaOptions::default(),
         )
         .map(|_| ())
@@ -228,6 +231,7 @@ fn bad_tables_and_lengths_are_refused_by_batch_row_before_any_write() {
         },
         lens.view(),
         None,
+        None,
         &SdpaOptions::default(),
     )
     .unwrap_err()
@@ -243,8 +247,70 @@ fn bad_tables_and_lengths_are_refused_by_batch_row_before_any_write() {
         },
         lens.view(),
         None,
+        None,
         &SdpaOptions::default(),
     )
     .unwrap();
     assert!(out.out.iter().all(|&x| x == 0.0) && out.lse.iter().all(|&x| x == f32::NEG_INFINITY));
+}
+
+#[test]
+fn alibi_window_and_softcap_through_the_cache_equal_the_reference_on_the_gathered_keys() {
+    let mut rng = Rng(SplitMix64(0xa11b1));
+    let (b_n, hkv, group, lq, e, s_max) = (2, 2, 2, 3, 6, 20);
+    let q = rng.array([b_n, hkv * group, lq, e]);
+    let k0 = rng.array([b_n, hkv, s_max, e]);
+    let v0 = rng.array([b_n, hkv, s_max, e]);
+    let lens = Array1::from(vec![11, 17]);
+    let slopes =
+        ndarray::Array2::from_shape_fn((b_n, hkv * group), |(b, h)| 0.1 * (1 + b + h) as f32);
+    let options = SdpaOptions {
+        causal: Causal::BottomRight,
+        window: sdpa_core::Window { left: 4, right: 0 },
+        softcap: Some(2.5),
+        enable_gqa: true,
+        ..Default::default()
+    };
+    let (mut kd, mut vd) = (k0.clone(), v0.clone());
+    let got = attention_with_kvcache(
+        q.view(),
+        KvCache::Dense {
+            k: kd.view_mut(),
+            v: vd.view_mut(),
+        },
+        lens.view(),
+        None,
+        Some(slopes.view().into_dyn()),
+        &options,
+    )
+    .unwrap();
+    for b in 0..b_n {
+        let n = lens[b] as usize;
+        let want = sdpa_ref::sdpa_with_alibi(
+            q.slice(s![b..b + 1, .., .., ..]),
+            k0.slice(s![b..b + 1, .., ..n, ..]),
+            v0.slice(s![b..b + 1, .., ..n, ..]),
+            None,
+            slopes.slice(s![b..b + 1, ..]).into_dyn(),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(got.out.slice(s![b..b + 1, .., .., ..]), want.out);
+        assert_eq!(got.lse.slice(s![b..b + 1, .., ..]), want.lse);
+    }
+    // Slopes of the wrong shape are refused by name before anything is read.
+    let bad = ndarray::Array1::<f32>::zeros(3);
+    let e = attention_with_kvcache(
+        q.view(),
+        KvCache::Dense {
+            k: kd.view_mut(),
+            v: vd.view_mut(),
+        },
+        lens.view(),
+        None,
+        Some(bad.view().into_dyn()),
+        &options,
+    )
+    .unwrap_err();
+    assert!(e.to_string().starts_with("alibi_slopes"), "{e}");
 }

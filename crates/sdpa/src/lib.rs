@@ -40,13 +40,13 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-use ndarray::{Array3, Array4, ArrayView3, ArrayView4, ArrayViewD};
+use ndarray::{Array3, Array4, ArrayView1, ArrayView3, ArrayView4, ArrayViewD};
 pub use sdpa_core::{
     select, Backend, BackendSet, Causal, DType, Device, Dropout, Problem, SdpaError, SdpaOptions,
 };
 pub use sdpa_cuda::{
-    CudaError, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext, KernelConfig,
-    Varlen,
+    CudaError, DeviceElement, DeviceKvCache, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext,
+    KernelConfig, Varlen,
 };
 pub use sdpa_ref::bwd::Gradients;
 pub use sdpa_ref::DropoutSpace;
@@ -490,6 +490,216 @@ pub fn attention_varlen_backward(
         ));
     };
     Ok(gpu.sdpa_varlen_backward(q, k, v, varlen, out, lse, dout, options, exec.backends)?)
+}
+
+/// A KV cache: host arrays (the CPU reference; on CUDA uploaded, and written back after
+/// an append) or device tensors (updated in place).
+#[derive(Debug)]
+pub enum KvCache<'a, T> {
+    /// Host arrays, dense or paged.
+    Host(sdpa_ref::kvcache::KvCache<'a, T>),
+    /// Device tensors, dense or paged.
+    Cuda(DeviceKvCache<'a>),
+}
+
+/// What [`attention_with_kvcache`] returns.
+#[derive(Debug, Clone)]
+pub struct KvAttention<T> {
+    /// `[B, Hq, Lq, Ev]` where the inputs were (device: contiguous).
+    pub out: Out<Array4<T>>,
+    /// f32 `[B, Hq, Lq]` (device: `[B, Hq, Lq, 1]`); `-inf` for a row with no key.
+    pub lse: Out<Array3<f32>>,
+    /// Key splits the CUDA decode kernels ran with (1 on the CPU).
+    pub splits: usize,
+}
+
+/// Attention of `q [B, Hq, Lq, E]` over a KV cache (DESIGN.md, "Inference"), after
+/// `new` (`k_new`, `v_new` `[B, Hkv, L_new, E / Ev]`) is written into the cache at
+/// `cache_seqlens[b]`, in place: dense `[B, Hkv, S_max, E]` or paged
+/// `[num_blocks, block_size, Hkv, E]` with a block table; causal bottom-right; window,
+/// softcap and `alibi_slopes` (`[Hq]` or `[B, Hq]`, f32); GQA implied. On the CPU the
+/// reference ([`sdpa_ref::kvcache::attention_with_kvcache`]); on CUDA the split-KV decode
+/// kernels ([`GpuContext::attention_with_kvcache`], splits chosen from the grid). Host
+/// arrays on a CUDA exec are uploaded, and the caches written back after an append.
+///
+/// ```
+/// use ndarray::{Array1, Array4};
+/// use sdpa::{attention_with_kvcache, Exec, KvCache, SdpaOptions, Tensor};
+///
+/// let q = Array4::<f32>::from_elem((1, 4, 1, 8), 0.1);
+/// let (mut k, mut v) = (Array4::<f32>::zeros((1, 2, 16, 8)), Array4::<f32>::ones((1, 2, 16, 8)));
+/// let (kn, vn) = (Array4::<f32>::zeros((1, 2, 1, 8)), Array4::<f32>::ones((1, 2, 1, 8)));
+/// let lens = Array1::from(vec![5]);
+/// let cache = KvCache::Host(sdpa_ref::kvcache::KvCache::Dense { k: k.view_mut(), v: v.view_mut() });
+/// let new = Some((Tensor::Host(kn.view()), Tensor::Host(vn.view())));
+/// let r = attention_with_kvcache(Tensor::Host(q.view()), cache, lens.view(), new, None, &SdpaOptions::default(), &Exec::cpu())?;
+/// assert!(r.out.into_host().unwrap().iter().all(|&x| (x - 1.0).abs() < 1e-6));
+/// # Ok::<(), sdpa::Error>(())
+/// ```
+///
+/// # Errors
+/// What `sdpa_core::kvcache::check` refuses (a bad table or length names the batch row),
+/// bad slopes, mixed host and device arguments, device tensors on a CPU exec, CUDA
+/// failures. Nothing is written on an error.
+pub fn attention_with_kvcache<T: Elem>(
+    q: Tensor<'_, T>,
+    cache: KvCache<'_, T>,
+    cache_seqlens: ArrayView1<'_, i32>,
+    new: Option<(Tensor<'_, T>, Tensor<'_, T>)>,
+    alibi_slopes: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<KvAttention<T>> {
+    let mixed = || {
+        placement(
+            "k_new",
+            "the device of query (q, the cache and k_new / v_new all host or all device)",
+            "another",
+        )
+    };
+    match (q, cache) {
+        (Tensor::Host(q), KvCache::Host(cache)) => {
+            let new = match new {
+                None => None,
+                Some((Tensor::Host(k), Tensor::Host(v))) => Some((k, v)),
+                Some(_) => return Err(mixed()),
+            };
+            match exec.device {
+                On::Cpu => {
+                    let r = sdpa_ref::kvcache::attention_with_kvcache(
+                        q,
+                        cache,
+                        cache_seqlens,
+                        new,
+                        alibi_slopes,
+                        options,
+                    )?;
+                    Ok(KvAttention {
+                        out: Out::Host(r.out),
+                        lse: Out::Host(r.lse),
+                        splits: 1,
+                    })
+                }
+                On::Cuda(gpu) => {
+                    host_kvcache_on_cuda(gpu, q, cache, cache_seqlens, new, alibi_slopes, options)
+                }
+            }
+        }
+        (Tensor::Cuda(q), KvCache::Cuda(cache)) => {
+            let On::Cuda(gpu) = exec.device else {
+                return Err(placement(
+                    "query",
+                    "host arrays for a CPU call",
+                    "a device tensor",
+                ));
+            };
+            let new = match new {
+                None => None,
+                Some((Tensor::Cuda(k), Tensor::Cuda(v))) => Some((k, v)),
+                Some(_) => return Err(mixed()),
+            };
+            if q.dtype() != T::DTYPE {
+                return Err(placement("query", T::DTYPE.name(), q.dtype().name()));
+            }
+            let r = gpu.attention_with_kvcache(
+                q,
+                cache,
+                cache_seqlens,
+                new,
+                alibi_slopes,
+                options,
+                None,
+            )?;
+            Ok(KvAttention {
+                out: Out::Cuda(r.out),
+                lse: Out::Cuda(r.lse),
+                splits: r.splits,
+            })
+        }
+        _ => Err(placement(
+            "k_cache",
+            "the device of query (host arrays or device tensors for both)",
+            "another",
+        )),
+    }
+}
+
+/// Host arrays through the CUDA decode kernels: uploaded, run, downloaded; after an
+/// append the caches are written back into the caller's views.
+fn host_kvcache_on_cuda<T: Elem>(
+    gpu: &GpuContext,
+    q: ArrayView4<'_, T>,
+    cache: sdpa_ref::kvcache::KvCache<'_, T>,
+    cache_seqlens: ArrayView1<'_, i32>,
+    new: Option<(ArrayView4<'_, T>, ArrayView4<'_, T>)>,
+    alibi_slopes: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+) -> Result<KvAttention<T>> {
+    use sdpa_ref::kvcache::KvCache as H;
+    let dq = DeviceTensor::upload(gpu, q)?;
+    let new_dev = match &new {
+        None => None,
+        Some((k, v)) => Some((
+            DeviceTensor::upload(gpu, k.view())?,
+            DeviceTensor::upload(gpu, v.view())?,
+        )),
+    };
+    let new_ref = new_dev.as_ref().map(|(k, v)| (k, v));
+    let (r, dk, dv, mut k_host, mut v_host) = match cache {
+        H::Dense { k, v } => {
+            let (dk, dv) = (
+                DeviceTensor::upload(gpu, k.view())?,
+                DeviceTensor::upload(gpu, v.view())?,
+            );
+            let c = DeviceKvCache::Dense { k: &dk, v: &dv };
+            let r = gpu.attention_with_kvcache(
+                &dq,
+                c,
+                cache_seqlens,
+                new_ref,
+                alibi_slopes,
+                options,
+                None,
+            )?;
+            (r, dk, dv, k, v)
+        }
+        H::Paged { k, v, block_table } => {
+            let (dk, dv) = (
+                DeviceTensor::upload(gpu, k.view())?,
+                DeviceTensor::upload(gpu, v.view())?,
+            );
+            // A local copy: the device cache's borrows end with this call.
+            let table = block_table.to_owned();
+            let c = DeviceKvCache::Paged {
+                k: &dk,
+                v: &dv,
+                block_table: table.view(),
+            };
+            let r = gpu.attention_with_kvcache(
+                &dq,
+                c,
+                cache_seqlens,
+                new_ref,
+                alibi_slopes,
+                options,
+                None,
+            )?;
+            (r, dk, dv, k, v)
+        }
+    };
+    let out = r.out.download::<T>(gpu)?;
+    let lse = sdpa_cuda::lse_to_3d(r.lse.download::<f32>(gpu)?);
+    if new.is_some() {
+        // Both downloads succeed before either host view is touched.
+        let (k_new, v_new) = (dk.download::<T>(gpu)?, dv.download::<T>(gpu)?);
+        k_host.assign(&k_new);
+        v_host.assign(&v_new);
+    }
+    Ok(KvAttention {
+        out: Out::Host(out),
+        lse: Out::Host(lse),
+        splits: r.splits,
+    })
 }
 
 /// Gradients of attention (`dq`, `dk`, `dv`, and `dmask` for an additive mask) from

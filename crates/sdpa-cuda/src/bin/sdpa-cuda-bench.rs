@@ -1,6 +1,7 @@
-//! `sdpa-cuda-bench [--json | --backward]`: times flash, efficient and math on the
+//! `sdpa-cuda-bench [--json | --backward | --decode]`: times flash, efficient and math on the
 //! issue's five shapes on CUDA device 0 and prints a table (or JSON lines); with
-//! `--backward`, JSON lines of the backward benchmarks (efficient and math). The kernel configuration
+//! `--backward`, JSON lines of the backward benchmarks (efficient and math); with
+//! `--decode`, JSON lines of the KV-cache decode benchmarks. The kernel configuration
 //! comes from the environment (`SDPA_CUDA_WG_TILES`, `SDPA_CUDA_TC_TILES`,
 //! `SDPA_CUDA_WGMMA`: the variables `ci/tile-sweep.sh` sweeps); `SDPA_BENCH_SHAPES` and
 //! `SDPA_BENCH_BACKENDS` pick shapes and backends.
@@ -15,6 +16,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if std::env::args().any(|a| a == "--decode") {
+        // JSON lines of the decode rows (ci/bench_torch_decode.py reads them).
+        match bench::run_decode_benchmarks(&gpu) {
+            Ok(rows) => {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row).expect("rows serialise"));
+                }
+            }
+            Err(e) => {
+                eprintln!("sdpa-cuda-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--backward") {
         // JSON lines of the backward rows (ci/bench_torch_bwd.py reads them).
         match bench::run_backward_benchmarks(&gpu) {
