@@ -17,6 +17,7 @@ use error::CliError;
 use sdpa_core::{Backend, DType};
 use sdpa_harness::case::{serialize, Case};
 use sdpa_harness::judge::judge;
+use sdpa_harness::kvcase::{self, KvCase};
 use sdpa_harness::{run, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -201,6 +202,9 @@ fn eval(
     out_path: &Path,
     backward: bool,
 ) -> Result<ExitCode, CliError> {
+    if KvCase::is_kvcache_file(case_path).map_err(|e| CliError::in_case(case_path, e))? {
+        return eval_kvcache(case_path, backend, device, out_path, backward);
+    }
     let case = Case::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
     let problem = run::problem(&case).map_err(|e| CliError::in_case(case_path, e))?;
     expected::check(case_path, &case, &problem)?;
@@ -302,6 +306,128 @@ fn eval(
     })
 }
 
+/// `sdpa eval` of a KV-cache case (it holds `k_cache`): the reference on the CPU, the
+/// decode kernels on CUDA; writes `out`, `lse` and, after an append, `k_cache` and
+/// `v_cache`; judges `out` against `out_f64` (else the f64 reference of the case, run
+/// here) by the dtype's tolerance, and the caches against `k_cache_after` /
+/// `v_cache_after` (exactly) where the case has them.
+fn eval_kvcache(
+    case_path: &Path,
+    backend: BackendArg,
+    device: DeviceArg,
+    out_path: &Path,
+    backward: bool,
+) -> Result<ExitCode, CliError> {
+    if backward {
+        return Err(CliError::Usage(
+            "--backward: expected a case with q, k, v (a KV-cache case has no backward)".into(),
+        ));
+    }
+    if backend != BackendArg::Auto {
+        return Err(CliError::Usage(
+            "--backend: expected auto for a KV-cache case (the reference on the cpu, the decode kernels on cuda)".into(),
+        ));
+    }
+    let case = KvCase::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
+    // The f64 truth comes first: it checks the whole call before anything is written.
+    let truth = kv_truth(&case).map_err(|e| CliError::in_case(case_path, e))?;
+    output::check_target(out_path, &[case_path])?;
+    let engine = Engine::new(device)?;
+    let (r, verdicts) =
+        kv_verdicts(&case, &truth, &engine).map_err(|e| CliError::in_case(case_path, e))?;
+    let lse = Tensor::F32(r.lse.clone());
+    let mut meta = BTreeMap::new();
+    meta.insert("device".to_string(), engine.device.to_string());
+    meta.insert("case".to_string(), case_path.display().to_string());
+    meta.insert("splits".to_string(), r.splits.to_string());
+    let mut named: Vec<(String, &Tensor)> = vec![("out".into(), &r.out), ("lse".into(), &lse)];
+    if let (Some(k), Some(v)) = (&r.k_cache, &r.v_cache) {
+        named.push(("k_cache".into(), k));
+        named.push(("v_cache".into(), v));
+    }
+    output::write(out_path, &serialize(&named, &meta), &[case_path])?;
+    let what = if engine.gpu.is_some() {
+        "decode kernels"
+    } else {
+        "KV-cache reference"
+    };
+    println!(
+        "{}: {what} on {} ({} split{}) -> {}",
+        case_path.display(),
+        engine.device,
+        r.splits,
+        if r.splits == 1 { "" } else { "s" },
+        out_path.display()
+    );
+    let mut passed = true;
+    for (against, ok, line) in &verdicts {
+        println!("  vs {against}: {line}");
+        passed &= ok;
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(VERDICT_FAILED)
+    })
+}
+
+/// The f64 truth of a KV-cache case: its `out_f64`, else the reference on the case
+/// widened to f64.
+fn kv_truth(case: &KvCase) -> Result<ndarray::ArrayD<f64>, CliError> {
+    Ok(match case.result("out_f64") {
+        Some(t) => t.to_f64(),
+        None => kvcase::run_kvcache(&kvcase::widened(case), &sdpa::Exec::cpu())?
+            .out
+            .to_f64(),
+    })
+}
+
+/// What a verdict line holds: what it judged against, whether it passed, the line.
+type Verdict = (String, bool, String);
+
+/// Runs a KV-cache case on the engine's device and judges `out` against `truth` by the
+/// dtype's tolerance and the caches against `k_cache_after` / `v_cache_after` (exactly).
+fn kv_verdicts(
+    case: &KvCase,
+    truth: &ndarray::ArrayD<f64>,
+    engine: &Engine,
+) -> Result<(kvcase::KvRunOutput, Vec<Verdict>), CliError> {
+    let dtype = case
+        .q
+        .dtype()
+        .ok_or_else(|| CliError::Usage("q: expected a floating-point dtype".into()))?;
+    let exec = engine
+        .exec(Backend::Math)
+        .with_backends(sdpa_core::BackendSet::ALL);
+    let r = kvcase::run_kvcache(case, &exec)?;
+    let report = sdpa_harness::compare::compare_with(
+        r.out.to_f64().view(),
+        truth.view(),
+        Some(&sdpa_harness::tolerance::for_dtype(dtype)),
+    );
+    let mut verdicts = vec![(
+        "out_f64".to_string(),
+        report.passes(),
+        format!(
+            "{}: {report}",
+            if report.passes() { "pass" } else { "FAIL" }
+        ),
+    )];
+    for (name, got) in [("k_cache", &r.k_cache), ("v_cache", &r.v_cache)] {
+        let want_name = format!("{name}_after");
+        if let (Some(got), Some(want)) = (got, case.result(&want_name)) {
+            let same = got == want;
+            let line = if same {
+                "pass: bit-equal"
+            } else {
+                "FAIL: differs"
+            };
+            verdicts.push((want_name, same, line.to_string()));
+        }
+    }
+    Ok((r, verdicts))
+}
+
 /// The case files under `paths` (folders listed one level deep), and the paths that
 /// could not be listed, each as its error.
 fn case_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<CliError>) {
@@ -369,6 +495,37 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for file in &files {
+        match KvCase::is_kvcache_file(file) {
+            Ok(true) => {
+                let judged = KvCase::read(file)
+                    .map_err(CliError::from)
+                    .and_then(|c| kv_truth(&c).map(|t| (c, t)))
+                    .and_then(|(c, t)| kv_verdicts(&c, &t, &engine));
+                match judged {
+                    Ok((_, verdicts)) => {
+                        for (name, ok, line) in verdicts {
+                            if ok {
+                                passed += 1;
+                            } else {
+                                failed += 1;
+                                println!("{} [kv-cache] {name}: {line}", file.display());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("error: {} [kv-cache]: {e}", file.display());
+                    }
+                }
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                bad += 1;
+                eprintln!("error: {e}");
+                continue;
+            }
+        }
         let (case, problem) = match load_case(file) {
             Ok(loaded) => loaded,
             Err(e) => {

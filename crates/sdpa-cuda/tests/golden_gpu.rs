@@ -97,7 +97,10 @@ fn run_cuda(
         Tensor::F32(_) => typed!(F32),
         Tensor::F16(_) => typed!(F16),
         Tensor::BF16(_) => typed!(BF16),
-        Tensor::Bool(_) => Err("q: expected a float dtype, got bool".into()),
+        Tensor::Bool(_) | Tensor::I32(_) => Err(format!(
+            "q: expected a float dtype, got {}",
+            case.q.dtype_name()
+        )),
     }
 }
 

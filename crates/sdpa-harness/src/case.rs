@@ -60,7 +60,7 @@ pub struct Case {
     pub extra_metadata: BTreeMap<String, String>,
 }
 
-const OPTION_KEYS: [&str; 10] = [
+pub(crate) const OPTION_KEYS: [&str; 10] = [
     "is_causal",
     "causal",
     "dropout_p",
@@ -229,21 +229,7 @@ impl Case {
     /// `k` or `v`; an unsupported dtype; q/k/v not 4-d or not floating point; malformed
     /// metadata; a case over the budget.
     pub fn from_bytes(bytes: &[u8]) -> Result<Case> {
-        if bytes.is_empty() {
-            return Err(HarnessError::case(
-                "case file",
-                "a safetensors file",
-                "an empty file",
-            ));
-        }
-        let Some((prefix, rest)) = bytes.split_first_chunk::<8>() else {
-            return Err(too_short(bytes.len() as u64));
-        };
-        let header_len = header_len(*prefix, bytes.len() as u64)?;
-        let (json, data) = rest.split_at(header_len);
-        let header = Header::parse(json, data.len())?;
-        header.check_budget()?;
-        header.into_case(data)
+        Case::from_parts(parts_from_bytes(bytes)?)
     }
 
     /// Reads a case file.
@@ -259,18 +245,9 @@ impl Case {
     /// I/O errors and everything [`Case::from_bytes`] rejects, prefixed with the path.
     pub fn read(path: impl AsRef<Path>) -> Result<Case> {
         let path = path.as_ref();
-        read_case_file(path).map_err(|e| match e {
-            HarnessError::Case {
-                what,
-                expected,
-                actual,
-            } => HarnessError::Case {
-                what: format!("{}: {what}", path.display()),
-                expected,
-                actual,
-            },
-            other => other,
-        })
+        read_parts(path)
+            .and_then(Case::from_parts)
+            .map_err(|e| in_file(path, e))
     }
 
     /// Refuses a case whose forward pass on the CPU reference would need more work or
@@ -603,6 +580,15 @@ impl Header {
 
     /// [`Case::check_budget`] from the declared shapes, before any data is read.
     fn check_budget(&self) -> Result<()> {
+        if let (Some(q), Some(k), Some(v)) = (
+            self.shape("q"),
+            self.shape("k_cache"),
+            self.shape("v_cache"),
+        ) {
+            // A KV-cache case: the work of the dense call over each row's capacity.
+            let (k, v) = crate::kvcase::dense_equivalent(k, v, self.shape("block_table"));
+            return check_budget(q, &k, &v, None);
+        }
         match (self.shape("q"), self.shape("k"), self.shape("v")) {
             (Some(q), Some(k), Some(v)) => check_budget(q, k, v, self.shape("attn_mask")),
             // A case without q, k or v is refused when it is built.
@@ -610,8 +596,8 @@ impl Header {
         }
     }
 
-    /// Builds the case from the `data` the header describes (already checked).
-    fn into_case(self, data: &[u8]) -> Result<Case> {
+    /// The tensors and metadata from the `data` the header describes (already checked).
+    fn into_parts(self, data: &[u8]) -> Result<Parts> {
         let mut tensors = BTreeMap::new();
         for t in self.tensors {
             let bytes = &data[t.start..t.end];
@@ -626,13 +612,30 @@ impl Header {
                 .map_err(|got| {
                     HarnessError::case(
                         format!("tensor {}", t.name),
-                        "dtype F64, F32, F16, BF16 or BOOL",
+                        "dtype F64, F32, F16, BF16, BOOL or I32",
                         got,
                     )
                 })?;
             tensors.insert(t.name, tensor);
         }
-        let meta = self.metadata;
+        Ok((tensors, self.metadata))
+    }
+}
+
+/// A case file's tensors by name and its metadata.
+pub(crate) type Parts = (BTreeMap<String, Tensor>, HashMap<String, String>);
+
+impl Case {
+    /// The case of a file's parts: q, k, v, an optional attn_mask, options; every other
+    /// tensor a result.
+    pub(crate) fn from_parts((mut tensors, meta): Parts) -> Result<Case> {
+        if !tensors.contains_key("k") && tensors.contains_key("k_cache") {
+            return Err(HarnessError::case(
+                "case file",
+                "tensors q, k, v (this one has k_cache: a KV-cache case, read with kvcase::KvCase)",
+                "a KV-cache case",
+            ));
+        }
         let options = parse_options(&meta)?;
         let mut take = |name: &str| {
             tensors.remove(name).ok_or_else(|| {
@@ -654,7 +657,7 @@ impl Header {
                 return Err(HarnessError::case(
                     format!("tensor {name}"),
                     "a floating-point dtype",
-                    "bool",
+                    t.dtype_name(),
                 ));
             }
         }
@@ -705,7 +708,8 @@ fn parse_metadata(value: Json) -> Result<HashMap<String, String>> {
     Ok(metadata)
 }
 
-fn read_case_file(path: &Path) -> Result<Case> {
+/// Reads and checks a case file's parts (as [`Case::read`] describes).
+pub(crate) fn read_parts(path: &Path) -> Result<Parts> {
     use std::io::Read as _;
     let io = |source| HarnessError::Io {
         path: path.display().to_string(),
@@ -757,7 +761,42 @@ fn read_case_file(path: &Path) -> Result<Case> {
             format!("{} bytes (it changed while being read)", data.len()),
         ));
     }
-    header.into_case(&data)
+    header.into_parts(&data)
+}
+
+/// Parses and checks a buffer's parts (as [`Case::from_bytes`] describes).
+pub(crate) fn parts_from_bytes(bytes: &[u8]) -> Result<Parts> {
+    if bytes.is_empty() {
+        return Err(HarnessError::case(
+            "case file",
+            "a safetensors file",
+            "an empty file",
+        ));
+    }
+    let Some((prefix, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(too_short(bytes.len() as u64));
+    };
+    let header_len = header_len(*prefix, bytes.len() as u64)?;
+    let (json, data) = rest.split_at(header_len);
+    let header = Header::parse(json, data.len())?;
+    header.check_budget()?;
+    header.into_parts(data)
+}
+
+/// Prefixes a case error with the file's path.
+pub(crate) fn in_file(path: &Path, e: HarnessError) -> HarnessError {
+    match e {
+        HarnessError::Case {
+            what,
+            expected,
+            actual,
+        } => HarnessError::Case {
+            what: format!("{}: {what}", path.display()),
+            expected,
+            actual,
+        },
+        other => other,
+    }
 }
 
 #[cfg(unix)]

@@ -33,6 +33,7 @@ mod error;
 pub mod golden;
 pub mod gpu;
 pub mod judge;
+pub mod kvcase;
 pub mod run;
 pub mod strategies;
 mod tensor;

@@ -26,7 +26,11 @@ fn four_d<'a, T>(name: &str, a: ArrayViewD<'a, T>) -> Result<ArrayView4<'a, T>> 
 fn desc(name: &str, t: &Tensor) -> Result<TensorDesc> {
     let shape = t.shape();
     let dtype = t.dtype().ok_or_else(|| {
-        HarnessError::case(format!("tensor {name}"), "a floating-point dtype", "bool")
+        HarnessError::case(
+            format!("tensor {name}"),
+            "a floating-point dtype",
+            t.dtype_name(),
+        )
     })?;
     if shape.len() != 4 {
         return Err(HarnessError::case(
@@ -240,7 +244,7 @@ pub fn run_backward(case: &Case, exec: &Exec<'_>) -> Result<BackwardOutput> {
 /// The case with q, k, v and an additive mask widened (exactly) to f64.
 pub fn widened(case: &Case) -> Case {
     let widen = |t: &Tensor| match t {
-        Tensor::Bool(_) => t.clone(),
+        Tensor::Bool(_) | Tensor::I32(_) => t.clone(),
         other => Tensor::F64(other.to_f64()),
     };
     Case {

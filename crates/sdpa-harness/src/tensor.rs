@@ -15,23 +15,28 @@ pub enum Tensor {
     BF16(ArrayD<bf16>),
     /// bool (masks).
     Bool(ArrayD<bool>),
+    /// i32 (a KV cache's `block_table` and `cache_seqlens`).
+    I32(ArrayD<i32>),
 }
 
 impl Tensor {
-    /// The float dtype, or `None` for bool.
+    /// The float dtype, or `None` for bool and i32.
     pub fn dtype(&self) -> Option<DType> {
         match self {
             Tensor::F64(_) => Some(DType::F64),
             Tensor::F32(_) => Some(DType::F32),
             Tensor::F16(_) => Some(DType::F16),
             Tensor::BF16(_) => Some(DType::BF16),
-            Tensor::Bool(_) => None,
+            Tensor::Bool(_) | Tensor::I32(_) => None,
         }
     }
 
     /// dtype name as messages print it (`f16`, `bool`).
     pub fn dtype_name(&self) -> &'static str {
-        self.dtype().map_or("bool", DType::name)
+        match self {
+            Tensor::I32(_) => "i32",
+            _ => self.dtype().map_or("bool", DType::name),
+        }
     }
 
     /// Extent of each axis.
@@ -42,10 +47,11 @@ impl Tensor {
             Tensor::F16(a) => a.shape(),
             Tensor::BF16(a) => a.shape(),
             Tensor::Bool(a) => a.shape(),
+            Tensor::I32(a) => a.shape(),
         }
     }
 
-    /// Exact widening to f64 (bool becomes 0/1).
+    /// Exact widening to f64 (bool becomes 0/1; i32 exact).
     pub fn to_f64(&self) -> ArrayD<f64> {
         match self {
             Tensor::F64(a) => a.clone(),
@@ -53,6 +59,7 @@ impl Tensor {
             Tensor::F16(a) => a.mapv(f64::from),
             Tensor::BF16(a) => a.mapv(f64::from),
             Tensor::Bool(a) => a.mapv(|x| if x { 1.0 } else { 0.0 }),
+            Tensor::I32(a) => a.mapv(f64::from),
         }
     }
 
@@ -77,6 +84,7 @@ impl Tensor {
             Tensor::F16(a) => collect(a, f16::to_le_bytes),
             Tensor::BF16(a) => collect(a, bf16::to_le_bytes),
             Tensor::Bool(a) => collect(a, |x| [x as u8]),
+            Tensor::I32(a) => collect(a, i32::to_le_bytes),
         }
     }
 
@@ -114,6 +122,7 @@ impl Tensor {
                 }
                 Tensor::Bool(a.mapv(|b| b == 1))
             }
+            D::I32 => Tensor::I32(parse(shape, bytes, i32::from_le_bytes)?),
             other => return Some(Err(format!("{other:?}"))),
         }))
     }
@@ -125,6 +134,7 @@ impl Tensor {
             Tensor::F16(_) => safetensors::Dtype::F16,
             Tensor::BF16(_) => safetensors::Dtype::BF16,
             Tensor::Bool(_) => safetensors::Dtype::BOOL,
+            Tensor::I32(_) => safetensors::Dtype::I32,
         }
     }
 }

@@ -191,7 +191,9 @@ fn forward(
         Tensor::F32(x) => forward_typed(weights, cfg, x.clone(), input, |v| f64::from(*v), gpu),
         Tensor::F16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64(), gpu),
         Tensor::BF16(x) => forward_typed(weights, cfg, x.clone(), input, |v| v.to_f64(), gpu),
-        Tensor::Bool(_) => Err("x: expected a float dtype, got bool".into()),
+        Tensor::Bool(_) | Tensor::I32(_) => {
+            Err(format!("x: expected a float dtype, got {}", x.dtype_name()))
+        }
     }
 }
 
