@@ -93,7 +93,11 @@ fn eval_runs_a_paged_case_with_an_append_and_judges_out_and_the_caches() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(stdout.contains("3 passed"), "{stdout}");
 
     // A wrong expected cache fails the verdict.

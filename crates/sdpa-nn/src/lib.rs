@@ -35,7 +35,7 @@ pub mod profile;
 pub mod train;
 
 pub use linear::{Linear, LinearGrads};
-pub use module::{CausalSelfAttention, DropoutGenerator, ModuleGrads, Saved};
+pub use module::{CausalSelfAttention, DropoutGenerator, ModuleCache, ModuleGrads, Saved};
 
 use sdpa_core::SdpaError;
 

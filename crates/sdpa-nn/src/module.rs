@@ -88,6 +88,39 @@ pub struct ModuleGrads<T> {
     pub c_proj: (Array2<T>, Option<Array1<T>>),
 }
 
+/// The KV cache a module owns for incremental decoding ([`CausalSelfAttention::decode`]):
+/// dense `[B, H, capacity, D]` keys and values and each batch row's length.
+#[derive(Debug, Clone)]
+pub struct ModuleCache<T> {
+    k: Array4<T>,
+    v: Array4<T>,
+    lens: Array1<i32>,
+}
+
+impl<T: Element> ModuleCache<T> {
+    /// An empty cache for `batch` sequences of up to `capacity` tokens of a module of
+    /// `heads` heads of `head_dim`.
+    ///
+    /// # Errors
+    /// A capacity past `i32::MAX` (the lengths are i32, as the kernels read them).
+    pub fn new(batch: usize, heads: usize, capacity: usize, head_dim: usize) -> Result<Self> {
+        if i32::try_from(capacity).is_err() {
+            return Err(SdpaError::invalid("capacity", "at most i32::MAX tokens", capacity).into());
+        }
+        let zero = T::from_acc(num_traits::Zero::zero());
+        Ok(ModuleCache {
+            k: Array4::from_elem((batch, heads, capacity, head_dim), zero),
+            v: Array4::from_elem((batch, heads, capacity, head_dim), zero),
+            lens: Array1::zeros(batch),
+        })
+    }
+
+    /// Tokens cached for each sequence.
+    pub fn lens(&self) -> Vec<usize> {
+        self.lens.iter().map(|&n| n as usize).collect()
+    }
+}
+
 /// nanoGPT's causal self-attention block, as the PyTorch SDPA tutorial defines it.
 #[derive(Debug, Clone)]
 pub struct CausalSelfAttention<T: Element> {
@@ -464,6 +497,94 @@ impl<T: Element> CausalSelfAttention<T> {
                 .expect("contiguous reshapes"),
             saved,
         ))
+    }
+
+    /// Incremental decoding: `x [B, T_new, E]` (the next tokens of each sequence, one or
+    /// a few) attends to everything `cache` holds and to itself (causal: bottom-right, as
+    /// the last rows of a full causal forward), and its keys and values are appended to
+    /// `cache`. In eval mode only (no dropout); the attention runs on `exec` (the decode
+    /// kernels on CUDA). Token by token it equals the rows of the full forward over the
+    /// whole sequence with the module's causal flag (that of training mode at dropout 0:
+    /// the eval-mode [`forward`](Self::forward) follows the PyTorch tutorial, which turns
+    /// `is_causal` off in eval).
+    ///
+    /// # Errors
+    /// Training mode, `x` of another embedding dim or batch than the cache's, more tokens
+    /// than the cache holds (`cache_seqlens`, naming the row), what the device refuses.
+    pub fn decode(
+        &mut self,
+        x: ArrayView3<'_, T>,
+        cache: &mut ModuleCache<T>,
+        exec: &Exec<'_>,
+    ) -> Result<Array3<T>> {
+        if self.training {
+            return Err(SdpaError::invalid(
+                "decode",
+                "a module in eval mode (no dropout)",
+                "training mode",
+            )
+            .into());
+        }
+        let (batch, len, e) = x.dim();
+        self.check_input(e)?;
+        if batch != cache.lens.len() || cache.k.shape()[1] != self.heads {
+            return Err(SdpaError::invalid(
+                "cache",
+                format!("a cache of {batch} sequences and {} heads", self.heads),
+                format!(
+                    "{} sequences, {} heads",
+                    cache.lens.len(),
+                    cache.k.shape()[1]
+                ),
+            )
+            .into());
+        }
+        let d = e / self.heads;
+        let rows = x.as_standard_layout();
+        let rows = rows
+            .view()
+            .into_shape_with_order((batch * len, e))
+            .expect("standard layout reshapes");
+        let qkv = self
+            .c_attn
+            .forward(rows)?
+            .into_shape_with_order((batch, len, 3, self.heads, d))
+            .expect("contiguous [B*T, 3E] reshapes");
+        let view = |i: usize| qkv.index_axis(Axis(2), i).permuted_axes([0, 2, 1, 3]);
+        let options = SdpaOptions {
+            causal: if self.is_causal {
+                Causal::BottomRight
+            } else {
+                Causal::None
+            },
+            ..Default::default()
+        };
+        let r = sdpa::attention_with_kvcache(
+            Tensor::Host(view(0)),
+            sdpa::KvCache::Host(sdpa_ref::kvcache::KvCache::Dense {
+                k: cache.k.view_mut(),
+                v: cache.v.view_mut(),
+            }),
+            cache.lens.view(),
+            Some((Tensor::Host(view(1)), Tensor::Host(view(2)))),
+            None,
+            &options,
+            exec,
+        )?;
+        cache.lens += len as i32;
+        let attn = r.out.into_host().expect("host arrays in, host arrays out");
+        let y = attn
+            .view()
+            .permuted_axes([0, 2, 1, 3])
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((batch * len, e))
+            .expect("standard layout reshapes");
+        Ok(self
+            .c_proj
+            .forward(y.view())?
+            .into_shape_with_order((batch, len, e))
+            .expect("contiguous reshapes"))
     }
 
     /// The backward of the [`forward_train`](Self::forward_train) call that gave

@@ -197,8 +197,10 @@ fn bias_slice(b: &Option<Array1<f32>>) -> &[f32] {
         .expect("a standard-layout bias gradient")
 }
 
-/// The model: `logits = head(h + attn(h))` with `h = tok[x] + pos`.
-struct TinyLm {
+/// The model: `logits = head(h + attn(h))` with `h = tok[x] + pos`. After
+/// [`train_model`], [`TinyLm::generate`] continues prompts greedily through the
+/// attention's KV cache.
+pub struct TinyLm {
     tok: Array2<f32>,
     pos: Array2<f32>,
     attn: CausalSelfAttention<f32>,
@@ -239,8 +241,20 @@ fn batch(config: &TrainConfig, rng: &mut Rng) -> Array2<usize> {
 pub fn train(
     config: &TrainConfig,
     exec: &Exec<'_>,
-    mut on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport),
 ) -> Result<TrainSummary> {
+    Ok(train_model(config, exec, on_step)?.1)
+}
+
+/// [`train`], keeping the trained model.
+///
+/// # Errors
+/// As [`train`].
+pub fn train_model(
+    config: &TrainConfig,
+    exec: &Exec<'_>,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<(TinyLm, TrainSummary)> {
     config.validate()?;
     let mut rng = Rng(SplitMix64(config.seed));
     let mut model = TinyLm::new(config, &mut rng)?;
@@ -371,9 +385,139 @@ pub fn train(
             last.iter().map(f).sum::<f32>() / last.len() as f32
         }
     };
-    Ok(TrainSummary {
+    let summary = TrainSummary {
         initial_loss: history.first().map_or(f32::NAN, |r| r.loss),
         final_loss: mean(|r| r.loss),
         final_accuracy: mean(|r| r.accuracy),
-    })
+    };
+    Ok((model, summary))
+}
+
+fn argmax(row: ndarray::ArrayView1<'_, f32>) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+        )
+        .0
+}
+
+impl TinyLm {
+    /// Tokens the model can place (its position table's length).
+    pub fn max_len(&self) -> usize {
+        self.pos.nrows()
+    }
+
+    /// Logits `[B, T_new, vocab]` of `tokens [B, T_new]` at positions `cache.lens()..`,
+    /// their keys and values appended to `cache` (causal attention through
+    /// [`CausalSelfAttention::decode`], eval mode).
+    fn step(
+        &mut self,
+        tokens: ndarray::ArrayView2<'_, usize>,
+        cache: &mut crate::ModuleCache<f32>,
+        exec: &Exec<'_>,
+    ) -> Result<Array3<f32>> {
+        let (b, t) = tokens.dim();
+        let e = self.tok.ncols();
+        let start = cache.lens().first().copied().unwrap_or(0);
+        if start + t > self.max_len() {
+            return Err(SdpaError::invalid(
+                "new_tokens",
+                format!(
+                    "prompt and new tokens within the model's {} positions",
+                    self.max_len()
+                ),
+                start + t,
+            )
+            .into());
+        }
+        let vocab = self.tok.nrows();
+        let mut h = Array3::<f32>::zeros((b, t, e));
+        for ((bi, ti), &token) in tokens.indexed_iter() {
+            if token >= vocab {
+                return Err(
+                    SdpaError::invalid("prompt", format!("tokens below {vocab}"), token).into(),
+                );
+            }
+            h.slice_mut(ndarray::s![bi, ti, ..])
+                .assign(&(&self.tok.row(token) + &self.pos.row(start + ti)));
+        }
+        let a = self.attn.decode(h.view(), cache, exec)?;
+        let z = (&h + &a)
+            .into_shape_with_order((b * t, e))
+            .expect("contiguous");
+        Ok(self
+            .head
+            .forward(z.view())?
+            .into_shape_with_order((b, t, vocab))
+            .expect("contiguous"))
+    }
+
+    /// Greedy generation: feeds `prompt [B, P]` through the attention's KV cache at once,
+    /// then one token at a time, each the most likely next token, `new_tokens` of them;
+    /// returns `[B, new_tokens]`. The attention runs on `exec` (the decode kernels on
+    /// CUDA) in eval mode; the module's mode is restored after.
+    ///
+    /// # Errors
+    /// An empty prompt, a token outside the vocabulary, more tokens than the model has
+    /// positions, what the device refuses.
+    pub fn generate(
+        &mut self,
+        prompt: ndarray::ArrayView2<'_, usize>,
+        new_tokens: usize,
+        exec: &Exec<'_>,
+    ) -> Result<ndarray::Array2<usize>> {
+        let (b, p) = prompt.dim();
+        if p == 0 {
+            return Err(SdpaError::invalid("prompt", "at least one token", 0).into());
+        }
+        let heads = self.attn.heads();
+        let training = self.attn.is_training();
+        self.attn.eval();
+        let mut cache =
+            crate::ModuleCache::new(b, heads, p + new_tokens, self.tok.ncols() / heads)?;
+        let mut out = ndarray::Array2::<usize>::zeros((b, new_tokens));
+        let result = (|| {
+            let mut logits = self.step(prompt, &mut cache, exec)?;
+            for n in 0..new_tokens {
+                let last = logits.index_axis(Axis(1), logits.dim().1 - 1).to_owned();
+                let next = ndarray::Array2::from_shape_fn((b, 1), |(bi, _)| argmax(last.row(bi)));
+                out.column_mut(n).assign(&next.column(0));
+                if n + 1 < new_tokens {
+                    logits = self.step(next.view(), &mut cache, exec)?;
+                }
+            }
+            Ok(())
+        })();
+        if training {
+            self.attn.train();
+        }
+        result.map(|()| out)
+    }
+
+    /// The next-token logits `[B, vocab]` after `tokens [B, T]`, recomputed from nothing
+    /// (a fresh cache): what [`generate`](Self::generate)'s incremental steps must equal.
+    ///
+    /// # Errors
+    /// As [`generate`](Self::generate).
+    pub fn next_logits(
+        &mut self,
+        tokens: ndarray::ArrayView2<'_, usize>,
+        exec: &Exec<'_>,
+    ) -> Result<ndarray::Array2<f32>> {
+        let (b, t) = tokens.dim();
+        if t == 0 {
+            return Err(SdpaError::invalid("tokens", "at least one token", 0).into());
+        }
+        let heads = self.attn.heads();
+        let training = self.attn.is_training();
+        self.attn.eval();
+        let r = crate::ModuleCache::new(b, heads, t, self.tok.ncols() / heads)
+            .and_then(|mut cache| self.step(tokens, &mut cache, exec));
+        if training {
+            self.attn.train();
+        }
+        Ok(r?.index_axis(Axis(1), t - 1).to_owned())
+    }
 }

@@ -92,3 +92,54 @@ fn a_bad_configuration_is_refused_by_name() {
         assert!(err.contains(name), "{name}: {err}");
     }
 }
+
+#[test]
+fn the_trained_model_generates_the_delayed_copy_through_its_kv_cache() {
+    let config = TrainConfig {
+        steps: 100,
+        ..TrainConfig::small()
+    };
+    let exec = sdpa::Exec::cpu();
+    let (mut model, summary) = sdpa_nn::train::train_model(&config, &exec, |_| {}).unwrap();
+    assert!(summary.final_accuracy > 0.99, "{summary:?}");
+    let delay = config.delay;
+    // The model's output at position t is the token at t - delay: fed back as the next
+    // token, the continuation repeats the last delay + 1 tokens (a prompt of delay + 1
+    // tokens, so that every output position was trained).
+    let p = delay + 1;
+    let prompt =
+        ndarray::Array2::from_shape_fn((3, p), |(b, i)| (7 * b + 3 * i + 1) % config.vocab);
+    let new = config.seq_len - p;
+    let out = model.generate(prompt.view(), new, &exec).unwrap();
+    for b in 0..3 {
+        for n in 0..new {
+            assert_eq!(
+                out[[b, n]],
+                prompt[[b, n % p]],
+                "row {b}, token {n}: {out:?}"
+            );
+        }
+    }
+    // Each incremental step's choice is the argmax of logits recomputed from nothing.
+    let mut seq = prompt.clone();
+    for n in 0..6 {
+        let logits = model.next_logits(seq.view(), &exec).unwrap();
+        for b in 0..3 {
+            let best = (0..config.vocab)
+                .max_by(|&i, &j| logits[[b, i]].total_cmp(&logits[[b, j]]))
+                .unwrap();
+            assert_eq!(best, out[[b, n]]);
+        }
+        seq = ndarray::concatenate(
+            ndarray::Axis(1),
+            &[seq.view(), out.slice(ndarray::s![.., n..n + 1])],
+        )
+        .unwrap();
+    }
+    // Past the model's positions: refused by name.
+    let e = model
+        .generate(prompt.view(), config.seq_len, &exec)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("new_tokens"), "{e}");
+}
