@@ -6,11 +6,13 @@
 //! - [`case_file`]: arbitrary bytes as a case file;
 //! - [`api`]: arbitrary shapes, strides, masks and options through `sdpa_ref::sdpa`;
 //! - [`nested`]: cu_seqlens validation, pad/unpad round trips, nested vs padded dense;
-//! - [`differential`]: small consistent problems, f32/f16/bf16 reference vs f64.
+//! - [`differential`]: small consistent problems, f32/f16/bf16 reference vs f64;
+//! - [`kvcache`]: KV-cache calls through the checks and the reference.
 
 pub mod api;
 pub mod case_file;
 pub mod differential;
+pub mod kvcache;
 pub mod nested;
 mod views;
 
@@ -23,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("api", api::run),
     ("nested", nested::run),
     ("differential", differential::run),
+    ("kvcache", kvcache::run),
 ];
 
 /// Runs `f` on a one-thread rayon pool. The reference parallelises with rayon; called
