@@ -89,7 +89,7 @@ def main():
     copy = copy_rate()
     print(f"copy: {copy:.0f} GB/s (read + write of 1 GiB)\n")
     rows = [json.loads(l) for l in open(args.ours) if l.strip()]
-    print("| B | Hq/Hkv | Lq | S | cache | ours us | splits | K/V GB/s | of copy | cuDNN us | flash us | efficient us | math us | vs cuDNN | vs flash | vs best |")
+    print("| B | Hq/Hkv | Lq | S | cache | ours us | path, splits | K/V GB/s | of copy | cuDNN us | flash us | efficient us | math us | vs cuDNN | vs flash | vs best |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for r in rows:
@@ -101,7 +101,7 @@ def main():
         ratio = lambda x: "-" if x is None else f"{x / ours:.2f}x"
         cache = "dense" if s["block_size"] == 0 else f"paged {s['block_size']}"
         print(
-            f"| {s['batch']} | {s['heads_q']}/{s['heads_kv']} | {s['len_q']} | {s['len_kv']} | {cache} | {ours:.1f} | {r['splits']} "
+            f"| {s['batch']} | {s['heads_q']}/{s['heads_kv']} | {s['len_q']} | {s['len_kv']} | {cache} | {ours:.1f} | {r.get('path', 'split-kv')}, {r['splits']} "
             f"| {r['kv_gbs']:.0f} | {100 * r['kv_gbs'] / copy:.0f}% | {fmt(t['cudnn'])} | {fmt(t['flash'])} | {fmt(t['efficient'])} "
             f"| {fmt(t['math'])} | {ratio(t['cudnn'])} | {ratio(t['flash'])} | {ratio(best)} |",
             flush=True,

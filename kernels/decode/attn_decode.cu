@@ -71,6 +71,7 @@ struct DecodeParams {
 #define SHARED_BYTES (KV_BYTES + Q_BYTES + 2 * S_BYTES + ROW_BYTES)
 
 static_assert(NT % BN == 0 && BN <= 64 && BN >= 32, "a key block of 32 or 64 keys");
+static_assert(DPT % 2 == 0, "value columns in pairs (one 32-bit word of 16-bit values)");
 static_assert(G * MR_MAX * EMAX * 4 <= KV_BYTES, "the group reduction fits the K/V stages");
 static_assert(SHARED_BYTES <= 232448, "decode tiles exceed sm_90's shared memory");
 
@@ -98,27 +99,49 @@ extern "C" __global__ void __launch_bounds__(NT) SDPA_KERNEL_APPEND(const Decode
     for (int e = threadIdx.x; e < p.head_dim_v; e += NT) vd[e] = vs[e];
 }
 
-// Rows [j0, j0 + BN) of the split's keys (or values) into a stage; keys at or past `end`
-// and columns past `dim` are zero.
-__device__ __forceinline__ void load_block(const DecodeParams& p, elem_t* dst, const elem_t* base, i64 sp, i64 ss,
-                                           i64 sh, int b, int h, int j0, int end, int dim, int tid) {
-    const int chunks = (dim + CE - 1) / CE;
+// Chunks of 16 bytes a shared row holds, and the rows one pass of the CTA covers when
+// each thread keeps one chunk column (NT / CH threads a row).
+#define CH (EMAX / CE)
+#define ROWS_PER_PASS (NT / CH)
+static_assert(NT % CH == 0 && BN % ROWS_PER_PASS == 0, "the load passes tile the block");
+
+// Keys [j0, j0 + BN) of the split into a stage of K and one of V; keys at or past `end`
+// and columns past E (Ev) are zero. Each key's page and slot are looked up once for both
+// K and V; each thread keeps one 16-byte column, so no division by a run-time size is
+// left in the loop but the paged lookup's.
+__device__ __forceinline__ void load_block(const DecodeParams& p, elem_t* dk, elem_t* dv, int b, int h, int j0,
+                                           int end, int tid) {
+    const elem_t* kbase = (const elem_t*)p.k;
+    const elem_t* vbase = (const elem_t*)p.v;
     if (p.vec16) {
-        for (int idx = tid; idx < BN * chunks; idx += NT) {
-            const int r = idx / chunks, c = idx % chunks;
+        const int c = tid % CH;
+        const int kbytes = max(0, min(CE, p.head_dim - c * CE)) * (int)sizeof(elem_t);
+        const int vbytes = max(0, min(CE, p.head_dim_v - c * CE)) * (int)sizeof(elem_t);
+#pragma unroll
+        for (int r = tid / CH; r < BN; r += ROWS_PER_PASS) {
             const int j = j0 + r;
             const bool live = j < end;
-            const elem_t* src = live ? cache_row(p, base, sp, ss, sh, b, h, j) + c * CE : base;
-            const int bytes = live ? min(CE, dim - c * CE) * (int)sizeof(elem_t) : 0;
-            cp_async16(smem_addr(dst + r * RS + c * CE), src, bytes);
+            int page = b, slot = j;
+            if (live && p.block_table) {
+                page = ((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size];
+                slot = j % p.block_size;
+            }
+            const elem_t* ks = kbase + (i64)page * p.k_stride_page + (i64)slot * p.k_stride_slot + (i64)h * p.k_stride_h + c * CE;
+            const elem_t* vs = vbase + (i64)page * p.v_stride_page + (i64)slot * p.v_stride_slot + (i64)h * p.v_stride_h + c * CE;
+            cp_async16(smem_addr(dk + r * RS + c * CE), live && kbytes ? ks : kbase, live ? kbytes : 0);
+            cp_async16(smem_addr(dv + r * RS + c * CE), live && vbytes ? vs : vbase, live ? vbytes : 0);
         }
     } else {
-        for (int idx = tid; idx < BN * chunks * CE; idx += NT) {
-            const int r = idx / (chunks * CE), e = idx % (chunks * CE);
+        for (int idx = tid; idx < BN * EMAX; idx += NT) {
+            const int r = idx / EMAX, e = idx % EMAX;
             const int j = j0 + r;
-            elem_t x = to_elem(0.f);
-            if (j < end && e < dim) x = cache_row(p, base, sp, ss, sh, b, h, j)[e];
-            dst[r * RS + e] = x;
+            elem_t x = to_elem(0.f), y = to_elem(0.f);
+            if (j < end) {
+                if (e < p.head_dim) x = cache_row(p, kbase, p.k_stride_page, p.k_stride_slot, p.k_stride_h, b, h, j)[e];
+                if (e < p.head_dim_v) y = cache_row(p, vbase, p.v_stride_page, p.v_stride_slot, p.v_stride_h, b, h, j)[e];
+            }
+            dk[r * RS + e] = x;
+            dv[r * RS + e] = y;
         }
     }
 }
@@ -207,13 +230,8 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
 #pragma unroll
         for (int d = 0; d < DPT; ++d) o[r][d] = 0.f;
 
-    const elem_t* kbase = (const elem_t*)p.k;
-    const elem_t* vbase = (const elem_t*)p.v;
     auto load = [&](int stage, int j0) {
-        load_block(p, s_k + stage * KV_STAGE_ELEMS, kbase, p.k_stride_page, p.k_stride_slot, p.k_stride_h, b, hk, j0,
-                   k_end, p.head_dim, tid);
-        load_block(p, s_v + stage * KV_STAGE_ELEMS, vbase, p.v_stride_page, p.v_stride_slot, p.v_stride_h, b, hk, j0,
-                   k_end, p.head_dim_v, tid);
+        load_block(p, s_k + stage * KV_STAGE_ELEMS, s_v + stage * KV_STAGE_ELEMS, b, hk, j0, k_end, tid);
     };
     if (k_begin < k_end) load(0, k_begin);
     cp_async_commit();
@@ -315,14 +333,38 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
             const int live = min(BN, k_end - j0);
             for (int jj = grp; jj < live; jj += G) {
                 float vf[DPT];
+#if SDPA_DTYPE == 1
 #pragma unroll
-                for (int d = 0; d < DPT; ++d) vf[d] = load_elem(vblock + jj * RS + d);
+                for (int d = 0; d < DPT; ++d) vf[d] = vblock[jj * RS + d];
+#else
+                // DPT 16-bit values as DPT / 2 words (d0 is even: 4-byte aligned).
 #pragma unroll
-                for (int r = 0; r < MR; ++r) {
-                    const float pr = s_p[jj * MR + r];
-#pragma unroll
-                    for (int d = 0; d < DPT; ++d) o[r][d] = fmaf(pr, vf[d], o[r][d]);
+                for (int w = 0; w < DPT / 2; ++w) {
+                    const u32 x = ((const u32*)(vblock + jj * RS))[w];
+                    const elem_t lo = (elem_t)(x & 0xffffu), hi = (elem_t)(x >> 16);
+                    vf[2 * w] = load_elem(&lo);
+                    vf[2 * w + 1] = load_elem(&hi);
                 }
+#endif
+                float pr[MR];
+                if constexpr (MR % 4 == 0) {
+                    // 16-byte aligned: s_p is, and a key's MR weights span MR * 4 bytes.
+#pragma unroll
+                    for (int r = 0; r < MR; r += 4) {
+                        const uint4 x = *(const uint4*)(s_p + jj * MR + r);
+                        pr[r] = __uint_as_float(x.x);
+                        pr[r + 1] = __uint_as_float(x.y);
+                        pr[r + 2] = __uint_as_float(x.z);
+                        pr[r + 3] = __uint_as_float(x.w);
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < MR; ++r) pr[r] = s_p[jj * MR + r];
+                }
+#pragma unroll
+                for (int r = 0; r < MR; ++r)
+#pragma unroll
+                    for (int d = 0; d < DPT; ++d) o[r][d] = fmaf(pr[r], vf[d], o[r][d]);
             }
         }
         __syncthreads();

@@ -843,6 +843,8 @@ pub struct DecodeRow {
     pub kv_gbs: f64,
     /// Key splits chosen.
     pub splits: usize,
+    /// `split-kv`, or the fused forward backend a long chunk ran on.
+    pub path: String,
 }
 
 /// Times [`GpuContext::attention_with_kvcache`] on every shape of [`decode_shapes`]
@@ -895,6 +897,7 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
     let lens = ndarray::Array1::from_elem(b, s as i32);
     let options = sdpa_core::SdpaOptions::default();
     let splits = std::cell::Cell::new(0);
+    let path = std::cell::Cell::new(None);
     let call = |i: usize| -> Result<()> {
         let (k, v) = &caches[i % sets];
         let cache = if bs == 0 {
@@ -908,6 +911,7 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
         };
         let r = gpu.attention_with_kvcache(&q, cache, lens.view(), None, None, &options, None)?;
         splits.set(r.splits);
+        path.set(r.fused);
         Ok(())
     };
     let t = time_calls(gpu, 5, 100, 1500.0, 10, call)?;
@@ -917,5 +921,8 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
         min_us: t.min_ms * 1e3,
         kv_gbs: shape.kv_bytes() / (t.median_ms * 1e-3) / 1e9,
         splits: splits.get(),
+        path: path
+            .get()
+            .map_or("split-kv".to_string(), |b| b.name().to_string()),
     })
 }

@@ -62,6 +62,11 @@ pub struct KvAttention {
     pub splits: usize,
     /// Packed query rows a tile held (1, 4, 8 or 16).
     pub tile_rows: usize,
+    /// `Some(backend)` when the attention ran on a fused forward kernel instead of the
+    /// decode kernels: a chunk of more than 16 packed query rows over a dense cache whose
+    /// rows all hold the same number of keys, with no window, softcap or ALiBi (the
+    /// fused kernels' tensor cores beat one tile of query rows per kv head).
+    pub fused: Option<sdpa_core::Backend>,
 }
 
 /// The most key splits a call takes (the combine kernel's weights fit one block).
@@ -304,6 +309,7 @@ impl GpuContext {
             lse: lse.clone(),
             splits,
             tile_rows: rows,
+            fused: None,
         };
         let seqlens = upload_i32(self, &lens, "cache_seqlens")?;
         let table_buf = if table.is_empty() {
@@ -353,6 +359,46 @@ impl GpuContext {
         }
         if total_rows == 0 {
             return Ok(result(splits));
+        }
+        let n = plan.lengths.first().copied().unwrap_or(0);
+        let prefill = matches!(cache, DeviceKvCache::Dense { .. })
+            && packed > 16
+            && n > 0
+            && plan.lengths.iter().all(|&x| x == n)
+            && !options.window.is_active()
+            && options.softcap.is_none()
+            && p.alibi == 0;
+        if prefill {
+            // The cache's first n keys as the fused forward's k and v (views, no copy),
+            // after the append above on the same stream.
+            let view = |t: &DeviceTensor| {
+                let l = t.layout();
+                t.view([l.shape[0], l.shape[1], n, l.shape[3]], l.strides, 0)
+            };
+            let fused_options = SdpaOptions {
+                causal: if options.causal == Causal::None {
+                    Causal::None
+                } else {
+                    Causal::BottomRight
+                },
+                enable_gqa: true,
+                ..*options
+            };
+            let r = self.sdpa(
+                q,
+                &view(k)?,
+                &view(v)?,
+                None,
+                &fused_options,
+                sdpa_core::BackendSet::ALL,
+            )?;
+            return Ok(KvAttention {
+                out: r.out,
+                lse: r.lse,
+                splits: 1,
+                tile_rows: rows,
+                fused: Some(r.backend),
+            });
         }
         let grid = (splits as u32, grid_y as u32, plan.batch as u32);
         // SAFETY: as for the append; the split kernel reads keys below each row's checked
