@@ -8,27 +8,13 @@
 #include "cuda_emu.h"
 #include "emu_ref.h"
 #include "common/dtype.cuh"
+#include "decode/params.cuh"
 
 #include <algorithm>
 #include <cstdio>
 #include <numeric>
 #include <string>
 
-struct DecodeParams {
-    u64 q, k, v, out, lse, part_out, part_lse, block_table, seqlens, alibi, k_new, v_new;
-    i64 q_stride_b, q_stride_h, q_stride_l;
-    i64 k_stride_page, k_stride_slot, k_stride_h;
-    i64 v_stride_page, v_stride_slot, v_stride_h;
-    i64 kn_stride_b, kn_stride_h, kn_stride_l;
-    i64 vn_stride_b, vn_stride_h, vn_stride_l;
-    int batch, heads_q, heads_kv, group;
-    int len_q, head_dim, head_dim_v, len_new;
-    int block_size, table_stride, causal, window_left;
-    int window_right, alibi_stride_b, splits, row_tiles;
-    int vec16, pad0;
-    float scale;
-    float softcap;
-};
 
 extern "C" void emu_decode_append(const DecodeParams);
 extern "C" void emu_decode_combine(const DecodeParams);
@@ -169,20 +155,8 @@ bool run(const Case& c) {
 
 
     const bool cache_ok = kc == k_exp && vc == v_exp;
-    double mag = 1, err = 0, lse_err = 0;
-    for (double x : out_ref) mag = std::max(mag, std::fabs(x));
-    for (size_t n = 0; n < out.size(); ++n) {
-        const double d = std::fabs(f(out[n]) - out_ref[n]);
-        err = std::isnan(d) ? INFINITY : std::max(err, d);
-    }
-    for (size_t n = 0; n < lse.size(); ++n) {
-        if (lse_ref[n] == -INFINITY) {
-            if (lse[n] != -INFINITY) lse_err = INFINITY;
-            continue;
-        }
-        const double d = std::fabs((double)lse[n] - lse_ref[n]) / (1 + std::fabs(lse_ref[n]));
-        lse_err = std::isnan(d) ? INFINITY : std::max(lse_err, d);
-    }
+    const OutLseError e = out_lse_error(out, out_ref, lse, lse_ref, f);
+    const double mag = e.mag, err = e.err, lse_err = e.lse_err;
     const bool ok = cache_ok && err <= 4e-3 * mag && lse_err <= 2e-4;
     std::printf("%s decode f16 %s: out max err %.3e (magnitude %.3e), lse max rel err %.3e%s\n", ok ? "ok  " : "FAIL",
                 c.name.c_str(), err, mag, lse_err, cache_ok ? "" : ", cache after the append differs");

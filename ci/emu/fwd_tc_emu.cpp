@@ -113,20 +113,8 @@ bool run(const Case& c) {
     const unsigned bm = emu_tc_block_rows();
     emu_launch(emu_fwd_tc, EmuDim{(c.l + bm - 1) / bm, (unsigned)hq, (unsigned)c.b}, EmuDim{128}, p);
 
-    double mag = 1, err = 0, lse_err = 0;
-    for (double x : out_ref) mag = std::max(mag, std::fabs(x));
-    for (size_t n = 0; n < out.size(); ++n) {
-        const double d = std::fabs(f(out[n]) - out_ref[n]);
-        err = std::isnan(d) ? INFINITY : std::max(err, d);
-    }
-    for (size_t n = 0; n < lse.size(); ++n) {
-        if (lse_ref[n] == -INFINITY) {
-            if (lse[n] != -INFINITY) lse_err = INFINITY;
-            continue;
-        }
-        const double d = std::fabs((double)lse[n] - lse_ref[n]) / (1 + std::fabs(lse_ref[n]));
-        lse_err = std::isnan(d) ? INFINITY : std::max(lse_err, d);
-    }
+    const OutLseError e = out_lse_error(out, out_ref, lse, lse_ref, f);
+    const double mag = e.mag, err = e.err, lse_err = e.lse_err;
     const bool ok = err <= 4e-3 * mag && lse_err <= 2e-4;
     std::printf("%s tc f16 %s: out max err %.3e (magnitude %.3e), lse max rel err %.3e\n", ok ? "ok  " : "FAIL",
                 c.name.c_str(), err, mag, lse_err);

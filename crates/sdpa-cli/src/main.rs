@@ -294,16 +294,7 @@ fn eval(
         },
         out_path.display()
     );
-    let mut passed = true;
-    for (against, ok, line) in &verdicts {
-        println!("  vs {against}: {line}");
-        passed &= ok;
-    }
-    Ok(if passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(VERDICT_FAILED)
-    })
+    Ok(print_verdicts(&verdicts))
 }
 
 /// `sdpa eval` of a KV-cache case (it holds `k_cache`): the reference on the CPU, the
@@ -359,16 +350,7 @@ fn eval_kvcache(
         if r.splits == 1 { "" } else { "s" },
         out_path.display()
     );
-    let mut passed = true;
-    for (against, ok, line) in &verdicts {
-        println!("  vs {against}: {line}");
-        passed &= ok;
-    }
-    Ok(if passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(VERDICT_FAILED)
-    })
+    Ok(print_verdicts(&verdicts))
 }
 
 /// The f64 truth of a KV-cache case: its `out_f64`, else the reference on the case
@@ -380,6 +362,20 @@ fn kv_truth(case: &KvCase) -> Result<ndarray::ArrayD<f64>, CliError> {
             .out
             .to_f64(),
     })
+}
+
+/// Prints each verdict line; exit 0 when all passed, else [`VERDICT_FAILED`].
+fn print_verdicts(verdicts: &[Verdict]) -> ExitCode {
+    let mut passed = true;
+    for (against, ok, line) in verdicts {
+        println!("  vs {against}: {line}");
+        passed &= ok;
+    }
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(VERDICT_FAILED)
+    }
 }
 
 /// What a verdict line holds: what it judged against, whether it passed, the line.

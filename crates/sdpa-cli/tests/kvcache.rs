@@ -9,7 +9,14 @@ use sdpa_core::rng::SplitMix64;
 use sdpa_core::{Causal, SdpaOptions, Window};
 use sdpa_harness::kvcase::{run_kvcache, widened, KvCase};
 use sdpa_harness::Tensor;
-use std::process::Command;
+use std::process::{Command, Output};
+
+fn sdpa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdpa"))
+        .args(args)
+        .output()
+        .expect("the sdpa binary runs")
+}
 
 fn case() -> KvCase {
     let mut rng = SplitMix64(0x6b76);
@@ -59,17 +66,14 @@ fn eval_runs_a_paged_case_with_an_append_and_judges_out_and_the_caches() {
     let path = cases.join("kv.safetensors");
     std::fs::write(&path, c.to_bytes()).unwrap();
     let out = dir.join("out.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_sdpa"))
-        .args([
-            "eval",
-            path.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let run = sdpa(&[
+        "eval",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -88,10 +92,7 @@ fn eval_runs_a_paged_case_with_an_append_and_judges_out_and_the_caches() {
     assert_eq!(names, ["k_cache", "lse", "out", "v_cache"]);
 
     // `sdpa check` judges KV-cache cases beside the others.
-    let run = Command::new(env!("CARGO_BIN_EXE_sdpa"))
-        .args(["check", cases.to_str().unwrap(), "--device", "cpu"])
-        .output()
-        .unwrap();
+    let run = sdpa(&["check", cases.to_str().unwrap(), "--device", "cpu"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -106,17 +107,14 @@ fn eval_runs_a_paged_case_with_an_append_and_judges_out_and_the_caches() {
         .results
         .insert("v_cache_after".into(), c.v_cache.clone());
     std::fs::write(&path, wrong.to_bytes()).unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_sdpa"))
-        .args([
-            "eval",
-            path.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let run = sdpa(&[
+        "eval",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(
         run.status.code(),
         Some(1),
@@ -133,17 +131,14 @@ fn eval_runs_a_paged_case_with_an_append_and_judges_out_and_the_caches() {
     );
     std::fs::write(&path, bad.to_bytes()).unwrap();
     let fresh = dir.join("never.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_sdpa"))
-        .args([
-            "eval",
-            path.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            fresh.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let run = sdpa(&[
+        "eval",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     assert!(

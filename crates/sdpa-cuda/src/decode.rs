@@ -172,14 +172,7 @@ fn operand(gpu: &GpuContext, arg: &'static str, t: &DeviceTensor, dtype: DType) 
     if t.dtype() != dtype {
         return Err(CudaError::bad_layout(arg, dtype.name(), t.dtype().name()));
     }
-    let l = t.layout();
-    if l.shape[3] > 1 && l.strides[3] != 1 {
-        return Err(CudaError::bad_layout(
-            arg,
-            "a unit last-dim stride",
-            format!("strides {:?}", l.strides),
-        ));
-    }
+    crate::params::unit_last(arg, t)?;
     t.checked_address(gpu, arg)
 }
 

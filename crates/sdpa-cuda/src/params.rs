@@ -320,7 +320,8 @@ pub struct BwdOperands<'a> {
     pub dv: &'a DeviceTensor,
 }
 
-fn unit_last(arg: &'static str, t: &DeviceTensor) -> Result<()> {
+/// `Err` naming `arg` unless the last dim has stride 1 (or extent 1).
+pub(crate) fn unit_last(arg: &'static str, t: &DeviceTensor) -> Result<()> {
     let l = t.layout();
     if l.shape[3] > 1 && l.strides[3] != 1 {
         return Err(CudaError::bad_layout(

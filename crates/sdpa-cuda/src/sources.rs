@@ -6,7 +6,7 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 22] = [
+pub const SOURCES: [(&str, &str); 23] = [
     (
         "common/bwd.cuh",
         include_str!("../../../kernels/common/bwd.cuh"),
@@ -87,6 +87,10 @@ pub const SOURCES: [(&str, &str); 22] = [
     (
         "bwd/attn_bwd_wgmma.cu",
         include_str!("../../../kernels/bwd/attn_bwd_wgmma.cu"),
+    ),
+    (
+        "decode/params.cuh",
+        include_str!("../../../kernels/decode/params.cuh"),
     ),
     (
         "decode/attn_decode.cu",

@@ -59,6 +59,17 @@ fn host_result<T: Element>(
     Ok(r?.into_host().expect("host arrays in, host arrays out"))
 }
 
+/// Attention's `[B, H, T, D]` as `c_proj`'s input rows: `[B, T, H, D]` -> `[B*T, H*D]`.
+fn heads_to_rows<T: Element>(attn: &Array4<T>) -> Array2<T> {
+    let (b, h, t, d) = attn.dim();
+    attn.view()
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b * t, h * d))
+        .expect("standard layout reshapes")
+}
+
 /// What [`CausalSelfAttention::forward_train`] keeps for the backward.
 #[derive(Debug, Clone)]
 pub struct Saved<T> {
@@ -469,14 +480,7 @@ impl<T: Element> CausalSelfAttention<T> {
             )
         });
         let (attn, lse) = host_result(attn)?;
-        // [B, H, T, D] -> [B, T, H, D] -> [B*T, E]
-        let y = attn
-            .view()
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((batch * len, e))
-            .expect("standard layout reshapes");
+        let y = heads_to_rows(&attn);
         let mut out = profiler.cpu("c_proj (linear)", || self.c_proj.forward(y.view()))?;
         let elements = (batch * len * e) as u128;
         let resid = profiler.cpu("resid_dropout", || {
@@ -573,13 +577,7 @@ impl<T: Element> CausalSelfAttention<T> {
         )?;
         cache.lens += len as i32;
         let attn = r.out.into_host().expect("host arrays in, host arrays out");
-        let y = attn
-            .view()
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((batch * len, e))
-            .expect("standard layout reshapes");
+        let y = heads_to_rows(&attn);
         Ok(self
             .c_proj
             .forward(y.view())?

@@ -645,48 +645,25 @@ fn host_kvcache_on_cuda<T: Elem>(
         )),
     };
     let new_ref = new_dev.as_ref().map(|(k, v)| (k, v));
-    let (r, dk, dv, mut k_host, mut v_host) = match cache {
-        H::Dense { k, v } => {
-            let (dk, dv) = (
-                DeviceTensor::upload(gpu, k.view())?,
-                DeviceTensor::upload(gpu, v.view())?,
-            );
-            let c = DeviceKvCache::Dense { k: &dk, v: &dv };
-            let r = gpu.attention_with_kvcache(
-                &dq,
-                c,
-                cache_seqlens,
-                new_ref,
-                alibi_slopes,
-                options,
-                None,
-            )?;
-            (r, dk, dv, k, v)
-        }
-        H::Paged { k, v, block_table } => {
-            let (dk, dv) = (
-                DeviceTensor::upload(gpu, k.view())?,
-                DeviceTensor::upload(gpu, v.view())?,
-            );
-            // A local copy: the device cache's borrows end with this call.
-            let table = block_table.to_owned();
-            let c = DeviceKvCache::Paged {
-                k: &dk,
-                v: &dv,
-                block_table: table.view(),
-            };
-            let r = gpu.attention_with_kvcache(
-                &dq,
-                c,
-                cache_seqlens,
-                new_ref,
-                alibi_slopes,
-                options,
-                None,
-            )?;
-            (r, dk, dv, k, v)
-        }
+    let (mut k_host, mut v_host, table) = match cache {
+        H::Dense { k, v } => (k, v, None),
+        // A local copy: the device cache's borrows end with this call.
+        H::Paged { k, v, block_table } => (k, v, Some(block_table.to_owned())),
     };
+    let (dk, dv) = (
+        DeviceTensor::upload(gpu, k_host.view())?,
+        DeviceTensor::upload(gpu, v_host.view())?,
+    );
+    let c = match &table {
+        None => DeviceKvCache::Dense { k: &dk, v: &dv },
+        Some(t) => DeviceKvCache::Paged {
+            k: &dk,
+            v: &dv,
+            block_table: t.view(),
+        },
+    };
+    let r =
+        gpu.attention_with_kvcache(&dq, c, cache_seqlens, new_ref, alibi_slopes, options, None)?;
     let out = r.out.download::<T>(gpu)?;
     let lse = sdpa_cuda::lse_to_3d(r.lse.download::<f32>(gpu)?);
     if new.is_some() {

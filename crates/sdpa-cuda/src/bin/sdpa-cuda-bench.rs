@@ -7,6 +7,21 @@
 //! `SDPA_BENCH_BACKENDS` pick shapes and backends.
 use sdpa_cuda::{bench, GpuContext, KernelConfig};
 
+/// Prints `rows` as JSON lines, or the error and exits 1.
+fn json_lines<R: serde::Serialize>(rows: sdpa_cuda::Result<Vec<R>>) {
+    match rows {
+        Ok(rows) => {
+            for row in &rows {
+                println!("{}", serde_json::to_string(row).expect("rows serialise"));
+            }
+        }
+        Err(e) => {
+            eprintln!("sdpa-cuda-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
     let gpu = match KernelConfig::from_env().and_then(|config| GpuContext::with_config(0, config)) {
@@ -18,32 +33,12 @@ fn main() {
     };
     if std::env::args().any(|a| a == "--decode") {
         // JSON lines of the decode rows (ci/bench_torch_decode.py reads them).
-        match bench::run_decode_benchmarks(&gpu) {
-            Ok(rows) => {
-                for row in &rows {
-                    println!("{}", serde_json::to_string(row).expect("rows serialise"));
-                }
-            }
-            Err(e) => {
-                eprintln!("sdpa-cuda-bench: {e}");
-                std::process::exit(1);
-            }
-        }
+        json_lines(bench::run_decode_benchmarks(&gpu));
         return;
     }
     if std::env::args().any(|a| a == "--backward") {
         // JSON lines of the backward rows (ci/bench_torch_bwd.py reads them).
-        match bench::run_backward_benchmarks(&gpu) {
-            Ok(rows) => {
-                for row in &rows {
-                    println!("{}", serde_json::to_string(row).expect("rows serialise"));
-                }
-            }
-            Err(e) => {
-                eprintln!("sdpa-cuda-bench: {e}");
-                std::process::exit(1);
-            }
-        }
+        json_lines(bench::run_backward_benchmarks(&gpu));
         return;
     }
     let rows = match bench::run_issue_benchmarks(&gpu) {
