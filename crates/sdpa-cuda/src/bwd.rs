@@ -195,7 +195,7 @@ pub fn tc_backward_covers(problem: &Problem) -> bool {
 pub const TC_BACKWARD_MAX_DIM: usize = 128;
 
 /// The backend whose backward runs `problem` from `backends`, first of:
-/// 1. flash, where the tensor-core backward covers it ([`tc_backward_covers`]) and the
+/// 1. flash, where the tensor-core backward covers it (`tc_backward_covers`) and the
 ///    forward's flash rules hold (no mask, `E == Ev`);
 /// 2. efficient on the same tensor-core kernel (any mask, dropout, `E != Ev`);
 /// 3. math (cuBLAS) where its scratch ([`math_backward_scratch`], `L x S` buffers) fits

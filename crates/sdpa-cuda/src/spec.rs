@@ -3,7 +3,7 @@
 //! says which dtypes, head-dim classes and feature sets a kind comes in, its source and
 //! its entry points; the spec derives its symbols, NVRTC options and launch geometry
 //! from its row and the context's [`KernelConfig`]. A new variant of an existing kind
-//! is a row edit; a new kind is a row, a source, and its arms in [`KernelSpec::defines`]
+//! is a row edit; a new kind is a row, a source, and its arms in `KernelSpec::defines`
 //! and [`KernelSpec::geometry`].
 
 use crate::tiles::KernelConfig;
