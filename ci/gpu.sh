@@ -72,7 +72,7 @@ cp -r kernels "$BUNDLE/kernels"
 if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
-cp ci/bench_torch.py ci/bench_torch_bwd.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
+cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_decode.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"

@@ -12,7 +12,9 @@
 # `bwd` (also part of `all`): the backward on the device: both CUDA backwards against the
 # reference, compute-sanitizer on the small backward set, the module's backward on CUDA,
 # the training demo with the attention on CUDA, the backward benchmarks beside PyTorch's.
-# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|bwd|all]   (default all)
+# `decode` (also part of `all`): the KV-cache decode kernels against the reference,
+# compute-sanitizer on their small set, and the decode benchmark beside PyTorch's SDPA.
+# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|bwd|decode|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -92,6 +94,16 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bwd ]; then
   step bench-bwd-ours "$BIN/sdpa-cuda-bench" --backward
   step bench-bwd-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_bwd.py" --ours "$LOGS/bench-bwd-ours.log" --json "$LOGS/bench-bwd-torch.json"
   cat "$LOGS/bench-bwd-torch.log"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = decode ]; then
+  step decode "$BIN/sdpa-cuda-gpu_decode" --ignored --test-threads=1 --nocapture
+  for tool in memcheck racecheck; do
+    step "decode-$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 "$BIN/sdpa-cuda-gpu_decode" --ignored --exact sanitize_decode_paged_append_and_splits
+    SUMMARY+=("           $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/decode-$tool.log" | tail -1)")
+  done
+  step bench-decode-ours "$BIN/sdpa-cuda-bench" --decode
+  step bench-decode-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_decode.py" "$LOGS/bench-decode-ours.log" --json "$LOGS/bench-decode-torch.json"
+  cat "$LOGS/bench-decode-torch.log"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   step bench-ours "$BIN/sdpa-cuda-bench" --json

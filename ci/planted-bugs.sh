@@ -4,6 +4,7 @@
 #
 #   bash target/gpu-bundle/planted-bugs.sh [BUG_ID ...]      default: every bug
 #
+# A bug in kernels/decode/ runs the decode GPU tests (sdpa-cuda-gpu_decode).
 # A bug in kernels/bwd/ runs the backward GPU tests instead (sdpa-cuda-gpu_backward:
 # the efficient tests for the fused kernels, the math ones for math_bwd.cu);
 # PLANTED_BACKWARD=1 makes the unpatched run the backward tests (for a run of backward
@@ -54,10 +55,12 @@ run_one() {
     bwd/attn_bwd_wgmma.cu) tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     common/bwd.cuh)       tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
     none-bwd)             tests=("$BIN/sdpa-cuda-gpu_backward" --ignored --test-threads=2) ;;
+    decode/*)             tests=("$BIN/sdpa-cuda-gpu_decode" --ignored --test-threads=1) ;;
     *)                    tests=("$BIN/sdpa-cuda-gpu" --ignored --test-threads=2 --skip second_context_reads_kernels_from_the_disk_cache) ;;
   esac
   case "$file" in
     bwd/*|common/bwd.cuh|none-bwd) sanitize=("$BIN/sdpa-cuda-gpu_backward" --ignored --exact sanitize_backward_small) ;;
+    decode/*)       sanitize=("$BIN/sdpa-cuda-gpu_decode" --ignored --exact sanitize_decode_paged_append_and_splits) ;;
     *)              sanitize=("$BIN/sdpa-cuda-gpu" --ignored --exact sanitize_small_set) ;;
   esac
   # The mma.sync backward's bugs run with the Hopper kernels off, so that every flash
