@@ -422,12 +422,7 @@ BUGS += [
         "decode-stale-block-index",
         "decode: stale block index",
         "decode/attn_decode.cu",
-        [
-            (
-                "if (live && p.block_table) {\n                page = ((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size];",
-                "if (live && p.block_table) {\n                page = ((const int*)p.block_table)[(i64)b * p.table_stride + (j & ~63) / p.block_size];",
-            )
-        ],
+        [("p.table_stride + j / p.block_size], j % p.block_size};", "p.table_stride + (j & ~63) / p.block_size], j % p.block_size};")],
         "one block-table lookup a 64-key tile (the tile's first key's block) for every key of it",
     ),
 ]

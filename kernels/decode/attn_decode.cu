@@ -59,22 +59,26 @@ static_assert(SHARED_BYTES <= 232448, "decode tiles exceed sm_90's shared memory
 
 extern "C" __constant__ unsigned int sdpa_shared_bytes = SHARED_BYTES;
 
-// The row of kv head h's key j of batch row b in a cache of strides (page, slot, head).
-__device__ __forceinline__ const elem_t* cache_row(const DecodeParams& p, const elem_t* base, i64 sp,
-                                                   i64 ss, i64 sh, int b, int h, int j) {
-    int page = b, slot = j;
-    if (p.block_table) {
-        page = ((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size];
-        slot = j % p.block_size;
-    }
-    return base + (i64)page * sp + (i64)slot * ss + (i64)h * sh;
+// Where key j of batch row b lives: page block_table[b][j / block_size] at slot
+// j % block_size, or (dense) page b at slot j. Looked up once a key, for K and V both.
+struct KeyAt {
+    int page, slot;
+};
+__device__ __forceinline__ KeyAt key_at(const DecodeParams& p, int b, int j) {
+    if (!p.block_table) return KeyAt{b, j};
+    return KeyAt{((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size], j % p.block_size};
+}
+// Element offset of kv head h's row at `at` in a cache of strides (page, slot, head).
+__device__ __forceinline__ i64 key_offset(KeyAt at, i64 sp, i64 ss, i64 sh, int h) {
+    return (i64)at.page * sp + (i64)at.slot * ss + (i64)h * sh;
 }
 
 extern "C" __global__ void __launch_bounds__(NT) SDPA_KERNEL_APPEND(const DecodeParams p) {
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int j = ((const int*)p.seqlens)[b] + t;
-    elem_t* kd = (elem_t*)cache_row(p, (const elem_t*)p.k, p.k_stride_page, p.k_stride_slot, p.k_stride_h, b, h, j);
-    elem_t* vd = (elem_t*)cache_row(p, (const elem_t*)p.v, p.v_stride_page, p.v_stride_slot, p.v_stride_h, b, h, j);
+    const KeyAt at = key_at(p, b, j);
+    elem_t* kd = (elem_t*)p.k + key_offset(at, p.k_stride_page, p.k_stride_slot, p.k_stride_h, h);
+    elem_t* vd = (elem_t*)p.v + key_offset(at, p.v_stride_page, p.v_stride_slot, p.v_stride_h, h);
     const elem_t* ks = (const elem_t*)p.k_new + b * p.kn_stride_b + h * p.kn_stride_h + t * p.kn_stride_l;
     const elem_t* vs = (const elem_t*)p.v_new + b * p.vn_stride_b + h * p.vn_stride_h + t * p.vn_stride_l;
     for (int e = threadIdx.x; e < p.head_dim; e += NT) kd[e] = ks[e];
@@ -89,8 +93,8 @@ static_assert(NT % CH == 0 && BN % ROWS_PER_PASS == 0, "the load passes tile the
 
 // Keys [j0, j0 + BN) of the split into a stage of K and one of V; keys at or past `end`
 // and columns past E (Ev) are zero. Each key's page and slot are looked up once for both
-// K and V; each thread keeps one 16-byte column, so no division by a run-time size is
-// left in the loop but the paged lookup's.
+// K and V; each thread keeps one 16-byte column, so the paged lookup's is the only
+// division by a run-time size left in the loop.
 __device__ __forceinline__ void load_block(const DecodeParams& p, elem_t* dk, elem_t* dv, int b, int h, int j0,
                                            int end, int tid) {
     const elem_t* kbase = (const elem_t*)p.k;
@@ -103,13 +107,9 @@ __device__ __forceinline__ void load_block(const DecodeParams& p, elem_t* dk, el
         for (int r = tid / CH; r < BN; r += ROWS_PER_PASS) {
             const int j = j0 + r;
             const bool live = j < end;
-            int page = b, slot = j;
-            if (live && p.block_table) {
-                page = ((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size];
-                slot = j % p.block_size;
-            }
-            const elem_t* ks = kbase + (i64)page * p.k_stride_page + (i64)slot * p.k_stride_slot + (i64)h * p.k_stride_h + c * CE;
-            const elem_t* vs = vbase + (i64)page * p.v_stride_page + (i64)slot * p.v_stride_slot + (i64)h * p.v_stride_h + c * CE;
+            const KeyAt at = live ? key_at(p, b, j) : KeyAt{b, 0};
+            const elem_t* ks = kbase + key_offset(at, p.k_stride_page, p.k_stride_slot, p.k_stride_h, h) + c * CE;
+            const elem_t* vs = vbase + key_offset(at, p.v_stride_page, p.v_stride_slot, p.v_stride_h, h) + c * CE;
             cp_async16(smem_addr(dk + r * RS + c * CE), live && kbytes ? ks : kbase, live ? kbytes : 0);
             cp_async16(smem_addr(dv + r * RS + c * CE), live && vbytes ? vs : vbase, live ? vbytes : 0);
         }
@@ -119,8 +119,9 @@ __device__ __forceinline__ void load_block(const DecodeParams& p, elem_t* dk, el
             const int j = j0 + r;
             elem_t x = to_elem(0.f), y = to_elem(0.f);
             if (j < end) {
-                if (e < p.head_dim) x = cache_row(p, kbase, p.k_stride_page, p.k_stride_slot, p.k_stride_h, b, h, j)[e];
-                if (e < p.head_dim_v) y = cache_row(p, vbase, p.v_stride_page, p.v_stride_slot, p.v_stride_h, b, h, j)[e];
+                const KeyAt at = key_at(p, b, j);
+                if (e < p.head_dim) x = kbase[key_offset(at, p.k_stride_page, p.k_stride_slot, p.k_stride_h, h) + e];
+                if (e < p.head_dim_v) y = vbase[key_offset(at, p.v_stride_page, p.v_stride_slot, p.v_stride_h, h) + e];
             }
             dk[r * RS + e] = x;
             dv[r * RS + e] = y;

@@ -17,7 +17,7 @@ use error::CliError;
 use sdpa_core::{Backend, DType};
 use sdpa_harness::case::{serialize, Case};
 use sdpa_harness::judge::judge;
-use sdpa_harness::kvcase::{self, KvCase};
+use sdpa_harness::kvcase::{self, CaseFile, KvCase};
 use sdpa_harness::{run, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -202,10 +202,12 @@ fn eval(
     out_path: &Path,
     backward: bool,
 ) -> Result<ExitCode, CliError> {
-    if KvCase::is_kvcache_file(case_path).map_err(|e| CliError::in_case(case_path, e))? {
-        return eval_kvcache(case_path, backend, device, out_path, backward);
-    }
-    let case = Case::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
+    let case = match CaseFile::read(case_path).map_err(|e| CliError::in_case(case_path, e))? {
+        CaseFile::Sdpa(case) => *case,
+        CaseFile::KvCache(case) => {
+            return eval_kvcache(case_path, &case, backend, device, out_path, backward)
+        }
+    };
     let problem = run::problem(&case).map_err(|e| CliError::in_case(case_path, e))?;
     expected::check(case_path, &case, &problem)?;
     if backward && case.result("dout").is_none() {
@@ -304,6 +306,7 @@ fn eval(
 /// `v_cache_after` (exactly) where the case has them.
 fn eval_kvcache(
     case_path: &Path,
+    case: &KvCase,
     backend: BackendArg,
     device: DeviceArg,
     out_path: &Path,
@@ -319,13 +322,12 @@ fn eval_kvcache(
             "--backend: expected auto for a KV-cache case (the reference on the cpu, the decode kernels on cuda)".into(),
         ));
     }
-    let case = KvCase::read(case_path).map_err(|e| CliError::in_case(case_path, e))?;
     // The f64 truth comes first: it checks the whole call before anything is written.
-    let truth = kv_truth(&case).map_err(|e| CliError::in_case(case_path, e))?;
+    let truth = kv_truth(case).map_err(|e| CliError::in_case(case_path, e))?;
     output::check_target(out_path, &[case_path])?;
     let engine = Engine::new(device)?;
     let (r, verdicts) =
-        kv_verdicts(&case, &truth, &engine).map_err(|e| CliError::in_case(case_path, e))?;
+        kv_verdicts(case, &truth, &engine).map_err(|e| CliError::in_case(case_path, e))?;
     let lse = Tensor::F32(r.lse.clone());
     let mut meta = BTreeMap::new();
     meta.insert("device".to_string(), engine.device.to_string());
@@ -464,9 +466,8 @@ fn case_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<CliError>) {
     (files, bad)
 }
 
-/// Reads and validates one case for `check`, naming the file in any error.
-fn load_case(file: &Path) -> Result<(Case, sdpa_core::Problem), CliError> {
-    let case = Case::read(file).map_err(|e| CliError::in_case(file, e))?;
+/// Validates one case `check` read, naming the file in any error.
+fn validate_case(file: &Path, case: Case) -> Result<(Case, sdpa_core::Problem), CliError> {
     let problem = run::problem(&case).map_err(|e| CliError::in_case(file, e))?;
     expected::check(file, &case, &problem)?;
     Ok((case, problem))
@@ -491,12 +492,10 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for file in &files {
-        match KvCase::is_kvcache_file(file) {
-            Ok(true) => {
-                let judged = KvCase::read(file)
-                    .map_err(CliError::from)
-                    .and_then(|c| kv_truth(&c).map(|t| (c, t)))
-                    .and_then(|(c, t)| kv_verdicts(&c, &t, &engine));
+        let case = match CaseFile::read(file) {
+            Ok(CaseFile::Sdpa(case)) => *case,
+            Ok(CaseFile::KvCache(case)) => {
+                let judged = kv_truth(&case).and_then(|t| kv_verdicts(&case, &t, &engine));
                 match judged {
                     Ok((_, verdicts)) => {
                         for (name, ok, line) in verdicts {
@@ -515,14 +514,13 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
                 }
                 continue;
             }
-            Ok(false) => {}
             Err(e) => {
                 bad += 1;
-                eprintln!("error: {e}");
+                eprintln!("error: {}", CliError::in_case(file, e));
                 continue;
             }
-        }
-        let (case, problem) = match load_case(file) {
+        };
+        let (case, problem) = match validate_case(file, case) {
             Ok(loaded) => loaded,
             Err(e) => {
                 bad += 1;

@@ -74,6 +74,35 @@ impl SdpaOptions {
     }
 }
 
+/// Checks ALiBi slopes (DESIGN.md, "Inference"): shape `[Hq]` or `[B, Hq]`, every slope
+/// finite. Returns the slopes' batch stride: 0 for `[Hq]`, `Hq` for `[B, Hq]`. The one
+/// check of every backend's slopes.
+///
+/// # Errors
+/// `alibi_slopes` of another shape, or with a slope that is not finite.
+pub fn check_alibi_slopes<'a>(
+    shape: &[usize],
+    slopes: impl IntoIterator<Item = &'a f32>,
+    batch: usize,
+    heads_q: usize,
+) -> Result<usize> {
+    let stride = match shape {
+        [h] if *h == heads_q => 0,
+        [b, h] if *b == batch && *h == heads_q => heads_q,
+        other => {
+            return Err(SdpaError::invalid(
+                "alibi_slopes",
+                format!("shape [{heads_q}] or {}", shape_text(&[batch, heads_q])),
+                shape_text(other),
+            ))
+        }
+    };
+    if let Some(bad) = slopes.into_iter().find(|x| !x.is_finite()) {
+        return Err(SdpaError::invalid("alibi_slopes", "finite slopes", bad));
+    }
+    Ok(stride)
+}
+
 /// The explicit mask of a validated problem, read through broadcast strides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MaskPlan {

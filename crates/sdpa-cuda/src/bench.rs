@@ -889,11 +889,9 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
     }
     let q = random_tensor(gpu, DType::BF16, [b, hq, lq, e], 7)?;
     let per_row = if bs == 0 { 0 } else { s.div_ceil(bs) };
-    // Row r's blocks are r * per_row .. (r + 1) * per_row, interleaved across rows so
-    // that a row's pages are not contiguous.
-    let table = ndarray::Array2::from_shape_fn((b, per_row.max(1)), |(r, m)| {
-        (m * b + r).min(b * per_row.max(1) - 1) as i32
-    });
+    // Row r's blocks are interleaved across rows (block m * B + r), so that a row's pages
+    // are not contiguous. Empty (and unused) for a dense cache.
+    let table = ndarray::Array2::from_shape_fn((b, per_row), |(r, m)| (m * b + r) as i32);
     let lens = ndarray::Array1::from_elem(b, s as i32);
     let options = sdpa_core::SdpaOptions::default();
     let splits = std::cell::Cell::new(0);

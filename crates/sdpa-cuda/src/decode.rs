@@ -272,22 +272,47 @@ impl GpuContext {
                 format!("Hkv x row tiles = {grid_y}, B = {}", plan.batch),
             ));
         }
-        let block_n = decode_block_n(dtype, spec.head_dim) as usize;
-        let kernel = self.kernel(&spec, Entry::DecodeSplit(rows as u32))?;
-        let resident =
-            (self.max_shared_bytes() / (kernel.shared_bytes as usize + 1024).max(1)).clamp(1, 16);
-        let splits = match splits {
-            None => choose_splits(
-                grid_y * plan.batch,
-                self.sm_count()?,
-                resident,
-                plan.max_len(),
-                block_n,
-            ),
-            Some(n) if (1..=MAX_SPLITS).contains(&n) => n,
-            Some(n) => {
-                return Err(SdpaError::invalid("num_splits", format!("1..={MAX_SPLITS}"), n).into())
-            }
+        let total_rows = plan.batch * plan.heads_q * plan.len_q;
+        i32_of("query", "B * Hq * Lq", total_rows)?;
+        if let Some(n) = splits.filter(|n| !(1..=MAX_SPLITS).contains(n)) {
+            return Err(SdpaError::invalid("num_splits", format!("1..={MAX_SPLITS}"), n).into());
+        }
+        // A long chunk over a dense cache of equal lengths without window, softcap or
+        // ALiBi runs on a fused forward over the cache's first n keys (views, no copy).
+        // Its problem and backend are settled here, before anything is launched.
+        let n = plan.lengths.first().copied().unwrap_or(0);
+        let fused = if matches!(cache, DeviceKvCache::Dense { .. })
+            && packed > 16
+            && total_rows > 0
+            && n > 0
+            && plan.lengths.iter().all(|&x| x == n)
+            && !options.window.is_active()
+            && options.softcap.is_none()
+            && slopes.is_none()
+        {
+            let view = |t: &DeviceTensor| {
+                let l = t.layout();
+                t.view([l.shape[0], l.shape[1], n, l.shape[3]], l.strides, 0)
+            };
+            let fused_options = SdpaOptions {
+                causal: if options.causal == Causal::None {
+                    Causal::None
+                } else {
+                    Causal::BottomRight
+                },
+                enable_gqa: true,
+                ..*options
+            };
+            let (kv, vv) = (view(k)?, view(v)?);
+            let problem = self.problem(q, &kv, &vv, None, &fused_options)?;
+            let backend = sdpa_core::select(
+                sdpa_core::BackendSet::ALL,
+                &problem,
+                sdpa_core::Device::Cuda,
+            )?;
+            Some((problem, backend, kv, vv))
+        } else {
+            None
         };
         let out = DeviceTensor::alloc(
             self,
@@ -295,20 +320,57 @@ impl GpuContext {
             [plan.batch, plan.heads_q, plan.len_q, plan.head_dim_v],
         )?;
         let lse = DeviceTensor::alloc(self, DType::F32, [plan.batch, plan.heads_q, plan.len_q, 1])?;
-        let total_rows = plan.batch * plan.heads_q * plan.len_q;
-        i32_of("query", "B * Hq * Lq", total_rows)?;
-        let result = |splits| KvAttention {
-            out: out.clone(),
-            lse: lse.clone(),
-            splits,
-            tile_rows: rows,
-            fused: None,
-        };
         let seqlens = upload_i32(self, &lens, "cache_seqlens")?;
         let table_buf = if table.is_empty() {
             None
         } else {
             Some(upload_i32(self, &table, "block_table")?)
+        };
+        p.block_table = table_buf.as_ref().map_or(0, |b| b.address(self));
+        p.seqlens = seqlens.address(self);
+        p.alibi = slopes.as_ref().map_or(0, |b| b.address(self));
+        let block = |grid: (u32, u32, u32), shared| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        // The split kernel (and its resident count for the splits) only where it runs.
+        let split = match fused {
+            Some(_) => None,
+            None => Some(self.kernel(&spec, Entry::DecodeSplit(rows as u32))?),
+        };
+        // Every module a launch below needs is compiled and loaded before the first
+        // launch, so a compile failure leaves the cache as it was.
+        if let Some((problem, backend, ..)) = &fused {
+            if *backend != sdpa_core::Backend::Math {
+                self.kernel(&crate::fwd::fused_spec(self, problem)?, Entry::Forward)?;
+            }
+        }
+        let append = if plan.len_new > 0 && plan.batch * plan.heads_kv > 0 {
+            Some(self.kernel(&spec, Entry::DecodeAppend)?)
+        } else {
+            None
+        };
+        let splits = match (&split, splits) {
+            (None, _) => 1,
+            (Some(_), Some(n)) => n,
+            (Some(kernel), None) => {
+                let resident =
+                    (self.max_shared_bytes() / (kernel.shared_bytes as usize + 1024)).clamp(1, 16);
+                let block_n = decode_block_n(dtype, spec.head_dim) as usize;
+                choose_splits(
+                    grid_y * plan.batch,
+                    self.sm_count()?,
+                    resident,
+                    plan.max_len(),
+                    block_n,
+                )
+            }
+        };
+        let combine = if splits > 1 {
+            Some(self.kernel(&spec, Entry::DecodeCombine)?)
+        } else {
+            None
         };
         let scratch = |n: usize, what| -> Result<Option<Arc<Buffer>>> {
             if splits == 1 {
@@ -328,70 +390,36 @@ impl GpuContext {
         p.lse = lse.address(self);
         p.part_out = part_out.as_ref().map_or(0, |b| b.address(self));
         p.part_lse = part_lse.as_ref().map_or(0, |b| b.address(self));
-        p.block_table = table_buf.as_ref().map_or(0, |b| b.address(self));
-        p.seqlens = seqlens.address(self);
-        p.alibi = slopes.as_ref().map_or(0, |b| b.address(self));
         p.splits = splits as i32;
         p.row_tiles = row_tiles as i32;
         if self.poison_outputs() {
             out.poison(self)?;
             lse.poison(self)?;
         }
-        let block = |grid: (u32, u32, u32), shared| LaunchConfig {
-            grid_dim: grid,
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: shared,
-        };
-        if plan.len_new > 0 && plan.batch * plan.heads_kv > 0 {
-            let append = self.kernel(&spec, Entry::DecodeAppend)?;
+        if let Some(append) = append {
             let grid = (plan.len_new as u32, plan.heads_kv as u32, plan.batch as u32);
             // SAFETY: `check` proved every row's appended keys inside its capacity and every
             // table entry they reach inside the key blocks; the cache views lie inside their
             // buffers (`decode_params`); k_new / v_new are read within their shapes.
             unsafe { launch::launch_params(self.stream(), &append.function, block(grid, 0), &p) }?;
         }
-        if total_rows == 0 {
-            return Ok(result(splits));
+        let result = KvAttention {
+            out: out.clone(),
+            lse: lse.clone(),
+            splits,
+            tile_rows: rows,
+            fused: fused.as_ref().map(|f| f.1),
+        };
+        if let Some((problem, backend, kv, vv)) = &fused {
+            // After the append above, on the same stream.
+            self.run(*backend, problem, q, kv, vv, None, &out, &lse)?;
+            return Ok(result);
         }
-        let n = plan.lengths.first().copied().unwrap_or(0);
-        let prefill = matches!(cache, DeviceKvCache::Dense { .. })
-            && packed > 16
-            && n > 0
-            && plan.lengths.iter().all(|&x| x == n)
-            && !options.window.is_active()
-            && options.softcap.is_none()
-            && p.alibi == 0;
-        if prefill {
-            // The cache's first n keys as the fused forward's k and v (views, no copy),
-            // after the append above on the same stream.
-            let view = |t: &DeviceTensor| {
-                let l = t.layout();
-                t.view([l.shape[0], l.shape[1], n, l.shape[3]], l.strides, 0)
-            };
-            let fused_options = SdpaOptions {
-                causal: if options.causal == Causal::None {
-                    Causal::None
-                } else {
-                    Causal::BottomRight
-                },
-                enable_gqa: true,
-                ..*options
-            };
-            let r = self.sdpa(
-                q,
-                &view(k)?,
-                &view(v)?,
-                None,
-                &fused_options,
-                sdpa_core::BackendSet::ALL,
-            )?;
-            return Ok(KvAttention {
-                out: r.out,
-                lse: r.lse,
-                splits: 1,
-                tile_rows: rows,
-                fused: Some(r.backend),
-            });
+        let Some(kernel) = split else {
+            unreachable!("the split kernel is loaded when the call is not fused")
+        };
+        if total_rows == 0 {
+            return Ok(result);
         }
         let grid = (splits as u32, grid_y as u32, plan.batch as u32);
         // SAFETY: as for the append; the split kernel reads keys below each row's checked
@@ -405,8 +433,7 @@ impl GpuContext {
                 &p,
             )
         }?;
-        if splits > 1 {
-            let combine = self.kernel(&spec, Entry::DecodeCombine)?;
+        if let Some(combine) = &combine {
             // SAFETY: one CTA per row of the scratch written above; writes `out` and `lse`.
             unsafe {
                 launch::launch_params(
@@ -419,7 +446,7 @@ impl GpuContext {
         }
         // The uploads and scratch are freed stream-ordered after the kernels that read them.
         drop((seqlens, table_buf, slopes, part_out, part_lse));
-        Ok(result(splits))
+        Ok(result)
     }
 
     /// The parameters every decode kernel reads, from checked operands.
@@ -491,22 +518,8 @@ fn alibi_host(
     batch: usize,
     heads_q: usize,
 ) -> Result<(Vec<f32>, i32)> {
-    let stride = match slopes.shape() {
-        [h] if *h == heads_q => 0,
-        [b, h] if *b == batch && *h == heads_q => heads_q as i32,
-        other => {
-            return Err(SdpaError::invalid(
-                "alibi_slopes",
-                format!("shape [{heads_q}] or [{batch}, {heads_q}]"),
-                sdpa_core::shape_text(other),
-            )
-            .into())
-        }
-    };
-    if let Some(bad) = slopes.iter().find(|x| !x.is_finite()) {
-        return Err(SdpaError::invalid("alibi_slopes", "finite slopes", bad).into());
-    }
-    Ok((slopes.iter().copied().collect(), stride))
+    let stride = sdpa_core::check_alibi_slopes(slopes.shape(), slopes.iter(), batch, heads_q)?;
+    Ok((slopes.iter().copied().collect(), stride as i32))
 }
 
 #[cfg(test)]

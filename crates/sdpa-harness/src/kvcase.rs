@@ -183,18 +183,6 @@ impl KvCase {
             .map_err(|e| in_file(path, e))
     }
 
-    /// Whether the file at `path` is a KV-cache case (holds `k_cache`), from its header.
-    ///
-    /// # Errors
-    /// What reading the file refuses.
-    pub fn is_kvcache_file(path: impl AsRef<Path>) -> Result<bool> {
-        let path = path.as_ref();
-        Ok(read_parts(path)
-            .map_err(|e| in_file(path, e))?
-            .0
-            .contains_key("k_cache"))
-    }
-
     /// Serialises the case as safetensors bytes (deterministic).
     pub fn to_bytes(&self) -> Vec<u8> {
         let seqlens = Tensor::I32(self.cache_seqlens.clone());
@@ -225,6 +213,35 @@ impl KvCase {
     /// A stored result tensor by name.
     pub fn result(&self, name: &str) -> Option<&Tensor> {
         self.results.get(name)
+    }
+}
+
+/// A case file of either kind, read once: a KV-cache case when it holds `k_cache`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaseFile {
+    /// q, k, v (and a mask): [`Case`](crate::case::Case).
+    Sdpa(Box<crate::case::Case>),
+    /// q over a KV cache: [`KvCase`].
+    KvCache(Box<KvCase>),
+}
+
+impl CaseFile {
+    /// Reads a case file with the checks of [`Case::read`](crate::case::Case::read), then
+    /// builds the kind it holds.
+    ///
+    /// # Errors
+    /// What [`Case::read`](crate::case::Case::read) or [`KvCase::read`] refuses.
+    pub fn read(path: impl AsRef<Path>) -> Result<CaseFile> {
+        let path = path.as_ref();
+        read_parts(path)
+            .and_then(|parts| {
+                if parts.0.contains_key("k_cache") {
+                    KvCase::from_parts(parts).map(|c| CaseFile::KvCache(Box::new(c)))
+                } else {
+                    crate::case::Case::from_parts(parts).map(|c| CaseFile::Sdpa(Box::new(c)))
+                }
+            })
+            .map_err(|e| in_file(path, e))
     }
 }
 

@@ -546,22 +546,8 @@ pub(crate) fn alibi_slopes(
     batch: usize,
     heads_q: usize,
 ) -> Result<Array2<f64>> {
+    sdpa_core::check_alibi_slopes(slopes.shape(), slopes.iter(), batch, heads_q)?;
     let want = [batch, heads_q];
-    let fits = match slopes.shape() {
-        [h] => *h == heads_q,
-        [b, h] => *b == batch && *h == heads_q,
-        _ => false,
-    };
-    if !fits {
-        return Err(SdpaError::invalid(
-            "alibi_slopes",
-            format!("shape [{heads_q}] or {}", sdpa_core::shape_text(&want)),
-            sdpa_core::shape_text(slopes.shape()),
-        ));
-    }
-    if let Some(bad) = slopes.iter().find(|x| !x.is_finite()) {
-        return Err(SdpaError::invalid("alibi_slopes", "finite slopes", bad));
-    }
     let plan = slopes
         .broadcast(IxDyn(&want))
         .expect("[Hq] and [B, Hq] broadcast to [B, Hq]")
