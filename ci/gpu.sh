@@ -65,11 +65,14 @@ cp "$TARGET_DIR/release/examples/cuda" "$BUNDLE/bin/sdpa-example-cuda"
 if [ -n "${BEFORE_BENCH:-}" ]; then
   cp "$BEFORE_BENCH" "$BUNDLE/bin/sdpa-cuda-bench-before"
 fi
-# Debug info is most of the size; line tables are not needed on the device.
-for f in "$BUNDLE"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
+# Symbols and debug info are most of the size; neither is needed on the device.
+for f in "$BUNDLE"/bin/*; do strip --strip-all "$f" 2>/dev/null || true; done
 
 cp -r kernels "$BUNDLE/kernels"
-if [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
+# The goldens travel with the working tree when the bundle is carried inside it (run.sh
+# reads ../../golden first), so a copy would only double the upload (the device tool
+# takes 64 MiB in all). GPU_BUNDLE_GOLDEN=1 puts a copy in for a bundle used elsewhere.
+if [ "${GPU_BUNDLE_GOLDEN:-0}" = 1 ] && [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
 cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_decode.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
