@@ -3,7 +3,7 @@
 # buckets), kernels/bwd/math_bwd.cu and the mma.sync forward kernels/fwd/attn_fwd_tc.cu
 # (f16, head dim 64, -DSDPA_EMU: ldmatrix, mma.sync and cp.async emulated lane by lane)
 # and the mma.sync backward kernels/bwd/attn_bwd_tc.cu (f16, two tile shapes)
-# and the decode kernels kernels/decode/attn_decode.cu (f16, head-dim class 64; ci/emu/decode_emu.cpp)
+# and the decode kernels kernels/decode/attn_decode.cu and attn_decode_tc.cu (f16, head-dim class 64; ci/emu/decode_emu.cpp)
 # with g++ against ci/emu/cuda_emu.h (block threads as OS threads, barriers and shuffles
 # as std::barrier) and runs them against a plain f64 backward (ci/emu/bwd_emu.cpp) and
 # forward (ci/emu/fwd_tc_emu.cpp) and backward (ci/emu/bwd_tc_emu.cpp). Catches logic errors of the kernels with no
@@ -44,12 +44,14 @@ DEC=(-DSDPA_HEAD_DIM=64 -DSDPA_BLOCK_N=64 -DSDPA_KERNEL_APPEND=emu_decode_append
   -DSDPA_KERNEL_SPLIT1=emu_decode_split1 -DSDPA_KERNEL_SPLIT4=emu_decode_split4 -DSDPA_KERNEL_SPLIT8=emu_decode_split8
   -DSDPA_KERNEL_SPLIT16=emu_decode_split16)
 "$CXX" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=2}" -w "${DEC[@]}" -c ci/emu/decode_tu.cpp -o "$OUT/dec.o" &
+"$CXX" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=2}" -w -DSDPA_HEAD_DIM=64 -DSDPA_KERNEL_SPLIT_TC=emu_decode_split_tc \
+  -c ci/emu/decode_tc_tu.cpp -o "$OUT/dec_tc.o" &
 "$CXX" "${FLAGS[@]/-DSDPA_DTYPE=1/-DSDPA_DTYPE=2}" -c ci/emu/decode_emu.cpp -o "$OUT/dec_main.o" &
 waitall
 "$CXX" -pthread "$OUT/simt2.o" "$OUT/simt8.o" "$OUT/math.o" "$OUT/math64.o" "$OUT/main.o" -o "$OUT/bwd_emu"
 "$CXX" -pthread "$OUT/tc.o" "$OUT/tc_main.o" -o "$OUT/fwd_tc_emu"
 "$CXX" -pthread "$OUT/btc_a.o" "$OUT/btc_b.o" "$OUT/btc_main.o" -o "$OUT/bwd_tc_emu"
-"$CXX" -pthread "$OUT/dec.o" "$OUT/dec_main.o" -o "$OUT/decode_emu"
+"$CXX" -pthread "$OUT/dec.o" "$OUT/dec_tc.o" "$OUT/dec_main.o" -o "$OUT/decode_emu"
 "$OUT/bwd_emu"
 "$OUT/fwd_tc_emu"
 "$OUT/bwd_tc_emu"

@@ -414,16 +414,23 @@ BUGS += [
     (
         "decode-window-off-by-one",
         "decode: off-by-one window",
-        "decode/attn_decode.cu",
-        [("max(0, i + off - p.window_left); };", "max(0, i + off - p.window_left + 1); };")],
+        "decode/keys.cuh",
+        [("max(0, i + off - wl); }", "max(0, i + off - wl + 1); }")],
         "a row sees window_left - 1 keys before its diagonal instead of window_left",
     ),
     (
         "decode-stale-block-index",
         "decode: stale block index",
-        "decode/attn_decode.cu",
+        "decode/keys.cuh",
         [("p.table_stride + j / p.block_size], j % p.block_size};", "p.table_stride + (j & ~63) / p.block_size], j % p.block_size};")],
         "one block-table lookup a 64-key tile (the tile's first key's block) for every key of it",
+    ),
+    (
+        "decode-tc-warp-merge",
+        "decode: warps' partials merged unweighted",
+        "decode/attn_decode_tc.cu",
+        [("const float wt = fast_exp2(red_m[w * 16 + r] - wbase);", "const float wt = 1.f;")],
+        "the tensor-core kernel adds its warps' partial sums without rescaling them to one row maximum",
     ),
 ]
 

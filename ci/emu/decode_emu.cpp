@@ -1,5 +1,7 @@
 // The decode kernels (kernels/decode/attn_decode.cu: append, split, combine; f16, head-dim
-// class 64, blocks of 64 keys) run on the CPU emulator against a plain f64 attention over
+// class 64, blocks of 64 keys; and the tensor-core split of attn_decode_tc.cu between the
+// same append and combine, on every case whose rows are 16-byte aligned) run on the CPU
+// emulator against a plain f64 attention over
 // the cache after the append, with causal bottom-right, the window, softcap and ALiBi as
 // DESIGN.md orders them: dense and paged caches (block sizes 1, 16, 48 over shuffled
 // tables), GQA groups 1 to 8 (every tile size), one to five splits, query rows with no
@@ -22,7 +24,9 @@ extern "C" void emu_decode_split1(const DecodeParams);
 extern "C" void emu_decode_split4(const DecodeParams);
 extern "C" void emu_decode_split8(const DecodeParams);
 extern "C" void emu_decode_split16(const DecodeParams);
+extern "C" void emu_decode_split_tc(const DecodeParams);
 extern "C" unsigned char* emu_decode_arena();
+extern "C" unsigned char* emu_decode_tc_arena();
 
 namespace {
 
@@ -39,7 +43,7 @@ struct Case {
     int vec16;
 };
 
-bool run(const Case& c) {
+bool run(const Case& c, bool tc) {
     const int hq = c.hkv * c.group;
     const double scale = 1.0 / std::sqrt((double)c.e);
     Rng rng{0x5eed0000ull + (u64)c.lq * 977 + (u64)c.e * 31 + (u64)c.splits};
@@ -144,12 +148,13 @@ bool run(const Case& c) {
     p.window_left = c.wl, p.window_right = c.wr, p.alibi_stride_b = 0, p.splits = c.splits;
     p.vec16 = c.vec16, p.scale = (float)scale, p.softcap = c.softcap;
     const int packed = c.group * c.lq;
-    const int mr = packed <= 1 ? 1 : packed <= 4 ? 4 : packed <= 8 ? 8 : 16;
+    const int mr = tc || packed > 8 ? 16 : packed <= 1 ? 1 : packed <= 4 ? 4 : 8;
     p.row_tiles = (packed + mr - 1) / mr;
 
     emu_shared_base = emu_decode_arena();
     if (c.len_new > 0) emu_launch(emu_decode_append, EmuDim{(unsigned)c.len_new, (unsigned)c.hkv, (unsigned)c.b}, EmuDim{128}, p);
-    auto split = mr == 1 ? emu_decode_split1 : mr == 4 ? emu_decode_split4 : mr == 8 ? emu_decode_split8 : emu_decode_split16;
+    auto split = tc ? emu_decode_split_tc : mr == 1 ? emu_decode_split1 : mr == 4 ? emu_decode_split4 : mr == 8 ? emu_decode_split8 : emu_decode_split16;
+    emu_shared_base = tc ? emu_decode_tc_arena() : emu_decode_arena();
     emu_launch(split, EmuDim{(unsigned)c.splits, (unsigned)(c.hkv * p.row_tiles), (unsigned)c.b}, EmuDim{128}, p);
     if (c.splits > 1) emu_launch(emu_decode_combine, EmuDim{(unsigned)total_rows}, EmuDim{128}, p);
 
@@ -158,8 +163,8 @@ bool run(const Case& c) {
     const OutLseError e = out_lse_error(out, out_ref, lse, lse_ref, f);
     const double mag = e.mag, err = e.err, lse_err = e.lse_err;
     const bool ok = cache_ok && err <= 4e-3 * mag && lse_err <= 2e-4;
-    std::printf("%s decode f16 %s: out max err %.3e (magnitude %.3e), lse max rel err %.3e%s\n", ok ? "ok  " : "FAIL",
-                c.name.c_str(), err, mag, lse_err, cache_ok ? "" : ", cache after the append differs");
+    std::printf("%s decode%s f16 %s: out max err %.3e (magnitude %.3e), lse max rel err %.3e%s\n", ok ? "ok  " : "FAIL",
+                tc ? " tc" : "", c.name.c_str(), err, mag, lse_err, cache_ok ? "" : ", cache after the append differs");
     return ok;
 }
 
@@ -175,10 +180,20 @@ int main() {
         {"paged bs=1 GQA 2 Lq=3 causal, window (20, 0), softcap 5, alibi", 1, 2, 2, 3, 64, 64, {90}, 3, 1, 1, 20, 0, 5.f, true, 2, 1},
         {"paged bs=48 MHA Lq=5 E=40 Ev=56 window (-1, 2), scalar loads, five splits", 2, 1, 1, 5, 40, 56, {130, 3}, 0, 48, 0, -1, 2, 0.f, false, 5, 0},
         {"dense GQA 3 Lq=7 (tiles 16, 5 rows), more query rows than keys", 1, 2, 3, 7, 64, 64, {2}, 1, 0, 1, -1, -1, 0.f, true, 2, 1},
+        {"dense GQA 4 Lq=1 S=1000, one split (more blocks a warp than stages)", 1, 2, 4, 1, 64, 64, {1000}, 0, 0, 1, -1, -1, 0.f, false, 1, 1},
+        {"paged bs=16 GQA 4 Lq=1 E=48 Ev=32, window (300, -1), softcap 20, alibi, three splits", 2, 2, 4, 1, 48, 32, {700, 450}, 1, 16, 1, 300, -1, 20.f, true, 3, 1},
         {"dense empty cache and no append", 1, 1, 4, 1, 64, 64, {0}, 0, 0, 1, -1, -1, 0.f, false, 2, 1},
     };
     bool ok = true;
-    for (const auto& c : cases) ok = run(c) && ok;
-    std::printf("%zu decode cases: %s\n", cases.size(), ok ? "all pass" : "FAILURES");
+    int runs = 0;
+    for (const auto& c : cases) {
+        ok = run(c, false) && ok;
+        ++runs;
+        if (c.vec16) {
+            ok = run(c, true) && ok;
+            ++runs;
+        }
+    }
+    std::printf("%d decode runs of %zu cases: %s\n", runs, cases.size(), ok ? "all pass" : "FAILURES");
     return ok ? 0 : 1;
 }

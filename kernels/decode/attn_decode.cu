@@ -27,7 +27,7 @@
 #include "common/dtype.cuh"
 #include "common/load.cuh"
 #include "common/softmax.cuh"
-#include "decode/params.cuh"
+#include "decode/keys.cuh"
 
 
 #define NT 128
@@ -58,20 +58,6 @@ static_assert(G * MR_MAX * EMAX * 4 <= KV_BYTES, "the group reduction fits the K
 static_assert(SHARED_BYTES <= 232448, "decode tiles exceed sm_90's shared memory");
 
 extern "C" __constant__ unsigned int sdpa_shared_bytes = SHARED_BYTES;
-
-// Where key j of batch row b lives: page block_table[b][j / block_size] at slot
-// j % block_size, or (dense) page b at slot j. Looked up once a key, for K and V both.
-struct KeyAt {
-    int page, slot;
-};
-__device__ __forceinline__ KeyAt key_at(const DecodeParams& p, int b, int j) {
-    if (!p.block_table) return KeyAt{b, j};
-    return KeyAt{((const int*)p.block_table)[(i64)b * p.table_stride + j / p.block_size], j % p.block_size};
-}
-// Element offset of kv head h's row at `at` in a cache of strides (page, slot, head).
-__device__ __forceinline__ i64 key_offset(KeyAt at, i64 sp, i64 ss, i64 sh, int h) {
-    return (i64)at.page * sp + (i64)at.slot * ss + (i64)h * sh;
-}
 
 extern "C" __global__ void __launch_bounds__(NT) SDPA_KERNEL_APPEND(const DecodeParams p) {
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -175,13 +161,9 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
 
     const int r0 = tile * MR;
     const int rows = min(MR, p.group * p.len_q - r0);
-    const int n = ((const int*)p.seqlens)[b] + p.len_new;
-    const int off = n - p.len_q;
-    const int wr = p.causal ? 0 : p.window_right;
-    // The keys row i sees: [lo(i), hi(i)), both non-decreasing in i.
-    auto key_lo = [&](int i) { return p.window_left < 0 ? 0 : max(0, i + off - p.window_left); };
-    auto key_hi = [&](int i) { return wr < 0 ? n : max(0, min(n, i + off + wr + 1)); };
-    const int lo = key_lo(r0 / p.group), hi = key_hi((r0 + rows - 1) / p.group);
+    const RowKeys keys = row_keys(p, b);
+    const int off = keys.off;
+    const int lo = keys.lo(r0 / p.group), hi = keys.hi((r0 + rows - 1) / p.group);
     const int len = max(0, hi - lo);
     const int per = ((len + p.splits - 1) / p.splits + BN - 1) / BN * BN;
     const int k_begin = lo + split * per;
@@ -202,8 +184,8 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
         s_m[r] = SDPA_NEG_INF;
         s_l[r] = 0.f;
         s_pos[r] = i + off;
-        s_lo[r] = r < rows ? key_lo(i) : 0;
-        s_hi[r] = r < rows ? key_hi(i) : 0;
+        s_lo[r] = r < rows ? keys.lo(i) : 0;
+        s_hi[r] = r < rows ? keys.hi(i) : 0;
         s_slope[r] = (p.alibi && r < rows) ? ((const float*)p.alibi)[b * p.alibi_stride_b + h] * SDPA_LOG2E : 0.f;
     }
 

@@ -1,6 +1,6 @@
 // The decode kernels' parameters (mirrored by sdpa_cuda::DecodeParams, field for field;
-// 8-byte fields first). One copy: kernels/decode/attn_decode.cu and the CPU emulator's
-// harness (ci/emu/decode_emu.cpp) include it.
+// 8-byte fields first). One copy: the decode kernels (kernels/decode/attn_decode.cu,
+// attn_decode_tc.cu) and the CPU emulator's harness (ci/emu/decode_emu.cpp) include it.
 #pragma once
 #include "common/dtype.cuh"
 

@@ -843,7 +843,8 @@ pub struct DecodeRow {
     pub kv_gbs: f64,
     /// Key splits chosen.
     pub splits: usize,
-    /// `split-kv`, or the fused forward backend a long chunk ran on.
+    /// `split-kv tc` (the tensor-core split kernel), `split-kv` (the scalar one), or the
+    /// fused forward backend a long chunk ran on.
     pub path: String,
 }
 
@@ -895,7 +896,7 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
     let lens = ndarray::Array1::from_elem(b, s as i32);
     let options = sdpa_core::SdpaOptions::default();
     let splits = std::cell::Cell::new(0);
-    let path = std::cell::Cell::new(None);
+    let path = std::cell::Cell::new("");
     let call = |i: usize| -> Result<()> {
         let (k, v) = &caches[i % sets];
         let cache = if bs == 0 {
@@ -909,7 +910,11 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
         };
         let r = gpu.attention_with_kvcache(&q, cache, lens.view(), None, None, &options, None)?;
         splits.set(r.splits);
-        path.set(r.fused);
+        path.set(match r.fused {
+            Some(backend) => backend.name(),
+            None if r.tensor_cores => "split-kv tc",
+            None => "split-kv",
+        });
         Ok(())
     };
     let t = time_calls(gpu, 5, 100, 1500.0, 10, call)?;
@@ -919,8 +924,6 @@ fn time_decode(gpu: &GpuContext, shape: &DecodeShape) -> Result<DecodeRow> {
         min_us: t.min_ms * 1e3,
         kv_gbs: shape.kv_bytes() / (t.median_ms * 1e-3) / 1e9,
         splits: splits.get(),
-        path: path
-            .get()
-            .map_or("split-kv".to_string(), |b| b.name().to_string()),
+        path: path.get().to_string(),
     })
 }

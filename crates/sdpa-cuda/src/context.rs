@@ -246,6 +246,7 @@ impl GpuContext {
             Kind::Decode if matches!(entry, Entry::DecodeSplit(_)) => {
                 self.declared_shared_bytes(&module, spec)?
             }
+            Kind::DecodeTc => self.declared_shared_bytes(&module, spec)?,
             _ => 0,
         };
         if shared_bytes as usize > self.max_shared {

@@ -62,12 +62,18 @@ pub struct KvAttention {
     pub splits: usize,
     /// Packed query rows a tile held (1, 4, 8 or 16).
     pub tile_rows: usize,
+    /// Whether the split kernel was the tensor-core one (`kernels/decode/attn_decode_tc.cu`:
+    /// f16 / bf16, head dims up to 128, 16-byte aligned rows; tiles of 16 rows).
+    pub tensor_cores: bool,
     /// `Some(backend)` when the attention ran on a fused forward kernel instead of the
     /// decode kernels: a chunk of more than 16 packed query rows over a dense cache whose
     /// rows all hold the same number of keys, with no window, softcap or ALiBi (the
     /// fused kernels' tensor cores beat one tile of query rows per kv head).
     pub fused: Option<sdpa_core::Backend>,
 }
+
+/// Keys a split of the tensor-core kernel is a multiple of (its four warps' blocks of 16).
+const TC_SPLIT_KEYS: usize = 64;
 
 /// The most key splits a call takes (the combine kernel's weights fit one block).
 pub const MAX_SPLITS: usize = 128;
@@ -262,7 +268,18 @@ impl GpuContext {
             .ok_or_else(|| {
                 CudaError::bad_layout("query", "Lq * group that fits usize", plan.len_q)
             })?;
-        let rows = tile_rows(packed);
+        // The tensor-core split kernel where it applies (16-bit, head dims up to 128,
+        // rows cp.async can read); tiles of 16 packed rows there.
+        let tc_spec = if p.vec16 != 0 && widest <= 128 {
+            KernelSpec::fitting(Kind::DecodeTc, dtype, widest, false)
+        } else {
+            None
+        };
+        let rows = if tc_spec.is_some() {
+            16
+        } else {
+            tile_rows(packed)
+        };
         let row_tiles = packed.div_ceil(rows);
         let grid_y = plan.heads_kv.saturating_mul(row_tiles);
         if grid_y > launch::MAX_GRID_YZ || plan.batch > launch::MAX_GRID_YZ {
@@ -335,9 +352,10 @@ impl GpuContext {
             shared_mem_bytes: shared,
         };
         // The split kernel (and its resident count for the splits) only where it runs.
-        let split = match fused {
-            Some(_) => None,
-            None => Some(self.kernel(&spec, Entry::DecodeSplit(rows as u32))?),
+        let split = match (&fused, &tc_spec) {
+            (Some(_), _) => None,
+            (None, Some(tc)) => Some(self.kernel(tc, Entry::DecodeSplitTc)?),
+            (None, None) => Some(self.kernel(&spec, Entry::DecodeSplit(rows as u32))?),
         };
         // Every module a launch below needs is compiled and loaded before the first
         // launch, so a compile failure leaves the cache as it was.
@@ -357,7 +375,11 @@ impl GpuContext {
             (Some(kernel), None) => {
                 let resident =
                     (self.max_shared_bytes() / (kernel.shared_bytes as usize + 1024)).clamp(1, 16);
-                let block_n = decode_block_n(dtype, spec.head_dim) as usize;
+                let block_n = if tc_spec.is_some() {
+                    TC_SPLIT_KEYS
+                } else {
+                    decode_block_n(dtype, spec.head_dim) as usize
+                };
                 choose_splits(
                     grid_y * plan.batch,
                     self.sm_count()?,
@@ -408,6 +430,7 @@ impl GpuContext {
             lse: lse.clone(),
             splits,
             tile_rows: rows,
+            tensor_cores: fused.is_none() && tc_spec.is_some(),
             fused: fused.as_ref().map(|f| f.1),
         };
         if let Some((problem, backend, kv, vv)) = &fused {

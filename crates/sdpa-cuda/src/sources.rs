@@ -6,7 +6,7 @@ use crate::error::{CudaError, Result};
 use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
-pub const SOURCES: [(&str, &str); 23] = [
+pub const SOURCES: [(&str, &str); 25] = [
     (
         "common/bwd.cuh",
         include_str!("../../../kernels/common/bwd.cuh"),
@@ -93,8 +93,16 @@ pub const SOURCES: [(&str, &str); 23] = [
         include_str!("../../../kernels/decode/params.cuh"),
     ),
     (
+        "decode/keys.cuh",
+        include_str!("../../../kernels/decode/keys.cuh"),
+    ),
+    (
         "decode/attn_decode.cu",
         include_str!("../../../kernels/decode/attn_decode.cu"),
+    ),
+    (
+        "decode/attn_decode_tc.cu",
+        include_str!("../../../kernels/decode/attn_decode_tc.cu"),
     ),
 ];
 

@@ -33,6 +33,9 @@ pub enum Kind {
     Nn,
     /// Decoding over a KV cache: the append, split-KV attention, the combine.
     Decode,
+    /// Decoding over a KV cache on the tensor cores: the split kernel for tiles of 16
+    /// packed rows (f16 / bf16; the append and combine are `Decode`'s).
+    DecodeTc,
 }
 
 /// A function of a module.
@@ -68,6 +71,8 @@ pub enum Entry {
     DecodeSplit(u32),
     /// Decode: the splits of each row merged by lse.
     DecodeCombine,
+    /// Decode on the tensor cores: one key split of a tile of 16 packed rows.
+    DecodeSplitTc,
 }
 
 /// Which compute capabilities a kind runs on.
@@ -105,7 +110,7 @@ const HALF: &[DType] = &[DType::F16, DType::BF16];
 
 /// Every kind of module, its variants and entry points: what dispatch can ask for and
 /// what CI compiles.
-pub const TABLE: [Variant; 10] = [
+pub const TABLE: [Variant; 11] = [
     Variant {
         kind: Kind::FwdTc,
         source: "fwd/attn_fwd_tc.cu",
@@ -224,6 +229,17 @@ pub const TABLE: [Variant; 10] = [
             Entry::DecodeSplit(16),
             Entry::DecodeCombine,
         ],
+        arch: Arch::Sm80Plus,
+    },
+    Variant {
+        kind: Kind::DecodeTc,
+        source: "decode/attn_decode_tc.cu",
+        prefix: "attn_decode_tc",
+        dtypes: HALF,
+        // Q's fragments and the output's accumulators live in registers: 128 at most.
+        head_dims: &[64, 128],
+        extras: &[false],
+        entries: &[Entry::DecodeSplitTc],
         arch: Arch::Sm80Plus,
     },
 ];
@@ -392,6 +408,7 @@ impl KernelSpec {
                 format!("{prefix}_split_{dtype}_d{d}_r{rows}")
             }
             (Kind::Decode, _) => format!("{prefix}_combine_{dtype}_d{d}"),
+            (Kind::DecodeTc, _) => format!("{prefix}_split_{dtype}_d{d}"),
         }
     }
 
@@ -495,6 +512,13 @@ impl KernelSpec {
                     d.push((name, self.symbol(Entry::DecodeSplit(rows), config)));
                 }
             }
+            Kind::DecodeTc => d.extend([
+                ("SDPA_HEAD_DIM", self.head_dim.to_string()),
+                (
+                    "SDPA_KERNEL_SPLIT_TC",
+                    self.symbol(Entry::DecodeSplitTc, config),
+                ),
+            ]),
         }
         d
     }
@@ -554,7 +578,12 @@ impl KernelSpec {
                 block_rows: 128,
                 threads: 256,
             }),
-            Kind::Math | Kind::MathBwd | Kind::BwdSimt | Kind::Nn | Kind::Decode => None,
+            Kind::Math
+            | Kind::MathBwd
+            | Kind::BwdSimt
+            | Kind::Nn
+            | Kind::Decode
+            | Kind::DecodeTc => None,
         }
     }
 }
@@ -667,7 +696,7 @@ mod tests {
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
-        assert_eq!(specs.len(), 32 + 12 + 6 + 4 + 4 + 9 + 16 + 4 + 8 + 9);
+        assert_eq!(specs.len(), 32 + 12 + 6 + 4 + 4 + 9 + 16 + 4 + 8 + 9 + 4);
         let mut symbols: Vec<String> = specs
             .iter()
             .filter(|s| s.kind != Kind::Nn)

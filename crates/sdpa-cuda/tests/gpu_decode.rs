@@ -185,7 +185,8 @@ fn nan_eq(a: &Array4<f64>, b: &Array4<f64>) -> bool {
         .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
 }
 
-fn run_case<T: GpuElem>(c: &Case) -> Result<(), String> {
+/// Runs one case; `Ok(true)` when it ran on the tensor-core split kernel.
+fn run_case<T: GpuElem>(c: &Case) -> Result<bool, String> {
     let gpu = gpu();
     let mut rng = Rng(SplitMix64(c.seed));
     let hq = c.hkv * c.group;
@@ -266,7 +267,10 @@ fn run_case<T: GpuElem>(c: &Case) -> Result<(), String> {
         Some(&tol),
     );
     if !report.passes() {
-        return Err(format!("out ({} splits): {report}", got.splits));
+        return Err(format!(
+            "out ({} splits, tensor cores {}): {report}",
+            got.splits, got.tensor_cores
+        ));
     }
     let lse_tol = Tolerance {
         atol: 1e-4,
@@ -283,9 +287,12 @@ fn run_case<T: GpuElem>(c: &Case) -> Result<(), String> {
         Some(&lse_tol),
     );
     if !report.passes() {
-        return Err(format!("lse ({} splits): {report}", got.splits));
+        return Err(format!(
+            "lse ({} splits, tensor cores {}): {report}",
+            got.splits, got.tensor_cores
+        ));
     }
-    Ok(())
+    Ok(got.tensor_cores)
 }
 
 #[test]
@@ -297,15 +304,26 @@ fn decode_equals_the_kvcache_reference_over_random_caches() {
         .unwrap_or(160);
     let mut rng = Rng(SplitMix64(0xdec0de));
     let mut failures = Vec::new();
+    let (mut tc, mut scalar) = (0, 0);
     for i in 0..n {
         let case = random_case(&mut rng, 1000 + i);
-        let r = with_dtype!(case.dtype, T => run_case::<T>(&case));
-        if let Err(e) = r {
-            failures.push(format!("case {i} {case:?}: {e}"));
+        match with_dtype!(case.dtype, T => run_case::<T>(&case)) {
+            Ok(true) => tc += 1,
+            Ok(false) => scalar += 1,
+            Err(e) => failures.push(format!("case {i} {case:?}: {e}")),
         }
     }
-    println!("decode: {} cases, {} failed", n, failures.len());
+    println!(
+        "decode: {} cases ({tc} on the tensor-core split kernel, {scalar} on the scalar one), {} failed",
+        n,
+        failures.len()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Both split kernels met the reference, not one of them only.
+    assert!(
+        n < 40 || (tc >= 10 && scalar >= 10),
+        "tensor-core {tc}, scalar {scalar}"
+    );
 }
 
 #[test]
