@@ -3,7 +3,10 @@
 //! packed into one tile (K and V read once a tile), and the combine of the splits by
 //! their lse. Dense `[B, Hkv, S_max, E]` and paged `[num_blocks, block_size, Hkv, E]`
 //! caches (any block size), causal bottom-right, window, softcap and ALiBi; f32, f16 and
-//! bf16, head dims up to 256.
+//! bf16, head dims up to 256. Where q and the cache are f16 / bf16 with head dims up to
+//! 128 and 16-byte aligned rows, the split runs on the tensor cores
+//! (`kernels/decode/attn_decode_tc.cu`: tiles of 16 packed rows, each warp its own keys);
+//! elsewhere on the scalar split of `attn_decode.cu`.
 //!
 //! Every argument is checked on the host before a launch by `sdpa_core::kvcache::check`
 //! (the same function the CPU reference runs), so a bad block table is the same `Err`,
