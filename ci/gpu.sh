@@ -78,6 +78,7 @@ fi
 cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_decode.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
+cp ci/decode-sweep.sh "$BUNDLE/decode-sweep.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"
 cp ci/gpu_run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh" "$BUNDLE"/bin/*

@@ -30,7 +30,10 @@
 #define NW 4
 #define NT (NW * 32)
 #define EMAX SDPA_HEAD_DIM
-// Keys a warp's block; blocks a warp keeps in its pipeline.
+// Keys a warp's block; blocks a warp keeps in its pipeline. At D = 128, 3 stages (two
+// CTAs an SM); 4 or 5 (one CTA an SM) lost 25-40%; 2 (three CTAs) won on B = 8 paged and
+// lost on B = 64, where 512 CTAs make 1.3 waves of 396 (ci/decode-sweep.sh, H100,
+// kernels/NOTES.md).
 #define KW 16
 #define STAGES (EMAX <= 64 ? 6 : 3)
 // Shared row stride (elements): 16 bytes of padding keep ldmatrix free of bank conflicts.
