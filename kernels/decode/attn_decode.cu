@@ -163,11 +163,8 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
     const int rows = min(MR, p.group * p.len_q - r0);
     const RowKeys keys = row_keys(p, b);
     const int off = keys.off;
-    const int lo = keys.lo(r0 / p.group), hi = keys.hi((r0 + rows - 1) / p.group);
-    const int len = max(0, hi - lo);
-    const int per = ((len + p.splits - 1) / p.splits + BN - 1) / BN * BN;
-    const int k_begin = lo + split * per;
-    const int k_end = min(hi, k_begin + per);
+    const KeySpan span = split_keys(p, keys, r0, rows, split, BN);
+    const int k_begin = span.begin, k_end = span.end;
 
     for (int idx = tid; idx < MR * EMAX; idx += NT) {
         const int r = idx / EMAX, e = idx % EMAX;

@@ -99,12 +99,9 @@ extern "C" __global__ void __launch_bounds__(NT) SDPA_KERNEL_SPLIT_TC(const Deco
     const int rows = min(16, p.group * p.len_q - r0);
     const RowKeys keys = row_keys(p, b);
     const int off = keys.off;
-    const int lo = keys.lo(r0 / p.group), hi = keys.hi((r0 + rows - 1) / p.group);
-    const int len = max(0, hi - lo);
     // Splits are whole rounds of the NW warps' blocks.
-    const int per = ((len + p.splits - 1) / p.splits + NW * KW - 1) / (NW * KW) * (NW * KW);
-    const int k_begin = lo + split * per;
-    const int k_end = min(hi, k_begin + per);
+    const KeySpan span = split_keys(p, keys, r0, rows, split, NW * KW);
+    const int k_begin = span.begin, k_end = span.end;
     const int blocks = k_begin < k_end ? (k_end - k_begin + KW - 1) / KW : 0;
     // This warp's blocks: warp, warp + NW, ...
     const int mine = blocks > warp ? (blocks - warp + NW - 1) / NW : 0;

@@ -28,3 +28,19 @@ __device__ __forceinline__ RowKeys row_keys(const DecodeParams& p, int b) {
     const int n = ((const int*)p.seqlens)[b] + p.len_new;
     return RowKeys{n, n - p.len_q, p.window_left, p.causal ? 0 : p.window_right};
 }
+
+// The keys split `split` of a tile covers. The tile's packed rows r0 .. r0 + rows - 1
+// (group query heads a position) see [lo, hi) between them; each of the p.splits splits
+// takes an equal share of it rounded up to whole blocks of `block` keys, so the last
+// splits may be short or empty.
+struct KeySpan {
+    int begin, end;
+};
+__device__ __forceinline__ KeySpan split_keys(const DecodeParams& p, const RowKeys& keys, int r0, int rows,
+                                              int split, int block) {
+    const int lo = keys.lo(r0 / p.group), hi = keys.hi((r0 + rows - 1) / p.group);
+    const int len = max(0, hi - lo);
+    const int per = ((len + p.splits - 1) / p.splits + block - 1) / block * block;
+    const int begin = lo + split * per;
+    return KeySpan{begin, min(hi, begin + per)};
+}

@@ -271,13 +271,11 @@ impl GpuContext {
             .ok_or_else(|| {
                 CudaError::bad_layout("query", "Lq * group that fits usize", plan.len_q)
             })?;
-        // The tensor-core split kernel where it applies (16-bit, head dims up to 128,
-        // rows cp.async can read); tiles of 16 packed rows there.
-        let tc_spec = if p.vec16 != 0 && widest <= 128 {
-            KernelSpec::fitting(Kind::DecodeTc, dtype, widest, false)
-        } else {
-            None
-        };
+        // The tensor-core split kernel where it applies (its table row: 16-bit, head dims
+        // up to 128; and rows cp.async can read); tiles of 16 packed rows there.
+        let tc_spec = (p.vec16 != 0)
+            .then(|| KernelSpec::fitting(Kind::DecodeTc, dtype, widest, false))
+            .flatten();
         let rows = if tc_spec.is_some() {
             16
         } else {

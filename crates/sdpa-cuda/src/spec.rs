@@ -693,6 +693,16 @@ mod tests {
     }
 
     #[test]
+    fn the_tensor_core_decode_row_gates_dtype_and_head_dim() {
+        // decode.rs picks the tensor-core split by this row alone (plus aligned rows).
+        let tc = |dtype, w| dim(Kind::DecodeTc, dtype, w);
+        assert_eq!(tc(DType::F16, 40), Some(64));
+        assert_eq!(tc(DType::BF16, 128), Some(128));
+        assert_eq!(tc(DType::BF16, 129), None);
+        assert_eq!(tc(DType::F32, 64), None);
+    }
+
+    #[test]
     fn every_module_has_distinct_symbols_and_arch_rules() {
         let config = KernelConfig::default();
         let specs = KernelSpec::all();
