@@ -79,6 +79,7 @@ cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_decode.py ci/ceilings.
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/decode-sweep.sh "$BUNDLE/decode-sweep.sh"
+cp ci/mods-bench.sh "$BUNDLE/mods-bench.sh"
 cp ci/gpu_env.sh "$BUNDLE/gpu_env.sh"
 cp ci/gpu_run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh" "$BUNDLE"/bin/*

@@ -36,7 +36,7 @@ BUGS = [
         "causal-mask-compare-wgmma",
         "off-by-one in the causal bound",
         "fwd/attn_fwd_wgmma.cu",
-        [("if (j >= row_keys(p.causal", "if (j > row_keys(p.causal")],
+        [("if (!key_seen(p, row0 + ((i >> 1) & 1) * 8, j, seq.len_q, seq.len_k)) sm[i]", "if (j > row_keys(p, row0 + ((i >> 1) & 1) * 8, seq.len_q, seq.len_k).hi) sm[i]")],
         "the Hopper kernel's bound check keeps key j == limit (one key too many on every bounded row)",
     ),
     (
@@ -191,7 +191,7 @@ BUGS += [
         "bwd/attn_bwd_simt.cu",
         [
             ("ds = prob * inv_z * (grad_p - d_row);", "ds = prob * inv_z * grad_p;"),
-            ("ds = prob * (grad_p - s_d[lane]);", "ds = prob * grad_p;"),
+            ("ds = prob * (grad_p - s_d[lane]) * factor;", "ds = prob * grad_p * factor;"),
         ],
         "dS = P dP instead of P (dP - D) in both fused kernels",
     ),
@@ -213,7 +213,7 @@ BUGS += [
         "bwd-causal-off-by-one",
         "backward: causal off by one (backward only)",
         "bwd/attn_bwd_simt.cu",
-        [("j < key_limit(p.causal, i, seq.len_q, seq.len_k)) {", "j <= key_limit(p.causal, i, seq.len_q, seq.len_k)) {")],
+        [("i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k)) {", "i < seq.len_q && j <= row_keys(p, i, seq.len_q, seq.len_k).hi) {")],
         "the dk/dv kernel lets row i reach key j == its causal limit (the forward does not)",
     ),
     (
@@ -234,7 +234,7 @@ BUGS += [
         "bwd-missing-barrier",
         "a missing barrier",
         "bwd/attn_bwd_simt.cu",
-        [("<= first) continue;  // block-uniform\n            __syncthreads();  // the previous tile is no longer read\n", "<= first) continue;  // block-uniform\n")],
+        [(">= first + WARPS) continue;  // block-uniform\n            __syncthreads();  // the previous tile is no longer read\n", ">= first + WARPS) continue;  // block-uniform\n")],
         "the dk/dv kernel loads the next query tile while warps still read the last one",
     ),
     (
@@ -269,7 +269,7 @@ BUGS += [
         "math-bwd-d-left-out",
         "backward: D left out",
         "bwd/math_bwd.cu",
-        [("const acc_t grad_s = prob * (w[j] - d);", "const acc_t grad_s = prob * w[j];")],
+        [("const acc_t grad_s = prob * (w[j] * keep - d);", "const acc_t grad_s = prob * w[j] * keep;")],
         "the math backward's dS = P dP",
     ),
     (
@@ -277,8 +277,8 @@ BUGS += [
         "backward: dropout stream misaligned",
         "bwd/math_bwd.cu",
         [
-            ("keep_factor(p, row * p.len_kv + j);\n            ds[j] = prob;", "keep_factor(p, row * p.len_kv + j + 1);\n            ds[j] = prob;"),
-            ("w[j] = prob * keep_factor(p, row * p.len_kv + j);", "w[j] = prob * keep_factor(p, row * p.len_kv + j + 1);"),
+            ("const acc_t grad_p = w[j] * keep_factor(p, row * p.len_kv + j);", "const acc_t grad_p = w[j] * keep_factor(p, row * p.len_kv + j + 1);"),
+            ("const acc_t keep = keep_factor(p, row * p.len_kv + j);", "const acc_t keep = keep_factor(p, row * p.len_kv + j + 1);"),
         ],
         "the math backward replays the keep bits one index off",
     ),
@@ -293,7 +293,7 @@ BUGS += [
         "bwd-tc-d-left-out",
         "backward: D left out",
         "bwd/attn_bwd_tc.cu",
-        [("const float ds = seen ? prob * (grad_p - d_row) : 0.f;", "const float ds = seen ? prob * grad_p : 0.f;")],
+        [("float ds = seen ? prob * (grad_p - d_row) : 0.f;", "float ds = seen ? prob * grad_p : 0.f;")],
         "the tensor-core kernel's dS = P dP instead of P (dP - D)",
     ),
     (
@@ -307,7 +307,7 @@ BUGS += [
         "bwd-tc-causal-off-by-one",
         "backward: causal off by one (backward only)",
         "bwd/attn_bwd_tc.cu",
-        [("bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));", "bool seen = !edge || (i < seq.len_q && j <= key_limit(p.causal, i, seq.len_q, seq.len_k));")],
+        [("bool seen = !edge || (i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k));", "bool seen = !edge || (i < seq.len_q && j <= row_keys(p, i, seq.len_q, seq.len_k).hi);")],
         "the tensor-core kernel lets row i reach key j == its causal limit",
     ),
     (
@@ -347,7 +347,7 @@ BUGS += [
         "bwd-wg-causal-off-by-one",
         "backward: causal off by one (backward only)",
         "bwd/attn_bwd_wgmma.cu",
-        [("(i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));", "(i < seq.len_q && j <= key_limit(p.causal, i, seq.len_q, seq.len_k));")],
+        [("(i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k));", "(i < seq.len_q && j <= row_keys(p, i, seq.len_q, seq.len_k).hi);")],
         "the Hopper kernel lets row i reach key j == its causal limit",
     ),
     (
@@ -431,6 +431,46 @@ BUGS += [
         "decode/attn_decode_tc.cu",
         [("const float wt = fast_exp2(red_m[w * 16 + r] - wbase);", "const float wt = 1.f;")],
         "the tensor-core kernel adds its warps' partial sums without rescaling them to one row maximum",
+    ),
+]
+
+# Window, softcap and ALiBi in the attention kernels (issue 17, item 2): the emulator's
+# window and softcap cases (ci/emu.sh) and the GPU tests' catch them.
+BUGS += [
+    (
+        "window-left-off-by-one",
+        "off-by-one window",
+        "common/mask.cuh",
+        [("lo = (int)max((i64)0, min((i64)len_k, diag - p.window_left));", "lo = (int)max((i64)0, min((i64)len_k, diag - p.window_left + 1));")],
+        "every attention kernel's window starts one key late (row i misses key i + S - L - window_left)",
+    ),
+    (
+        "window-tiles-from-zero-tc",
+        "off-by-one window",
+        "fwd/attn_fwd_tc.cu",
+        [("if (!tile_inside(unmasked, n0, BN)) {", "if (n0 + BN > unmasked.hi) {")],
+        "the mma.sync forward checks only the right end of a tile: keys before the window's start leak into edge tiles",
+    ),
+    (
+        "softcap-grad-factor-missing-tc",
+        "backward: softcap derivative missing",
+        "bwd/attn_bwd_tc.cu",
+        [("ds *= ScoreMods<float>::grad_factor(t);", "ds *= 1.f;")],
+        "the mma.sync backward passes dS to dq and dk without the softcap's 1 - tanh^2",
+    ),
+    (
+        "softcap-grad-factor-missing-simt",
+        "backward: softcap derivative missing",
+        "bwd/attn_bwd_simt.cu",
+        [("ds = prob * (grad_p - s_d[lane]) * factor;", "ds = prob * (grad_p - s_d[lane]);")],
+        "the scalar dk/dv kernel leaves out the softcap's 1 - tanh^2 (dq keeps it)",
+    ),
+    (
+        "alibi-sign-tc",
+        "ALiBi with the wrong sign",
+        "common/mask.cuh",
+        [("x -= slope * (T)(dist < 0 ? -dist : dist);", "x += slope * (T)(dist < 0 ? -dist : dist);")],
+        "every kernel adds the ALiBi distance penalty instead of subtracting it",
     ),
 ]
 

@@ -36,6 +36,7 @@ struct Case {
     double p;        // dropout
     double scale;    // 0: 1/sqrt(E)
     int masked_row;  // a row with every key masked (bool/additive), or -1
+    Mods mods = {};  // window, softcap, ALiBi
 };
 
 
@@ -123,7 +124,7 @@ Result run(const Case& c) {
     std::vector<float> lse(rows);
     std::vector<double> dq((size_t)c.b * hq * c.l * c.e), dk((size_t)c.b * c.hkv * c.s * c.e),
         dv((size_t)c.b * c.hkv * c.s * c.ev), dmask(mask_n, 0.0);
-    std::vector<double> sc(c.s), pr(c.s), dpv(c.s);
+    std::vector<double> sc(c.s), pr(c.s), dpv(c.s), th(c.s);
     std::vector<char> vis(c.s);
     for (int bb = 0; bb < c.b; ++bb)
         for (int h = 0; h < hq; ++h) {
@@ -131,14 +132,14 @@ Result run(const Case& c) {
             for (int i = 0; i < c.l; ++i) {
                 const float* qi = &q[(((size_t)bb * hq + h) * c.l + i) * c.e];
                 const float* gi = &dout[(((size_t)bb * hq + h) * c.l + i) * c.ev];
-                const int lim = key_limit_ref(c.causal, i, c.l, c.s);
                 double mx = -INFINITY;
                 for (int j = 0; j < c.s; ++j) {
-                    vis[j] = j < lim && !(c.mask == MaskKind::Bool && !bmask[moff(bb, h, i, j)]);
+                    vis[j] = c.mods.sees(c.causal, i, j, c.l, c.s) && !(c.mask == MaskKind::Bool && !bmask[moff(bb, h, i, j)]);
                     const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
                     double dot = 0;
                     for (int d = 0; d < c.e; ++d) dot += (double)qi[d] * kj[d];
-                    sc[j] = dot * scale + (c.mask == MaskKind::Additive ? (double)amask[moff(bb, h, i, j)] : 0.0);
+                    sc[j] = c.mods.score(dot * scale, h, i, j, c.l, c.s, th[j]) +
+                            (c.mask == MaskKind::Additive ? (double)amask[moff(bb, h, i, j)] : 0.0);
                     if (vis[j]) mx = std::max(mx, sc[j]);
                 }
                 double sum = 0;
@@ -163,14 +164,16 @@ Result run(const Case& c) {
                 }
                 for (int j = 0; j < c.s; ++j) {
                     if (!vis[j]) continue;
-                    const double ds = pr[j] * (dpv[j] - D), w = pr[j] * keep(bb, h, i, j);
+                    // dS (the additive mask's gradient), and times 1 - tanh^2 for dq and dk.
+                    const double dsm = pr[j] * (dpv[j] - D), w = pr[j] * keep(bb, h, i, j);
+                    const double ds = dsm * (1 - th[j] * th[j]);
                     const float* kj = &k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
                     double* dqi = &dq[(((size_t)bb * hq + h) * c.l + i) * c.e];
                     double* dkj = &dk[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e];
                     double* dvj = &dv[(((size_t)bb * c.hkv + hk) * c.s + j) * c.ev];
                     for (int d = 0; d < c.e; ++d) dqi[d] += scale * ds * kj[d], dkj[d] += scale * ds * qi[d];
                     for (int d = 0; d < c.ev; ++d) dvj[d] += w * gi[d];
-                    if (c.mask == MaskKind::Additive) dmask[moff(bb, h, i, j)] += ds;
+                    if (c.mask == MaskKind::Additive) dmask[moff(bb, h, i, j)] += dsm;
                 }
             }
         }
@@ -196,6 +199,8 @@ Result run(const Case& c) {
     p.batch = c.b, p.heads_q = hq, p.heads_kv = c.hkv, p.group = c.group, p.len_q = c.l, p.len_kv = c.s;
     p.head_dim = c.e, p.head_dim_v = c.ev, p.scale_log2 = (float)(scale * 1.4426950408889634);
     p.causal = c.causal, p.mask_kind = (int)c.mask, p.dropout = c.p > 0, p.varlen = 0, p.vec_ok = 0;
+    const std::vector<float> slopes = c.mods.slopes(hq);
+    c.mods.set(p, slopes);
     p.dout = (u64)dout.data(), p.dq = (u64)gq.data(), p.dk = (u64)gk.data(), p.dv = (u64)gv.data();
     p.dmask = c.mask == MaskKind::Additive ? (u64)gd.data() : 0;
     p.softmax_d = (u64)dbuf.data();
@@ -289,6 +294,15 @@ int main() {
         {"dropout 0.5, scale -0.7, L=1 S=1", 1, 1, 1, 1, 1, 8, 8, 0, MaskKind::None, 0, 0.5, -0.7, -1},
         {"dropout p=1", 1, 1, 1, 9, 13, 16, 16, 0, MaskKind::None, 0, 1.0, 0, -1},
         {"wide E=200 Ev=136 (tiles of 16 only) + causal", 1, 1, 2, 36, 50, 200, 136, 1, MaskKind::None, 0, 0.0, 0, -1},
+        {"window (9, 3) L=70 S=90 GQA 2x2", 1, 2, 2, 70, 90, 40, 24, 0, MaskKind::None, 0, 0.0, 0, -1, {9, 3}},
+        {"window (-1, 0) L=60 S=30 (rows with no key)", 1, 1, 1, 60, 30, 32, 32, 0, MaskKind::None, 0, 0.0, 0, -1,
+         {-1, 0}},
+        {"softcap 1.5 + ALiBi + additive [L, S] + causal TL", 2, 1, 2, 40, 50, 48, 40, 1, MaskKind::Additive, 0, 0.0, 0,
+         -1, {-1, -1, 1.5, 0.1}},
+        {"softcap 0.7 + window (20, 20) + bool [B,1,1,S] + dropout 0.2", 2, 2, 1, 45, 60, 64, 48, 0, MaskKind::Bool, 1,
+         0.2, 0, -1, {20, 20, 0.7, 0}},
+        {"ALiBi + window (5, -1) + causal BR, scale -0.5", 1, 1, 3, 33, 80, 24, 24, 2, MaskKind::None, 0, 0.0, -0.5, -1,
+         {5, -1, 0, 0.25}},
     };
     bool ok = true;
     double worst = 0;

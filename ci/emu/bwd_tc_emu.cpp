@@ -51,6 +51,7 @@ struct Case {
     double scale;     // 0: 1/sqrt(E)
     int vec_ok;
     std::vector<int> lens_q, lens_k;  // non-empty: varlen (packed rows, i32 cu_seqlens)
+    Mods mods = {};                   // window, softcap, ALiBi
 };
 
 
@@ -136,16 +137,17 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
             const int hk = h / c.group;
             for (int i = 0; i < lq; ++i) {
                 const size_t qo = off(bb, h, i, hq, c.e, false), go = off(bb, h, i, hq, c.ev, false);
-                const int lim = key_limit_ref(c.causal, i, lq, lk);
-                std::vector<double> sc(lk), pr(lk, 0.0), dpv(lk, 0.0);
+                std::vector<double> sc(lk), pr(lk, 0.0), dpv(lk, 0.0), th(lk, 0.0);
                 std::vector<char> vis(lk);
                 double mx = -INFINITY;
                 for (int j = 0; j < lk; ++j) {
                     const size_t ko = off(bb, hk, j, c.hkv, c.e, true);
                     double dot = 0;
                     for (int d = 0; d < c.e; ++d) dot += f(q[qo + d]) * f(k[ko + d]);
-                    sc[j] = dot * scale + (c.mask == 2 ? f(amask[moff(bb, h, i, j)]) : 0.0);
-                    vis[j] = j < lim && !(c.mask == 1 && !bmask[moff(bb, h, i, j)]) && sc[j] != -INFINITY;
+                    sc[j] = c.mods.score(dot * scale, h, i, j, lq, lk, th[j]) +
+                            (c.mask == 2 ? f(amask[moff(bb, h, i, j)]) : 0.0);
+                    vis[j] = c.mods.sees(c.causal, i, j, lq, lk) && !(c.mask == 1 && !bmask[moff(bb, h, i, j)]) &&
+                             sc[j] != -INFINITY;
                     if (vis[j]) mx = std::max(mx, sc[j]);
                 }
                 double sum = 0;
@@ -172,11 +174,13 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
                 }
                 for (int j = 0; j < lk; ++j) {
                     if (!vis[j]) continue;
-                    const double ds = pr[j] * (dpv[j] - D), w = pr[j] * keep(bb, h, i, j);
+                    // dS (the additive mask's gradient), and times 1 - tanh^2 for dq and dk.
+                    const double dsm = pr[j] * (dpv[j] - D), w = pr[j] * keep(bb, h, i, j);
+                    const double ds = dsm * (1 - th[j] * th[j]);
                     const size_t ko = off(bb, hk, j, c.hkv, c.e, true), vo = off(bb, hk, j, c.hkv, c.ev, true);
                     for (int d = 0; d < c.e; ++d) dq[qo + d] += scale * ds * f(k[ko + d]), dk[ko + d] += scale * ds * f(q[qo + d]);
                     for (int d = 0; d < c.ev; ++d) dv[vo + d] += w * f(dout[go + d]);
-                    if (c.mask == 2) dmask[moff(bb, h, i, j)] += ds;
+                    if (c.mask == 2) dmask[moff(bb, h, i, j)] += dsm;
                 }
             }
         }
@@ -214,6 +218,8 @@ bool run(const Case& c, const Config& cfg, bool deterministic) {
     p.batch = nb, p.heads_q = hq, p.heads_kv = c.hkv, p.group = c.group, p.len_q = max_q, p.len_kv = max_k;
     p.head_dim = c.e, p.head_dim_v = c.ev, p.scale_log2 = (float)(scale * 1.4426950408889634);
     p.causal = c.causal, p.mask_kind = c.mask, p.dropout = c.p > 0, p.varlen = varlen ? 2 : 0, p.vec_ok = c.vec_ok;
+    const std::vector<float> slopes = c.mods.slopes(hq);
+    c.mods.set(p, slopes);
     p.cu_seqlens_q = varlen ? (u64)cu_q.data() : 0, p.cu_seqlens_k = varlen ? (u64)cu_k.data() : 0;
     p.dout = (u64)dout.data(), p.dk = (u64)gk.data(), p.dv = (u64)gv.data();
     p.dq_accum = (u64)dq_acc.data(), p.softmax_d = (u64)dbuf.data();
@@ -261,6 +267,14 @@ int main() {
          1, 0, 0, 0.3, 0, 0, {}, {}},
         {"varlen q (37, 90) k (50, 20), causal bottom-right, GQA 1x3, dropout 0.1", 0, 1, 3, 0, 0, 64, 64, 2, 0, 0, 0.1, 0,
          1, {37, 90}, {50, 20}},
+        // Window: query blocks outside a key block's window skipped, edge blocks bounded on both sides.
+        {"window (40, 7) L=200 S=180, GQA 2x2", 1, 2, 2, 200, 180, 64, 64, 0, 0, 0, 0.0, 0, 1, {}, {}, {40, 7}},
+        {"window (0, -1) + causal bottom-right L=50 S=120 (one key a row)", 1, 1, 1, 50, 120, 64, 64, 2, 0, 0, 0.0, 0, 1,
+         {}, {}, {0, -1}},
+        {"softcap 1.2 + ALiBi + additive [L, S] + window (30, 30) + dropout 0.1", 1, 1, 2, 90, 110, 64, 64, 0, 2, 0, 0.1,
+         0, 0, {}, {}, {30, 30, 1.2, 0.08}},
+        {"varlen q (37, 90) k (50, 20), softcap 3 + ALiBi + window (10, 4)", 0, 1, 2, 0, 0, 64, 32, 0, 0, 0, 0.0, 0, 1,
+         {37, 90}, {50, 20}, {10, 4, 3.0, 0.2}},
     };
     bool ok = true;
     int runs = 0;

@@ -52,3 +52,44 @@ OutLseError out_lse_error(const std::vector<unsigned short>& out, const std::vec
     }
     return e;
 }
+
+// DESIGN.md's sliding window, softcap and ALiBi, for the harnesses' references: row i of
+// l queries sees key j of s iff causal allows it and i + s - l - wl <= j <= i + s - l + wr
+// (-1 unbounded); a score x = scale q.k becomes cap tanh(x / cap), then minus
+// slope(h) |i + s - l - j|, before any mask.
+struct Mods {
+    int wl = -1, wr = -1;
+    double cap = 0;     // 0: no softcap
+    double slope0 = 0;  // head h's slope is slope0 (h + 1), rounded to f32 as the kernels read it; 0: none
+    bool sees(int causal, int i, int j, int l, int s) const {
+        if (j >= key_limit_ref(causal, i, l, s)) return false;
+        const long long diag = (long long)i + s - l;
+        if (wl >= 0 && j < diag - wl) return false;
+        if (wr >= 0 && j > diag + wr) return false;
+        return true;
+    }
+    double slope(int h) const { return (double)(float)(slope0 * (h + 1)); }
+    // t: tanh of the softcap (0 without one), for dS's factor 1 - t^2.
+    double score(double x, int h, int i, int j, int l, int s, double& t) const {
+        t = 0;
+        if (cap > 0) {
+            t = std::tanh(x / cap);
+            x = cap * t;
+        }
+        if (slope0 != 0) x -= slope(h) * std::fabs((double)i + s - l - j);
+        return x;
+    }
+    // The f32 slopes of heads 0 .. hq - 1 (empty without ALiBi) and the FwdParams fields.
+    std::vector<float> slopes(int hq) const {
+        std::vector<float> v;
+        if (slope0 != 0)
+            for (int h = 0; h < hq; ++h) v.push_back((float)slope(h));
+        return v;
+    }
+    template <class P>
+    void set(P& p, const std::vector<float>& sl) const {
+        p.window_left = wl, p.window_right = wr, p.softcap = cap;
+        p.alibi = sl.empty() ? 0 : (unsigned long long)sl.data();
+        p.alibi_stride_b = 0;
+    }
+};

@@ -27,6 +27,7 @@ struct Case {
     int mask_shape;  // 0: [L, S]; 1: [B, 1, 1, S]
     double p;
     int vec_ok;
+    Mods mods = {};  // window, softcap, ALiBi
 };
 
 
@@ -66,14 +67,14 @@ bool run(const Case& c) {
         for (int h = 0; h < hq; ++h)
             for (int i = 0; i < c.l; ++i) {
                 const int hk = h / c.group;
-                const int lim = key_limit_ref(c.causal, i, c.l, c.s);
                 double mx = -INFINITY;
                 for (int j = 0; j < c.s; ++j) {
-                    bool vis = j < lim && !(c.mask == 1 && !bmask[moff(bb, h, i, j)]);
-                    double dot = 0;
+                    bool vis = c.mods.sees(c.causal, i, j, c.l, c.s) && !(c.mask == 1 && !bmask[moff(bb, h, i, j)]);
+                    double dot = 0, t;
                     for (int d = 0; d < c.e; ++d)
                         dot += f(q[(((size_t)bb * hq + h) * c.l + i) * c.e + d]) * f(k[(((size_t)bb * c.hkv + hk) * c.s + j) * c.e + d]);
-                    sc[j] = vis ? dot * scale + (c.mask == 2 ? f(amask[moff(bb, h, i, j)]) : 0.0) : -INFINITY;
+                    const double x = c.mods.score(dot * scale, h, i, j, c.l, c.s, t);
+                    sc[j] = vis ? x + (c.mask == 2 ? f(amask[moff(bb, h, i, j)]) : 0.0) : -INFINITY;
                     mx = std::max(mx, sc[j]);
                 }
                 double sum = 0;
@@ -108,6 +109,8 @@ bool run(const Case& c) {
     p.batch = c.b, p.heads_q = hq, p.heads_kv = c.hkv, p.group = c.group, p.len_q = c.l, p.len_kv = c.s;
     p.head_dim = c.e, p.head_dim_v = ev, p.scale_log2 = (float)(scale * 1.4426950408889634);
     p.causal = c.causal, p.mask_kind = c.mask, p.dropout = c.p > 0, p.varlen = 0, p.vec_ok = c.vec_ok;
+    const std::vector<float> slopes = c.mods.slopes(hq);
+    c.mods.set(p, slopes);
 
     emu_shared_base = emu_tc_arena();
     const unsigned bm = emu_tc_block_rows();
@@ -129,6 +132,13 @@ int main() {
         {"causal top-left L=S=100 + additive [L, S] + dropout 0.2, scalar loads", 1, 1, 2, 100, 100, 64, 1, 2, 0, 0.2, 0},
         {"causal bottom-right L=40 S=150 + bool [B, 1, 1, S], E=40", 2, 1, 1, 40, 150, 40, 2, 1, 1, 0.0, 0},
         {"bottom-right L=150 S=40 (rows with no key)", 1, 1, 1, 150, 40, 64, 2, 0, 0, 0.0, 1},
+        // Window: tiles before the window's start are skipped, edge tiles bound both sides.
+        {"window (37, 5) L=200 S=230", 1, 1, 2, 200, 230, 64, 0, 0, 0, 0.0, 1, {37, 5}},
+        {"window (0, 0) + causal top-left L=S=90, GQA", 1, 2, 2, 90, 90, 64, 1, 0, 0, 0.0, 1, {0, 0}},
+        {"window (-1, 70) L=150 S=40 (rows with no key)", 1, 1, 1, 150, 40, 64, 0, 0, 0, 0.0, 1, {-1, 70}},
+        {"softcap 2 + ALiBi + bool mask + window (64, -1) L=100 S=300", 2, 1, 2, 100, 300, 64, 2, 1, 1, 0.0, 1,
+         {64, -1, 2.0, 0.05}},
+        {"softcap 0.5 + additive [L, S] + dropout 0.1, E=40", 1, 1, 1, 70, 90, 40, 0, 2, 0, 0.1, 0, {-1, -1, 0.5, 0}},
     };
     bool ok = true;
     for (const auto& c : cases) ok = run(c) && ok;

@@ -18,9 +18,10 @@
 //              GQA's sum over the group's heads happens in the accumulator.
 //
 // D is rowsum(P dP), the exact equal of rowsum(dout * out) that carries no rounding of a
-// 16-bit out (the reference's D); out is not read. Keys a row does not read (causal, bool
-// mask false) contribute exactly 0 whatever D is; a row with no key (lse -inf) has P = 0.
-// Tiles whose rows see none of the block's keys (causal) are skipped.
+// 16-bit out (the reference's D); out is not read. Keys a row does not read (causal,
+// window, bool mask false) contribute exactly 0 whatever D is; a row with no key (lse
+// -inf) has P = 0. Tiles whose rows see none of the block's keys (causal, window) are
+// skipped. With a softcap, dq and dk take dS (1 - tanh^2) (DESIGN.md "Backward").
 //
 // Compile-time: SDPA_DTYPE (f32, f16, bf16), SDPA_DV_CHUNKS (ceil(max(E, Ev) / 32)
 // bucket: 2, 4, 8), SDPA_KERNEL_DQ, SDPA_KERNEL_DKDV. Mask and dropout always compiled in.
@@ -38,15 +39,22 @@
 #define TILE (MAX_DIM > 128 ? 16 : 32)
 
 // exp(s - lse) (P before the row's renormalisation), the keep factor Z / (1 - p) and dP
-// of score (b, h, i, j) for a key inside the row's causal range: `qk` and `dov` the raw
-// dot products q.k and dout.v, `lse` the row's (natural-log) lse. In natural units, as
-// the reference: s = scale q.k + mask, one rounding fewer than the forward's log2 units.
+// of score (b, h, i, j) for a key inside the row's causal and window range: `qk` and `dov`
+// the raw dot products q.k and dout.v, `lse` the row's (natural-log) lse. In natural
+// units, as the reference: s = softcap(scale q.k) + ALiBi + mask, one rounding fewer than
+// the forward's log2 units.
 // A key a bool mask hides is not read (DESIGN.md's NaN rule): all three are 0 whatever
 // q.k and dout.v hold. A row with no key has lse -inf and P = 0 (not exp(NaN)); an
 // additive -inf gives P = 0 on its own. Returns whether the key is read.
-__device__ __forceinline__ bool score_grad(const BwdParams& p, int b, int h, int i, int j, float qk, float dov,
-                                           float lse, float& prob, float& keep, float& grad_p) {
-    float x = qk * (float)p.scale;
+// With a softcap, `factor` is 1 - tanh^2 of the capped score (dS's factor on its way to dq
+// and dk; the additive mask's gradient is dS itself), else 1. ALiBi (`mods`) is added
+// after the softcap.
+__device__ __forceinline__ bool score_grad(const BwdParams& p, const ScoreMods<float>& mods, int b, int h, int i,
+                                           int j, float qk, float dov, float lse, float& prob, float& keep,
+                                           float& grad_p, float& factor) {
+    float t;
+    float x = mods.apply(qk * (float)p.scale, i, j, t);
+    factor = ScoreMods<float>::grad_factor(t);
     if (p.mask_kind == MASK_BOOL) {
         if (((const unsigned char*)p.mask)[mask_offset(p, b, h, i, j)] == 0) {
             prob = keep = grad_p = 0.f;
@@ -105,9 +113,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
     const int i = first + warp;
     const bool row_ok = i < seq.len_q;
     const int hk = h / p.group;
-    // key_limit grows with the row: the block's last row bounds the keys any row reads.
-    const int block_limit = key_limit(p.causal, min(first + WARPS, seq.len_q) - 1, seq.len_q, seq.len_k);
-    const int limit = row_ok ? key_limit(p.causal, i, seq.len_q, seq.len_k) : 0;
+    // A row's key range moves right with the row: the block's first row's start and last
+    // row's end bound the keys any row reads.
+    const KeyRange block = block_keys_any(p, first, min(first + WARPS, seq.len_q) - 1, seq.len_q, seq.len_k);
+    const int block_limit = block.hi;
+    const KeyRange keys = row_keys(p, i, seq.len_q, seq.len_k);
+    const int limit = row_ok ? keys.hi : 0;
+    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, 1.f);
 
     const elem_t* k = (const elem_t*)p.k + b * p.k_stride_b + hk * p.k_stride_h + seq.start_k * p.k_stride_l;
     const elem_t* v = (const elem_t*)p.v + b * p.v_stride_b + hk * p.v_stride_h + seq.start_k * p.v_stride_l;
@@ -126,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
     float d_row = 0.f, inv_z = 0.f;
     // Pass 0 sums D over the row's keys, pass 1 uses it.
     for (int pass = 0; pass < 2; ++pass) {
-        for (int j0 = 0; j0 < block_limit; j0 += TILE) {
+        for (int j0 = block.lo < block.hi ? block.lo - block.lo % TILE : block_limit; j0 < block_limit; j0 += TILE) {
             __syncthreads();  // the previous tile is no longer read
             for (int r = warp; r < TILE; r += WARPS) {
                 const int j = j0 + r;
@@ -137,14 +149,14 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
                     s_v[r][d] = in ? load_elem(v + (i64)j * p.v_stride_l + d * p.v_stride_e) : 0.f;
             }
             __syncthreads();
-            if (!row_ok || j0 >= limit) continue;  // no barrier until the loop's top
+            if (!row_ok || j0 >= limit || j0 + TILE <= keys.lo) continue;  // no barrier until the loop's top
             const int j = j0 + lane;
             float ds = 0.f;
-            if (lane < TILE && j < limit) {
+            if (lane < TILE && j >= keys.lo && j < limit) {
                 const float qk = dot(s_q[warp], s_k[lane], p.head_dim);
                 const float dov = dot(s_do[warp], s_v[lane], p.head_dim_v);
-                float prob, keep, grad_p;
-                const bool read = score_grad(p, b, h, i, j, qk, dov, lse, prob, keep, grad_p);
+                float prob, keep, grad_p, factor;
+                const bool read = score_grad(p, mods, b, h, i, j, qk, dov, lse, prob, keep, grad_p, factor);
                 if (pass == 0) {
                     partial = fmaf(prob, grad_p, partial);
                     partial_z += prob;
@@ -152,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
                     ds = prob * inv_z * (grad_p - d_row);
                     if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0)
                         atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+                    ds *= factor;
                 }
             }
             if (pass == 1) {
@@ -222,13 +235,16 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
 
     for (int g = 0; g < p.group; ++g) {
         const int h = hk * p.group + g;
+        const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, 1.f);
         const elem_t* q = (const elem_t*)p.q + b * p.q_stride_b + h * p.q_stride_h + seq.start_q * p.q_stride_l;
         const elem_t* gr = (const elem_t*)p.dout + b * p.dout_stride_b + h * p.dout_stride_h + seq.start_q * p.dout_stride_l;
         for (int i0 = 0; i0 < seq.len_q; i0 += TILE) {
-            // No row of the tile reads a key past the last row's limit (it grows with
-            // the row): a tile whose last row's limit is <= first is skipped.
+            // Row ranges move right with the row: no row of the tile reads a key past the
+            // last row's end or before the first row's start, so a tile that ends before
+            // this block's keys or starts after them is skipped.
             const int last = min(i0 + TILE, seq.len_q) - 1;
-            if (key_limit(p.causal, last, seq.len_q, seq.len_k) <= first) continue;  // block-uniform
+            const KeyRange tile_keys = block_keys_any(p, i0, last, seq.len_q, seq.len_k);
+            if (tile_keys.hi <= first || tile_keys.lo >= first + WARPS) continue;  // block-uniform
             __syncthreads();  // the previous tile is no longer read
             for (int r = warp; r < TILE; r += WARPS) {
                 const int i = i0 + r;
@@ -248,13 +264,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
             if (!key_ok) continue;  // no barrier until the loop's top
             const int i = i0 + lane;
             float w = 0.f, ds = 0.f;
-            if (lane < TILE && i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k)) {
+            if (lane < TILE && i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k)) {
                 const float qk = dot(s_q[lane], s_k[warp], p.head_dim);
                 const float dov = dot(s_do[lane], s_v[warp], p.head_dim_v);
-                float prob, keep, grad_p;
-                if (score_grad(p, b, h, i, j, qk, dov, s_lse[lane], prob, keep, grad_p)) {
+                float prob, keep, grad_p, factor;
+                if (score_grad(p, mods, b, h, i, j, qk, dov, s_lse[lane], prob, keep, grad_p, factor)) {
                     prob *= s_iz[lane];
-                    ds = prob * (grad_p - s_d[lane]);
+                    ds = prob * (grad_p - s_d[lane]) * factor;
                     w = prob * keep;
                 }
             }

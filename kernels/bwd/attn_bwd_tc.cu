@@ -19,14 +19,17 @@
 //        repeatable; dk and dv are). dK (times scale) and dV are written once at the end.
 //   post the host rounds dq = scale * dq_accum once to the dtype (math_bwd's round).
 //
-// Query blocks whose rows see none of the CTA's keys (causal) are skipped; only blocks
-// that reach past a row's key limit or the sequence's end test elements one by one. A
+// Query blocks whose rows see none of the CTA's keys (causal, window) are skipped; only
+// blocks that reach outside a row's key range or past the sequence's end test elements
+// one by one. With a softcap (SDPA_EXTRAS), dq and dk take dS (1 - tanh^2); ALiBi adds
+// after it (DESIGN.md "Backward"). A
 // row with no key (lse -inf) gets lse +inf here: P = 0. A key a bool mask hides (or an
 // additive -inf) has P = dS = 0 whatever dout.v holds (DESIGN.md's NaN rule).
 //
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM (the larger of E and Ev padded
 // to a multiple of 32, at most 128), SDPA_WARPS, SDPA_BLOCK_M (multiple of 16),
-// SDPA_MIN_BLOCKS, SDPA_EXTRAS (0: causal, GQA, varlen; 1: masks and dropout too),
+// SDPA_MIN_BLOCKS, SDPA_EXTRAS (0: causal, window, GQA, varlen; 1: masks, dropout,
+// softcap and ALiBi too),
 // SDPA_KERNEL_PRE, SDPA_KERNEL.
 #include "common/bwd.cuh"
 #include "common/dtype.cuh"
@@ -137,8 +140,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         load_rows<BN, D, SROW, NTHREADS>(s_v, v, p.v_stride_l, n0, seq.len_k, p.head_dim_v, vec_ok, tid);
         cp_async_commit();
 
-        const int m_begin = first_query_block<BM>(p, seq, n0, n_m);
-        const int per_head = n_m - m_begin;
+        // The query blocks with a row that sees one of these keys (causal, window).
+        const BlockSpan blocks = query_blocks(p, seq.len_q, seq.len_k, n0, BN, BM, n_m);
+        const int m_begin = blocks.begin, m_end = blocks.end;
+        const int per_head = m_end - m_begin;
         const int iters = per_head * p.group;
 
         float dk[D / 8][4], dv[D / 8][4];
@@ -154,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             const int buf = it & 1;
             const int h = h_cur;
             const int m0 = mb_cur * BM;
-            if (++mb_cur == n_m) mb_cur = m_begin, ++h_cur;
+            if (++mb_cur == m_end) mb_cur = m_begin, ++h_cur;
             cp_async_wait<0>();
             // Stage `it` has landed for every thread; the other buffers and dS^T are free.
             __syncthreads();
@@ -187,6 +192,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #if SDPA_EXTRAS
             // The forward's keep bits of this warp's elements, bit 4 nt + e (common/bwd.cuh).
             const u64 keep_bits = p.dropout ? replay_keep_bits<BM>(p, b, h, m0, n0 + key_base, lane) : ~0ull;
+            // Softcap and ALiBi of query head h.
+            const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
 #endif
             // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
             // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only
@@ -207,9 +214,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                         const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
                         const float d_row = (e & 1) ? d_pair.y : d_pair.x;
                         float x = st[nt][e] * p.scale_log2;
-                        bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
+                        bool seen = !edge || (i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k));
 #if SDPA_EXTRAS
                         const bool inside = i < seq.len_q && j < seq.len_k;
+                        float t = 0.f;  // tanh of the softcap (0 without one)
+                        if (mods.active()) x = mods.apply(x, i, j, t);
                         if (p.mask_kind != MASK_NONE && seen && inside) x = masked_log2(p, b, h, i, j, x);
 #endif
                         seen = seen && x != SDPA_NEG_INF;
@@ -222,17 +231,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                             weight *= keep;
                         }
 #endif
-                        const float ds = seen ? prob * (grad_p - d_row) : 0.f;
+                        float ds = seen ? prob * (grad_p - d_row) : 0.f;
 #if SDPA_EXTRAS
                         if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
                             atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
+                        ds *= ScoreMods<float>::grad_factor(t);  // the softcap's 1 - tanh^2
 #endif
                         st[nt][e] = weight;
                         dpt[nt][e] = ds;
                     }
                 }
             };
-            if (n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
+            if (!tile_inside(block_keys_all(p, m0, m0 + BM - 1, seq.len_q, seq.len_k), n0, BN) || m0 + BM > seq.len_q)
                 probs_and_grads(true);
             else
                 probs_and_grads(false);

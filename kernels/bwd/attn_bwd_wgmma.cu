@@ -1,6 +1,7 @@
 // Hopper (sm_90a) attention backward for the flash path (f16/bf16; causal both
-// alignments, GQA, varlen; with SDPA_EXTRAS = 1 also bool and additive masks with their
-// dmask, and dropout replayed from the forward's Philox stream): the FlashAttention-2/3
+// alignments, sliding window, GQA, varlen; with SDPA_EXTRAS = 1 also bool and additive
+// masks with their dmask, softcap, ALiBi, and dropout replayed from the forward's Philox
+// stream): the FlashAttention-2/3
 // algorithm with
 // every product on warpgroup MMA (wgmma.mma_async), f32 accumulators. The same pre
 // kernel, grid, dq accumulator and round kernel as the mma.sync backward
@@ -21,8 +22,9 @@
 // each warpgroup D / 2 columns of the 64 x D block, added into the f32 dq accumulator with
 // vector reductions (in a fixed
 // thread order per CTA slice: the deterministic mode's slices work as in attn_bwd_tc.cu).
-// Query blocks no row of which sees the CTA's keys (causal) are skipped; only blocks that
-// reach past a row's key limit or the sequence's end test elements one by one.
+// Query blocks no row of which sees the CTA's keys (causal, window) are skipped; only
+// blocks that reach outside a row's key range or past the sequence's end test elements
+// one by one. Softcap and ALiBi (SDPA_EXTRAS) as in attn_bwd_tc.cu.
 //
 // Masks and dropout work as in attn_bwd_tc.cu (whose element layout this kernel's
 // accumulators share: warp w of a warpgroup holds keys 16 w + g and 16 w + g + 8): a
@@ -165,8 +167,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
         load_tile_sw<BN>(s_v, v, p.v_stride_l, n0, seq.len_k, p.head_dim_v, vec_ok, tid);
         cp_async_commit();
 
-        const int m_begin = first_query_block<BM>(p, seq, n0, n_m);
-        const int per_head = n_m - m_begin;
+        // The query blocks with a row that sees one of these keys (causal, window).
+        const BlockSpan blocks = query_blocks(p, seq.len_q, seq.len_k, n0, BN, BM, n_m);
+        const int m_begin = blocks.begin, m_end = blocks.end;
+        const int per_head = m_end - m_begin;
         const int iters = per_head * p.group;
 
         float dk[D / 2], dv[D / 2];
@@ -179,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
             const int buf = it & 1;
             const int h = h_cur;
             const int m0 = mb_cur * BM;
-            if (++mb_cur == n_m) mb_cur = m_begin, ++h_cur;
+            if (++mb_cur == m_end) mb_cur = m_begin, ++h_cur;
             // Stage `it` (and K, V) landed for every thread and is visible to wgmma; every
             // warpgroup is done with the other buffers and with dS^T.
             tiles_ready();
@@ -211,6 +215,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
             // The forward's keep bits of this thread's elements, bit idx (common/bwd.cuh).
             const u64 keep_bits = p.dropout ? replay_keep_bits<BM>(p, b, h, m0, n0 + key_off, lane) : ~0ull;
             const bool any_mask = p.mask_kind != MASK_NONE;
+            // Softcap and ALiBi of query head h; with a softcap, tanh of each element's
+            // score is kept for dS's factor 1 - tanh^2.
+            const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+            const bool modded = mods.active();
+            float tanh_s[BM / 2];
             // A mask that broadcasts along the queries (a key-padding mask [B, 1, 1, S], its L
             // stride 0) has one entry a key: this thread's two keys' entries are read once a
             // block (log2 units; -inf for a hidden key), and its dmask sums over the rows of
@@ -247,9 +256,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                         const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
                         const int j = n0 + key_off + 8 * (e >> 1);
                         const float lse_row = (e & 1) ? lse_pair.y : lse_pair.x;
-                        bool seen = !edge || (i < seq.len_q && j < key_limit(p.causal, i, seq.len_q, seq.len_k));
+                        bool seen = !edge || (i < seq.len_q && key_seen(p, i, j, seq.len_q, seq.len_k));
                         float x = st[idx] * p.scale_log2;
 #if SDPA_EXTRAS
+                        tanh_s[idx] = 0.f;
+                        if (modded) x = mods.apply(x, i, j, tanh_s[idx]);
                         if (any_mask) {
                             if (seen && i < seq.len_q && j < seq.len_k)
                                 x = key_mask ? x + key_bias[e >> 1] : masked_log2(p, b, h, i, j, x);
@@ -281,6 +292,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                         const bool hidden = (edge || any_mask) && ((unseen >> idx) & 1ull);
                         dpt[idx] = hidden ? 0.f : ds;
 #if SDPA_EXTRAS
+                        if (modded) dpt[idx] *= ScoreMods<float>::grad_factor(tanh_s[idx]);  // not dmask's
+#endif
+#if SDPA_EXTRAS
                         if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && !hidden) {
                             const int i = m0 + cg * 8 + 2 * t4 + (e & 1);
                             const int j = n0 + key_off + 8 * (e >> 1);
@@ -306,7 +320,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                 }
 #endif
             };
-            if (any_mask || n0 + BN > key_limit(p.causal, m0, seq.len_q, seq.len_k) || m0 + BM > seq.len_q)
+            if (any_mask || !tile_inside(block_keys_all(p, m0, m0 + BM - 1, seq.len_q, seq.len_k), n0, BN) ||
+                m0 + BM > seq.len_q)
                 probs_and_grads(true);
             else
                 probs_and_grads(false);

@@ -50,10 +50,11 @@ extern "C" __global__ void SDPA_KERNEL_CONVERT(const BwdParams p, int which, u64
     }
 }
 
-// Whether row i reads key j (causal range, bool mask), and the additive mask's entry.
+// Whether row i reads key j (causal and window range, bool mask), and the additive mask's
+// entry.
 __device__ __forceinline__ bool key_visible(const BwdParams& p, int b, int h, int i, int j, acc_t& add) {
     add = 0;
-    if (j >= key_limit(p.causal, i, p.len_q, p.len_kv)) return false;
+    if (!key_seen(p, i, j, p.len_q, p.len_kv)) return false;
     if (p.mask_kind == MASK_NONE) return true;
     const i64 at = mask_offset(p, b, h, i, j);
     if (p.mask_kind == MASK_BOOL) return ((const unsigned char*)p.mask)[at] != 0;
@@ -68,13 +69,26 @@ __device__ __forceinline__ acc_t keep_factor(const BwdParams& p, u64 idx) {
                                                                                       : (acc_t)0;
 }
 
+// exp(s - lse) of a visible score from its raw q.k, with s = softcap(scale q.k) + ALiBi
+// + the additive mask, and the softcap's factor 1 - tanh^2 on dS (1 without one).
+__device__ __forceinline__ acc_t score_prob(const BwdParams& p, const ScoreMods<acc_t>& mods, int i, int j,
+                                            acc_t qk, acc_t add, acc_t lse, acc_t& factor) {
+    acc_t t;
+    const acc_t s = mods.apply(qk * (acc_t)p.scale, i, j, t) + add;
+    factor = ScoreMods<acc_t>::grad_factor(t);
+    // A fully masked row has lse -inf and every s -inf: P is 0, not exp(NaN). An
+    // additive -inf gives exp(-inf) = 0 on its own.
+    return lse == acc_neg_inf() ? (acc_t)0 : acc_exp(s - lse);
+}
+
 // One warp per query row (b, h, i) of [B, Hq, L]: `scores` holds the row's q.k
 // (unscaled) and becomes dS, `dp` holds dout.v^T and becomes W. Two passes over the row:
-// the first turns q.k into exp(s - lse) and dout.v^T into dP = dW Z / (1 - p) and sums
-// both the row's weights z and P dP; with P = exp(s - lse) / z (renormalised: the lse is
-// f32) and D = rowsum(P dP) (the exact equal of rowsum(dout * out), without out's
-// rounding: the reference's D), the second writes dS = P (dP - D) and W = P Z / (1 - p). Keys the row
-// does not read (causal, bool mask false) get exactly 0 in both, whatever D is. D goes to
+// the first sums the row's weights z = sum exp(s - lse) and P dP with dP = dW Z / (1 - p);
+// with P = exp(s - lse) / z (renormalised: the lse is f32) and D = rowsum(P dP) (the exact
+// equal of rowsum(dout * out), without out's rounding: the reference's D), the second
+// recomputes P and dP from the raw products it then overwrites, and writes
+// dS = P (dP - D) (1 - tanh^2 with a softcap) and W = P Z / (1 - p). Keys the row does not
+// read (causal, window, bool mask false) get exactly 0 in both, whatever D is. D goes to
 // p.softmax_d. The flat index of a score is the dropout stream's index.
 extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdParams p, u64 scores, u64 dp) {
     const int lane = threadIdx.x & 31;
@@ -89,23 +103,15 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
         acc_t* ds = (acc_t*)scores + row * p.len_kv;
         acc_t* w = (acc_t*)dp + row * p.len_kv;
         const acc_t lse = (acc_t)lse_base[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_l];
+        const ScoreMods<acc_t> mods(p, b, h, p.len_q, p.len_kv, (acc_t)1);
         acc_t partial = 0, z = 0;
         for (int j = lane; j < p.len_kv; j += 32) {
-            acc_t add;
-            if (!key_visible(p, b, h, i, j, add)) {
-                ds[j] = 0;
-                w[j] = 0;
-                continue;
-            }
-            // A fully masked row has lse -inf and every s -inf: P is 0, not exp(NaN). An
-            // additive -inf gives exp(-inf) = 0 on its own.
-            const acc_t s = ds[j] * (acc_t)p.scale + add;
-            const acc_t prob = lse == acc_neg_inf() ? (acc_t)0 : acc_exp(s - lse);
+            acc_t add, factor;
+            if (!key_visible(p, b, h, i, j, add)) continue;
+            const acc_t prob = score_prob(p, mods, i, j, ds[j], add, lse, factor);
             // Multiplied (not selected) so that a NaN in a dropped key still reaches the
             // row (a dropped key was read).
             const acc_t grad_p = w[j] * keep_factor(p, row * p.len_kv + j);
-            ds[j] = prob;
-            w[j] = grad_p;
             partial += prob * grad_p;
             z += prob;
         }
@@ -120,12 +126,19 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_GRAD(const BwdPara
         const acc_t d = partial * inv_z;
         if (lane == 0) d_out[row] = d;
         for (int j = lane; j < p.len_kv; j += 32) {
-            acc_t add;
-            if (!key_visible(p, b, h, i, j, add)) continue;
-            const acc_t prob = ds[j] * inv_z;
-            const acc_t grad_s = prob * (w[j] - d);
-            ds[j] = grad_s;
-            w[j] = prob * keep_factor(p, row * p.len_kv + j);
+            acc_t add, factor;
+            if (!key_visible(p, b, h, i, j, add)) {
+                ds[j] = 0;
+                w[j] = 0;
+                continue;
+            }
+            const acc_t keep = keep_factor(p, row * p.len_kv + j);
+            const acc_t prob = score_prob(p, mods, i, j, ds[j], add, lse, factor) * inv_z;
+            // dS before the softcap's factor is the additive mask's gradient (the mask is
+            // added after the softcap); dq and dk take it times the factor.
+            const acc_t grad_s = prob * (w[j] * keep - d);
+            ds[j] = grad_s * factor;
+            w[j] = prob * keep;
             if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0) {
                 atomicAdd((acc_t*)p.dmask + dmask_at(p, b, h, i, j), grad_s);
             }

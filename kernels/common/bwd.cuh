@@ -1,6 +1,7 @@
 // What the tensor-core backward kernels share (attn_bwd_tc.cu, attn_bwd_wgmma.cu): the
-// pre kernel (SDPA_KERNEL_PRE, defined by the includer), dq's vector reductions, the
-// first query block a key block sees, and the dropout keep bits of a thread's scores.
+// pre kernel (SDPA_KERNEL_PRE, defined by the includer), dq's vector reductions and the
+// dropout keep bits of a thread's scores (common/mask.cuh's query_blocks gives the query
+// blocks a key block sees).
 #pragma once
 #include "common/dtype.cuh"
 #include "common/mask.cuh"
@@ -63,15 +64,6 @@ __device__ __forceinline__ void red_add4_plain(float* dst, float a, float b, flo
         dst[2] += c;
         dst[3] += d;
     }
-}
-
-// The first block of ROWS query rows with a row that sees key n0 (key limits grow with
-// the row).
-template <int ROWS>
-__device__ __forceinline__ int first_query_block(const BwdParams& p, const SeqLens& seq, int n0, int n_m) {
-    int m = 0;
-    while (m < n_m && key_limit(p.causal, min(m * ROWS + ROWS, seq.len_q) - 1, seq.len_q, seq.len_k) <= n0) ++m;
-    return m;
 }
 
 // The forward's keep bits of this thread's BM / 2 score elements in the accumulator layout

@@ -66,9 +66,17 @@ struct FwdParams {
     int dropout;       // 1 when dropout is active
     int varlen;        // SeqlenCode
     int vec_ok;        // 1 when q/k/v rows may be read with 16-byte vector loads
+    // DESIGN.md "Inference": ALiBi slopes (f32 [Hq] or [B, Hq]; 0 when absent) and their
+    // batch stride (0 for [Hq]); the softcap c (0 when off); the sliding window
+    // (bottom-right aligned, -1 unbounded), common/mask.cuh's row_keys.
+    unsigned long long alibi;
+    long long alibi_stride_b;
+    double softcap;
+    int window_left;
+    int window_right;
 };
 
-static_assert(sizeof(FwdParams) == 336, "FwdParams must match sdpa_cuda::params::FwdParams");
+static_assert(sizeof(FwdParams) == 368, "FwdParams must match sdpa_cuda::params::FwdParams");
 
 // The backward's parameters: the forward's (the problem, q, k, v, out, lse) and the
 // gradients'. softmax_d is the row sum D = rowsum(dout * out) [B, Hq, L] in acc_t (f32,
@@ -108,4 +116,4 @@ struct BwdParams : FwdParams {
     long long dq_split_stride;
 };
 
-static_assert(sizeof(BwdParams) == 528, "BwdParams must match sdpa_cuda::params::BwdParams");
+static_assert(sizeof(BwdParams) == 560, "BwdParams must match sdpa_cuda::params::BwdParams");

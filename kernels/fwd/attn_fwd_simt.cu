@@ -3,8 +3,9 @@
 // broadcast strides. Lanes split the keys for the scores and the value dims for the
 // output; scores never leave registers.
 //
-// Compile-time: SDPA_DTYPE, SDPA_DV_CHUNKS (ceil(Ev / 32) bucket), SDPA_EXTRAS (mask and
-// dropout compiled in, chosen at run time), SDPA_KERNEL. Head dims up to 32 * SDPA_DV_CHUNKS.
+// Compile-time: SDPA_DTYPE, SDPA_DV_CHUNKS (ceil(Ev / 32) bucket), SDPA_EXTRAS (mask,
+// dropout, softcap and ALiBi compiled in, chosen at run time), SDPA_KERNEL. The window
+// (run time) bounds the keys a row visits in both variants. Head dims up to 32 * SDPA_DV_CHUNKS.
 #include "common/dtype.cuh"
 #include "common/epilogue.cuh"
 #include "common/mask.cuh"
@@ -34,22 +35,29 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL(const FwdPa
     for (int d = lane; d < p.head_dim; d += 32) s_q[warp][d] = load_elem(q + d);
     __syncwarp();
 
-    const int limit = row_keys(p.causal, i, seq.len_q, seq.len_k).hi;
+    const KeyRange keys = row_keys(p, i, seq.len_q, seq.len_k);
+    const int limit = keys.hi;
+#if SDPA_EXTRAS
+    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+#endif
     float o[SDPA_DV_CHUNKS];
 #pragma unroll
     for (int c = 0; c < SDPA_DV_CHUNKS; ++c) o[c] = 0.f;
     float row_max = SDPA_NEG_INF;
     float lane_sum = 0.f;
 
-    for (int j0 = 0; j0 < limit; j0 += 32) {
+    // Keys from the window's start (rounded down to 32, so the first chunk is partial).
+    for (int j0 = keys.lo < limit ? keys.lo & ~31 : limit; j0 < limit; j0 += 32) {
         const int j = j0 + lane;
+        const bool in = j >= keys.lo && j < limit;
         float x = SDPA_NEG_INF;
-        if (j < limit) {
+        if (in) {
             const elem_t* k_row = k + (i64)j * p.k_stride_l;
             float dot = 0.f;
             for (int d = 0; d < p.head_dim; ++d) dot = fmaf(s_q[warp][d], load_elem(k_row + d), dot);
             x = dot * p.scale_log2;
 #if SDPA_EXTRAS
+            x = mods.apply(x, i, j);
             if (p.mask_kind != 0) x = masked_log2(p, b, h, i, j, x);
 #endif
         }
@@ -60,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL(const FwdPa
         float weight = exp2f(x - base);
         lane_sum = lane_sum * alpha + weight;
 #if SDPA_EXTRAS
-        if (p.dropout && j < limit) {
+        if (p.dropout && in) {
             const u64 n = dropout_index(p, b, h, i, j);
             if (!dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, n)) weight = 0.f;
         }

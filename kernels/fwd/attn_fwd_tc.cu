@@ -10,10 +10,11 @@
 //
 // Compile-time: SDPA_DTYPE (2 f16, 3 bf16), SDPA_HEAD_DIM, SDPA_WARPS, SDPA_BLOCK_N,
 // SDPA_ROW_FRAGS (1 or 2),
-// SDPA_EXTRAS (0: the plain flash path; 1: mask and dropout compiled in, chosen at run
-// time by mask_kind and dropout), SDPA_KERNEL (symbol).
+// SDPA_EXTRAS (0: the plain flash path; 1: mask, dropout, softcap and ALiBi compiled in,
+// chosen at run time by mask_kind, dropout, softcap and alibi), SDPA_KERNEL (symbol).
 // SDPA_MIN_BLOCKS (CTAs per SM for __launch_bounds__).
-// Run time (FwdParams): causal alignment, scale, GQA group, varlen, strides.
+// Run time (FwdParams): causal alignment, sliding window (both variants: key tiles no row
+// of the block sees are not visited), scale, GQA group, varlen, strides.
 #include "common/dtype.cuh"
 #include "common/epilogue.cuh"
 #include "common/load.cuh"
@@ -83,15 +84,21 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const bool vec_ok = p.vec_ok != 0;
 
     const int last_row = min(m0 + BM, seq.len_q) - 1;
-    const KeyRange visit = block_keys_any(p.causal, m0, last_row, seq.len_q, seq.len_k);
-    const int n_tiles = (visit.hi + BN - 1) / BN;
-    // Tiles inside this range need no causal or length masking.
-    const KeyRange unmasked = block_keys_all(p.causal, m0, last_row, seq.len_q, seq.len_k);
+    // The key tiles some row of the block sees (causal, window, length): tile t of the
+    // loop holds keys (tiles.first + t) BN ...
+    const TileSpan tiles = key_tiles(block_keys_any(p, m0, last_row, seq.len_q, seq.len_k), BN);
+    const int n_tiles = tiles.end - tiles.first;
+    const int key0 = tiles.first * BN;
+    // Tiles inside this range need no causal, window or length masking.
+    const KeyRange unmasked = block_keys_all(p, m0, last_row, seq.len_q, seq.len_k);
+#if SDPA_EXTRAS
+    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+#endif
 
     load_tile<BM>(s_q, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
-    if (n_tiles > 0) load_tile<BN>(s_k, k, p.k_stride_l, 0, seq.len_k, p.head_dim, vec_ok, tid);
+    if (n_tiles > 0) load_tile<BN>(s_k, k, p.k_stride_l, key0, seq.len_k, p.head_dim, vec_ok, tid);
     cp_async_commit();
-    if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, 0, seq.len_k, p.head_dim_v, vec_ok, tid);
+    if (n_tiles > 0) load_tile<BN>(s_v, v, p.v_stride_l, key0, seq.len_k, p.head_dim_v, vec_ok, tid);
     cp_async_commit();
 
     // This thread's rows: fragment mi, half r (lane / 4, then + 8). Recomputed where
@@ -123,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #endif
 
     for (int t = 0; t < n_tiles; ++t) {
-        const int n0 = t * BN;
+        const int n0 = key0 + t * BN;
         cp_async_wait<1>();
         __syncthreads();
         if (t + 1 < n_tiles)
@@ -166,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             }
         }
 
-        // Scale (and mask), in log2 units.
+        // Scale (softcap, ALiBi and mask), in log2 units.
 #pragma unroll
         for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
@@ -175,18 +182,19 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
                 for (int e = 0; e < 4; ++e) {
                     float x = s[mi][nt][e] * p.scale_log2;
 #if SDPA_EXTRAS
-                    if (p.mask_kind != 0) {
+                    if (mods.active() || p.mask_kind != 0) {
                         const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
                         const int rr = ROW(mi, e >> 1);
-                        if (rr < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, rr, j, x);
+                        x = mods.apply(x, rr, j);
+                        if (p.mask_kind != 0 && rr < seq.len_q && j < seq.len_k) x = masked_log2(p, b, h, rr, j, x);
                     }
 #endif
                     s[mi][nt][e] = x;
                 }
             }
         }
-        // Causal and length bounds: only tiles that reach past the unmasked keys.
-        if (n0 + BN > unmasked.hi) {
+        // Causal, window and length bounds: only tiles not inside the unmasked keys.
+        if (!tile_inside(unmasked, n0, BN)) {
 #pragma unroll
             for (int mi = 0; mi < MW; ++mi)
 #pragma unroll
@@ -194,7 +202,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                        if (j >= row_keys(p.causal, ROW(mi, e >> 1), seq.len_q, seq.len_k).hi) s[mi][nt][e] = SDPA_NEG_INF;
+                        if (!key_seen(p, ROW(mi, e >> 1), j, seq.len_q, seq.len_k)) s[mi][nt][e] = SDPA_NEG_INF;
                     }
         }
 

@@ -1,5 +1,5 @@
-// Hopper (sm_90a) attention forward for the plain flash path (f16/bf16, no mask, no
-// dropout): warpgroup MMA (wgmma.mma_async) for both GEMMs, f32 accumulators, online
+// Hopper (sm_90a) attention forward for the flash path without mask or dropout (f16/bf16;
+// causal, sliding window, softcap and ALiBi as run-time switches): warpgroup MMA (wgmma.mma_async) for both GEMMs, f32 accumulators, online
 // softmax, scores never leave registers.
 //
 // One CTA = SDPA_WARPGROUPS warpgroups of 128 threads; each owns SDPA_M_TILES tiles of 64
@@ -113,10 +113,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     const bool vec_ok = p.vec_ok != 0;
 
     const int last_row = min(m0 + BM, seq.len_q) - 1;
-    const KeyRange visit = block_keys_any(p.causal, m0, last_row, seq.len_q, seq.len_k);
-    const int n_tiles = (visit.hi + BN - 1) / BN;
-    // Tiles inside this range need no causal or length masking.
-    const KeyRange unmasked = block_keys_all(p.causal, m0, last_row, seq.len_q, seq.len_k);
+    // The key tiles some row of the block sees (causal, window, length): tile t holds keys
+    // key0 + t BN ...
+    const TileSpan tiles = key_tiles(block_keys_any(p, m0, last_row, seq.len_q, seq.len_k), BN);
+    const int n_tiles = tiles.end - tiles.first;
+    const int key0 = tiles.first * BN;
+    // Tiles inside this range need no causal, window or length masking.
+    const KeyRange unmasked = block_keys_all(p, m0, last_row, seq.len_q, seq.len_k);
+    // Softcap and ALiBi (run-time switches, off on the plain path).
+    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+    const bool modded = mods.active();
 
     // This thread's rows: (lane / 4) and (lane / 4 + 8) of its warp's 16 in each of its
     // warpgroup's M tiles (M tile m: rows row_base + 64 m).
@@ -176,7 +182,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     // but at scores near 1e11 thousands, and exp2 overflows (golden large_const_* caught
     // that), so a warp whose rows reach that far takes the rounded product instead. Zero
     // or negative scales multiply first (c = 1).
-    const bool pos_scale = p.scale_log2 > 0.f;
+    // Softcap and ALiBi act on scaled scores: with either, the scale multiplies first.
+    const bool pos_scale = p.scale_log2 > 0.f && !modded;
     const float c = pos_scale ? p.scale_log2 : 1.f;
     auto softmax_tile = [&](int m, int n0) {
         float (&sm)[BN / 2] = s[m];
@@ -184,12 +191,17 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         if (!pos_scale) {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) sm[i] *= p.scale_log2;
+            if (modded) {
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i)
+                    sm[i] = mods.apply(sm[i], row0 + ((i >> 1) & 1) * 8, n0 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1));
+            }
         }
-        if (n0 + BN > unmasked.hi) {
+        if (!tile_inside(unmasked, n0, BN)) {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) {
                 const int j = n0 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
-                if (j >= row_keys(p.causal, row0 + ((i >> 1) & 1) * 8, seq.len_q, seq.len_k).hi) sm[i] = SDPA_NEG_INF;
+                if (!key_seen(p, row0 + ((i >> 1) & 1) * 8, j, seq.len_q, seq.len_k)) sm[i] = SDPA_NEG_INF;
             }
         }
         float tile_max[2];
@@ -255,11 +267,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     };
     if (n_tiles > 0) {
         load_tile_sw<BM>(s_q, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);
-        load_tile_sw<BN>(s_k, k, p.k_stride_l, 0, seq.len_k, p.head_dim, vec_ok, tid);
-        load_tile_sw<BN>(s_v, v, p.v_stride_l, 0, seq.len_k, p.head_dim_v, vec_ok, tid);
+        load_tile_sw<BN>(s_k, k, p.k_stride_l, key0, seq.len_k, p.head_dim, vec_ok, tid);
+        load_tile_sw<BN>(s_v, v, p.v_stride_l, key0, seq.len_k, p.head_dim_v, vec_ok, tid);
         cp_async_commit();
         tiles_ready();
-        if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, BN, seq.len_k, p.head_dim, vec_ok, tid);
+        if (n_tiles > 1) load_tile_sw<BN>(s_k + KV_BYTES, k, p.k_stride_l, key0 + BN, seq.len_k, p.head_dim, vec_ok, tid);
         cp_async_commit();
         wgmma_fence();
 #pragma unroll
@@ -268,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
         for (int m = 0; m < MT; ++m) {
             wgmma_wait_n(MT - 1 - m);  // S_m done; the later M tiles' may still run
             fence_regs(s[m]);
-            softmax_tile(m, 0);
+            softmax_tile(m, key0);
             pack_p(m);
         }
 
@@ -277,9 +289,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             // P_{t-2} V_{t-2}, so their buffers take K_{t+1} and V_t.
             tiles_ready();
             if (t + 1 < n_tiles)
-                load_tile_sw<BN>(s_k + ((t + 1) & 1) * KV_BYTES, k, p.k_stride_l, (t + 1) * BN, seq.len_k, p.head_dim,
-                                 vec_ok, tid);
-            load_tile_sw<BN>(s_v + (t & 1) * KV_BYTES, v, p.v_stride_l, t * BN, seq.len_k, p.head_dim_v, vec_ok, tid);
+                load_tile_sw<BN>(s_k + ((t + 1) & 1) * KV_BYTES, k, p.k_stride_l, key0 + (t + 1) * BN, seq.len_k,
+                                 p.head_dim, vec_ok, tid);
+            load_tile_sw<BN>(s_v + (t & 1) * KV_BYTES, v, p.v_stride_l, key0 + t * BN, seq.len_k, p.head_dim_v, vec_ok,
+                             tid);
             cp_async_commit();
 
             wgmma_fence();
@@ -292,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             for (int m = 0; m < MT; ++m) {
                 wgmma_wait_n(2 * (MT - 1 - m) + 1);  // S_m done; P_m V_{t-1} may still run
                 fence_regs(s[m]);
-                softmax_tile(m, t * BN);
+                softmax_tile(m, key0 + t * BN);
                 wgmma_wait_n(2 * (MT - 1 - m));  // P_m V_{t-1} done
                 fence_regs(o[m]);
                 if (rescale[m]) {

@@ -1,8 +1,8 @@
 // Kernels of the CUDA math backend (the two matrix products run in cuBLAS):
 // `gather` copies q, k or v of any strides (GQA heads expanded) into a contiguous
 // [B, Hq, rows, cols] buffer when cuBLAS cannot read it in place; `softmax` turns one
-// row of the materialised scores into probabilities in place, with scale, mask, causal
-// and dropout, and writes the log-sum-exp.
+// row of the materialised scores into probabilities in place, with scale, softcap, ALiBi,
+// mask, causal, window and dropout, and writes the log-sum-exp.
 //
 // Compile-time: SDPA_DTYPE, SDPA_KERNEL_GATHER, SDPA_KERNEL_SOFTMAX. Scores are acc_t
 // (f64 for f64, else f32); probabilities are elem_t, written over the scores row with the
@@ -66,9 +66,9 @@ __device__ __forceinline__ acc_t block_reduce(acc_t x, bool is_max, acc_t* scrat
 }
 
 __device__ __forceinline__ acc_t masked_score(const FwdParams& p, const acc_t* row, int b, int h,
-                                              int i, int j, int limit) {
-    if (j >= limit) return acc_neg_inf();
-    acc_t x = row[j] * (acc_t)p.scale;
+                                              int i, int j, KeyRange keys, const ScoreMods<acc_t>& mods) {
+    if (j < keys.lo || j >= keys.hi) return acc_neg_inf();
+    acc_t x = mods.apply(row[j] * (acc_t)p.scale, i, j);
     if (p.mask_kind != 0) {
         const i64 at = mask_offset(p, b, h, i, j);
         if (p.mask_kind == 1) {
@@ -90,17 +90,18 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const FwdP
     const u64 row_index = ((u64)b * p.heads_q + h) * p.len_q + i;
     acc_t* row = (acc_t*)scores + row_index * len;
     elem_t* probs = (elem_t*)row;
-    const int limit = row_keys(p.causal, i, p.len_q, len).hi;
+    const KeyRange limit = row_keys(p, i, p.len_q, len);
+    const ScoreMods<acc_t> mods(p, b, h, p.len_q, len, (acc_t)1);
 
     acc_t mx = acc_neg_inf();
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
-        const acc_t x = masked_score(p, row, b, h, i, j, limit);
+        const acc_t x = masked_score(p, row, b, h, i, j, limit, mods);
         mx = x > mx ? x : mx;
     }
     mx = block_reduce(mx, true, scratch);
     const acc_t base = mx == acc_neg_inf() ? (acc_t)0 : mx;
     acc_t sum = 0;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) sum += acc_exp(masked_score(p, row, b, h, i, j, limit) - base);
+    for (int j = threadIdx.x; j < len; j += blockDim.x) sum += acc_exp(masked_score(p, row, b, h, i, j, limit, mods) - base);
     sum = block_reduce(sum, false, scratch);
     // sum is 0 for a fully masked row (output 0, lse -inf) and NaN for a row that read a
     // NaN, which must stay NaN in the weights and the lse (sdpa_core's NaN rule).
@@ -116,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(256) SDPA_KERNEL_SOFTMAX(const FwdP
         const int j = j0 + threadIdx.x;
         acc_t w = 0;
         if (j < len) {
-            w = acc_exp(masked_score(p, row, b, h, i, j, limit) - base) * inv;
+            w = acc_exp(masked_score(p, row, b, h, i, j, limit, mods) - base) * inv;
             if (p.dropout && !dropout_keep1(p.dropout_seed, p.dropout_offset, p.dropout_threshold, first + j)) w = 0;
         }
         __syncthreads();

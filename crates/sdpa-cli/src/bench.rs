@@ -106,6 +106,18 @@ pub struct BenchArgs {
     /// attn_mask: key-padding is bool [B,1,1,S]; bool and additive are dense [B,Hq,L,S].
     #[arg(long, value_enum)]
     pub mask: Option<MaskArg>,
+    /// Sliding window: keys before the row's diagonal it sees (-1, the default: all).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub window_left: Option<i64>,
+    /// Sliding window: keys after the row's diagonal it sees (-1, the default: all).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub window_right: Option<i64>,
+    /// Softcap c > 0: scores become c tanh(score / c).
+    #[arg(long, value_name = "C")]
+    pub softcap: Option<f64>,
+    /// ALiBi slopes [Hq] (2^(-8 (h + 1) / Hq)) added after the softcap (CUDA only).
+    #[arg(long)]
+    pub alibi: bool,
     /// Varlen (CUDA only, through the fused kernels' varlen mode): comma-separated query
     /// lengths, one per sequence; B is their count and L their maximum. No mask.
     #[arg(long, value_name = "L0,L1,..", value_delimiter = ',')]
@@ -223,6 +235,18 @@ pub fn label(p: &BenchProblem) -> String {
     }
     if p.varlen.is_some() {
         s += " varlen";
+    }
+    if p.options.window.is_active() {
+        s += &format!(
+            " window=({},{})",
+            p.options.window.left, p.options.window.right
+        );
+    }
+    if let Some(c) = p.options.softcap {
+        s += &format!(" softcap={c}");
+    }
+    if p.alibi {
+        s += " alibi";
     }
     s
 }
@@ -618,6 +642,13 @@ pub fn bench_problem(
              attention_varlen; on the CPU sdpa-nested runs nested batches), got {why}"
         )));
     }
+    if p.alibi && (engine.gpu.is_none() || p.varlen.is_some() || backward) {
+        return Err(CliError::Usage(
+            "--alibi: expected a dense forward on a CUDA device (the bench times ALiBi there \
+             only), got a CPU, varlen or --backward run"
+                .to_string(),
+        ));
+    }
     let problem = p.problem()?;
     let sets = match &engine.gpu {
         Some(gpu) => {
@@ -994,10 +1025,15 @@ impl BenchArgs {
                 dropout: Dropout::new(self.dropout.unwrap_or(0.0), 0x5d9a_2024, 0),
                 scale: None,
                 enable_gqa: heads_kv != heads_q,
-                ..Default::default()
+                window: sdpa_core::Window {
+                    left: self.window_left.unwrap_or(-1),
+                    right: self.window_right.unwrap_or(-1),
+                },
+                softcap: self.softcap,
             },
             mask,
             varlen,
+            alibi: self.alibi,
         };
         check_sizes(&p)?;
         Ok(Some(p))

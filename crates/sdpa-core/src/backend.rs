@@ -143,11 +143,6 @@ pub fn check_support(
     problem: &Problem,
     device: Device,
 ) -> std::result::Result<(), String> {
-    if device == Device::Cuda && (problem.window.is_active() || problem.softcap.is_some()) {
-        return Err(
-            "has no sliding window or softcap on CUDA yet (the CPU reference has both)".to_string(),
-        );
-    }
     if backend == Backend::Math {
         if problem.kv_layout == KvLayout::Varlen {
             return Err(

@@ -75,6 +75,7 @@ impl BenchShape {
             },
             mask: BenchMask::None,
             varlen: None,
+            alibi: false,
         }
     }
 }
@@ -193,6 +194,8 @@ pub struct BenchProblem {
     pub mask: BenchMask,
     /// Packed sequences instead of dense tensors.
     pub varlen: Option<VarlenLens>,
+    /// ALiBi slopes `[Hq]` (`2^(-8 (h + 1) / Hq)`), dense problems only.
+    pub alibi: bool,
 }
 
 impl BenchProblem {
@@ -423,6 +426,19 @@ pub fn time_problem(
         inputs.push(set);
     }
     let mask = upload_mask(gpu, bench, 0x6d61_736b)?;
+    let slopes = if bench.alibi {
+        let h = bench.heads_q;
+        let s =
+            ndarray::Array1::from_shape_fn(h, |i| 2f32.powf(-8.0 * (i as f32 + 1.0) / h as f32));
+        Some(crate::tensor::DeviceSlopes::upload(
+            gpu,
+            s.view().into_dyn(),
+            bench.batch,
+            h,
+        )?)
+    } else {
+        None
+    };
     let seqlens = match &bench.varlen {
         None => None,
         Some(v) => Some((cu_seqlens(gpu, &v.q)?, cu_seqlens(gpu, &v.k)?)),
@@ -435,7 +451,17 @@ pub fn time_problem(
             unreachable!("three tensors per set")
         };
         match &seqlens {
-            None => gpu.run(backend, &problem, q, k, v, mask.as_ref(), &out, &lse),
+            None => gpu.run(
+                backend,
+                &problem,
+                q,
+                k,
+                v,
+                mask.as_ref(),
+                slopes.as_ref(),
+                &out,
+                &lse,
+            ),
             Some((cq, ck)) => gpu
                 .sdpa_varlen(
                     q,
@@ -528,7 +554,17 @@ pub fn time_backward(
         .into_iter()
         .find(|&f| check_support(f, &problem, Device::Cuda).is_ok())
         .unwrap_or(Backend::Math);
-    gpu.run(forward, &problem, &q, &k, &v, mask.as_ref(), &out, &lse)?;
+    gpu.run(
+        forward,
+        &problem,
+        &q,
+        &k,
+        &v,
+        mask.as_ref(),
+        None,
+        &out,
+        &lse,
+    )?;
     let call = |_| -> Result<()> {
         gpu.sdpa_backward(
             &q,

@@ -34,9 +34,9 @@ use crate::error::{CudaError, Result};
 use crate::launch;
 use crate::params::{BwdOperands, BwdParams, Operands, Varlen};
 use crate::spec::{Entry, KernelSpec, Kind};
-use crate::tensor::{Buffer, DeviceElement, DeviceMask, DeviceTensor, HostMask};
+use crate::tensor::{Buffer, DeviceElement, DeviceMask, DeviceSlopes, DeviceTensor, HostMask};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
+use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, ArrayViewD, IxDyn};
 use sdpa_core::{
     check_support, Backend, BackendSet, DType, Device, MaskDesc, MaskKind, Problem, SdpaError,
     SdpaOptions,
@@ -344,6 +344,28 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<DeviceGradients> {
+        self.sdpa_backward_with_alibi(q, k, v, out, lse, dout, mask, None, options, backends)
+    }
+
+    /// [`GpuContext::sdpa_backward`] of a forward with ALiBi slopes (the slopes get no
+    /// gradient: they are constants of the call).
+    ///
+    /// # Errors
+    /// As [`GpuContext::sdpa_backward`], and slopes uploaded for another B or Hq.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_backward_with_alibi(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        out: &DeviceTensor,
+        lse: &DeviceTensor,
+        dout: &DeviceTensor,
+        mask: Option<&DeviceMask>,
+        alibi: Option<&DeviceSlopes>,
+        options: &SdpaOptions,
+        backends: BackendSet,
+    ) -> Result<DeviceGradients> {
         let problem = self.problem(q, k, v, mask, options)?;
         let backend = select_backward(&problem, backends, self.free_memory())?;
         let [b, hq, l, ev] = problem.out_shape();
@@ -370,6 +392,7 @@ impl GpuContext {
                 out,
                 lse,
                 seqlens: None,
+                alibi,
             },
             dout,
             dq: &dq,
@@ -469,6 +492,7 @@ impl GpuContext {
                 out,
                 lse,
                 seqlens: Some(varlen),
+                alibi: None,
             },
             dout,
             dq: &dq,
@@ -522,6 +546,32 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<HostGradients<T>> {
+        self.sdpa_backward_host_with_alibi(q, k, v, out, lse, dout, mask, None, options, backends)
+    }
+
+    /// [`GpuContext::sdpa_backward_host`] with ALiBi slopes `[Hq]` or `[B, Hq]`, checked
+    /// before anything is uploaded.
+    ///
+    /// # Errors
+    /// As [`GpuContext::sdpa_backward`], and bad `alibi_slopes`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_backward_host_with_alibi<T: DeviceElement>(
+        &self,
+        q: ArrayView4<'_, T>,
+        k: ArrayView4<'_, T>,
+        v: ArrayView4<'_, T>,
+        out: ArrayView4<'_, T>,
+        lse: ArrayView3<'_, f32>,
+        dout: ArrayView4<'_, T>,
+        mask: Option<&HostMask<'_, T>>,
+        alibi_slopes: Option<ArrayViewD<'_, f32>>,
+        options: &SdpaOptions,
+        backends: BackendSet,
+    ) -> Result<HostGradients<T>> {
+        let [b, hq] = [q.shape()[0], q.shape()[1]];
+        if let Some(s) = &alibi_slopes {
+            sdpa_core::check_alibi_slopes(s.shape(), s.iter(), b, hq)?;
+        }
         let [lb, lh, ll] = [lse.shape()[0], lse.shape()[1], lse.shape()[2]];
         let lse4 = lse
             .to_owned()
@@ -532,7 +582,10 @@ impl GpuContext {
         let (out_, dout_) = (up(out)?, up(dout)?);
         let lse_ = DeviceTensor::upload(self, lse4.view())?;
         let mask_ = mask.map(|m| m.upload(self)).transpose()?;
-        let g = self.sdpa_backward(
+        let slopes = alibi_slopes
+            .map(|s| DeviceSlopes::upload(self, s, b, hq))
+            .transpose()?;
+        let g = self.sdpa_backward_with_alibi(
             &dq_,
             &dk_,
             &dv_,
@@ -540,6 +593,7 @@ impl GpuContext {
             &lse_,
             &dout_,
             mask_.as_ref(),
+            slopes.as_ref(),
             options,
             backends,
         )?;
@@ -722,8 +776,19 @@ impl GpuContext {
 /// included (its `extras` variant), unless the context's configuration keeps mma.sync
 /// (`SDPA_CUDA_WGMMA=0`); the mma.sync kernel otherwise.
 pub fn tc_backward_spec(gpu: &GpuContext, problem: &Problem) -> Result<KernelSpec> {
+    tc_backward_spec_with(gpu, problem, false)
+}
+
+/// [`tc_backward_spec`] of a problem with ALiBi slopes when `alibi`: softcap and ALiBi
+/// take the `extras` variant too (the window runs in both).
+pub fn tc_backward_spec_with(
+    gpu: &GpuContext,
+    problem: &Problem,
+    alibi: bool,
+) -> Result<KernelSpec> {
     let widest = problem.head_dim.max(problem.head_dim_v);
-    let extras = problem.dropout.is_active() || problem.mask.is_some();
+    let extras =
+        problem.dropout.is_active() || problem.mask.is_some() || problem.softcap.is_some() || alibi;
     if widest > 32 && gpu.config().wgmma() {
         if let Some(spec) = KernelSpec::fitting(Kind::BwdWgmma, problem.dtype, widest, extras) {
             if spec.runs_on(gpu.arch()) {
@@ -851,7 +916,7 @@ impl GpuContext {
         dmask: Option<(&DeviceTensor, usize, [isize; 4])>,
         dq_elems: usize,
     ) -> Result<()> {
-        let spec = tc_backward_spec(self, problem)?;
+        let spec = tc_backward_spec_with(self, problem, params.fwd.alibi != 0)?;
         let geometry = spec
             .geometry(self.config())
             .expect("the tensor-core backward has a geometry");

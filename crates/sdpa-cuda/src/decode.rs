@@ -436,7 +436,7 @@ impl GpuContext {
         };
         if let Some((problem, backend, kv, vv)) = &fused {
             // After the append above, on the same stream.
-            self.run(*backend, problem, q, kv, vv, None, &out, &lse)?;
+            self.run(*backend, problem, q, kv, vv, None, None, &out, &lse)?;
             return Ok(result);
         }
         let Some(kernel) = split else {

@@ -6,8 +6,8 @@ use crate::error::{CudaError, Result};
 use crate::launch;
 use crate::params::{FwdParams, Operands, Varlen};
 use crate::spec::{Entry, KernelSpec, Kind};
-use crate::tensor::{lse_to_3d, DeviceElement, DeviceMask, DeviceTensor, HostMask};
-use ndarray::{Array3, Array4, ArrayView4};
+use crate::tensor::{lse_to_3d, DeviceElement, DeviceMask, DeviceSlopes, DeviceTensor, HostMask};
+use ndarray::{Array3, Array4, ArrayView4, ArrayViewD};
 use sdpa_core::{
     check_support, select, Backend, BackendSet, DType, Device, Layout, Problem, SdpaError,
     SdpaOptions, TensorDesc,
@@ -36,14 +36,22 @@ pub struct HostOutput<T> {
     pub backend: Backend,
 }
 
-/// The fused kernel a problem runs on for a device of compute capability `arch` under
-/// this context's configuration: the Hopper kernel for the plain f16/bf16 path where it
-/// has the head dim, the scalar kernel for f32, the mma.sync kernel otherwise. Masks and
-/// dropout take the variant that has them compiled in.
+/// The fused kernel a problem without ALiBi runs on ([`fused_spec_with`]).
 pub fn fused_spec(gpu: &GpuContext, problem: &Problem) -> Result<KernelSpec> {
-    let extras = problem.dropout.is_active() || problem.mask.is_some();
+    fused_spec_with(gpu, problem, false)
+}
+
+/// The fused kernel a problem (with ALiBi slopes when `alibi`) runs on for a device of
+/// compute capability `arch` under this context's configuration: the Hopper kernel for
+/// f16/bf16 without mask or dropout where it has the head dim (window, softcap and ALiBi
+/// are run-time switches there), the scalar kernel for f32, the mma.sync kernel
+/// otherwise. Masks, dropout, softcap and ALiBi take the scalar and mma.sync variant that
+/// has them compiled in; the window needs none.
+pub fn fused_spec_with(gpu: &GpuContext, problem: &Problem, alibi: bool) -> Result<KernelSpec> {
+    let hopper_lacks = problem.dropout.is_active() || problem.mask.is_some();
+    let extras = hopper_lacks || problem.softcap.is_some() || alibi;
     let widest = problem.head_dim.max(problem.head_dim_v);
-    if !extras && gpu.config().wgmma() {
+    if !hopper_lacks && gpu.config().wgmma() {
         if let Some(spec) = KernelSpec::fitting(Kind::FwdWgmma, problem.dtype, widest, false) {
             if spec.runs_on(gpu.arch()) {
                 return Ok(spec);
@@ -120,12 +128,31 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<Attention> {
+        self.sdpa_with_alibi(q, k, v, mask, None, options, backends)
+    }
+
+    /// [`GpuContext::sdpa`] with ALiBi slopes (DESIGN.md "Inference": `-slope |i + S - L
+    /// - j|` added to the scores after the softcap), on every backend.
+    ///
+    /// # Errors
+    /// As [`GpuContext::sdpa`], and slopes uploaded for another B or Hq.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_with_alibi(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceMask>,
+        alibi: Option<&DeviceSlopes>,
+        options: &SdpaOptions,
+        backends: BackendSet,
+    ) -> Result<Attention> {
         let problem = self.problem(q, k, v, mask, options)?;
         let backend = select(backends, &problem, Device::Cuda)?;
         let out = DeviceTensor::alloc(self, problem.dtype, problem.out_shape())?;
         let [b, h, l] = problem.lse_shape();
         let lse = DeviceTensor::alloc(self, DType::F32, [b, h, l, 1])?;
-        self.run(backend, &problem, q, k, v, mask, &out, &lse)?;
+        self.run(backend, &problem, q, k, v, mask, alibi, &out, &lse)?;
         Ok(Attention { out, lse, backend })
     }
 
@@ -139,11 +166,42 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<HostOutput<T>> {
+        self.sdpa_host_with_alibi(q, k, v, mask, None, options, backends)
+    }
+
+    /// Uploads, runs [`GpuContext::sdpa_with_alibi`] and downloads; `alibi_slopes` are
+    /// `[Hq]` or `[B, Hq]`, checked before anything is uploaded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdpa_host_with_alibi<T: DeviceElement>(
+        &self,
+        q: ArrayView4<'_, T>,
+        k: ArrayView4<'_, T>,
+        v: ArrayView4<'_, T>,
+        mask: Option<&HostMask<'_, T>>,
+        alibi_slopes: Option<ArrayViewD<'_, f32>>,
+        options: &SdpaOptions,
+        backends: BackendSet,
+    ) -> Result<HostOutput<T>> {
+        let [b, hq] = [q.shape()[0], q.shape()[1]];
+        if let Some(s) = &alibi_slopes {
+            sdpa_core::check_alibi_slopes(s.shape(), s.iter(), b, hq)?;
+        }
         let dq = DeviceTensor::upload(self, q)?;
         let dk = DeviceTensor::upload(self, k)?;
         let dv = DeviceTensor::upload(self, v)?;
         let dmask = mask.map(|m| m.upload(self)).transpose()?;
-        let result = self.sdpa(&dq, &dk, &dv, dmask.as_ref(), options, backends)?;
+        let slopes = alibi_slopes
+            .map(|s| DeviceSlopes::upload(self, s, b, hq))
+            .transpose()?;
+        let result = self.sdpa_with_alibi(
+            &dq,
+            &dk,
+            &dv,
+            dmask.as_ref(),
+            slopes.as_ref(),
+            options,
+            backends,
+        )?;
         Ok(HostOutput {
             out: result.out.download(self)?,
             lse: lse_to_3d(result.lse.download(self)?),
@@ -152,7 +210,8 @@ impl GpuContext {
     }
 
     /// Runs `backend` on a validated `problem` into caller-owned `out` (contiguous
-    /// `[B, Hq, L, Ev]`) and `lse` (contiguous f32 `[B, Hq, L, 1]`), without waiting.
+    /// `[B, Hq, L, Ev]`) and `lse` (contiguous f32 `[B, Hq, L, 1]`), with ALiBi `alibi` when
+    /// given, without waiting.
     /// Every argument is checked against the problem and its buffer before the launch.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
@@ -163,6 +222,7 @@ impl GpuContext {
         k: &DeviceTensor,
         v: &DeviceTensor,
         mask: Option<&DeviceMask>,
+        alibi: Option<&DeviceSlopes>,
         out: &DeviceTensor,
         lse: &DeviceTensor,
     ) -> Result<()> {
@@ -188,6 +248,7 @@ impl GpuContext {
             out,
             lse,
             seqlens: None,
+            alibi,
         };
         let params = FwdParams::build(self, problem, &ops)?;
         if self.poison_outputs() {
@@ -238,6 +299,7 @@ impl GpuContext {
             out: &out,
             lse: &lse,
             seqlens: Some(varlen),
+            alibi: None,
         };
         let params = FwdParams::build(self, &problem, &ops)?;
         if self.poison_outputs() {
@@ -297,7 +359,7 @@ impl GpuContext {
     }
 
     fn launch_fused(&self, problem: &Problem, params: &FwdParams) -> Result<()> {
-        let spec = fused_spec(self, problem)?;
+        let spec = fused_spec_with(self, problem, params.alibi != 0)?;
         let geometry = spec
             .geometry(self.config())
             .expect("fused kernels have a geometry");

@@ -60,13 +60,15 @@ mod tensor;
 pub mod tiles;
 
 pub use bwd::{
-    math_backward_scratch, round_into, select_backward, tc_backward_spec, DeviceGradients,
-    HostGradients,
+    math_backward_scratch, round_into, select_backward, tc_backward_spec, tc_backward_spec_with,
+    DeviceGradients, HostGradients,
 };
 pub use context::{compile, driver_available, Compiled, GpuContext, Kernel};
 pub use decode::{choose_splits, tile_rows, DecodeParams, DeviceKvCache, KvAttention, MAX_SPLITS};
 pub use error::{CudaError, Result};
-pub use fwd::{fused_spec, Attention, HostOutput};
+pub use fwd::{fused_spec, fused_spec_with, Attention, HostOutput};
 pub use params::Varlen;
-pub use tensor::{lse_to_3d, DeviceElement, DeviceMask, DeviceSeqlens, DeviceTensor, HostMask};
+pub use tensor::{
+    lse_to_3d, DeviceElement, DeviceMask, DeviceSeqlens, DeviceSlopes, DeviceTensor, HostMask,
+};
 pub use tiles::KernelConfig;

@@ -7,7 +7,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
-use crate::tensor::{DeviceMask, DeviceSeqlens, DeviceTensor};
+use crate::tensor::{DeviceMask, DeviceSeqlens, DeviceSlopes, DeviceTensor};
 use cudarc::driver::DeviceRepr;
 use sdpa_core::{Causal, DType, MaskKind, Problem};
 
@@ -103,6 +103,11 @@ pub struct FwdParams {
     pub dropout: i32,
     pub varlen: SeqlenCode,
     pub vec_ok: i32,
+    pub alibi: u64,
+    pub alibi_stride_b: i64,
+    pub softcap: f64,
+    pub window_left: i32,
+    pub window_right: i32,
 }
 
 // SAFETY: `FwdParams` is `#[repr(C)]`, made only of integers, floats and `#[repr(i32)]`
@@ -182,6 +187,8 @@ pub struct Operands<'a> {
     pub lse: &'a DeviceTensor,
     /// Variable-length sequences; `None` for a dense batch.
     pub seqlens: Option<Varlen<'a>>,
+    /// ALiBi slopes (`[Hq]` or `[B, Hq]`), added after the softcap.
+    pub alibi: Option<&'a DeviceSlopes>,
 }
 
 /// 16-byte loads are valid when every base address is 16-byte aligned and every
@@ -197,6 +204,16 @@ fn vec_ok(dtype: DType, tensors: &[(&DeviceTensor, u64)]) -> bool {
 fn strides3(t: &DeviceTensor) -> [i64; 3] {
     let s = t.layout().strides;
     [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+/// A window side as the kernels read it: -1 (unbounded) or a key count, clamped to
+/// `i32::MAX` (no sequence the kernels index is longer).
+fn window_side(n: i64) -> i32 {
+    if n < 0 {
+        -1
+    } else {
+        n.min(i32::MAX as i64) as i32
+    }
 }
 
 impl FwdParams {
@@ -239,6 +256,9 @@ impl FwdParams {
             mask_stride_h: mask_strides[1] as i64,
             mask_stride_l: mask_strides[2] as i64,
             mask_stride_s: mask_strides[3] as i64,
+            softcap: problem.softcap.unwrap_or(0.0),
+            window_left: window_side(problem.window.left),
+            window_right: window_side(problem.window.right),
             ..Default::default()
         }
     }
@@ -298,6 +318,11 @@ impl FwdParams {
                 MaskKind::Additive(dt) => dt.size_bytes(),
             };
             p.mask = m.check(gpu, size)?;
+        }
+        if let Some(slopes) = ops.alibi {
+            let (address, stride_b) = slopes.for_call(gpu, problem.batch, problem.heads_q)?;
+            p.alibi = address;
+            p.alibi_stride_b = stride_b as i64;
         }
         p.vec_ok = vec_ok(problem.dtype, &[(ops.q, p.q), (ops.k, p.k), (ops.v, p.v)]) as i32;
         Ok(p)
@@ -421,18 +446,21 @@ mod tests {
         let bwd = rust_fields("BwdParams");
         assert_eq!(bwd[0], "fwd");
         assert_eq!(bwd[1..], cuh_fields("BwdParams : FwdParams {")[..]);
-        assert_eq!(std::mem::size_of::<FwdParams>(), 336);
-        assert_eq!(std::mem::size_of::<BwdParams>(), 528);
+        assert_eq!(std::mem::size_of::<FwdParams>(), 368);
+        assert_eq!(std::mem::size_of::<BwdParams>(), 560);
         let cuh = include_str!("../../../kernels/common/params.cuh");
-        assert!(cuh.contains("sizeof(FwdParams) == 336"));
-        assert!(cuh.contains("sizeof(BwdParams) == 528"));
+        assert!(cuh.contains("sizeof(FwdParams) == 368"));
+        assert!(cuh.contains("sizeof(BwdParams) == 560"));
         assert_eq!(std::mem::offset_of!(FwdParams, dropout_threshold), 256);
         assert_eq!(std::mem::offset_of!(FwdParams, scale), 264);
         assert_eq!(std::mem::offset_of!(FwdParams, batch), 280);
         assert_eq!(std::mem::offset_of!(FwdParams, scale_log2), 312);
         assert_eq!(std::mem::offset_of!(FwdParams, vec_ok), 332);
-        assert_eq!(std::mem::offset_of!(BwdParams, dout), 336);
-        assert_eq!(std::mem::offset_of!(BwdParams, dq_split_stride), 520);
+        assert_eq!(std::mem::offset_of!(FwdParams, alibi), 336);
+        assert_eq!(std::mem::offset_of!(FwdParams, softcap), 352);
+        assert_eq!(std::mem::offset_of!(FwdParams, window_right), 364);
+        assert_eq!(std::mem::offset_of!(BwdParams, dout), 368);
+        assert_eq!(std::mem::offset_of!(BwdParams, dq_split_stride), 552);
         // The codes, value for value.
         for line in [
             "enum CausalCode : int { CAUSAL_NONE = 0, CAUSAL_TOP_LEFT = 1, CAUSAL_BOTTOM_RIGHT = 2 };",
@@ -508,6 +536,18 @@ mod tests {
         let problem = Problem::new(&q, &q, &q, None, &everything_dropped).unwrap();
         let p = FwdParams::from_problem(&problem);
         assert_eq!((p.dropout_threshold, p.keep_scale), (1 << 32, 0.0));
+        // No window: both sides unbounded (-1, not the Default 0, a window of one key).
+        assert_eq!((p.window_left, p.window_right, p.softcap), (-1, -1, 0.0));
+        let windowed = SdpaOptions {
+            window: sdpa_core::Window { left: 3, right: 0 },
+            softcap: Some(30.0),
+            ..Default::default()
+        };
+        let problem = Problem::new(&q, &q, &q, None, &windowed).unwrap();
+        let p = FwdParams::from_problem(&problem);
+        assert_eq!((p.window_left, p.window_right, p.softcap), (3, 0, 30.0));
+        assert_eq!((p.alibi, p.alibi_stride_b), (0, 0));
+        assert_eq!(window_side(i64::MAX), i32::MAX);
         assert_eq!(
             (p.mask_kind, p.causal, p.group),
             (MaskCode::None, CausalCode::None, 1)

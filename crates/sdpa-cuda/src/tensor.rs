@@ -540,3 +540,65 @@ mod tests {
         assert!(extent("view", &[usize::MAX, 1, 1, 2], &[1, 0, 0, 1]).is_err());
     }
 }
+
+/// ALiBi slopes on the device (DESIGN.md "Inference"): f32 `[Hq]` (every batch row) or
+/// `[B, Hq]`, checked when uploaded (shape, every slope finite) by
+/// `sdpa_core::check_alibi_slopes`, the one check of every backend's slopes. A call
+/// refuses slopes uploaded for another `B` or `Hq`.
+#[derive(Debug, Clone)]
+pub struct DeviceSlopes {
+    pub(crate) buffer: Arc<Buffer>,
+    batch: usize,
+    heads_q: usize,
+    stride_b: usize,
+}
+
+impl DeviceSlopes {
+    /// Uploads `slopes` for calls of `batch` batch rows and `heads_q` query heads.
+    ///
+    /// # Errors
+    /// `alibi_slopes` of a shape other than `[heads_q]` or `[batch, heads_q]`, a slope
+    /// that is not finite, a failed upload.
+    pub fn upload(
+        gpu: &GpuContext,
+        slopes: ArrayViewD<'_, f32>,
+        batch: usize,
+        heads_q: usize,
+    ) -> Result<Self> {
+        let stride_b =
+            sdpa_core::check_alibi_slopes(slopes.shape(), slopes.iter(), batch, heads_q)?;
+        let data: Vec<f32> = slopes.iter().copied().collect();
+        Ok(DeviceSlopes {
+            buffer: Buffer::upload(gpu, as_bytes(&data), "alibi_slopes")?,
+            batch,
+            heads_q,
+            stride_b,
+        })
+    }
+
+    /// The slopes' device address and batch stride (elements: 0 for `[Hq]`) for a call
+    /// of `batch` rows and `heads_q` query heads (`[Hq]` slopes fit any batch).
+    ///
+    /// # Errors
+    /// Slopes uploaded for another batch or head count, naming `alibi_slopes`.
+    pub(crate) fn for_call(
+        &self,
+        gpu: &GpuContext,
+        batch: usize,
+        heads_q: usize,
+    ) -> Result<(u64, usize)> {
+        // [Hq] slopes serve any batch; [B, Hq] only their own.
+        let fits = self.heads_q == heads_q && (self.stride_b == 0 || self.batch == batch);
+        if !fits {
+            return Err(CudaError::bad_layout(
+                "alibi_slopes",
+                format!("slopes for B = {batch}, Hq = {heads_q}"),
+                format!(
+                    "slopes uploaded for B = {}, Hq = {}",
+                    self.batch, self.heads_q
+                ),
+            ));
+        }
+        Ok((self.buffer.address(gpu), self.stride_b))
+    }
+}

@@ -13,7 +13,7 @@ use sdpa_core::{Backend, BackendSet, Causal, DType, Dropout, SdpaOptions};
 use sdpa_cuda::{CudaError, DeviceSeqlens, DeviceTensor, GpuContext, HostMask, Varlen};
 use sdpa_harness::compare::compare_with;
 use sdpa_harness::elem::Elem;
-use sdpa_harness::gpu::{self, gpu, gpu_case, random, GpuCase, GpuElem};
+use sdpa_harness::gpu::{self, gpu, gpu_case, gpu_case_mods, random, GpuCase, GpuElem};
 use sdpa_harness::strategies::{MaskSpec, ProblemSpec, SplitMix64};
 use sdpa_harness::tolerance::{self, Tolerance};
 use sdpa_harness::with_dtype;
@@ -36,12 +36,14 @@ fn check_case<T: GpuElem>(
         _ => None,
     };
     let options = &case.problem.options;
+    let slopes = case.alibi_slopes();
     let got = gpu
-        .sdpa_host(
+        .sdpa_host_with_alibi(
             x.q.view(),
             x.k.view(),
             x.v.view(),
             host_mask.as_ref(),
+            slopes.as_ref().map(|s| s.view()),
             options,
             backends,
         )
@@ -59,8 +61,18 @@ fn check_case<T: GpuElem>(
         (_, Some(a)) => Some(sdpa_ref::Mask::Additive(a.view())),
         _ => None,
     };
-    let truth = sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), ref_mask, options)
-        .map_err(|e| format!("reference failed: {e}"))?;
+    let truth = match &slopes {
+        None => sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), ref_mask, options),
+        Some(a) => sdpa_ref::sdpa_with_alibi::<f64>(
+            q64.view(),
+            k64.view(),
+            v64.view(),
+            ref_mask,
+            a.view(),
+            options,
+        ),
+    }
+    .map_err(|e| format!("reference failed: {e}"))?;
     let out = got.out.mapv(T::wide);
     let dtype = <T as sdpa_cuda::DeviceElement>::DTYPE;
     let out_tol = if case.logit_shift != 0.0 && matches!(dtype, DType::F32 | DType::F64) {
@@ -152,6 +164,34 @@ fn flash_matches_reference() {
         gpu_case(vec![DType::F16, DType::BF16], false, true),
         BackendSet::only(Backend::Flash),
         Backend::Flash,
+    );
+}
+
+/// Window, softcap and ALiBi (DESIGN.md "Inference") on flash: the Hopper kernel takes
+/// all three at run time, the mma.sync kernel's extras variant softcap and ALiBi.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn flash_with_window_softcap_alibi_matches_reference() {
+    property(
+        gpu_case_mods(vec![DType::F16, DType::BF16], false, true),
+        BackendSet::only(Backend::Flash),
+        Backend::Flash,
+    );
+}
+
+/// The same options on efficient (masks and dropout too) and math, every dtype each takes.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn efficient_and_math_with_window_softcap_alibi_match_reference() {
+    property(
+        gpu_case_mods(vec![DType::F32, DType::F16, DType::BF16], true, false),
+        BackendSet::only(Backend::Efficient),
+        Backend::Efficient,
+    );
+    property(
+        gpu_case_mods(DType::ALL.to_vec(), true, false),
+        BackendSet::only(Backend::Math),
+        Backend::Math,
     );
 }
 
@@ -536,6 +576,19 @@ fn bad_inputs_are_errors_before_any_launch() {
         ),
         "{err}"
     );
+    // ALiBi slopes: the shape [Hq] or [B, Hq], finite, and uploaded for this call's B, Hq.
+    let bad_shape = ndarray::Array1::from_elem(3, 0.5f32).into_dyn();
+    let err = sdpa_cuda::DeviceSlopes::upload(gpu, bad_shape.view(), 1, 2).unwrap_err();
+    assert!(err.to_string().contains("alibi_slopes"), "{err}");
+    let nan = ndarray::Array1::from_vec(vec![0.5f32, f32::NAN]).into_dyn();
+    let err = sdpa_cuda::DeviceSlopes::upload(gpu, nan.view(), 1, 2).unwrap_err();
+    assert!(err.to_string().contains("alibi_slopes"), "{err}");
+    let four = ndarray::Array1::from_elem(4, 0.5f32).into_dyn();
+    let other = sdpa_cuda::DeviceSlopes::upload(gpu, four.view(), 1, 4).unwrap();
+    let err = gpu
+        .sdpa_with_alibi(&t, &t, &t, None, Some(&other), &o, BackendSet::ALL)
+        .unwrap_err();
+    assert!(err.to_string().contains("alibi_slopes"), "{err}");
     // Negative strides are refused; a view past the buffer too.
     let neg = sdpa_core::Layout {
         shape: [1, 2, 8, 16],
@@ -683,6 +736,27 @@ fn sanitize_small_set() {
     )
     .unwrap();
     varlen_case(Backend::Flash, &[3, 40], &[17, 9], Causal::None, 0.2, false);
+    // Window, softcap and ALiBi: the Hopper kernel (run-time switches), the mma.sync and
+    // scalar kernels' extras variants, math.
+    let with_mods = |mut c: GpuCase| {
+        c.problem.options.window = sdpa_core::Window { left: 9, right: 4 };
+        c.problem.options.softcap = Some(3.0);
+        c.alibi = true;
+        c
+    };
+    for (dtype, mask_kind, e, backend) in [
+        (DType::F16, 0, 64, Backend::Flash),
+        (DType::BF16, 2, 40, Backend::Efficient),
+        (DType::F32, 1, 33, Backend::Efficient),
+        (DType::F32, 2, 24, Backend::Math),
+    ] {
+        check_any(
+            &with_mods(case(dtype, mask_kind, e, e, Causal::None, 0.0)),
+            BackendSet::only(backend),
+            backend,
+        )
+        .unwrap();
+    }
 }
 
 /// A moving result is a race: the same call twenty times must give the same bits. Sized

@@ -36,7 +36,8 @@ use sdpa_harness::strategies::SplitMix64;
 use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
 use sdpa_ref::bwd::Gradients;
 
-/// The reference backward (`sdpa_ref::bwd`), its error as text.
+/// The reference backward (`sdpa_ref::bwd`, with ALiBi `alibi` when given), its error as
+/// text.
 #[allow(clippy::too_many_arguments)]
 fn reference_backward<T: GpuElem>(
     q: ArrayView4<'_, T>,
@@ -46,9 +47,16 @@ fn reference_backward<T: GpuElem>(
     lse: ArrayView3<'_, f32>,
     dout: ArrayView4<'_, T>,
     mask: Option<sdpa_ref::Mask<'_, T>>,
+    alibi: Option<ndarray::ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
 ) -> Result<Gradients<T>, String> {
-    sdpa_ref::bwd::sdpa_backward(q, k, v, out, lse, dout, mask, options).map_err(|e| e.to_string())
+    match alibi {
+        None => sdpa_ref::bwd::sdpa_backward(q, k, v, out, lse, dout, mask, options),
+        Some(a) => {
+            sdpa_ref::bwd::sdpa_backward_with_alibi(q, k, v, out, lse, dout, mask, a, options)
+        }
+    }
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +82,13 @@ struct Case {
     /// A query row whose every key is masked out (the mask must have the L axis).
     fully_masked_row: Option<usize>,
     options: SdpaOptions,
+    /// ALiBi slopes [Hq] ([`slopes`]) added after the softcap.
+    alibi: bool,
+}
+
+/// ALiBi's geometric slopes for `heads` query heads (2^(-8 (h + 1) / heads)).
+fn slopes(heads: usize) -> ndarray::Array1<f32> {
+    ndarray::Array1::from_shape_fn(heads, |h| 2f32.powf(-8.0 * (h as f32 + 1.0) / heads as f32))
 }
 
 fn cases() -> Vec<Case> {
@@ -88,6 +103,7 @@ fn cases() -> Vec<Case> {
         head_dim_v: 24,
         mask: TestMask::None,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions::default(),
     };
     let causal = |c| SdpaOptions {
@@ -321,8 +337,23 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<
         _ => None,
     };
     let options = &case.options;
+    let alibi = case
+        .alibi
+        .then(|| slopes(case.heads_kv * case.group).into_dyn());
+    let alibi_view = || alibi.as_ref().map(|a| a.view());
     // The forward every backward below reads: the f64 reference's, out rounded to T.
-    let fwd = match sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), mask64(), options) {
+    let fwd = match alibi_view() {
+        None => sdpa_ref::sdpa::<f64>(q64.view(), k64.view(), v64.view(), mask64(), options),
+        Some(a) => sdpa_ref::sdpa_with_alibi::<f64>(
+            q64.view(),
+            k64.view(),
+            v64.view(),
+            mask64(),
+            a,
+            options,
+        ),
+    };
+    let fwd = match fwd {
         Ok(f) => f,
         Err(e) => return vec![Err(format!("reference forward failed: {e}"))],
     };
@@ -337,6 +368,7 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<
         lse.view(),
         dout64.view(),
         mask64(),
+        alibi_view(),
         options,
     );
     let peer = reference_backward::<T>(
@@ -347,6 +379,7 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<
         lse.view(),
         x.dout.view(),
         mask_t(),
+        alibi_view(),
         options,
     );
     let (truth, peer) = match (truth, peer) {
@@ -358,7 +391,7 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<
         (_, Some(m)) => Some(HostMask::Additive(m.view())),
         _ => None,
     };
-    let got = match gpu().sdpa_backward_host(
+    let got = match gpu().sdpa_backward_host_with_alibi(
         x.q.view(),
         x.k.view(),
         x.v.view(),
@@ -366,6 +399,7 @@ fn run_case<T: GpuElem>(case: &Case, seed: u64, backend: Backend) -> Vec<Result<
         lse.view(),
         x.dout.view(),
         host_mask.as_ref(),
+        alibi_view(),
         options,
         BackendSet::only(backend),
     ) {
@@ -473,6 +507,7 @@ fn long_cases() -> Vec<Case> {
         head_dim_v: 64,
         mask: TestMask::None,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions {
             enable_gqa: true,
             ..Default::default()
@@ -534,11 +569,117 @@ fn long_cases() -> Vec<Case> {
     ]
 }
 
+/// Sliding window, softcap and ALiBi (DESIGN.md "Inference"), alone and with causal,
+/// masks and dropout: key blocks outside a window skipped at both ends, rows with no
+/// key, dS times 1 - tanh^2, dmask without that factor.
+fn mods_cases() -> Vec<Case> {
+    let window = |left, right| sdpa_core::Window { left, right };
+    let base = Case {
+        name: "",
+        batch: 2,
+        heads_kv: 2,
+        group: 2,
+        len_q: 200,
+        len_kv: 260,
+        head_dim: 64,
+        head_dim_v: 64,
+        mask: TestMask::None,
+        fully_masked_row: None,
+        options: SdpaOptions {
+            enable_gqa: true,
+            ..Default::default()
+        },
+        alibi: false,
+    };
+    vec![
+        Case {
+            name: "window (20, 5) L=200 S=260 GQA 2",
+            options: SdpaOptions {
+                window: window(20, 5),
+                ..base.options
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "softcap 5 + ALiBi + causal bottom-right L=150 S=300 E=128",
+            len_q: 150,
+            len_kv: 300,
+            head_dim: 128,
+            head_dim_v: 128,
+            options: SdpaOptions {
+                softcap: Some(5.0),
+                causal: Causal::BottomRight,
+                ..base.options
+            },
+            alibi: true,
+            ..base.clone()
+        },
+        Case {
+            name: "window (0, 0) + causal top-left + softcap 1, L=S=130, MQA 1x4",
+            heads_kv: 1,
+            group: 4,
+            len_q: 130,
+            len_kv: 130,
+            options: SdpaOptions {
+                window: window(0, 0),
+                causal: Causal::TopLeft,
+                softcap: Some(1.0),
+                ..base.options
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "window (-1, 3) L=300 S=100 (rows with no key) E=32",
+            group: 1,
+            len_q: 300,
+            len_kv: 100,
+            head_dim: 32,
+            head_dim_v: 32,
+            options: SdpaOptions {
+                window: window(-1, 3),
+                ..Default::default()
+            },
+            ..base.clone()
+        },
+        Case {
+            name: "softcap 2 + ALiBi + additive [L, S] + window (40, -1) + dropout 0.2, E=40 Ev=24",
+            len_q: 70,
+            len_kv: 90,
+            head_dim: 40,
+            head_dim_v: 24,
+            mask: TestMask::Additive(vec![70, 90]),
+            options: SdpaOptions {
+                softcap: Some(2.0),
+                window: window(40, -1),
+                dropout: Dropout::new(0.2, 99, 3),
+                ..base.options
+            },
+            alibi: true,
+            ..base.clone()
+        },
+        Case {
+            name: "ALiBi + bool key padding [B, 1, 1, S] + window (16, 16), E=48",
+            len_q: 90,
+            len_kv: 110,
+            head_dim: 48,
+            head_dim_v: 48,
+            mask: TestMask::Bool(vec![2, 1, 1, 110]),
+            options: SdpaOptions {
+                window: window(16, 16),
+                ..base.options
+            },
+            alibi: true,
+            ..base
+        },
+    ]
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn math_backward_matches_the_reference_in_every_dtype() {
     let mut all = cases();
     all.extend(long_cases());
+    all.extend(mods_cases());
     backend_matches_the_reference(
         Backend::Math,
         &[DType::F64, DType::F32, DType::F16, DType::BF16],
@@ -551,6 +692,7 @@ fn math_backward_matches_the_reference_in_every_dtype() {
 fn efficient_backward_matches_the_reference_in_every_dtype() {
     let mut all = cases();
     all.extend(long_cases());
+    all.extend(mods_cases());
     backend_matches_the_reference(
         Backend::Efficient,
         &[DType::F32, DType::F16, DType::BF16],
@@ -572,6 +714,7 @@ fn flash_cases(all: Vec<Case>) -> Vec<Case> {
 fn flash_backward_matches_the_reference() {
     let mut all = cases();
     all.extend(long_cases());
+    all.extend(mods_cases());
     let flash = flash_cases(all);
     assert!(flash.len() >= 2, "{} flash cases", flash.len());
     // And flash's own: dropout, GQA, L != S both ways, head dims 32, 96, 128.
@@ -586,6 +729,7 @@ fn flash_backward_matches_the_reference() {
         head_dim_v: head_dim,
         mask: TestMask::None,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions {
             enable_gqa: group > 1,
             causal,
@@ -738,6 +882,7 @@ fn flash_backward_is_bitwise_repeatable_in_deterministic_mode() {
         head_dim_v: 64,
         mask: TestMask::None,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions {
             enable_gqa: true,
             causal: Causal::BottomRight,
@@ -858,15 +1003,31 @@ fn hopper_backward_takes_every_option_on_sm90() {
         dropout: Dropout::new(0.1, 1, 0),
         ..Default::default()
     };
+    // The window runs on the plain variant; softcap and ALiBi take the extras one.
+    let window = SdpaOptions {
+        window: sdpa_core::Window { left: 64, right: 0 },
+        ..Default::default()
+    };
+    let softcap = SdpaOptions {
+        softcap: Some(30.0),
+        ..Default::default()
+    };
     let wgmma = gpu.arch() == 90;
     let kind = |dim, options: &SdpaOptions| tc_backward_spec(gpu, &problem(dim, options)).unwrap();
     for dim in [40, 64, 96, 128] {
-        for (options, extras) in [(&plain, false), (&dropout, true)] {
+        for (options, extras) in [
+            (&plain, false),
+            (&dropout, true),
+            (&window, false),
+            (&softcap, true),
+        ] {
             let spec = kind(dim, options);
             assert_eq!(spec.kind == Kind::BwdWgmma, wgmma, "E={dim}: {spec:?}");
             assert_eq!(spec.head_dim, if dim <= 64 { 64 } else { 128 });
             assert_eq!(spec.extras, extras, "E={dim}: {spec:?}");
         }
+        let alibi = sdpa_cuda::tc_backward_spec_with(gpu, &problem(dim, &plain), true).unwrap();
+        assert!(alibi.extras, "E={dim}: {alibi:?}");
     }
     // Head dims the Hopper kernel has no class for stay on mma.sync.
     assert_eq!(kind(32, &plain).kind, Kind::BwdTc);
@@ -931,6 +1092,7 @@ fn sanitize_backward_small() {
             head_dim_v: 48,
             mask: TestMask::Additive(vec![40, 70]),
             fully_masked_row: None,
+            alibi: false,
             options: SdpaOptions {
                 enable_gqa: true,
                 causal: Causal::BottomRight,
@@ -949,6 +1111,7 @@ fn sanitize_backward_small() {
             head_dim_v: 136,
             mask: TestMask::Bool(vec![2, 1, 1, 36]),
             fully_masked_row: None,
+            alibi: false,
             options: SdpaOptions::default(),
         },
     ];
@@ -967,6 +1130,7 @@ fn sanitize_backward_small() {
         head_dim_v: 64,
         mask: TestMask::None,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions {
             enable_gqa: true,
             causal: Causal::TopLeft,
@@ -987,7 +1151,35 @@ fn sanitize_backward_small() {
         },
         ..flash[0].clone()
     });
+    // Window both sides, softcap and ALiBi: the extras variant (Hopper on sm_90).
+    flash.push(Case {
+        name: "sanitize flash: L=150 S=200 E=64 GQA 2 window (30, 10) + softcap 4 + ALiBi",
+        alibi: true,
+        options: SdpaOptions {
+            enable_gqa: true,
+            window: sdpa_core::Window {
+                left: 30,
+                right: 10,
+            },
+            softcap: Some(4.0),
+            ..Default::default()
+        },
+        ..flash[0].clone()
+    });
     backend_matches_the_reference(Backend::Flash, &[DType::BF16], &flash);
+    let mods = vec![Case {
+        name: "sanitize: L=40 S=70 E=64 window (12, 3) + softcap 2 + ALiBi + additive [L, S]",
+        alibi: true,
+        options: SdpaOptions {
+            enable_gqa: true,
+            window: sdpa_core::Window { left: 12, right: 3 },
+            softcap: Some(2.0),
+            ..Default::default()
+        },
+        ..cases[0].clone()
+    }];
+    backend_matches_the_reference(Backend::Efficient, &[DType::F16], &mods);
+    backend_matches_the_reference(Backend::Math, &[DType::F32], &mods);
 }
 
 /// A random problem: shapes, GQA, causal alignment, mask kind and broadcast, dropout,
@@ -1038,6 +1230,7 @@ fn random_case(n: u64) -> Case {
         head_dim_v,
         mask,
         fully_masked_row: None,
+        alibi: false,
         options: SdpaOptions {
             causal,
             dropout,
@@ -1144,6 +1337,7 @@ fn varlen_backward_case<T: GpuElem>(
         fwd.lse.view(),
         wide(&dout).view(),
         mask(),
+        None,
         options,
     );
     let peer = reference_backward::<T>(
@@ -1154,6 +1348,7 @@ fn varlen_backward_case<T: GpuElem>(
         fwd.lse.view(),
         dout.view(),
         Some(sdpa_ref::Mask::Bool(key_pad.view())),
+        None,
         options,
     );
     let (truth, peer) = match (truth, peer) {

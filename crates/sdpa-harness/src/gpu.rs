@@ -150,6 +150,8 @@ pub struct GpuCase {
     /// `k[.., 0] = +-sqrt|shift|`): the softmax is unchanged, but exp of the raw scores
     /// overflows (or underflows) unless the kernel subtracts the row max. 0: none.
     pub logit_shift: f64,
+    /// ALiBi slopes ([`GpuCase::alibi_slopes`]) added after the softcap.
+    pub alibi: bool,
 }
 
 /// The inputs of a [`GpuCase`], rounded to `T`.
@@ -174,7 +176,17 @@ impl GpuCase {
             dtype,
             problem,
             logit_shift: 0.0,
+            alibi: false,
         }
+    }
+
+    /// ALiBi's geometric slopes `2^(-8 (h + 1) / Hq)`, `[Hq]`, when the case has ALiBi.
+    pub fn alibi_slopes(&self) -> Option<ndarray::ArrayD<f32>> {
+        let hq = self.problem.heads_kv * self.problem.group;
+        self.alibi.then(|| {
+            ndarray::Array1::from_shape_fn(hq, |h| 2f32.powf(-8.0 * (h as f32 + 1.0) / hq as f32))
+                .into_dyn()
+        })
     }
 
     /// The problem's inputs ([`ProblemSpec::inputs`]), shifted, rounded to `T`.
@@ -290,6 +302,31 @@ pub fn gpu_case(
                 )
             },
         )
+}
+
+/// [`gpu_case`] with a sliding window (each side unbounded, 0 or up to 80 keys), a
+/// softcap (none, or 0.5 to 30) and ALiBi slopes, each drawn independently: DESIGN.md's
+/// "Inference" options on every backend.
+pub fn gpu_case_mods(
+    dtypes: Vec<DType>,
+    masks: bool,
+    same_dims: bool,
+) -> impl Strategy<Value = GpuCase> {
+    use proptest::prelude::*;
+    let side = prop_oneof![Just(-1i64), Just(0i64), 1i64..80];
+    (
+        gpu_case(dtypes, masks, same_dims),
+        side.clone(),
+        side,
+        prop_oneof![Just(None), (0.5f64..30.0).prop_map(Some)],
+        any::<bool>(),
+    )
+        .prop_map(|(mut case, left, right, softcap, alibi)| {
+            case.problem.options.window = sdpa_core::Window { left, right };
+            case.problem.options.softcap = softcap;
+            case.alibi = alibi;
+            case
+        })
 }
 
 #[cfg(test)]

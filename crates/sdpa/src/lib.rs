@@ -45,8 +45,8 @@ pub use sdpa_core::{
     select, Backend, BackendSet, Causal, DType, Device, Dropout, Problem, SdpaError, SdpaOptions,
 };
 pub use sdpa_cuda::{
-    CudaError, DeviceElement, DeviceKvCache, DeviceMask, DeviceSeqlens, DeviceTensor, GpuContext,
-    KernelConfig, Varlen,
+    CudaError, DeviceElement, DeviceKvCache, DeviceMask, DeviceSeqlens, DeviceSlopes, DeviceTensor,
+    GpuContext, KernelConfig, Varlen,
 };
 pub use sdpa_ref::bwd::Gradients;
 pub use sdpa_ref::DropoutSpace;
@@ -193,6 +193,17 @@ pub enum Mask<'a, T> {
     Cuda(&'a DeviceMask),
 }
 
+/// ALiBi slopes (DESIGN.md "Inference": `-slope |i + S - L - j|` added to the scores after
+/// the softcap), f32 `[Hq]` or `[B, Hq]`, on the host or (uploaded and checked once) the
+/// device.
+#[derive(Debug, Clone)]
+pub enum Alibi<'a> {
+    /// Host slopes, checked by every call.
+    Host(ArrayViewD<'a, f32>),
+    /// Device slopes ([`DeviceSlopes::upload`] checked them).
+    Cuda(&'a DeviceSlopes),
+}
+
 /// A result tensor where the inputs were: host arrays in, host arrays out.
 #[derive(Debug, Clone)]
 pub enum Out<H> {
@@ -271,6 +282,24 @@ pub fn attention<T: Elem>(
     options: &SdpaOptions,
     exec: &Exec<'_>,
 ) -> Result<Attention<T>> {
+    attention_with_alibi(q, k, v, mask, None, options, exec)
+}
+
+/// [`attention`] with ALiBi slopes, on every backend of either device: host slopes with
+/// host arrays, device slopes with device tensors.
+///
+/// # Errors
+/// As [`attention`]; `alibi_slopes` of a shape other than `[Hq]` or `[B, Hq]`, with a
+/// slope that is not finite, or on the other device than q.
+pub fn attention_with_alibi<T: Elem>(
+    q: Tensor<'_, T>,
+    k: Tensor<'_, T>,
+    v: Tensor<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi: Option<Alibi<'_>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Attention<T>> {
     match (q, k, v) {
         (Tensor::Host(q), Tensor::Host(k), Tensor::Host(v)) => {
             let mask = match mask {
@@ -285,7 +314,18 @@ pub fn attention<T: Elem>(
                     ))
                 }
             };
-            host(q, k, v, mask, options, exec)
+            let alibi = match alibi {
+                None => None,
+                Some(Alibi::Host(a)) => Some(a),
+                Some(Alibi::Cuda(_)) => {
+                    return Err(placement(
+                        "alibi_slopes",
+                        "host slopes (q, k, v are host arrays)",
+                        "device slopes",
+                    ))
+                }
+            };
+            host(q, k, v, mask, alibi, options, exec)
         }
         (Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v)) => {
             let On::Cuda(gpu) = exec.device else {
@@ -311,7 +351,18 @@ pub fn attention<T: Elem>(
                     ))
                 }
             };
-            let r = gpu.sdpa(q, k, v, mask, options, exec.backends)?;
+            let alibi = match alibi {
+                None => None,
+                Some(Alibi::Cuda(a)) => Some(a),
+                Some(Alibi::Host(_)) => {
+                    return Err(placement(
+                        "alibi_slopes",
+                        "device slopes (q, k, v are device tensors)",
+                        "host slopes",
+                    ))
+                }
+            };
+            let r = gpu.sdpa_with_alibi(q, k, v, mask, alibi, options, exec.backends)?;
             Ok(Attention {
                 out: Out::Cuda(r.out),
                 lse: Out::Cuda(r.lse),
@@ -331,6 +382,7 @@ fn host<T: Elem>(
     k: ArrayView4<'_, T>,
     v: ArrayView4<'_, T>,
     mask: Option<sdpa_ref::Mask<'_, T>>,
+    alibi: Option<ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
     exec: &Exec<'_>,
 ) -> Result<Attention<T>> {
@@ -339,7 +391,10 @@ fn host<T: Elem>(
             let problem = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), options)?;
             let backend = exec.select(&problem)?;
             check_host_memory::<T>(&problem)?;
-            let r = sdpa_ref::sdpa(q, k, v, mask, options)?;
+            let r = match alibi {
+                None => sdpa_ref::sdpa(q, k, v, mask, options)?,
+                Some(a) => sdpa_ref::sdpa_with_alibi(q, k, v, mask, a, options)?,
+            };
             Ok(Attention {
                 out: Out::Host(r.out),
                 lse: Out::Host(r.lse),
@@ -351,7 +406,8 @@ fn host<T: Elem>(
                 sdpa_ref::Mask::Bool(b) => sdpa_cuda::HostMask::Bool(b),
                 sdpa_ref::Mask::Additive(a) => sdpa_cuda::HostMask::Additive(a),
             });
-            let r = gpu.sdpa_host(q, k, v, mask.as_ref(), options, exec.backends)?;
+            let r =
+                gpu.sdpa_host_with_alibi(q, k, v, mask.as_ref(), alibi, options, exec.backends)?;
             Ok(Attention {
                 out: Out::Host(r.out),
                 lse: Out::Host(r.lse),
@@ -684,10 +740,10 @@ fn host_kvcache_on_cuda<T: Elem>(
 /// with the forward's `options` (dropout replays its keep bits from the same seed and
 /// offset). Host arrays: on the CPU the reference ([`sdpa_ref::bwd::sdpa_backward`]),
 /// on CUDA (uploaded, results downloaded) [`sdpa_cuda::select_backward`]'s choice among
-/// `exec.backends`: the math backend's backward (cuBLAS, every dtype, the faster) where
-/// its `L x S` scratch fits in the device's free memory, else the efficient backend's
-/// fused backward (f32/f16/bf16, head dims up to 256, O(L) extra memory). Flash has no
-/// backward yet.
+/// `exec.backends`: flash's tensor-core backward (f16/bf16, head dims up to 128), the
+/// math backend's backward (cuBLAS, every dtype) where its `L x S` scratch fits in the
+/// device's free memory, else the efficient backend's fused backward (f32/f16/bf16, head
+/// dims up to 256, O(L) extra memory).
 ///
 /// # Errors
 /// As [`attention`]; `out`, `lse` or `grad_out` of a shape other than the problem's; a
@@ -705,9 +761,30 @@ pub fn attention_backward<T: Elem>(
     options: &SdpaOptions,
     exec: &Exec<'_>,
 ) -> Result<Gradients<T>> {
+    attention_backward_with_alibi(q, k, v, out, lse, dout, mask, None, options, exec)
+}
+
+/// [`attention_backward`] of a forward with ALiBi slopes (`[Hq]` or `[B, Hq]`, host):
+/// the slopes are constants of the call and get no gradient.
+///
+/// # Errors
+/// As [`attention_backward`], and bad `alibi_slopes` (named).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with_alibi<T: Elem>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, f32>,
+    dout: ArrayView4<'_, T>,
+    mask: Option<Mask<'_, T>>,
+    alibi: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+    exec: &Exec<'_>,
+) -> Result<Gradients<T>> {
     if let On::Cuda(gpu) = exec.device {
-        // On CUDA: GpuContext::sdpa_backward's dispatch (select_backward: math where its
-        // scratch fits, else the efficient backend's fused backward).
+        // On CUDA: GpuContext::sdpa_backward's dispatch (select_backward: flash's tensor
+        // cores, math where its scratch fits, else the efficient backend's fused backward).
         let mask = match mask {
             None => None,
             Some(Mask::Bool(m)) => Some(sdpa_cuda::HostMask::Bool(m)),
@@ -720,7 +797,7 @@ pub fn attention_backward<T: Elem>(
                 ))
             }
         };
-        let g = gpu.sdpa_backward_host(
+        let g = gpu.sdpa_backward_host_with_alibi(
             q,
             k,
             v,
@@ -728,6 +805,7 @@ pub fn attention_backward<T: Elem>(
             lse,
             dout,
             mask.as_ref(),
+            alibi,
             options,
             exec.backends,
         )?;
@@ -753,9 +831,12 @@ pub fn attention_backward<T: Elem>(
     let problem = sdpa_ref::problem(&q, &k, &v, mask.as_ref(), options)?;
     exec.select(&problem)?;
     check_host_memory::<T>(&problem)?;
-    Ok(sdpa_ref::bwd::sdpa_backward(
-        q, k, v, out, lse, dout, mask, options,
-    )?)
+    Ok(match alibi {
+        None => sdpa_ref::bwd::sdpa_backward(q, k, v, out, lse, dout, mask, options)?,
+        Some(a) => {
+            sdpa_ref::bwd::sdpa_backward_with_alibi(q, k, v, out, lse, dout, mask, a, options)?
+        }
+    })
 }
 
 #[cfg(test)]
@@ -786,6 +867,73 @@ mod tests {
         assert_eq!(r.backend, Backend::Math);
         assert_eq!(r.out.into_host().unwrap(), want.out);
         assert_eq!(r.lse.into_host().unwrap(), want.lse);
+    }
+
+    #[test]
+    fn cpu_alibi_call_is_the_reference_and_checks_its_slopes() {
+        let x = inputs();
+        let slopes = ndarray::arr1(&[0.5f32, 0.25]).into_dyn();
+        let opts = SdpaOptions {
+            softcap: Some(3.0),
+            window: sdpa_core::Window { left: 2, right: 1 },
+            ..Default::default()
+        };
+        let r = attention_with_alibi(
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            None,
+            Some(Alibi::Host(slopes.view())),
+            &opts,
+            &Exec::cpu(),
+        )
+        .unwrap();
+        let want =
+            sdpa_ref::sdpa_with_alibi(x.view(), x.view(), x.view(), None, slopes.view(), &opts)
+                .unwrap();
+        let plain = sdpa_ref::sdpa(x.view(), x.view(), x.view(), None, &opts).unwrap();
+        let out = r.out.into_host().unwrap();
+        assert_eq!(out, want.out);
+        assert_ne!(out, plain.out, "the slopes change the result");
+        let g = attention_backward_with_alibi(
+            x.view(),
+            x.view(),
+            x.view(),
+            want.out.view(),
+            want.lse.view(),
+            x.view(),
+            None,
+            Some(slopes.view()),
+            &opts,
+            &Exec::cpu(),
+        )
+        .unwrap();
+        let want_g = sdpa_ref::bwd::sdpa_backward_with_alibi(
+            x.view(),
+            x.view(),
+            x.view(),
+            want.out.view(),
+            want.lse.view(),
+            x.view(),
+            None,
+            slopes.view(),
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(g.dq, want_g.dq);
+        let three = ndarray::arr1(&[0.5f32, 0.25, 1.0]).into_dyn();
+        let e = attention_with_alibi(
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            Tensor::Host(x.view()),
+            None,
+            Some(Alibi::Host(three.view())),
+            &opts,
+            &Exec::cpu(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alibi_slopes"), "{e}");
     }
 
     #[test]
