@@ -7,8 +7,8 @@
 #                                      cases in golden/backward/)
 #   bash ci/golden.sh --out DIR        regenerate into DIR instead
 #   bash ci/golden.sh --check          regenerate into a scratch folder; fail if any byte
-#                                      differs from the committed golden/, golden/module/
-#                                      and golden/backward/
+#                                      differs from the committed golden/, golden/module/,
+#                                      golden/backward/ and golden/kvcache/
 #                                      (golden/cuda/ is produced on a GPU by
 #                                      ci/gpu_goldens.sh, golden/nested/ by
 #                                      ci/golden_nested.py: not checked here)
@@ -134,9 +134,9 @@ if [ "$check" = 1 ]; then
       say "golden/$name differs from what the generator writes now"; differ=1
     fi
   done < <( (cd "$committed" && find . -maxdepth 1 -type f -printf '%P\n'; \
-             { find module backward -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }; \
+             { find module backward kvcache -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }; \
              cd "$scratch" && find . -maxdepth 1 -type f -printf '%P\n'; \
-             { find module backward -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }) | sort -u)
+             { find module backward kvcache -maxdepth 1 -type f -printf '%p\n' 2>/dev/null || true; }) | sort -u)
   if [ "$differ" = 1 ]; then
     say "FAILED: golden/ is not what the generator produces; regenerate with bash ci/golden.sh and review the diff"
     exit 1
@@ -144,12 +144,13 @@ if [ "$check" = 1 ]; then
   count=$(find "$committed" -maxdepth 1 -name '*.safetensors' | wc -l)
   modules=$(find "$committed/module" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
   backwards=$(find "$committed/backward" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
-  say "golden/ reproduced byte for byte: $count case files + manifest.json, module/: $modules case files + manifest.json, backward/: $backwards case files + manifest.json ($((SECONDS - start)) s)"
+  kvs=$(find "$committed/kvcache" -maxdepth 1 -name '*.safetensors' 2>/dev/null | wc -l)
+  say "golden/ reproduced byte for byte: $count case files + manifest.json, module/: $modules case files + manifest.json, backward/: $backwards case files + manifest.json, kvcache/: $kvs case files ($((SECONDS - start)) s)"
 else
   if [ "$device" = cpu ]; then
-    mkdir -p "$out" "$out/module" "$out/backward"
+    mkdir -p "$out" "$out/module" "$out/backward" "$out/kvcache"
     # Stale cases of an earlier generator must not linger.
-    find "$out" "$out/module" "$out/backward" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
+    find "$out" "$out/module" "$out/backward" "$out/kvcache" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete
   else
     mkdir -p "$out/cuda"
     find "$out/cuda" -maxdepth 1 \( -name '*.safetensors' -o -name manifest.json \) -delete

@@ -302,3 +302,70 @@ fn golden_cases_pass_on_every_cuda_backend() {
         problems.join("\n")
     );
 }
+
+/// The KV-cache goldens (`golden/kvcache/`, libtorch over the gathered pages) through
+/// the CUDA decode kernels: `out` within 2x of libtorch's CPU error in the case dtype
+/// plus the dtype's floor, the lse within `judge::LSE` of `lse_f64`, the appended caches
+/// bit for bit equal to `k_cache_after` / `v_cache_after`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kvcache_goldens_pass_on_the_decode_kernels() {
+    use sdpa_harness::compare::{compare, compare_with};
+    use sdpa_harness::kvcase::{run_kvcache, KvCase};
+    use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
+    let gpu = sdpa_harness::gpu::gpu();
+    let exec = sdpa::Exec::cuda(gpu);
+    let dir = golden_dir().join("kvcache");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "{} KV-cache goldens", files.len());
+    let mut failures = Vec::new();
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let case = KvCase::read(path).unwrap_or_else(|e| panic!("{e}"));
+        let dtype = case.q.dtype().expect("floating-point q");
+        if dtype == DType::F64 {
+            // The decode kernels take f32, f16 and bf16; an f64 case is refused by name.
+            let e = run_kvcache(&case, &exec).unwrap_err().to_string();
+            assert!(e.contains("query") || e.contains("f64"), "{name}: {e}");
+            continue;
+        }
+        let truth = case.result("out_f64").unwrap().to_f64();
+        let peer = compare(case.result("out").unwrap().to_f64().view(), truth.view());
+        let bound = PEER_FACTOR * peer.max_abs + peer_floor(dtype);
+        let r = match run_kvcache(&case, &exec) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let ours = compare(r.out.to_f64().view(), truth.view());
+        let line = format!(
+            "{name} ({} splits): max|gpu - truth| {:.3e}, max|libtorch - truth| {:.3e}, bound {bound:.3e}",
+            r.splits, ours.max_abs, peer.max_abs
+        );
+        println!("{line}");
+        if ours.non_finite > 0 || !(ours.max_abs <= bound) {
+            failures.push(line);
+        }
+        let lse = compare_with(
+            r.lse.mapv(f64::from).view(),
+            case.result("lse_f64").unwrap().to_f64().view(),
+            Some(&judge::LSE),
+        );
+        if !lse.passes() {
+            failures.push(format!("{name}: lse {lse}"));
+        }
+        for (what, got) in [("k_cache_after", &r.k_cache), ("v_cache_after", &r.v_cache)] {
+            if got.as_ref() != case.result(what) {
+                failures.push(format!("{name}: {what} differs (or only one side has it)"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -298,6 +298,23 @@ impl Case {
     pub fn name(&self) -> Option<&str> {
         self.extra_metadata.get("name").map(String::as_str)
     }
+
+    /// The `alibi_slopes` tensor (f32 `[Hq]` or `[B, Hq]`, DESIGN.md "Case-file fields"),
+    /// if the file has one; its shape and values are the call's to check.
+    ///
+    /// # Errors
+    /// An `alibi_slopes` tensor that is not f32.
+    pub fn alibi_slopes(&self) -> Result<Option<ndarray::ArrayViewD<'_, f32>>> {
+        match self.results.get("alibi_slopes") {
+            None => Ok(None),
+            Some(Tensor::F32(a)) => Ok(Some(a.view())),
+            Some(other) => Err(HarnessError::case(
+                "tensor alibi_slopes",
+                "f32 [Hq] or [B, Hq]",
+                format!("{} {:?}", other.dtype_name(), other.shape()),
+            )),
+        }
+    }
 }
 
 /// The largest header a case file may declare, in bytes. safetensors allows 100 MB,

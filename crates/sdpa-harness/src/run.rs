@@ -70,11 +70,12 @@ fn typed<T: sdpa::Elem>(
     exec: &Exec<'_>,
     wrap: fn(ArrayD<T>) -> Tensor,
 ) -> Result<RunOutput> {
-    let r = sdpa::attention(
+    let r = sdpa::attention_with_alibi(
         sdpa::Tensor::Host(four_d("q", q.view())?),
         sdpa::Tensor::Host(four_d("k", k.view())?),
         sdpa::Tensor::Host(four_d("v", v.view())?),
         mask,
+        case.alibi_slopes()?.map(sdpa::Alibi::Host),
         &case.options,
         exec,
     )?;
@@ -159,7 +160,7 @@ fn typed_backward<T: sdpa::Elem>(
         .view()
         .into_dimensionality::<ndarray::Ix3>()
         .map_err(|_| HarnessError::case("lse", "3 dims", forward.lse.ndim()))?;
-    let g = sdpa::attention_backward(
+    let g = sdpa::attention_backward_with_alibi(
         four_d("q", q.view())?,
         four_d("k", k.view())?,
         four_d("v", v.view())?,
@@ -167,6 +168,7 @@ fn typed_backward<T: sdpa::Elem>(
         lse,
         four_d("dout", dout.view())?,
         mask,
+        case.alibi_slopes()?,
         &case.options,
         exec,
     )?;

@@ -69,3 +69,79 @@ fn a_file_written_by_python_replays() {
     // drops a third of them, dropout a quarter: no row is fully masked here.
     assert!(got.lse.iter().all(|x| x.is_finite()));
 }
+
+/// A plain case file's `alibi_slopes` (f32 `[Hq]` or `[B, Hq]`) reaches the call: the
+/// replay equals the reference's ALiBi forward and backward, through a file round trip;
+/// slopes of another dtype or shape are refused by name.
+#[test]
+fn alibi_slopes_in_a_plain_case_replay_forward_and_backward() {
+    use sdpa_core::Window;
+    let q = formula(&[1, 2, 6, 4], 0.5);
+    let k = formula(&[1, 2, 9, 4], 1.5);
+    let v = formula(&[1, 2, 9, 3], 2.5);
+    let options = SdpaOptions {
+        window: Window { left: 3, right: 1 },
+        softcap: Some(2.0),
+        ..Default::default()
+    };
+    let mut case = Case::new(
+        Tensor::F64(q.clone()),
+        Tensor::F64(k.clone()),
+        Tensor::F64(v.clone()),
+        None,
+        options,
+    );
+    let slopes = ndarray::arr1(&[0.5f32, 0.125]).into_dyn();
+    case.results
+        .insert("alibi_slopes".into(), Tensor::F32(slopes.clone()));
+    case.results
+        .insert("dout".into(), Tensor::F64(formula(&[1, 2, 6, 3], 3.5)));
+    let case = Case::from_bytes(&case.to_bytes().unwrap()).unwrap();
+    let got = run::run_reference(&case).unwrap();
+    let d4 = |a: &ArrayD<f64>| a.clone().into_dimensionality::<ndarray::Ix4>().unwrap();
+    let (q4, k4, v4) = (d4(&q), d4(&k), d4(&v));
+    let want = sdpa_ref::sdpa_with_alibi(
+        q4.view(),
+        k4.view(),
+        v4.view(),
+        None,
+        slopes.view(),
+        &options,
+    )
+    .unwrap();
+    assert_eq!(got.out.to_f64(), want.out.clone().into_dyn());
+    let plain = sdpa_ref::sdpa(q4.view(), k4.view(), v4.view(), None, &options).unwrap();
+    assert_ne!(
+        got.out.to_f64(),
+        plain.out.into_dyn(),
+        "the slopes must act"
+    );
+    let g = run::run_backward(&case, &sdpa::Exec::cpu()).unwrap();
+    let want_g = sdpa_ref::bwd::sdpa_backward_with_alibi(
+        q4.view(),
+        k4.view(),
+        v4.view(),
+        want.out.view(),
+        want.lse.view(),
+        d4(&formula(&[1, 2, 6, 3], 3.5)).view(),
+        None,
+        slopes.view(),
+        &options,
+    )
+    .unwrap();
+    assert_eq!(g.dq.to_f64(), want_g.dq.into_dyn());
+    let mut bad = case.clone();
+    bad.results.insert(
+        "alibi_slopes".into(),
+        Tensor::F64(ndarray::arr1(&[0.5, 0.125]).into_dyn()),
+    );
+    let e = run::run_reference(&bad).unwrap_err().to_string();
+    assert!(e.contains("alibi_slopes"), "{e}");
+    let mut bad = case;
+    bad.results.insert(
+        "alibi_slopes".into(),
+        Tensor::F32(ndarray::arr1(&[0.5f32, 0.125, 1.0]).into_dyn()),
+    );
+    let e = run::run_reference(&bad).unwrap_err().to_string();
+    assert!(e.contains("alibi_slopes"), "{e}");
+}

@@ -7,7 +7,8 @@
 //! log-sum-exp of the masked scaled scores (`lse_f64`), and writes one safetensors file
 //! per case plus `manifest.json`; [`module`] writes `golden/module/`, [`backward`]
 //! `golden/backward/` (libtorch's autograd: `dq`, `dk`, `dv`, `dmask` and their f64
-//! truth). Run it through `ci/golden.sh`, which pins what makes
+//! truth), [`kvcache`] `golden/kvcache/` (KV-cache cases: pages gathered, window and
+//! ALiBi as an explicit float mask, softcap as composed libtorch ops). Run it through `ci/golden.sh`, which pins what makes
 //! libtorch reproducible (one thread, MKL's CNR mode, one CPU code path).
 //!
 //! ```text
@@ -22,6 +23,7 @@ mod backward;
 mod cases;
 mod cuda;
 mod inputs;
+mod kvcache;
 mod manifest;
 mod module;
 mod torch;
@@ -125,7 +127,9 @@ fn run() -> Result<()> {
         }
     }
     let mut module_cases = module::all();
+    let mut kv_cases = kvcache::all();
     if let Some(only) = &args.only {
+        kv_cases.retain(|c| c.name.contains(only.as_str()));
         cases.retain(|c| c.name.contains(only.as_str()));
         backward_cases.retain(|c| c.name.contains(only.as_str()));
         module_cases.retain(|c| c.name.contains(only.as_str()));
@@ -139,6 +143,9 @@ fn run() -> Result<()> {
         }
         for c in &backward_cases {
             println!("backward/{}", c.name);
+        }
+        for c in &kv_cases {
+            println!("kvcache/{}", c.name);
         }
         return Ok(());
     }
@@ -196,6 +203,9 @@ fn run() -> Result<()> {
             &version,
             &git_version,
         )?;
+    }
+    if !kv_cases.is_empty() {
+        kvcache::generate(&kv_cases, &args.out.join("kvcache"), &version)?;
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ fn raw(name: &str, t: &Tensor) -> Result<Raw, String> {
         Kind::Half => (safetensors::Dtype::F16, 2),
         Kind::BFloat16 => (safetensors::Dtype::BF16, 2),
         Kind::Bool => (safetensors::Dtype::BOOL, 1),
+        Kind::Int => (safetensors::Dtype::I32, 4),
         other => return Err(format!("tensor {name}: no safetensors dtype for {other:?}")),
     };
     let t = t.to_device(tch::Device::Cpu).contiguous();
