@@ -85,7 +85,7 @@ enum Command {
     /// Times every backend on any problem (GQA, L != S, Ev != E, causal, dropout, masks,
     /// varlen on CUDA) or the default set: median of repeats after a warm-up, TFLOP/s on
     /// CUDA, GFLOP/s on the CPU.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Profiles the tutorial's CausalSelfAttention module: a per-op table (calls, total,
     /// mean, share) and optionally a Chrome trace.
     Profile {
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
             out,
             backward,
         } => eval(&case, backend, device, &out, backward),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Check { paths, device } => check(paths, device),
         Command::Profile {
             device,

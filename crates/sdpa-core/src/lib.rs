@@ -42,4 +42,7 @@ pub use dtype::{DType, Scalar};
 pub use error::{Result, SdpaError};
 pub use layout::{Layout, TensorDesc};
 pub use mask::{Causal, MaskDesc, MaskKind, Window};
-pub use problem::{check_alibi_slopes, shape_text, KvLayout, MaskPlan, Problem, SdpaOptions};
+pub use problem::{
+    check_alibi_slopes, geometric_alibi_slopes, shape_text, KvLayout, MaskPlan, Problem,
+    SdpaOptions,
+};

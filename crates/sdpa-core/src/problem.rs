@@ -74,6 +74,14 @@ impl SdpaOptions {
     }
 }
 
+/// ALiBi's geometric slopes for `heads_q` query heads, `2^(-8 (h + 1) / Hq)` (the ALiBi
+/// paper's for a power of two): what the tests, benchmarks and goldens use.
+pub fn geometric_alibi_slopes(heads_q: usize) -> Vec<f32> {
+    (0..heads_q)
+        .map(|h| 2f32.powf(-8.0 * (h as f32 + 1.0) / heads_q as f32))
+        .collect()
+}
+
 /// Checks ALiBi slopes (DESIGN.md, "Inference"): shape `[Hq]` or `[B, Hq]`, every slope
 /// finite. Returns the slopes' batch stride: 0 for `[Hq]`, `Hq` for `[B, Hq]`. The one
 /// check of every backend's slopes.

@@ -428,8 +428,7 @@ pub fn time_problem(
     let mask = upload_mask(gpu, bench, 0x6d61_736b)?;
     let slopes = if bench.alibi {
         let h = bench.heads_q;
-        let s =
-            ndarray::Array1::from_shape_fn(h, |i| 2f32.powf(-8.0 * (i as f32 + 1.0) / h as f32));
+        let s = ndarray::Array1::from_vec(sdpa_core::geometric_alibi_slopes(h));
         Some(crate::tensor::DeviceSlopes::upload(
             gpu,
             s.view().into_dyn(),

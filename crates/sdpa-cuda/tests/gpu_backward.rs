@@ -88,7 +88,7 @@ struct Case {
 
 /// ALiBi's geometric slopes for `heads` query heads (2^(-8 (h + 1) / heads)).
 fn slopes(heads: usize) -> ndarray::Array1<f32> {
-    ndarray::Array1::from_shape_fn(heads, |h| 2f32.powf(-8.0 * (h as f32 + 1.0) / heads as f32))
+    ndarray::Array1::from_vec(sdpa_core::geometric_alibi_slopes(heads))
 }
 
 fn cases() -> Vec<Case> {

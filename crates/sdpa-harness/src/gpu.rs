@@ -183,10 +183,8 @@ impl GpuCase {
     /// ALiBi's geometric slopes `2^(-8 (h + 1) / Hq)`, `[Hq]`, when the case has ALiBi.
     pub fn alibi_slopes(&self) -> Option<ndarray::ArrayD<f32>> {
         let hq = self.problem.heads_kv * self.problem.group;
-        self.alibi.then(|| {
-            ndarray::Array1::from_shape_fn(hq, |h| 2f32.powf(-8.0 * (h as f32 + 1.0) / hq as f32))
-                .into_dyn()
-        })
+        self.alibi
+            .then(|| ndarray::Array1::from_vec(sdpa_core::geometric_alibi_slopes(hq)).into_dyn())
     }
 
     /// The problem's inputs ([`ProblemSpec::inputs`]), shifted, rounded to `T`.
