@@ -455,7 +455,7 @@ BUGS += [
         "softcap-grad-factor-missing-tc",
         "backward: softcap derivative missing",
         "bwd/attn_bwd_tc.cu",
-        [("ds *= ScoreMods<float>::grad_factor(t);", "ds *= 1.f;")],
+        [("ds *= ScoreMods<float, true>::grad_factor(t);", "ds *= 1.f;")],
         "the mma.sync backward passes dS to dq and dk without the softcap's 1 - tanh^2",
     ),
     (

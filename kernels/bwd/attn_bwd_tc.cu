@@ -193,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
             // The forward's keep bits of this warp's elements, bit 4 nt + e (common/bwd.cuh).
             const u64 keep_bits = p.dropout ? replay_keep_bits<BM>(p, b, h, m0, n0 + key_base, lane) : ~0ull;
             // Softcap and ALiBi of query head h.
-            const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+            const ScoreMods<float, true> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
 #endif
             // P (times the keep factor, for dV) into st and dS into dpt. Element e of n-tile
             // nt: key n0 + key_base + 8 (e >> 1), query row m0 + 8 nt + 2 t4 + (e & 1). Only
@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
 #if SDPA_EXTRAS
                         if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && seen && inside)
                             atomicAdd((float*)p.dmask + dmask_at(p, b, h, i, j), ds);
-                        ds *= ScoreMods<float>::grad_factor(t);  // the softcap's 1 - tanh^2
+                        ds *= ScoreMods<float, true>::grad_factor(t);  // the softcap's 1 - tanh^2
 #endif
                         st[nt][e] = weight;
                         dpt[nt][e] = ds;

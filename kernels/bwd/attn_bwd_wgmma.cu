@@ -217,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
             const bool any_mask = p.mask_kind != MASK_NONE;
             // Softcap and ALiBi of query head h; with a softcap, tanh of each element's
             // score is kept for dS's factor 1 - tanh^2.
-            const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+            const ScoreMods<float, true> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
             const bool modded = mods.active();
             float tanh_s[BM / 2];
             // A mask that broadcasts along the queries (a key-padding mask [B, 1, 1, S], its L
@@ -292,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) SDPA_KERNEL(const BwdP
                         const bool hidden = (edge || any_mask) && ((unseen >> idx) & 1ull);
                         dpt[idx] = hidden ? 0.f : ds;
 #if SDPA_EXTRAS
-                        if (modded) dpt[idx] *= ScoreMods<float>::grad_factor(tanh_s[idx]);  // not dmask's
+                        if (modded) dpt[idx] *= ScoreMods<float, true>::grad_factor(tanh_s[idx]);  // not dmask's
 #endif
 #if SDPA_EXTRAS
                         if (p.mask_kind == MASK_ADDITIVE && p.dmask != 0 && !hidden) {

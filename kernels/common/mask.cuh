@@ -100,13 +100,25 @@ __device__ __forceinline__ i64 dmask_at(const BwdParams& p, int b, int h, int i,
 // tanh in the accumulator's precision (f64 for the f64 math path).
 __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
+// tanh on the MUFU unit (relative error about 2^-11): the 16-bit tensor-core kernels'
+// softcap, whose scores and weights are rounded to f16/bf16 anyway.
+__device__ __forceinline__ float fast_tanh(float x) {
+#ifdef SDPA_EMU
+    return tanhf(x);
+#else
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
 
 // Softcap and ALiBi of one (batch, query head), DESIGN.md's order: scale, softcap, ALiBi,
 // then the masks. Scores are in `unit`s of the natural log (log2(e) for the fused kernels'
 // exp2 domain, 1 for the math paths): with c the softcap, x = scale q.k in those units
 // becomes C tanh(x / C) with C = c unit, then minus slope unit |i + S - L - j|. `t` keeps
-// tanh for the backward (dS' = dS (1 - t^2)).
-template <class T>
+// tanh for the backward (dS' = dS (1 - t^2)). FAST: tanh on the MUFU unit (fast_tanh;
+// the f16/bf16 tensor-core kernels), else the accurate one.
+template <class T, bool FAST = false>
 struct ScoreMods {
     T cap, inv_cap;  // C and 1 / C; cap 0: no softcap
     T slope;         // the ALiBi slope times unit; 0: none
@@ -121,7 +133,7 @@ struct ScoreMods {
     __device__ __forceinline__ T apply(T x, int i, int j, T& t) const {
         t = 0;
         if (cap != (T)0) {
-            t = acc_tanh(x * inv_cap);
+            t = FAST ? (T)fast_tanh((float)(x * inv_cap)) : acc_tanh(x * inv_cap);
             x = cap * t;
         }
         if (slope != (T)0) {

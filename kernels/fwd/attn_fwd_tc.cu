@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     // Tiles inside this range need no causal, window or length masking.
     const KeyRange unmasked = block_keys_all(p, m0, last_row, seq.len_q, seq.len_k);
 #if SDPA_EXTRAS
-    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+    const ScoreMods<float, true> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
 #endif
 
     load_tile<BM>(s_q, q, p.q_stride_l, m0, seq.len_q, p.head_dim, vec_ok, tid);

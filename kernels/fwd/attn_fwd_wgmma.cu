@@ -121,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, SDPA_MIN_BLOCKS) SDPA_KER
     // Tiles inside this range need no causal, window or length masking.
     const KeyRange unmasked = block_keys_all(p, m0, last_row, seq.len_q, seq.len_k);
     // Softcap and ALiBi (run-time switches, off on the plain path).
-    const ScoreMods<float> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
+    const ScoreMods<float, true> mods(p, b, h, seq.len_q, seq.len_k, SDPA_LOG2E);
     const bool modded = mods.active();
 
     // This thread's rows: (lane / 4) and (lane / 4 + 8) of its warp's 16 in each of its
