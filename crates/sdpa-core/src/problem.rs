@@ -621,6 +621,19 @@ mod tests {
     }
 
     #[test]
+    fn alibi_slopes_are_checked_by_name() {
+        let check = |shape: &[usize], x: f32, batch| {
+            let n = shape.iter().product::<usize>();
+            check_alibi_slopes(shape, vec![x; n].iter(), batch, 4)
+        };
+        assert_eq!(check(&[4], 0.5, 2).unwrap(), 0);
+        assert_eq!(check(&[2, 4], 0.5, 2).unwrap(), 4);
+        let e = check(&[2, 4], 0.5, 3).unwrap_err().to_string();
+        assert!(e.contains("alibi_slopes") && e.contains("[3, 4]"), "{e}");
+        assert!(check(&[4], f32::NAN, 2).is_err());
+    }
+
+    #[test]
     fn window_and_softcap_are_validated_by_name_and_run_on_every_backend() {
         let x = t(DType::F16, [1, 2, 5, 8]);
         let with = |window, softcap| SdpaOptions {

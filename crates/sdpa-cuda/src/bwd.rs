@@ -568,10 +568,11 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<HostGradients<T>> {
+        // The slopes first: their upload checks them before anything else is uploaded.
         let [b, hq] = [q.shape()[0], q.shape()[1]];
-        if let Some(s) = &alibi_slopes {
-            sdpa_core::check_alibi_slopes(s.shape(), s.iter(), b, hq)?;
-        }
+        let slopes = alibi_slopes
+            .map(|s| DeviceSlopes::upload(self, s, b, hq))
+            .transpose()?;
         let [lb, lh, ll] = [lse.shape()[0], lse.shape()[1], lse.shape()[2]];
         let lse4 = lse
             .to_owned()
@@ -582,9 +583,6 @@ impl GpuContext {
         let (out_, dout_) = (up(out)?, up(dout)?);
         let lse_ = DeviceTensor::upload(self, lse4.view())?;
         let mask_ = mask.map(|m| m.upload(self)).transpose()?;
-        let slopes = alibi_slopes
-            .map(|s| DeviceSlopes::upload(self, s, b, hq))
-            .transpose()?;
         let g = self.sdpa_backward_with_alibi(
             &dq_,
             &dk_,

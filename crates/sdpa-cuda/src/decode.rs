@@ -16,7 +16,7 @@ use crate::context::GpuContext;
 use crate::error::{CudaError, Result};
 use crate::launch;
 use crate::spec::{decode_block_n, Entry, KernelSpec, Kind};
-use crate::tensor::{Buffer, DeviceTensor};
+use crate::tensor::{Buffer, DeviceSlopes, DeviceTensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 use ndarray::{ArrayView1, ArrayView2, ArrayViewD};
 use sdpa_core::kvcache::{check, CacheShape, KvCall, KvPlan};
@@ -249,21 +249,9 @@ impl GpuContext {
             )
         })?;
         let mut p = self.decode_params(q, cache, new, &plan, options)?;
-        let slopes = match alibi_slopes {
-            None => None,
-            Some(s) => {
-                let (data, stride_b) = alibi_host(s, plan.batch, plan.heads_q)?;
-                p.alibi_stride_b = stride_b;
-                Some(Buffer::upload(
-                    self,
-                    &data
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                    "alibi_slopes",
-                )?)
-            }
-        };
+        let slopes = alibi_slopes
+            .map(|s| DeviceSlopes::upload(self, s, plan.batch, plan.heads_q))
+            .transpose()?;
         let packed = plan
             .heads_q
             .checked_div(plan.heads_kv)
@@ -346,7 +334,11 @@ impl GpuContext {
         };
         p.block_table = table_buf.as_ref().map_or(0, |b| b.address(self));
         p.seqlens = seqlens.address(self);
-        p.alibi = slopes.as_ref().map_or(0, |b| b.address(self));
+        if let Some(s) = &slopes {
+            let (address, stride_b) = s.for_call(self, plan.batch, plan.heads_q)?;
+            p.alibi = address;
+            p.alibi_stride_b = stride_b as i32;
+        }
         let block = |grid: (u32, u32, u32), shared| LaunchConfig {
             grid_dim: grid,
             block_dim: (128, 1, 1),
@@ -536,16 +528,6 @@ impl GpuContext {
     }
 }
 
-/// Slopes `[Hq]` or `[B, Hq]`, finite, as a row-major f32 vector and its batch stride.
-fn alibi_host(
-    slopes: ArrayViewD<'_, f32>,
-    batch: usize,
-    heads_q: usize,
-) -> Result<(Vec<f32>, i32)> {
-    let stride = sdpa_core::check_alibi_slopes(slopes.shape(), slopes.iter(), batch, heads_q)?;
-    Ok((slopes.iter().copied().collect(), stride as i32))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,19 +545,5 @@ mod tests {
             [1, 2, 4, 5, 8, 9, 64].map(tile_rows),
             [1, 4, 4, 8, 8, 16, 16]
         );
-    }
-
-    #[test]
-    fn alibi_slopes_are_checked_by_name() {
-        let ok = ndarray::Array1::<f32>::from_elem(4, 0.5);
-        assert_eq!(alibi_host(ok.view().into_dyn(), 2, 4).unwrap().1, 0);
-        let two = ndarray::Array2::<f32>::from_elem((2, 4), 0.5);
-        assert_eq!(alibi_host(two.view().into_dyn(), 2, 4).unwrap().1, 4);
-        let e = alibi_host(two.view().into_dyn(), 3, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("alibi_slopes") && e.contains("[3, 4]"), "{e}");
-        let bad = ndarray::Array1::<f32>::from_elem(4, f32::NAN);
-        assert!(alibi_host(bad.view().into_dyn(), 2, 4).is_err());
     }
 }

@@ -182,17 +182,15 @@ impl GpuContext {
         options: &SdpaOptions,
         backends: BackendSet,
     ) -> Result<HostOutput<T>> {
+        // The slopes first: their upload checks them before anything else is uploaded.
         let [b, hq] = [q.shape()[0], q.shape()[1]];
-        if let Some(s) = &alibi_slopes {
-            sdpa_core::check_alibi_slopes(s.shape(), s.iter(), b, hq)?;
-        }
+        let slopes = alibi_slopes
+            .map(|s| DeviceSlopes::upload(self, s, b, hq))
+            .transpose()?;
         let dq = DeviceTensor::upload(self, q)?;
         let dk = DeviceTensor::upload(self, k)?;
         let dv = DeviceTensor::upload(self, v)?;
         let dmask = mask.map(|m| m.upload(self)).transpose()?;
-        let slopes = alibi_slopes
-            .map(|s| DeviceSlopes::upload(self, s, b, hq))
-            .transpose()?;
         let result = self.sdpa_with_alibi(
             &dq,
             &dk,

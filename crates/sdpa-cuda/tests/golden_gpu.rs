@@ -311,33 +311,25 @@ fn golden_cases_pass_on_every_cuda_backend() {
 #[ignore = "needs a CUDA device"]
 fn kvcache_goldens_pass_on_the_decode_kernels() {
     use sdpa_harness::compare::{compare, compare_with};
-    use sdpa_harness::kvcase::{run_kvcache, KvCase};
+    use sdpa_harness::kvcase::run_kvcache;
     use sdpa_harness::tolerance::{peer_floor, PEER_FACTOR};
     let gpu = sdpa_harness::gpu::gpu();
     let exec = sdpa::Exec::cuda(gpu);
-    let dir = golden_dir().join("kvcache");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 10, "{} KV-cache goldens", files.len());
+    let cases = sdpa_harness::golden::kvcache_cases().unwrap_or_else(|e| panic!("{e}"));
+    assert!(cases.len() >= 10, "{} KV-cache goldens", cases.len());
     let mut failures = Vec::new();
-    for path in &files {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let case = KvCase::read(path).unwrap_or_else(|e| panic!("{e}"));
+    for (name, case) in &cases {
         let dtype = case.q.dtype().expect("floating-point q");
         if dtype == DType::F64 {
             // The decode kernels take f32, f16 and bf16; an f64 case is refused by name.
-            let e = run_kvcache(&case, &exec).unwrap_err().to_string();
+            let e = run_kvcache(case, &exec).unwrap_err().to_string();
             assert!(e.contains("query") || e.contains("f64"), "{name}: {e}");
             continue;
         }
         let truth = case.result("out_f64").unwrap().to_f64();
         let peer = compare(case.result("out").unwrap().to_f64().view(), truth.view());
         let bound = PEER_FACTOR * peer.max_abs + peer_floor(dtype);
-        let r = match run_kvcache(&case, &exec) {
+        let r = match run_kvcache(case, &exec) {
             Ok(r) => r,
             Err(e) => {
                 failures.push(format!("{name}: {e}"));

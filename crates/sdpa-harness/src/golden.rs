@@ -74,6 +74,36 @@ pub fn checked_case_files(dir: &Path, prefix: &str, problems: &mut Vec<String>) 
     on_disk.intersection(&listed).cloned().collect()
 }
 
+/// The KV-cache goldens of `golden_dir()/kvcache/` (tools/sdpa-golden's `kvcache`), read,
+/// in file-name order, each with its file name.
+///
+/// # Errors
+/// A folder that cannot be listed, or a file that is not a KV-cache case, named by path.
+pub fn kvcache_cases() -> Result<Vec<(String, crate::kvcase::KvCase)>, String> {
+    let dir = golden_dir().join("kvcache");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let case = crate::kvcase::KvCase::read(&p).map_err(|e| e.to_string())?;
+            Ok((
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                case,
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

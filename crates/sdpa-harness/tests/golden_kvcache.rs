@@ -8,34 +8,18 @@
 
 use sdpa_core::DType;
 use sdpa_harness::compare::{compare, compare_with};
-use sdpa_harness::golden::golden_dir;
-use sdpa_harness::kvcase::{run_kvcache, widened, KvCase};
+use sdpa_harness::golden::kvcache_cases;
+use sdpa_harness::kvcase::{run_kvcache, widened};
 use sdpa_harness::tolerance::{peer_floor, Tolerance, PEER_FACTOR};
 use sdpa_harness::Tensor;
 
 /// The committed KV-cache goldens hold at least this many cases.
 const MIN_CASES: usize = 10;
 
-fn cases() -> Vec<(String, KvCase)> {
-    let dir = golden_dir().join("kvcache");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e} (regenerate with bash ci/golden.sh)", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let case = KvCase::read(&p).unwrap_or_else(|e| panic!("{e}"));
-            (p.file_name().unwrap().to_string_lossy().into_owned(), case)
-        })
-        .collect()
-}
-
 #[test]
 fn kvcache_goldens_pass_on_the_cpu_reference() {
-    let cases = cases();
+    let cases =
+        kvcache_cases().unwrap_or_else(|e| panic!("{e} (regenerate with bash ci/golden.sh)"));
     assert!(cases.len() >= MIN_CASES, "{} KV-cache goldens", cases.len());
     let (mut paged, mut appended, mut softcapped, mut alibi, mut windowed) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();

@@ -190,13 +190,13 @@ fn int_tensor(values: &[i32], shape: &[usize]) -> Tensor {
 /// The case's slopes, row-major, and their shape; empty without ALiBi.
 fn slopes(c: &KvGolden) -> (Vec<f32>, Vec<usize>) {
     let hq = c.hq();
-    let head = |h: usize| 2f32.powf(-8.0 * (h as f32 + 1.0) / hq as f32);
+    let heads = sdpa_core::geometric_alibi_slopes(hq);
     match c.alibi {
         Alibi::None => (Vec::new(), Vec::new()),
-        Alibi::Heads => ((0..hq).map(head).collect(), vec![hq]),
+        Alibi::Heads => (heads, vec![hq]),
         Alibi::Batch => (
             (0..c.b)
-                .flat_map(|b| (0..hq).map(move |h| head(h) * (1.0 + b as f32 / 4.0)))
+                .flat_map(|b| heads.iter().map(move |h| h * (1.0 + b as f32 / 4.0)))
                 .collect(),
             vec![c.b, hq],
         ),
