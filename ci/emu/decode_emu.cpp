@@ -95,14 +95,14 @@ bool run(const Case& c, bool tc) {
                 const int hk = h / c.group;
                 const long long pos = (long long)i + n - c.lq;
                 double mx = -INFINITY;
+                // The window and softcap of emu_ref.h (causal is bottom-right here); the
+                // decode cases' own geometric ALiBi slopes.
+                const Mods mods{c.wl, c.wr, c.softcap, 0};
                 for (int j = 0; j < n; ++j) {
-                    bool vis = !(c.causal && j > pos);
-                    if (c.wl >= 0 && j < pos - c.wl) vis = false;
-                    if (c.wr >= 0 && j > pos + c.wr) vis = false;
-                    double dot = 0;
+                    const bool vis = mods.sees(c.causal ? 2 : 0, i, j, c.lq, n);
+                    double dot = 0, t;
                     for (int d = 0; d < c.e; ++d) dot += f(q[(((size_t)bb * hq + h) * c.lq + i) * c.e + d]) * f(k_exp[at(bb, hk, j, c.e) + d]);
-                    double x = dot * scale;
-                    if (c.softcap > 0) x = c.softcap * std::tanh(x / c.softcap);
+                    double x = mods.score(dot * scale, h, i, j, c.lq, n, t);
                     x -= (double)slopes[h] * std::fabs((double)(pos - j));
                     sc[j] = vis ? x : -INFINITY;
                     mx = std::max(mx, sc[j]);
