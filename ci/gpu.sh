@@ -68,6 +68,13 @@ fi
 # Symbols and debug info are most of the size; neither is needed on the device.
 for f in "$BUNDLE"/bin/*; do strip --strip-all "$f" 2>/dev/null || true; done
 
+# The Python package: the abi3 wheel (installed there with --no-deps into the machine's
+# Python with torch), its tests and the call-overhead timing (run.sh python).
+mkdir -p "$BUNDLE/python"
+cp "$(bash ci/python.sh --build-only | tail -1)" "$BUNDLE/python/"
+cp -r bindings/python/tests "$BUNDLE/python/tests"
+cp bindings/python/bench/overhead.py "$BUNDLE/python/"
+
 cp -r kernels "$BUNDLE/kernels"
 # The goldens travel with the working tree when the bundle is carried inside it (run.sh
 # reads ../../golden first), so a copy would only double the upload (the device tool
@@ -75,7 +82,7 @@ cp -r kernels "$BUNDLE/kernels"
 if [ "${GPU_BUNDLE_GOLDEN:-0}" = 1 ] && [ -d golden ] && [ -n "$(ls -A golden 2>/dev/null)" ]; then
   cp -r golden "$BUNDLE/golden"
 fi
-cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_decode.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
+cp ci/bench_torch.py ci/bench_torch_bwd.py ci/bench_torch_sweep.py ci/bench_torch_decode.py ci/ceilings.py ci/bench_torch_module.py ci/bench_compare.py ci/planted_bugs.py "$BUNDLE/"
 cp ci/planted-bugs.sh "$BUNDLE/planted-bugs.sh"
 cp ci/tile-sweep.sh "$BUNDLE/tile-sweep.sh"
 cp ci/decode-sweep.sh "$BUNDLE/decode-sweep.sh"

@@ -14,7 +14,11 @@
 # the training demo with the attention on CUDA, the backward benchmarks beside PyTorch's.
 # `decode` (also part of `all`): the KV-cache decode kernels against the reference,
 # compute-sanitizer on their small set, and the decode benchmark beside PyTorch's SDPA.
-# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|bwd|decode|all]   (default all)
+# `python` (also part of `all`): the sdpa_rs wheel installed into the machine's Python with
+# torch, its pytest suite against PyTorch's CUDA backends, the call overhead from Python.
+# `sweep` (not part of `all`): the forward and backward sweeps of ours and PyTorch's and
+# their charts (sdpa chart) into $LOGS/charts.
+# Usage: run.sh [tests|sanitize|bench|bench-compare|nn|cli|bwd|decode|python|sweep|all]   (default all)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${OUT:-$HERE/results}
@@ -145,6 +149,33 @@ if [ "$WHAT" = all ] || [ "$WHAT" = cli ]; then
   tail -3 "$LOGS/check.log"
   step bench-cli "$BIN/sdpa" bench --device cuda
   cat "$LOGS/bench-cli.log"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = python ]; then
+  # The Python package as a user gets it: the wheel built here installed with --no-deps
+  # into this machine's Python with torch, then its pytest suite against PyTorch's CUDA
+  # backends and the call overhead beside PyTorch's SDPA, without this bundle's
+  # LD_LIBRARY_PATH (sdpa_rs finds NVRTC and cuBLAS in torch's nvidia wheels itself).
+  PY=${SDPA_PYTHON:-python3}
+  [ -x /opt/torch/.venv/bin/python ] && PY=${SDPA_PYTHON:-/opt/torch/.venv/bin/python}
+  step py-install "$PY" -m pip install --no-deps --force-reinstall --no-index "$HERE"/python/sdpa_rs-*.whl
+  step py-test env -u LD_LIBRARY_PATH PYTHONUNBUFFERED=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
+    --junitxml="$LOGS/py-test.xml" "$HERE/python/tests"
+  tail -3 "$LOGS/py-test.log"
+  step py-overhead env -u LD_LIBRARY_PATH "$PY" "$HERE/python/overhead.py" "$LOGS/py-overhead.json"
+  cat "$LOGS/py-overhead.log"
+fi
+if [ "$WHAT" = sweep ]; then
+  # The charts of BENCHMARKS.md: ours and PyTorch's backends over sequence length and head
+  # dim (FlashAttention's layout: 16k tokens, hidden 2048), forward and backward, then
+  # the SVGs (sdpa chart) into $LOGS/charts.
+  step sweep-fwd "$BIN/sdpa" bench --sweep --device cuda --sweep-backends flash,efficient \
+    --repeats 5 --out "$LOGS/sweep-fwd.json"
+  step sweep-fwd-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_sweep.py" --out "$LOGS/sweep-fwd-torch.json"
+  step sweep-bwd "$BIN/sdpa" bench --sweep --backward --device cuda --sweep-backends flash,efficient \
+    --repeats 2 --out "$LOGS/sweep-bwd.json"
+  step sweep-bwd-torch env PYTHONUNBUFFERED=1 python3 "$HERE/bench_torch_sweep.py" --backward --out "$LOGS/sweep-bwd-torch.json"
+  step charts "$BIN/sdpa" chart "$LOGS"/sweep-*.json --out "$LOGS/charts"
+  cat "$LOGS/charts.log"
 fi
 
 echo

@@ -21,6 +21,11 @@ step "cargo test --workspace (PROPTEST_CASES=$PROPTEST_CASES)"
 cargo test --workspace
 step "goldens: regenerate through libtorch 2.11 and compare bytes (ci/golden.sh --check)"
 bash ci/golden.sh --check
+step "crates: docs without warnings, the library crates packaged and built from their packages (cargo package)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+cargo package --workspace --exclude sdpa-cli --exclude sdpa-python --quiet
+step "python: the sdpa_rs wheel built with maturin, its pytest suite on the CPU (ci/python.sh)"
+bash ci/python.sh
 step "kernels: generated wgmma wrappers current, planted-bug catalogue applies (ci/planted_bugs.py)"
 python3 ci/gen_wgmma.py | cmp - kernels/common/wgmma.cuh
 python3 ci/planted_bugs.py check kernels

@@ -3,7 +3,7 @@
 //! median of repeats. Sizes are validated, and checked against the memory there is,
 //! before anything is allocated.
 
-use crate::engine::{DeviceArg, Engine};
+use crate::engine::{BackendArg, DeviceArg, Engine};
 use crate::error::CliError;
 use half::{bf16, f16};
 use ndarray::{Array4, ArrayD};
@@ -137,10 +137,44 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Time the backward instead (dq, dk, dv from one forward's out and lse and a random
-    /// dout; the forward is not timed): math (CPU: the reference) and, on CUDA, the
-    /// efficient backend's fused backward. FLOPs: 2.5x the forward's.
+    /// dout; the forward is not timed): math (CPU: the reference) and, on CUDA, flash's
+    /// tensor-core backward and the efficient backend's fused one. FLOPs: 2.5x the
+    /// forward's.
     #[arg(long)]
     pub backward: bool,
+    /// Sweep sequence length and head dim as FlashAttention's benchmarks do: B*L fixed
+    /// (--sweep-tokens), H*E fixed (--sweep-hidden), L over --sweep-lens, E over
+    /// --sweep-head-dims, causal off and on (only --causal's alignment when given),
+    /// --dtype (default bf16); every backend at every point, as JSON (to --out, else
+    /// stdout) for `sdpa chart`. A progress bar shows on a terminal.
+    #[arg(long, conflicts_with_all = ["shape", "batch", "heads", "kv_heads", "len_q", "len_kv",
+        "head_dim", "head_dim_v", "varlen_q", "mask", "alibi", "dropout", "window_left",
+        "window_right", "softcap"])]
+    pub sweep: bool,
+    /// Sequence lengths of the sweep (CUDA default 512,1024,..,16384; CPU 64,..,512).
+    #[arg(long, value_name = "L,..", value_delimiter = ',', requires = "sweep")]
+    pub sweep_lens: Option<Vec<usize>>,
+    /// Head dims of the sweep (default 64,128).
+    #[arg(long, value_name = "E,..", value_delimiter = ',', requires = "sweep")]
+    pub sweep_head_dims: Option<Vec<usize>>,
+    /// B*L of every sweep point (CUDA default 16384, CPU 1024).
+    #[arg(long, value_name = "N", requires = "sweep")]
+    pub sweep_tokens: Option<usize>,
+    /// H*E of every sweep point (CUDA default 2048, CPU 256).
+    #[arg(long, value_name = "N", requires = "sweep")]
+    pub sweep_hidden: Option<usize>,
+    /// The backends a sweep times (default all; e.g. flash,efficient to leave out math,
+    /// whose L x S scores make long sequences slow).
+    #[arg(
+        long,
+        value_name = "NAME,..",
+        value_delimiter = ',',
+        requires = "sweep"
+    )]
+    pub sweep_backends: Option<Vec<BackendArg>>,
+    /// Write the sweep's JSON to FILE (replaced atomically, complete or not at all).
+    #[arg(long, value_name = "FILE", requires = "sweep")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 4], String> {
@@ -632,6 +666,20 @@ pub fn bench_problem(
     repeats: usize,
     backward: bool,
 ) -> Result<Vec<Row>, CliError> {
+    bench_backends(engine, p, repeats, backward, BackendSet::ALL)
+}
+
+/// [`bench_problem`] of the backends in `set` only (the others get no row).
+///
+/// # Errors
+/// As [`bench_problem`].
+pub fn bench_backends(
+    engine: &Engine,
+    p: &BenchProblem,
+    repeats: usize,
+    backward: bool,
+    set: BackendSet,
+) -> Result<Vec<Row>, CliError> {
     if p.varlen.is_some() && engine.gpu.is_none() {
         let why = match &engine.no_cuda_reason {
             Some(why) => format!("the cpu (no CUDA device: {why})"),
@@ -701,15 +749,14 @@ pub fn bench_problem(
             }
         ),
     );
-    // Which backends have a backward here: math everywhere, efficient's fused backward
-    // on CUDA where it covers the problem; flash none yet.
+    // Which backends have a backward here: math everywhere, on CUDA flash's tensor-core
+    // backward and efficient's fused one where they cover the problem.
     let has_backward = |backend: Backend| -> Result<(), String> {
         if !backward {
             return Ok(());
         }
         match (backend, &engine.gpu) {
-            (Backend::Flash, _) => Err("flash has no backward yet".to_string()),
-            (Backend::Efficient, Some(_)) => {
+            (Backend::Flash | Backend::Efficient, Some(_)) => {
                 sdpa_cuda::select_backward(&problem, BackendSet::only(backend), None)
                     .map(drop)
                     .map_err(|e| e.to_string())
@@ -723,7 +770,10 @@ pub fn bench_problem(
             _ => Ok(()),
         }
     };
-    let backends = [Backend::Math, Backend::Flash, Backend::Efficient];
+    let backends: Vec<Backend> = [Backend::Math, Backend::Flash, Backend::Efficient]
+        .into_iter()
+        .filter(|&b| set.contains(b))
+        .collect();
     let runnable: Vec<Backend> = backends
         .iter()
         .copied()
@@ -742,7 +792,7 @@ pub fn bench_problem(
     }
     let device = engine.device;
     let mut timed: Vec<(Backend, Result<Timing, String>)> = Vec::new();
-    for backend in backends {
+    for &backend in &backends {
         let result = match engine
             .supports(backend, &problem)
             .and_then(|()| fits(backend))
@@ -1149,6 +1199,9 @@ fn default_problems(engine: &Engine) -> Vec<BenchProblem> {
 /// Bad flags (naming the flag), problems the specification rejects or that do not fit
 /// in memory, CUDA failures.
 pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    if args.sweep {
+        return run_sweep(&args);
+    }
     // Validate before opening a device, so bad sizes fail fast everywhere.
     let one = args.problem()?;
     let engine = engine(args.device)?;
@@ -1171,6 +1224,64 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
             None => println!("device: {}", engine.describe()),
         }
         print!("{}", table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sdpa bench --sweep`.
+fn run_sweep(args: &BenchArgs) -> Result<ExitCode, CliError> {
+    if let Some(out) = &args.out {
+        crate::output::check_target(out, &[])?;
+    }
+    let engine = engine(args.device)?;
+    let (lens, tokens, hidden) = crate::sweep::Sweep::default_for(engine.device);
+    let sweep = crate::sweep::Sweep {
+        lens: args.sweep_lens.clone().unwrap_or(lens),
+        head_dims: args
+            .sweep_head_dims
+            .clone()
+            .unwrap_or_else(|| vec![64, 128]),
+        causal: match args.causal {
+            None => vec![false, true],
+            Some(CausalArg::None) => vec![false],
+            Some(CausalArg::TopLeft) => vec![true],
+            Some(CausalArg::BottomRight) => {
+                return Err(CliError::Usage(
+                    "--causal: expected none or top-left with --sweep (L = S, where the two \
+                     alignments agree), got bottom-right"
+                        .to_string(),
+                ))
+            }
+        },
+        tokens: args.sweep_tokens.unwrap_or(tokens),
+        hidden: args.sweep_hidden.unwrap_or(hidden),
+        dtype: args.dtype.unwrap_or(DType::BF16),
+        backward: args.backward,
+        backends: match &args.sweep_backends {
+            None => BackendSet::ALL,
+            Some(list) => list.iter().fold(BackendSet::EMPTY, |set, b| {
+                b.set().iter().fold(set, |set, one| set.with(one))
+            }),
+        },
+    };
+    sweep.check()?;
+    for shape in sweep.shapes() {
+        check_sizes(&shape.problem())?;
+    }
+    let rows = crate::sweep::run(&engine, &sweep, args.repeats)?;
+    let text = serde_json::to_string_pretty(&crate::sweep::json(&engine, &sweep, &rows))
+        .expect("JSON of plain values");
+    match &args.out {
+        Some(out) => {
+            crate::output::write(out, format!("{text}\n").as_bytes(), &[])?;
+            eprintln!(
+                "{} points, {} rows -> {}",
+                sweep.shapes().len(),
+                rows.len(),
+                out.display()
+            );
+        }
+        None => println!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,16 @@ impl Engine {
         Ok(select(set, problem, self.device)?)
     }
 
+    /// Whether `backend` has a backward for `problem` here: on CUDA flash's tensor-core
+    /// backward, efficient's fused one and math where `select_backward` takes them; on the
+    /// CPU the reference (math).
+    pub fn has_backward(&self, backend: Backend, problem: &Problem) -> bool {
+        match &self.gpu {
+            Some(_) => sdpa_cuda::select_backward(problem, BackendSet::only(backend), None).is_ok(),
+            None => backend == Backend::Math,
+        }
+    }
+
     /// Whether `backend` can run `problem` here, with the reason when not.
     pub fn supports(&self, backend: Backend, problem: &Problem) -> Result<(), String> {
         check_support(backend, problem, self.device).map_err(|reason| {

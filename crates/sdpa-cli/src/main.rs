@@ -4,11 +4,13 @@
 #![deny(unsafe_code)]
 
 mod bench;
+mod chart;
 mod engine;
 mod error;
 mod expected;
 mod output;
 mod profile;
+mod sweep;
 mod tutorial;
 
 use clap::{Parser, Subcommand};
@@ -77,8 +79,9 @@ enum Command {
         out: PathBuf,
         /// Also run the backward with the case's `dout`: writes `dq`, `dk`, `dv` (and
         /// `dmask` for an additive mask) and judges them against `dq_f64`, ... where the
-        /// case has them. Runs on efficient (CUDA, fused) or math; flash has no backward
-        /// yet.
+        /// case has them. On CUDA the first backend of --backend with a backward for the
+        /// case (flash's tensor-core backward, efficient's fused one, math); on the CPU
+        /// the reference.
         #[arg(long)]
         backward: bool,
     },
@@ -114,6 +117,17 @@ enum Command {
         /// (the same rules as `eval --out`).
         #[arg(long)]
         trace: Option<PathBuf>,
+    },
+    /// Draws TFLOP/s against sequence length, one line a backend, from sweep JSON
+    /// (`sdpa bench --sweep --out ours.json`, `ci/bench_torch_sweep.py --out torch.json`):
+    /// one SVG per pass, head dim and causal setting into OUT.
+    Chart {
+        /// Sweep JSON files (ours and PyTorch's).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Folder for the SVG files (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Runs every case in the given files or folders (default `golden/`) through each
     /// backend that supports it here and judges it by the tolerance policy.
@@ -156,6 +170,12 @@ fn main() -> ExitCode {
             backward,
         } => eval(&case, backend, device, &out, backward),
         Command::Bench(args) => bench::run(*args),
+        Command::Chart { inputs, out } => chart::run(&inputs, &out).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }),
         Command::Check { paths, device } => check(paths, device),
         Command::Profile {
             device,
@@ -226,16 +246,12 @@ fn eval(
     }
     output::check_target(out_path, &[case_path])?;
     let engine = Engine::new(device)?;
-    let chosen = match (backward, backend) {
-        (true, BackendArg::Flash) => {
-            return Err(CliError::Usage(
-                "--backend: expected auto, efficient or math with --backward (the flash backward is not built yet), got flash".to_string(),
-            ))
-        }
-        // The forward and the backward on one backend: efficient's fused backward where
-        // it covers the problem, else math.
-        (true, other) => engine.select(other.set().without(Backend::Flash), &problem)?,
-        (false, _) => engine.select(backend.set(), &problem)?,
+    let chosen = match (backward, &engine.gpu) {
+        // The forward and the backward on one backend: on CUDA the first of the set with a
+        // backward for the problem (flash's tensor cores, efficient's fused kernel, math),
+        // on the CPU the reference.
+        (true, Some(_)) => sdpa_cuda::select_backward(&problem, backend.set(), None)?,
+        _ => engine.select(backend.set(), &problem)?,
     };
     let (result, grads, grad_verdicts) = if backward {
         let b = run::run_backward(&case, &engine.exec(chosen))
@@ -491,7 +507,16 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
         eprintln!("error: {e}");
     }
     let (mut passed, mut failed) = (0usize, 0usize);
+    // Progress over the files on a terminal (stderr); every line printed meanwhile goes
+    // through `suspend`, so the bar never garbles it, and prints the same without one.
+    let bar = indicatif::ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+            .expect("a valid template"),
+    );
     for file in &files {
+        bar.set_message(file.display().to_string());
+        bar.inc(1);
         let case = match CaseFile::read(file) {
             Ok(CaseFile::Sdpa(case)) => *case,
             Ok(CaseFile::KvCache(case)) => {
@@ -503,20 +528,22 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
                                 passed += 1;
                             } else {
                                 failed += 1;
-                                println!("{} [kv-cache] {name}: {line}", file.display());
+                                bar.suspend(|| {
+                                    println!("{} [kv-cache] {name}: {line}", file.display())
+                                });
                             }
                         }
                     }
                     Err(e) => {
                         bad += 1;
-                        eprintln!("error: {} [kv-cache]: {e}", file.display());
+                        bar.suspend(|| eprintln!("error: {} [kv-cache]: {e}", file.display()));
                     }
                 }
                 continue;
             }
             Err(e) => {
                 bad += 1;
-                eprintln!("error: {}", CliError::in_case(file, e));
+                bar.suspend(|| eprintln!("error: {}", CliError::in_case(file, e)));
                 continue;
             }
         };
@@ -524,7 +551,7 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
             Ok(loaded) => loaded,
             Err(e) => {
                 bad += 1;
-                eprintln!("error: {e}");
+                bar.suspend(|| eprintln!("error: {e}"));
                 continue;
             }
         };
@@ -539,16 +566,16 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
                 Ok(v) if v.passed => passed += 1,
                 Ok(v) => {
                     failed += 1;
-                    println!("{} [{backend}]: {v}", file.display());
+                    bar.suspend(|| println!("{} [{backend}]: {v}", file.display()));
                 }
                 Err(e) => {
                     bad += 1;
-                    eprintln!("error: {} [{backend}]: {e}", file.display());
+                    bar.suspend(|| eprintln!("error: {} [{backend}]: {e}", file.display()));
                 }
             }
             // A case with dout: the backward too, on each backend that has one here,
             // every gradient with a truth judged.
-            if case.result("dout").is_none() || backend == Backend::Flash {
+            if case.result("dout").is_none() || !engine.has_backward(backend, &problem) {
                 continue;
             }
             let grads = run::run_backward(&case, &engine.exec(backend))
@@ -560,17 +587,20 @@ fn check(paths: Vec<PathBuf>, device: DeviceArg) -> Result<ExitCode, CliError> {
                             passed += 1;
                         } else {
                             failed += 1;
-                            println!("{} [{backend}] {name}: {v}", file.display());
+                            bar.suspend(|| println!("{} [{backend}] {name}: {v}", file.display()));
                         }
                     }
                 }
                 Err(e) => {
                     bad += 1;
-                    eprintln!("error: {} [{backend}] backward: {e}", file.display());
+                    bar.suspend(|| {
+                        eprintln!("error: {} [{backend}] backward: {e}", file.display())
+                    });
                 }
             }
         }
     }
+    bar.finish_and_clear();
     println!("{passed} passed, {failed} failed, {bad} errors");
     Ok(if bad > 0 {
         ExitCode::from(BAD_INPUT)

@@ -253,3 +253,78 @@ fn backward_is_timed_with_its_flop_count() {
         2.5 * 4.0 * 2.0 * 16.0 * 16.0 * 8.0
     );
 }
+
+#[test]
+fn sweep_writes_json_that_chart_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sweep.json");
+    let o = bench(&[
+        "--sweep",
+        "--sweep-lens",
+        "16,32",
+        "--sweep-head-dims",
+        "8",
+        "--sweep-tokens",
+        "64",
+        "--sweep-hidden",
+        "16",
+        "--out",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["source"], "sdpa");
+    let rows = doc["rows"].as_array().unwrap();
+    // 2 lengths x 2 causal settings, each auto + math + flash + efficient.
+    assert_eq!(rows.len(), 16);
+    let math: Vec<_> = rows.iter().filter(|r| r["backend"] == "math").collect();
+    assert!(math.iter().all(|r| r["tflops"].as_f64().unwrap() > 0.0));
+    // B * L = 64 tokens, H * E = 16 at every point.
+    assert!(math.iter().all(|r| {
+        r["batch"].as_u64().unwrap() * r["len"].as_u64().unwrap() == 64
+            && r["heads"].as_u64().unwrap() * r["head_dim"].as_u64().unwrap() == 16
+    }));
+    let charts = dir.path().join("charts");
+    let o = Command::new(env!("CARGO_BIN_EXE_sdpa"))
+        .args([
+            "chart",
+            json.to_str().unwrap(),
+            "--out",
+            charts.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in [
+        "forward-hdim8-noncausal-bf16.svg",
+        "forward-hdim8-causal-bf16.svg",
+    ] {
+        let svg = std::fs::read_to_string(charts.join(name)).unwrap();
+        assert!(
+            svg.contains("sdpa math") && svg.contains("TFLOP/s"),
+            "{name}"
+        );
+    }
+    // A sweep takes no single-problem flags; a chart of nothing timed is refused.
+    let o = bench(&["--sweep", "--shape", "1,2,16,8"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--shape"), "{}", stderr(&o));
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"{"source": "torch", "rows": []}"#).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sdpa"))
+        .args([
+            "chart",
+            empty.to_str().unwrap(),
+            "--out",
+            charts.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("at least one timed point"),
+        "{}",
+        stderr(&o)
+    );
+}

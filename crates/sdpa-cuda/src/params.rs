@@ -418,7 +418,7 @@ mod tests {
     }
 
     fn cuh_fields(name: &str) -> Vec<String> {
-        let src = include_str!("../../../kernels/common/params.cuh");
+        let src = include_str!("../kernels/common/params.cuh");
         let body = src
             .split(&format!("struct {name}"))
             .nth(1)
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(bwd[1..], cuh_fields("BwdParams : FwdParams {")[..]);
         assert_eq!(std::mem::size_of::<FwdParams>(), 368);
         assert_eq!(std::mem::size_of::<BwdParams>(), 560);
-        let cuh = include_str!("../../../kernels/common/params.cuh");
+        let cuh = include_str!("../kernels/common/params.cuh");
         assert!(cuh.contains("sizeof(FwdParams) == 368"));
         assert!(cuh.contains("sizeof(BwdParams) == 560"));
         assert_eq!(std::mem::offset_of!(FwdParams, dropout_threshold), 256);

@@ -7,102 +7,93 @@ use std::path::Path;
 
 /// Embedded kernel sources, by path relative to `kernels/`.
 pub const SOURCES: [(&str, &str); 25] = [
-    (
-        "common/bwd.cuh",
-        include_str!("../../../kernels/common/bwd.cuh"),
-    ),
+    ("common/bwd.cuh", include_str!("../kernels/common/bwd.cuh")),
     (
         "common/dtype.cuh",
-        include_str!("../../../kernels/common/dtype.cuh"),
+        include_str!("../kernels/common/dtype.cuh"),
     ),
     (
         "common/epilogue.cuh",
-        include_str!("../../../kernels/common/epilogue.cuh"),
+        include_str!("../kernels/common/epilogue.cuh"),
     ),
     (
         "common/load.cuh",
-        include_str!("../../../kernels/common/load.cuh"),
+        include_str!("../kernels/common/load.cuh"),
     ),
     (
         "common/mask.cuh",
-        include_str!("../../../kernels/common/mask.cuh"),
+        include_str!("../kernels/common/mask.cuh"),
     ),
-    (
-        "common/mma.cuh",
-        include_str!("../../../kernels/common/mma.cuh"),
-    ),
+    ("common/mma.cuh", include_str!("../kernels/common/mma.cuh")),
     (
         "common/params.cuh",
-        include_str!("../../../kernels/common/params.cuh"),
+        include_str!("../kernels/common/params.cuh"),
     ),
     (
         "common/philox.cuh",
-        include_str!("../../../kernels/common/philox.cuh"),
+        include_str!("../kernels/common/philox.cuh"),
     ),
     (
         "common/seqlen.cuh",
-        include_str!("../../../kernels/common/seqlen.cuh"),
+        include_str!("../kernels/common/seqlen.cuh"),
     ),
     (
         "common/softmax.cuh",
-        include_str!("../../../kernels/common/softmax.cuh"),
+        include_str!("../kernels/common/softmax.cuh"),
     ),
     (
         "common/wgmma.cuh",
-        include_str!("../../../kernels/common/wgmma.cuh"),
+        include_str!("../kernels/common/wgmma.cuh"),
     ),
     (
         "common/wgmma_tile.cuh",
-        include_str!("../../../kernels/common/wgmma_tile.cuh"),
+        include_str!("../kernels/common/wgmma_tile.cuh"),
     ),
     (
         "fwd/attn_fwd_tc.cu",
-        include_str!("../../../kernels/fwd/attn_fwd_tc.cu"),
+        include_str!("../kernels/fwd/attn_fwd_tc.cu"),
     ),
     (
         "fwd/attn_fwd_simt.cu",
-        include_str!("../../../kernels/fwd/attn_fwd_simt.cu"),
+        include_str!("../kernels/fwd/attn_fwd_simt.cu"),
     ),
     (
         "fwd/attn_fwd_wgmma.cu",
-        include_str!("../../../kernels/fwd/attn_fwd_wgmma.cu"),
+        include_str!("../kernels/fwd/attn_fwd_wgmma.cu"),
     ),
-    (
-        "math/math.cu",
-        include_str!("../../../kernels/math/math.cu"),
-    ),
-    ("nn/nn.cu", include_str!("../../../kernels/nn/nn.cu")),
+    ("math/math.cu", include_str!("../kernels/math/math.cu")),
+    ("nn/nn.cu", include_str!("../kernels/nn/nn.cu")),
     (
         "bwd/math_bwd.cu",
-        include_str!("../../../kernels/bwd/math_bwd.cu"),
+        include_str!("../kernels/bwd/math_bwd.cu"),
     ),
     (
         "bwd/attn_bwd_simt.cu",
-        include_str!("../../../kernels/bwd/attn_bwd_simt.cu"),
+        include_str!("../kernels/bwd/attn_bwd_simt.cu"),
     ),
     (
         "bwd/attn_bwd_tc.cu",
-        include_str!("../../../kernels/bwd/attn_bwd_tc.cu"),
+        include_str!("../kernels/bwd/attn_bwd_tc.cu"),
     ),
     (
         "bwd/attn_bwd_wgmma.cu",
-        include_str!("../../../kernels/bwd/attn_bwd_wgmma.cu"),
+        include_str!("../kernels/bwd/attn_bwd_wgmma.cu"),
     ),
     (
         "decode/params.cuh",
-        include_str!("../../../kernels/decode/params.cuh"),
+        include_str!("../kernels/decode/params.cuh"),
     ),
     (
         "decode/keys.cuh",
-        include_str!("../../../kernels/decode/keys.cuh"),
+        include_str!("../kernels/decode/keys.cuh"),
     ),
     (
         "decode/attn_decode.cu",
-        include_str!("../../../kernels/decode/attn_decode.cu"),
+        include_str!("../kernels/decode/attn_decode.cu"),
     ),
     (
         "decode/attn_decode_tc.cu",
-        include_str!("../../../kernels/decode/attn_decode_tc.cu"),
+        include_str!("../kernels/decode/attn_decode_tc.cu"),
     ),
 ];
 

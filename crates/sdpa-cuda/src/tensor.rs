@@ -315,6 +315,50 @@ impl DeviceTensor {
         ))
     }
 
+    /// Copies this tensor into `dst` (stream-ordered, without waiting): both contiguous
+    /// (row-major over their own shapes), of one dtype and one element count, e.g. a
+    /// gradient this crate allocated into a framework's tensor of the same shape.
+    ///
+    /// # Errors
+    /// Another dtype or element count, a tensor that is not contiguous, a view outside
+    /// its buffer, a failed copy.
+    pub fn copy_into(&self, gpu: &GpuContext, dst: &DeviceTensor) -> Result<()> {
+        let count = |t: &DeviceTensor| t.layout.shape.iter().product::<usize>();
+        let contiguous = |t: &DeviceTensor| {
+            Layout::contiguous(t.layout.shape).strides == t.layout.strides || count(t) == 0
+        };
+        if dst.dtype != self.dtype || count(dst) != count(self) {
+            return Err(CudaError::bad_layout(
+                "copy",
+                format!("a {} tensor of {} elements", self.dtype, count(self)),
+                format!("{} {:?}", dst.dtype, dst.layout.shape),
+            ));
+        }
+        for (arg, t) in [("copy source", self), ("copy target", dst)] {
+            if !contiguous(t) {
+                return Err(CudaError::bad_layout(
+                    arg,
+                    "a contiguous tensor",
+                    format!("{:?}", t.layout),
+                ));
+            }
+        }
+        let from = self.checked_address(gpu, "copy source")?;
+        let to = dst.checked_address(gpu, "copy target")?;
+        let bytes = count(self) * self.dtype.size_bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges [address, address + bytes) lie inside their buffers
+        // (checked_address over contiguous views of `count` elements); the copy is
+        // ordered on the context's stream with every other use of either.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(to, from, bytes, gpu.stream().cu_stream())
+        }
+        .map_err(CudaError::driver("a device copy", bytes))?;
+        Ok(())
+    }
+
     /// Fills every byte of the tensor's storage range with 0xFF: NaN in every float
     /// dtype, so a test can tell which elements a kernel wrote.
     pub fn poison(&self, gpu: &GpuContext) -> Result<()> {
@@ -366,6 +410,39 @@ impl DeviceMask {
             MaskKind::Additive(T::DTYPE),
             mask.shape(),
         )
+    }
+
+    /// A mask over device memory the caller owns (a framework's tensor, broadcast views
+    /// with stride 0 included): `len` bytes from `ptr` seen as `kind` (bool as one byte
+    /// per element, 0 or 1; additive in its dtype) with `shape` and element `strides`.
+    /// Checked at launch as an uploaded mask is (inside the `len` bytes, aligned).
+    ///
+    /// # Safety
+    /// As [`DeviceTensor::from_raw`]; a bool mask's bytes are 0 or 1.
+    ///
+    /// # Errors
+    /// A rank above 4, strides of another rank than the shape, a negative stride.
+    pub unsafe fn from_raw(
+        ptr: u64,
+        len: usize,
+        kind: MaskKind,
+        shape: &[usize],
+        strides: &[isize],
+    ) -> Result<Self> {
+        if shape.len() > 4 || strides.len() != shape.len() {
+            return Err(CudaError::bad_layout(
+                "attn_mask",
+                "rank 0 to 4 with one stride per axis",
+                format!("shape {shape:?} strides {strides:?}"),
+            ));
+        }
+        extent("attn_mask", shape, strides)?;
+        Ok(DeviceMask {
+            buffer: Arc::new(Buffer::Borrowed { ptr, len }),
+            kind,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        })
     }
 
     fn from_bytes(gpu: &GpuContext, bytes: &[u8], kind: MaskKind, shape: &[usize]) -> Result<Self> {

@@ -383,6 +383,7 @@ pub fn generate(cases: &[Case], dir: &Path, libtorch: &str, libtorch_git: &str) 
     let mut entries = Vec::new();
     let mut total = 0usize;
     for case in cases {
+        crate::tick(&case.name);
         let fail = |what: &str, e: TchError| format!("backward/{}: {what}: {e}", case.name);
         let x = make_inputs(case);
         let dout = draw_dout(case);

@@ -87,6 +87,7 @@ pub fn generate(cases: &[Case], dir: &Path, libtorch: &str) -> Result<()> {
     let mut entries = Vec::new();
     let mut skipped = Vec::new();
     for case in cases.iter().filter(|c| c.dtype != DType::F64) {
+        crate::tick(&case.name);
         if out_bytes(case) > MAX_OUT_BYTES {
             skipped.push(case.name.clone());
             continue;

@@ -217,6 +217,7 @@ pub fn generate(cases: &[KvGolden], dir: &Path, libtorch: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut total = 0;
     for c in cases {
+        crate::tick(&c.name);
         total += one(c, dir, libtorch)?;
     }
     eprintln!(

@@ -114,6 +114,26 @@ pub fn metadata(case: &Case, torch_backend: &str) -> Vec<(String, String)> {
     m
 }
 
+/// Progress over every case this run generates: shown on a terminal (stderr), hidden
+/// otherwise (CI logs stay as they were).
+pub fn progress() -> &'static indicatif::ProgressBar {
+    static BAR: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+    BAR.get_or_init(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+                .expect("a valid template"),
+        );
+        bar
+    })
+}
+
+/// One case done.
+pub fn tick(name: &str) {
+    progress().set_message(name.to_string());
+    progress().inc(1);
+}
+
 fn run() -> Result<()> {
     let args = Args::parse();
     let mut cases = cases::all();
@@ -155,8 +175,15 @@ fn run() -> Result<()> {
     let (version, git_version) = libtorch_version()?;
 
     if args.device == Device::Cuda {
-        return cuda::generate(&cases, &args.out.join("cuda"), &version);
+        let non_f64 = cases.iter().filter(|c| c.dtype != cases::DType::F64);
+        progress().set_length(non_f64.count() as u64);
+        let r = cuda::generate(&cases, &args.out.join("cuda"), &version);
+        progress().finish_and_clear();
+        return r;
     }
+    progress().set_length(
+        (cases.len() + module_cases.len() + backward_cases.len() + kv_cases.len()) as u64,
+    );
 
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let mut entries = Vec::new();
@@ -182,6 +209,7 @@ fn run() -> Result<()> {
         )?;
         total += bytes;
         entries.push(manifest::attention_case(case, &r, &file, bytes));
+        tick(&case.name);
     }
     manifest::write(
         &args.out,
@@ -207,6 +235,7 @@ fn run() -> Result<()> {
     if !kv_cases.is_empty() {
         kvcache::generate(&kv_cases, &args.out.join("kvcache"), &version)?;
     }
+    progress().finish_and_clear();
     Ok(())
 }
 

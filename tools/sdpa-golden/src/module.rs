@@ -203,6 +203,7 @@ pub fn generate(cases: &[ModuleCase], dir: &Path, libtorch: &str) -> Result<()> 
     let mut entries = Vec::new();
     let mut total = 0usize;
     for case in cases {
+        crate::tick(&case.name);
         let fail = |what: &str, e: tch::TchError| format!("{}: {what}: {e}", case.name);
         let drawn = draw(case);
         let to = |t: &Tensor, k: Kind| t.to_kind(k);
