@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Python package (bindings/python, import name sdpa_rs): builds the abi3 wheel with
 # maturin, installs it into a venv with torch, and runs its pytest suite on the CPU
-# (tests/test_cuda.py skips itself where torch sees no GPU).
+# (tests/test_cuda.py skips itself where torch sees no GPU). The install is the README's:
+# `pip install ./bindings/python`.
 #
 #   bash ci/python.sh              build, install, test
 #   bash ci/python.sh --build-only build the wheel; print its path last
@@ -24,17 +25,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating venv $VENV"
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -c 'import maturin' 2>/dev/null || pip_install "maturin==1.15.0"
-rm -rf "$WHEELS"
-(cd bindings/python && "$VENV/bin/maturin" build --release --quiet -o "$WHEELS" >&2)
-WHEEL=$(ls "$WHEELS"/sdpa_rs-*.whl)
 if [ "$BUILD_ONLY" = 1 ]; then
-  echo "$WHEEL"
+  "$VENV/bin/python" -c 'import maturin' 2>/dev/null || pip_install "maturin==1.15.0"
+  rm -rf "$WHEELS"
+  (cd bindings/python && "$VENV/bin/maturin" build --release --quiet -o "$WHEELS" >&2)
+  ls "$WHEELS"/sdpa_rs-*.whl
   exit 0
 fi
 "$VENV/bin/python" -c 'import torch, numpy, pytest' 2>/dev/null \
   || pip_install "torch==2.11.0" "numpy>=1.24" "pytest>=8"
-pip_install --force-reinstall --no-deps "$WHEEL"
+# Installed as the README says (`pip install ./bindings/python`: pip builds the wheel
+# through maturin in an isolated build environment), not from the wheel above.
+(cd "$ROOT" && pip_install --force-reinstall --no-deps ./bindings/python)
 # From a folder outside the source tree, so `import sdpa_rs` is the installed wheel, and
 # with no bytecode written into the tests' folder.
 cd "$(mktemp -d)"

@@ -581,6 +581,40 @@ fn device_mask(d: &Desc, ordinal: i64) -> PyResult<DeviceMask> {
         .map_err(py_err)
 }
 
+/// The inputs of a CUDA call, borrowed from the framework on its device, with the
+/// context of the caller's stream and the slopes uploaded (and checked).
+struct DeviceCall {
+    gpu: Arc<GpuContext>,
+    q: DeviceTensor,
+    k: DeviceTensor,
+    v: DeviceTensor,
+    mask: Option<DeviceMask>,
+    slopes: Option<DeviceSlopes>,
+}
+
+impl DeviceCall {
+    fn new(call: &HostCall<'_>, slopes: Option<ArrayD<f32>>, stream: usize) -> PyResult<Self> {
+        let dev = call.q.device;
+        let gpu = context(dev, stream)?;
+        let t = |d: &Desc| device_tensor(&gpu, d, dev);
+        let (q, k, v) = (t(call.q)?, t(call.k)?, t(call.v)?);
+        let mask = call.mask.map(|m| device_mask(m, dev)).transpose()?;
+        let [b, hq] = [call.q.shape[0], call.q.shape[1]];
+        let slopes = slopes
+            .map(|s| DeviceSlopes::upload(&gpu, s.view(), b, hq))
+            .transpose()
+            .map_err(py_err)?;
+        Ok(DeviceCall {
+            gpu,
+            q,
+            k,
+            v,
+            mask,
+            slopes,
+        })
+    }
+}
+
 /// Runs the forward into `out` `[B, Hq, L, Ev]` and `lse` `[B, Hq, L]` (f32), both
 /// contiguous and allocated by the caller; returns the backend that ran.
 #[pyfunction]
@@ -616,19 +650,15 @@ fn forward(
             }?;
             return Ok(backend.to_string());
         }
-        let gpu = context(q.device, opts.stream)?;
+        let DeviceCall {
+            gpu,
+            q: dq,
+            k: dk,
+            v: dv,
+            mask: dmask,
+            slopes: dslopes,
+        } = DeviceCall::new(&call, slopes, opts.stream)?;
         let dev = q.device;
-        let (dq, dk, dv) = (
-            device_tensor(&gpu, &q, dev)?,
-            device_tensor(&gpu, &k, dev)?,
-            device_tensor(&gpu, &v, dev)?,
-        );
-        let dmask = mask.as_ref().map(|m| device_mask(m, dev)).transpose()?;
-        let [b, hq] = [q.shape[0], q.shape[1]];
-        let dslopes = slopes
-            .map(|s| DeviceSlopes::upload(&gpu, s.view(), b, hq))
-            .transpose()
-            .map_err(py_err)?;
         let problem = gpu
             .problem(&dq, &dk, &dv, dmask.as_ref(), &options)
             .map_err(py_err)?;
@@ -702,16 +732,17 @@ fn backward(
             }?;
             return Ok(backend.to_string());
         }
-        let gpu = context(q.device, opts.stream)?;
+        let DeviceCall {
+            gpu,
+            q: dq,
+            k: dk,
+            v: dv,
+            mask: dmask,
+            slopes: dslopes,
+        } = DeviceCall::new(&call, slopes, opts.stream)?;
         let dev = q.device;
         let t = |d: &Desc| device_tensor(&gpu, d, dev);
-        let (dq, dk, dv, o, l, g) = (t(&q)?, t(&k)?, t(&v)?, t(&out)?, t(&lse)?, t(&dout)?);
-        let dmask = mask.as_ref().map(|m| device_mask(m, dev)).transpose()?;
-        let [b, hq] = [q.shape[0], q.shape[1]];
-        let dslopes = slopes
-            .map(|s| DeviceSlopes::upload(&gpu, s.view(), b, hq))
-            .transpose()
-            .map_err(py_err)?;
+        let (o, l, g) = (t(&out)?, t(&lse)?, t(&dout)?);
         let r = gpu
             .sdpa_backward_with_alibi(
                 &dq,
