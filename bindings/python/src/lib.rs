@@ -650,29 +650,24 @@ fn forward(
             }?;
             return Ok(backend.to_string());
         }
-        let DeviceCall {
-            gpu,
-            q: dq,
-            k: dk,
-            v: dv,
-            mask: dmask,
-            slopes: dslopes,
-        } = DeviceCall::new(&call, slopes, opts.stream)?;
+        let c = DeviceCall::new(&call, slopes, opts.stream)?;
+        let (gpu, dq, dk, dv) = (&c.gpu, &c.q, &c.k, &c.v);
+        let (dmask, dslopes) = (&c.mask, &c.slopes);
         let dev = q.device;
         let problem = gpu
-            .problem(&dq, &dk, &dv, dmask.as_ref(), &options)
+            .problem(dq, dk, dv, dmask.as_ref(), &options)
             .map_err(py_err)?;
         let backend = sdpa::select(set, &problem, Device::Cuda).map_err(py_err)?;
         let (o, l) = (
-            device_tensor(&gpu, &out, dev)?,
-            device_tensor(&gpu, &lse, dev)?,
+            device_tensor(gpu, &out, dev)?,
+            device_tensor(gpu, &lse, dev)?,
         );
         gpu.run(
             backend,
             &problem,
-            &dq,
-            &dk,
-            &dv,
+            dq,
+            dk,
+            dv,
             dmask.as_ref(),
             dslopes.as_ref(),
             &o,
@@ -732,22 +727,17 @@ fn backward(
             }?;
             return Ok(backend.to_string());
         }
-        let DeviceCall {
-            gpu,
-            q: dq,
-            k: dk,
-            v: dv,
-            mask: dmask,
-            slopes: dslopes,
-        } = DeviceCall::new(&call, slopes, opts.stream)?;
+        let c = DeviceCall::new(&call, slopes, opts.stream)?;
+        let (gpu, dq, dk, dv) = (&c.gpu, &c.q, &c.k, &c.v);
+        let (dmask, dslopes) = (&c.mask, &c.slopes);
         let dev = q.device;
-        let t = |d: &Desc| device_tensor(&gpu, d, dev);
+        let t = |d: &Desc| device_tensor(gpu, d, dev);
         let (o, l, g) = (t(&out)?, t(&lse)?, t(&dout)?);
         let r = gpu
             .sdpa_backward_with_alibi(
-                &dq,
-                &dk,
-                &dv,
+                dq,
+                dk,
+                dv,
                 &o,
                 &l,
                 &g,
@@ -757,9 +747,9 @@ fn backward(
                 set,
             )
             .map_err(py_err)?;
-        r.dq.copy_into(&gpu, &t(&grads[0])?).map_err(py_err)?;
-        r.dk.copy_into(&gpu, &t(&grads[1])?).map_err(py_err)?;
-        r.dv.copy_into(&gpu, &t(&grads[2])?).map_err(py_err)?;
+        r.dq.copy_into(gpu, &t(&grads[0])?).map_err(py_err)?;
+        r.dk.copy_into(gpu, &t(&grads[1])?).map_err(py_err)?;
+        r.dv.copy_into(gpu, &t(&grads[2])?).map_err(py_err)?;
         if let (Some(target), Some(dm)) = (grads.get(3), r.dmask.as_ref()) {
             // The gradient is stored as the mask's shape left-padded to rank 4; the
             // target is the mask's shape, contiguous: the same bytes.
@@ -770,7 +760,7 @@ fn backward(
                     .strides
                     .insert(0, padded.strides.first().copied().unwrap_or(1));
             }
-            dm.copy_into(&gpu, &t(&padded)?).map_err(py_err)?;
+            dm.copy_into(gpu, &t(&padded)?).map_err(py_err)?;
         }
         // The gradients above were allocated here and are freed (stream-ordered) when
         // `r` drops, after the copies on the same stream.
