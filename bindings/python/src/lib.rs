@@ -169,7 +169,8 @@ impl Opts {
     }
 }
 
-/// One past the largest element offset of the view, in checked arithmetic.
+/// One past the largest element offset of the view, in checked arithmetic
+/// (`sdpa_cuda::extent`, the one check of every view), its error naming `d`.
 fn extent(d: &Desc) -> PyResult<usize> {
     if d.shape.len() != d.strides.len() {
         return Err(value_error(format!(
@@ -177,28 +178,12 @@ fn extent(d: &Desc) -> PyResult<usize> {
             d.name, d.shape, d.strides
         )));
     }
-    if d.shape.contains(&0) {
-        return Ok(0);
-    }
-    let mut last = 0usize;
-    for (&n, &s) in d.shape.iter().zip(&d.strides) {
-        let s = usize::try_from(s).map_err(|_| {
-            value_error(format!(
-                "{}: expected non-negative strides, got {:?}",
-                d.name, d.strides
-            ))
-        })?;
-        last = (n - 1)
-            .checked_mul(s)
-            .and_then(|x| last.checked_add(x))
-            .ok_or_else(|| {
-                value_error(format!(
-                    "{}: expected a view whose extent fits in memory, got shape {:?} strides {:?}",
-                    d.name, d.shape, d.strides
-                ))
-            })?;
-    }
-    Ok(last + 1)
+    sdpa_cuda::extent("view", &d.shape, &d.strides).map_err(|e| match e {
+        CudaError::BadLayout {
+            expected, actual, ..
+        } => value_error(format!("{}: expected {expected}, got {actual}", d.name)),
+        other => py_err(other),
+    })
 }
 
 /// The host pointer of `d` as `*const T`: aligned, non-null where it holds elements

@@ -755,14 +755,7 @@ pub fn bench_backends(
         if !backward {
             return Ok(());
         }
-        match (backend, &engine.gpu) {
-            (Backend::Flash | Backend::Efficient, Some(_)) => {
-                sdpa_cuda::select_backward(&problem, BackendSet::only(backend), None)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }
-            _ => Ok(()),
-        }
+        engine.backward_support(backend, &problem)
     };
     let fits = |backend: Backend| -> Result<(), String> {
         match (&math_too_big, backend) {
@@ -1265,7 +1258,8 @@ fn run_sweep(args: &BenchArgs) -> Result<ExitCode, CliError> {
         },
     };
     sweep.check()?;
-    for shape in sweep.shapes() {
+    let points = sweep.shapes();
+    for shape in &points {
         check_sizes(&shape.problem())?;
     }
     let rows = crate::sweep::run(&engine, &sweep, args.repeats)?;
@@ -1276,7 +1270,7 @@ fn run_sweep(args: &BenchArgs) -> Result<ExitCode, CliError> {
             crate::output::write(out, format!("{text}\n").as_bytes(), &[])?;
             eprintln!(
                 "{} points, {} rows -> {}",
-                sweep.shapes().len(),
+                points.len(),
                 rows.len(),
                 out.display()
             );

@@ -112,13 +112,16 @@ impl Engine {
         Ok(select(set, problem, self.device)?)
     }
 
-    /// Whether `backend` has a backward for `problem` here: on CUDA flash's tensor-core
-    /// backward, efficient's fused one and math where `select_backward` takes them; on the
-    /// CPU the reference (math).
-    pub fn has_backward(&self, backend: Backend, problem: &Problem) -> bool {
-        match &self.gpu {
-            Some(_) => sdpa_cuda::select_backward(problem, BackendSet::only(backend), None).is_ok(),
-            None => backend == Backend::Math,
+    /// Whether `backend` has a backward for `problem` here, with the reason when not: on
+    /// CUDA flash's tensor-core backward and efficient's fused one where
+    /// `select_backward` takes them; math everywhere (the reference on the CPU).
+    pub fn backward_support(&self, backend: Backend, problem: &Problem) -> Result<(), String> {
+        match (&self.gpu, backend) {
+            (_, Backend::Math) => Ok(()),
+            (Some(_), _) => sdpa_cuda::select_backward(problem, BackendSet::only(backend), None)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            (None, _) => self.supports(backend, problem),
         }
     }
 

@@ -69,6 +69,7 @@ pub use error::{CudaError, Result};
 pub use fwd::{fused_spec, fused_spec_with, Attention, HostOutput};
 pub use params::Varlen;
 pub use tensor::{
-    lse_to_3d, DeviceElement, DeviceMask, DeviceSeqlens, DeviceSlopes, DeviceTensor, HostMask,
+    extent, lse_to_3d, DeviceElement, DeviceMask, DeviceSeqlens, DeviceSlopes, DeviceTensor,
+    HostMask,
 };
 pub use tiles::KernelConfig;

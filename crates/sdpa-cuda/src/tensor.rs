@@ -84,7 +84,7 @@ pub struct DeviceTensor {
 /// One past the largest element offset a view of `shape` and `strides` reaches (0 for
 /// an empty view), in checked arithmetic: `Err` for a negative stride or an extent that
 /// does not fit `usize`, so a huge stride can never wrap to a small extent.
-pub(crate) fn extent(arg: &'static str, shape: &[usize], strides: &[isize]) -> Result<usize> {
+pub fn extent(arg: &'static str, shape: &[usize], strides: &[isize]) -> Result<usize> {
     if shape.contains(&0) {
         return Ok(0);
     }
