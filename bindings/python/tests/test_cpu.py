@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 import sdpa_rs
 
-torch.manual_seed(0)
-
 # (B, Hq, Hkv, L, S, E, Ev)
 SHAPES = [
     (1, 1, 1, 1, 1, 1, 1),
