@@ -50,12 +50,20 @@ except ImportError:  # pragma: no cover
 _BACKENDS = ("flash", "efficient", "math")
 
 
+class _Absent:  # what isinstance tests against where torch or numpy is not installed
+    pass
+
+
+_TENSOR: Any = torch.Tensor if torch is not None else _Absent
+_NDARRAY: Any = np.ndarray if np is not None else _Absent
+
+
 def _is_torch(x: Any) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
+    return isinstance(x, _TENSOR)
 
 
 def _is_numpy(x: Any) -> bool:
-    return np is not None and isinstance(x, np.ndarray)
+    return isinstance(x, _NDARRAY)
 
 
 _TORCH_DTYPES: Dict[Any, str] = (
@@ -69,6 +77,7 @@ _TORCH_DTYPES: Dict[Any, str] = (
     if torch is not None
     else {}
 )
+_STRIDED = torch.strided if torch is not None else None
 _NUMPY_DTYPES = {"float64": "f64", "float32": "f32", "float16": "f16", "bool": "bool"}
 
 
@@ -76,17 +85,17 @@ def _describe(x: Any, name: str) -> Tuple[str, int, Any, Any, str, int]:
     """What the native module needs to read ``x`` where it is: ``(name, address, shape,
     element strides, dtype, device)``, device -1 for the CPU. Built for every tensor of
     every call, so kept to a few attribute reads."""
-    if _is_torch(x):
+    if isinstance(x, _TENSOR):
         dtype = _TORCH_DTYPES.get(x.dtype)
         if dtype is None:
             raise ValueError(
                 f"{name}: expected a float64, float32, float16, bfloat16 (or, for "
                 f"attn_mask, bool) tensor, got {x.dtype}"
             )
-        if x.layout is not torch.strided:
+        if x.layout is not _STRIDED:
             raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
         device = x.get_device()  # -1 on the CPU, the ordinal on CUDA
-        if device < 0 and x.device.type != "cpu":
+        if device < 0 and not x.is_cpu:
             raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {x.device}")
         # torch strides are never negative.
         return (name, x.data_ptr(), x.shape, x.stride(), dtype, device)
