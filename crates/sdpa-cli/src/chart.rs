@@ -292,7 +292,7 @@ pub fn run(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>, CliError> {
     }
     std::fs::create_dir_all(out)
         .map_err(|e| CliError::Usage(format!("{}: cannot create: {e}", out.display())))?;
-    let device = devices.join(" / ");
+    let device = device_title(&devices);
     let sources: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let mut written = Vec::new();
     for chart in charts(&all) {
@@ -303,9 +303,41 @@ pub fn run(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>, CliError> {
     Ok(written)
 }
 
+/// The inputs' device names for a chart's title: each once, and one that another
+/// contains (PyTorch's "NVIDIA H200" beside ours "cuda (NVIDIA H200, sm_90)") left out.
+fn device_title(devices: &[String]) -> String {
+    let kept: Vec<&str> = devices
+        .iter()
+        .enumerate()
+        .filter(|&(i, d)| {
+            !devices
+                .iter()
+                .enumerate()
+                .any(|(j, other)| j != i && other.contains(d.as_str()) && (other != d || j < i))
+        })
+        .map(|(_, d)| d.as_str())
+        .collect();
+    kept.join(" / ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_named_inside_another_is_named_once() {
+        let d = |v: &[&str]| device_title(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            d(&["cuda (NVIDIA H200, sm_90)", "NVIDIA H200"]),
+            "cuda (NVIDIA H200, sm_90)"
+        );
+        assert_eq!(
+            d(&["NVIDIA H200", "cuda (NVIDIA H200, sm_90)"]),
+            "cuda (NVIDIA H200, sm_90)"
+        );
+        assert_eq!(d(&["cpu", "NVIDIA H100"]), "cpu / NVIDIA H100");
+        assert_eq!(d(&["a", "a"]), "a");
+    }
 
     const OURS: &str = r#"{"device": "NVIDIA H200", "source": "sdpa", "rows": [
       {"backend": "auto (flash)", "pass": "forward", "head_dim": 64, "causal": false, "dtype": "bf16", "len": 512, "tflops": 300.0},
