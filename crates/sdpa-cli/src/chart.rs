@@ -280,9 +280,7 @@ pub fn run(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>, CliError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| CliError::Usage(format!("{}: cannot read: {e}", path.display())))?;
         let (device, pts) = points(path, &text)?;
-        if !devices.contains(&device) {
-            devices.push(device);
-        }
+        devices.push(device);
         all.extend(pts);
     }
     if all.is_empty() {
@@ -306,17 +304,13 @@ pub fn run(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>, CliError> {
 /// The inputs' device names for a chart's title: each once, and one that another
 /// contains (PyTorch's "NVIDIA H200" beside ours "cuda (NVIDIA H200, sm_90)") left out.
 fn device_title(devices: &[String]) -> String {
-    let kept: Vec<&str> = devices
-        .iter()
-        .enumerate()
-        .filter(|&(i, d)| {
-            !devices
-                .iter()
-                .enumerate()
-                .any(|(j, other)| j != i && other.contains(d.as_str()) && (other != d || j < i))
-        })
-        .map(|(_, d)| d.as_str())
-        .collect();
+    let mut kept: Vec<&str> = Vec::new();
+    for d in devices {
+        let inside_another = devices.iter().any(|o| o != d && o.contains(d.as_str()));
+        if !inside_another && !kept.contains(&d.as_str()) {
+            kept.push(d);
+        }
+    }
     kept.join(" / ")
 }
 
