@@ -238,6 +238,16 @@ BUGS += [
         "the dk/dv kernel loads the next query tile while warps still read the last one",
     ),
     (
+        "bwd-gqa-one-chain",
+        "backward: wrong GQA reduction",
+        "bwd/attn_bwd_simt.cu",
+        [
+            ("if (d < p.head_dim_v) tdv[c] = fmaf(wi, s_do[ii][d], tdv[c]);", "if (d < p.head_dim_v) dv[c] = fmaf(wi, s_do[ii][d], dv[c]);"),
+            ("if (d < p.head_dim) tdk[c] = fmaf(si, s_q[ii][d], tdk[c]);", "if (d < p.head_dim) dk[c] = fmaf(si, s_q[ii][d], dk[c]);"),
+        ],
+        "dk and dv summed in one f32 chain over the group's G x L rows (right in exact arithmetic, 1.3-3x PyTorch's f32 error at G = 4, L = 192)",
+    ),
+    (
         "bwd-dk-scale-missing",
         "backward: scale missing",
         "bwd/attn_bwd_simt.cu",

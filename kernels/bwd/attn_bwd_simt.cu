@@ -15,7 +15,9 @@
 //   dk/dv kernel (key-major, SDPA_KERNEL_DKDV, after the dq kernel) one warp per key row,
 //              lanes over a tile of query rows of each query head of the key's group:
 //              dv = sum_i P Z/(1-p) dout_i and dk = scale sum_i dS q_i in registers, so
-//              GQA's sum over the group's heads happens in the accumulator.
+//              GQA's sum over the group's heads happens in the accumulator; each tile's
+//              rows are summed apart and then added (blocked: f32 rounding of a sum of
+//              TILE + G L / TILE terms, not of G L).
 //
 // D is rowsum(P dP), the exact equal of rowsum(dout * out) that carries no rounding of a
 // 16-bit out (the reference's D); out is not read. Keys a row does not read (causal,
@@ -168,6 +170,11 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
                 }
             }
             if (pass == 1) {
+                // The tile's sum first, then into the row's (blocked summation, see
+                // the dk/dv kernel).
+                float tile[SDPA_DV_CHUNKS];
+#pragma unroll
+                for (int c = 0; c < SDPA_DV_CHUNKS; ++c) tile[c] = 0.f;
                 const int count = min(TILE, limit - j0);
                 for (int jj = 0; jj < count; ++jj) {
                     const float w = __shfl_sync(0xffffffffu, ds, jj);
@@ -175,9 +182,11 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DQ(const Bw
 #pragma unroll
                     for (int c = 0; c < SDPA_DV_CHUNKS; ++c) {
                         const int d = lane + 32 * c;
-                        if (d < p.head_dim) dq[c] = fmaf(w, s_k[jj][d], dq[c]);
+                        if (d < p.head_dim) tile[c] = fmaf(w, s_k[jj][d], tile[c]);
                     }
                 }
+#pragma unroll
+                for (int c = 0; c < SDPA_DV_CHUNKS; ++c) dq[c] += tile[c];
             }
         }
         if (pass == 0) {
@@ -274,6 +283,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
                     w = prob * keep;
                 }
             }
+            // The tile's TILE rows summed on their own, then added to the key's sums:
+            // one chain over all G x L rows of the group (GQA) rounds like a sum of
+            // G x L terms, where PyTorch's per-head products and sum over the heads round
+            // like L + G; the blocked sum rounds like TILE + G x L / TILE.
+            float tdk[SDPA_DV_CHUNKS], tdv[SDPA_DV_CHUNKS];
+#pragma unroll
+            for (int c = 0; c < SDPA_DV_CHUNKS; ++c) tdk[c] = tdv[c] = 0.f;
             const int count = min(TILE, seq.len_q - i0);
             for (int ii = 0; ii < count; ++ii) {
                 const float wi = __shfl_sync(0xffffffffu, w, ii);
@@ -282,10 +298,12 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) SDPA_KERNEL_DKDV(const 
 #pragma unroll
                 for (int c = 0; c < SDPA_DV_CHUNKS; ++c) {
                     const int d = lane + 32 * c;
-                    if (d < p.head_dim_v) dv[c] = fmaf(wi, s_do[ii][d], dv[c]);
-                    if (d < p.head_dim) dk[c] = fmaf(si, s_q[ii][d], dk[c]);
+                    if (d < p.head_dim_v) tdv[c] = fmaf(wi, s_do[ii][d], tdv[c]);
+                    if (d < p.head_dim) tdk[c] = fmaf(si, s_q[ii][d], tdk[c]);
                 }
             }
+#pragma unroll
+            for (int c = 0; c < SDPA_DV_CHUNKS; ++c) dk[c] += tdk[c], dv[c] += tdv[c];
         }
     }
     if (!key_ok) return;

@@ -132,9 +132,9 @@ def grad_error(got, truth):
     return (got.double().cpu() - truth).abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("causal", [False, True])
-def test_backward_passes_the_policy_against_torch(dtype, causal):
+def check_backward_against_torch(dtype, causal, backend="auto"):
+    """Ours (forward and backward on `backend`) and PyTorch's default CUDA backward, each
+    against f64 truth; ours within the peer rule: 2x PyTorch's error + the floor."""
     b, hq, hkv, l, s, e = 2, 8, 2, 192, 256, 64
     q, k, v = (rand(b, n, m, e, dtype=dtype) for n, m in ((hq, l), (hkv, s), (hkv, s)))
     dout = rand(b, hq, l, e, dtype=dtype)
@@ -143,14 +143,30 @@ def test_backward_passes_the_policy_against_torch(dtype, causal):
     t64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*t64, **kw).backward(dout.cpu().double())
     ours = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    sdpa_rs.scaled_dot_product_attention(*ours, **kw).backward(dout)
+    sdpa_rs.scaled_dot_product_attention(*ours, **kw, backend=backend).backward(dout)
     theirs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*theirs, **kw).backward(dout)
     for name, a, p, t in zip("qkv", ours, theirs, t64):
         truth = t.grad
         bound = 2 * grad_error(p.grad, truth) + FLOOR[dtype] * max(1.0, truth.abs().max().item())
         err = grad_error(a.grad, truth)
-        assert math.isfinite(err) and err <= bound, f"d{name}: {err:.3e} > {bound:.3e}"
+        assert math.isfinite(err) and err <= bound, f"d{name} ({backend}): {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_passes_the_policy_against_torch(dtype, causal):
+    check_backward_against_torch(dtype, causal)
+
+
+@pytest.mark.parametrize("backend", ["efficient", "math"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_f32_gqa_backward_passes_the_policy_over_seeds(backend, causal):
+    # f32 GQA dk/dv sum G x L rows: a single f32 chain over them came out at 1.5-2.6x
+    # PyTorch's error (GPU-TESTS.md, 2026-12-07); six draws per backend and causal.
+    for seed in range(6):
+        torch.manual_seed(1000 + seed)
+        check_backward_against_torch(torch.float32, causal, backend)
 
 
 def test_bad_input_on_cuda():

@@ -1,11 +1,11 @@
-//! The CUDA backward, math backend: five cuBLAS products around the elementwise kernels
+//! The CUDA backward, math backend: cuBLAS products around the elementwise kernels
 //! of `kernels/bwd/math_bwd.cu`, every dtype (DESIGN.md "Backward").
 //!
 //! # Algorithm and buffers
 //! `acc` is f64 for f64 and f32 otherwise; `G = Hq / Hkv`, `M = G * L`. Every product
 //! runs per `(b, kv head)` (batch `B * Hkv`) over the `M` query rows of the group's `G`
 //! query heads, which are contiguous in a `[B, Hq, L, *]` buffer: so `dk` and `dv` are
-//! summed over the group inside the product's inner dimension (in acc), with no
+//! summed over the group by accumulating products (beta = 1, step 4), with no
 //! per-query-head scratch and no reduction kernel, and k, v are never expanded.
 //!
 //! 1. `convert`: q `[B, Hq, L, E]`, k `[B, Hkv, S, E]`, v `[B, Hkv, S, Ev]`, dout
@@ -20,7 +20,9 @@
 //!    then `dS = P (dP - D)` over `scores` and `W = P Z/(1-p)` over `dw`; an additive
 //!    mask's `dS` is added (atomics) into an acc accumulator in the mask's own shape.
 //! 4. cuBLAS: `dv = W^T dout`, `dk = dS^T q`, `dq = dS k`, acc scratch of the outputs'
-//!    sizes.
+//!    sizes; dv and dk as one product per query head of the group (its L rows), added
+//!    in head order (beta = 1), as PyTorch sums them: one product over the group's
+//!    G * L rows would round like a sum of G * L terms.
 //! 5. `round`: `dq = scale * dq_acc`, `dk = scale * dk_acc`, `dv`, `dmask`, each rounded
 //!    once to its dtype.
 //!
@@ -716,33 +718,62 @@ impl GpuContext {
         let (dk_buf, dk_acc) = zeroed(self, k_elems, acc_bytes)?;
         let (dv_buf, dv_acc) = zeroed(self, v_elems, acc_bytes)?;
         params.dq_accum = dq_acc;
-        let products = [
-            // dv^T [Ev x S] = dout^T [Ev x M] * W [M x S]
-            (ev, s, m, matrix(da, acc, ev, m * ev), dw, dv_acc, true),
-            // dk^T [E x S] = q^T [E x M] * dS [M x S]
-            (e, s, m, matrix(qa, acc, e, m * e), scores, dk_acc, true),
-            // dq^T [E x M] = k^T [E x S] * dS^T [S x M]
-            (e, m, s, matrix(ka, acc, e, s * e), scores, dq_acc, false),
-        ];
-        for (rows_c, cols_c, inner, a, bptr, c, trans_b) in products {
-            let gemm = Gemm {
-                trans_a: false,
-                trans_b,
-                m: rows_c,
-                n: cols_c,
-                k: inner,
-                a,
-                b: matrix(bptr, acc, s, m * s),
-                c: matrix(c, acc, rows_c, rows_c * cols_c),
-                batch,
-                accumulate: false,
-                compute: types.compute,
+        // dk and dv: one product per query head of the group (inner dimension L, its rows
+        // at offset g * L of the group's M), the first with beta = 0 and the others
+        // added (beta = 1), in head order. One product over all M = G * L rows rounds
+        // like a sum of G * L terms (measured at 1.5-2.6x PyTorch's error in f32 at
+        // G = 4, L = 192); PyTorch's per-head products and sum over the heads round like
+        // L + G, and so do these. dq is per query head already (inner dimension S).
+        let group = problem.group_size();
+        let offset = |ptr: u64, g: usize, cols: usize| -> Result<u64> {
+            let bytes = product("query", &[g, l, cols, acc_bytes])?;
+            Ok(ptr + bytes as u64)
+        };
+        // C^T [rows x cols] (+)= A [rows x inner] * B, B an [M, S] matrix (dS or W) of
+        // each batch entry, from `b` on.
+        let gemm =
+            |rows: usize, cols: usize, inner: usize, a: Operand, b: u64, c: u64, trans_b: bool| {
+                Gemm {
+                    trans_a: false,
+                    trans_b,
+                    m: rows,
+                    n: cols,
+                    k: inner,
+                    a,
+                    b: matrix(b, acc, s, m * s),
+                    c: matrix(c, acc, rows, rows * cols),
+                    batch,
+                    accumulate: false,
+                    compute: types.compute,
+                }
             };
-            if inner > 0 {
-                // SAFETY: A is a `batch` of acc matrices of the sizes named above, B the
-                // [M, S] dS or W matrices, C a zeroed acc buffer of `batch` [cols, rows]
-                // row-major matrices (the gradient's [B, Hkv, S, *] or [B, Hq, L, E]).
-                unsafe { gemm.run(self) }?;
+        let mut products = Vec::with_capacity(2 * group + 1);
+        for g in 0..group {
+            let later = g > 0;
+            // dv^T [Ev x S] += dout_g^T [Ev x L] * W_g [L x S]
+            let da_g = matrix(offset(da, g, ev)?, acc, ev, m * ev);
+            products.push(Gemm {
+                accumulate: later,
+                ..gemm(ev, s, l, da_g, offset(dw, g, s)?, dv_acc, true)
+            });
+            // dk^T [E x S] += q_g^T [E x L] * dS_g [L x S]
+            let qa_g = matrix(offset(qa, g, e)?, acc, e, m * e);
+            products.push(Gemm {
+                accumulate: later,
+                ..gemm(e, s, l, qa_g, offset(scores, g, s)?, dk_acc, true)
+            });
+        }
+        // dq^T [E x M] = k^T [E x S] * dS^T [S x M]
+        let ka_all = matrix(ka, acc, e, s * e);
+        products.push(gemm(e, m, s, ka_all, scores, dq_acc, false));
+        for product in products {
+            if product.k > 0 {
+                // SAFETY: A is a `batch` of acc matrices of the sizes named above (a head's
+                // L rows start g * L rows into its group's M, inside the batch entry), B
+                // the [M, S] dS or W matrices (likewise offset), C a zeroed acc buffer of
+                // `batch` [cols, rows] row-major matrices (the gradient's [B, Hkv, S, *]
+                // or [B, Hq, L, E]).
+                unsafe { product.run(self) }?;
             }
         }
 
