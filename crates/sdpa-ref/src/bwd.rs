@@ -42,7 +42,6 @@ use ndarray::{
 };
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
-use sdpa_core::dropout::flat_index;
 use sdpa_core::{shape_text, Result, SdpaError, SdpaOptions};
 
 /// Output of [`sdpa_backward`], in the inputs' dtype.
@@ -152,6 +151,7 @@ fn backward<T: Element>(
             let inputs = HeadInputs {
                 lse: lse.slice(s![b, h, ..]).mapv(|x| T::Acc::from_f64(x as f64)),
                 dout: dout.slice(s![b, h, .., ..]).mapv(T::to_acc),
+                delta: None,
             };
             head_grads(
                 &ctx,
@@ -200,25 +200,29 @@ fn backward<T: Element>(
 }
 
 /// The forward's results and the incoming gradient of one `(b, h)`, widened once.
-struct HeadInputs<A> {
-    lse: ndarray::Array1<A>,
-    dout: Array2<A>,
+pub(crate) struct HeadInputs<A> {
+    pub(crate) lse: ndarray::Array1<A>,
+    pub(crate) dout: Array2<A>,
+    /// `D = rowsum(dout * out)` of each row when the caller has it (a block of a larger
+    /// call, whose rows read keys outside the block); `None` takes `rowsum(P * dP)`
+    /// over the call's keys.
+    pub(crate) delta: Option<ndarray::Array1<A>>,
 }
 
 /// One query head's share: its `dq` rows, its contributions to its kv head's `dk` and
 /// `dv` (summed over the group afterwards), and `dS` when an additive mask wants it.
-struct HeadGrads<A> {
-    dq: Array2<A>,
-    dk: Array2<A>,
-    dv: Array2<A>,
-    ds: Option<Array2<A>>,
+pub(crate) struct HeadGrads<A> {
+    pub(crate) dq: Array2<A>,
+    pub(crate) dk: Array2<A>,
+    pub(crate) dv: Array2<A>,
+    pub(crate) ds: Option<Array2<A>>,
 }
 
 fn nan_to_zero<A: Accum>(x: &Array2<A>) -> Array2<A> {
     x.mapv(|x| if x.is_nan() { A::zero() } else { x })
 }
 
-fn head_grads<T: Element>(
+pub(crate) fn head_grads<T: Element>(
     ctx: &Context<'_, T>,
     keys_nan_free: &[Array2<T::Acc>],
     b: usize,
@@ -298,18 +302,7 @@ fn head_grads<T: Element>(
             let prob = prob.as_slice_mut().expect("probs rows are contiguous");
             row_probabilities(ctx, b, h, i, inputs.lse[i], prob);
             if p.dropout.is_active() {
-                p.dropout.fill_keep_row(
-                    flat_index(
-                        ctx.space.batch_offset + b,
-                        h,
-                        i,
-                        0,
-                        ctx.space.heads_q,
-                        ctx.space.len_q,
-                        ctx.space.len_kv,
-                    ),
-                    &mut keep,
-                );
+                p.dropout.fill_keep_row(ctx.dropout_row(b, h, i), &mut keep);
             }
             let mut dscore = dscores.row_mut(r);
             let mut weight = weights.row_mut(r);
@@ -327,6 +320,9 @@ fn head_grads<T: Element>(
                 if ctx.reads_key(b, h, i, j) {
                     delta = delta + prob[j] * dscore[j];
                 }
+            }
+            if let Some(given) = &inputs.delta {
+                delta = given[i];
             }
             for j in 0..len_kv {
                 dscore[j] = if ctx.reads_key(b, h, i, j) {
@@ -411,7 +407,7 @@ fn row_probabilities<T: Element>(
                 *x = T::Acc::nan();
             }
         }
-    } else if sum > zero && sum.is_finite() {
+    } else if ctx.renormalize && sum > zero && sum.is_finite() {
         // lse arrives rounded to f32, which multiplies the whole row by `exp(error)`:
         // up to ~1e-7 relative, an f32 error in an f64 reference. The row sum is that
         // factor, so dividing by it leaves exactly softmax(s) in the accumulator type.

@@ -33,10 +33,12 @@
 // deny, not forbid: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
 #![deny(unsafe_code)]
 
+pub mod blocks;
 pub mod bwd;
 mod element;
 pub mod kvcache;
 
+pub use blocks::Frame;
 pub use bwd::{sdpa_backward, sdpa_backward_with_alibi, Gradients};
 pub use element::{Accum, Element};
 
@@ -246,6 +248,13 @@ struct Context<'a, T: Element> {
     space: DropoutSpace,
     /// ALiBi slopes broadcast to `[B, Hq]`, if any.
     alibi: Option<Array2<f64>>,
+    /// Where the call's queries and keys sit in the problem causal, window, ALiBi and
+    /// dropout are defined over (the call itself unless a block of a larger one).
+    frame: Frame,
+    /// Whether the backward divides each row's `P` by its sum (which undoes the f32
+    /// rounding of `lse`): right when the call holds every key of its rows, wrong for a
+    /// block of them.
+    renormalize: bool,
 }
 
 impl<'a, T: Element> Context<'a, T> {
@@ -289,6 +298,8 @@ impl<'a, T: Element> Context<'a, T> {
             mask,
             space,
             alibi: None,
+            frame: Frame::whole(problem.len_q, problem.len_kv),
+            renormalize: true,
         }
     }
 
@@ -296,12 +307,37 @@ impl<'a, T: Element> Context<'a, T> {
         Context { alibi, ..self }
     }
 
+    /// The context of a block at `frame` of a larger call: positions and dropout
+    /// indices are the frame's, and rows are not renormalised.
+    pub(crate) fn in_frame(self, frame: Frame) -> Self {
+        Context {
+            frame,
+            renormalize: false,
+            ..self
+        }
+    }
+
+    /// Row `i`'s keys `lo..limit` (the window's and causal's range), in the call's key
+    /// indices.
+    fn key_range(&self, i: usize) -> (usize, usize) {
+        let p = self.problem;
+        let f = &self.frame;
+        let row = f.query_offset + i;
+        let (lo, hi) = p.window.key_range(row, f.len_q, f.len_kv);
+        let limit = p.causal.key_limit(row, f.len_q, f.len_kv).min(hi);
+        let lo = lo.min(limit);
+        let local = |x: usize| x.saturating_sub(f.key_offset).min(p.len_kv);
+        (local(lo), local(limit))
+    }
+
     /// Adds row `i`'s ALiBi bias `-slope * |i + S - L - j|` of `(b, h)` to its scores.
     pub(crate) fn add_alibi(&self, b: usize, h: usize, i: usize, row: &mut [T::Acc]) {
         if let Some(slopes) = &self.alibi {
-            let p = self.problem;
             let slope = T::Acc::from_f64(slopes[[b, h]]);
-            let diag = i as i128 + p.len_kv as i128 - p.len_q as i128;
+            let f = &self.frame;
+            let diag = (f.query_offset + i) as i128 + f.len_kv as i128
+                - f.len_q as i128
+                - f.key_offset as i128;
             for (j, x) in row.iter_mut().enumerate() {
                 let distance = T::Acc::from_f64((diag - j as i128).unsigned_abs() as f64);
                 *x = *x - slope * distance;
@@ -312,9 +348,9 @@ impl<'a, T: Element> Context<'a, T> {
     /// Whether query `i` of `(b, h)` reads key `j`: causal and a bool mask allow it (an
     /// additive mask masks nothing out; its `-inf` is added like any value).
     fn reads_key(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
-        let p = self.problem;
-        p.causal.allows(i, j, p.len_q, p.len_kv)
-            && p.window.allows(i, j, p.len_q, p.len_kv)
+        let (lo, limit) = self.key_range(i);
+        lo <= j
+            && j < limit
             && match &self.mask {
                 Broadcast::Bool(m) => m[[b, h, i, j]],
                 Broadcast::None | Broadcast::Additive(_) => true,
@@ -329,7 +365,7 @@ impl<'a, T: Element> Context<'a, T> {
         h: usize,
         i0: usize,
         mut weights: ArrayViewMut2<'_, T::Acc>,
-        mut lse: ArrayViewMut1<'_, f32>,
+        mut lse: ArrayViewMut1<'_, T::Acc>,
     ) {
         let p = self.problem;
         let rows = weights.nrows();
@@ -358,10 +394,7 @@ impl<'a, T: Element> Context<'a, T> {
             let i = i0 + r;
             let row = row.as_slice_mut().expect("weights rows are contiguous");
             self.add_alibi(b, h, i, row);
-            // Keys lo..limit: the window's and causal's range.
-            let (lo, hi) = p.window.key_range(i, p.len_q, p.len_kv);
-            let limit = p.causal.key_limit(i, p.len_q, p.len_kv).min(hi);
-            let lo = lo.min(limit);
+            let (lo, limit) = self.key_range(i);
             row[..lo].fill(neg_inf);
             row[limit..].fill(neg_inf);
             match &self.mask {
@@ -392,11 +425,11 @@ impl<'a, T: Element> Context<'a, T> {
             if max == neg_inf {
                 if row.iter().any(|x| x.is_nan()) {
                     row.fill(T::Acc::nan());
-                    lse[r] = f32::NAN;
+                    lse[r] = T::Acc::nan();
                 } else {
                     // Every key masked out: PyTorch's safe softmax gives 0, never NaN.
                     row.fill(T::Acc::zero());
-                    lse[r] = f32::NEG_INFINITY;
+                    lse[r] = neg_inf;
                 }
                 continue;
             }
@@ -405,24 +438,14 @@ impl<'a, T: Element> Context<'a, T> {
                 // A NaN score (or +inf meeting +inf): NaN in every weight, dropped or
                 // kept, as PyTorch's math backend multiplies the NaN by the keep mask.
                 row.fill(T::Acc::nan());
-                lse[r] = f32::NAN;
+                lse[r] = T::Acc::nan();
                 continue;
             }
-            lse[r] = (max + sum.ln()).to_f32();
+            lse[r] = max + sum.ln();
             let inv = T::Acc::one() / sum;
             if p.dropout.is_active() {
-                p.dropout.fill_keep_row(
-                    flat_index(
-                        self.space.batch_offset + b,
-                        h,
-                        i,
-                        0,
-                        self.space.heads_q,
-                        self.space.len_q,
-                        self.space.len_kv,
-                    ),
-                    &mut keep,
-                );
+                p.dropout
+                    .fill_keep_row(self.dropout_row(b, h, i), &mut keep);
                 let kept = inv * keep_scale;
                 for (x, &k) in row.iter_mut().zip(&keep) {
                     *x = if k { *x * kept } else { T::Acc::zero() };
@@ -433,10 +456,24 @@ impl<'a, T: Element> Context<'a, T> {
         }
     }
 
+    /// The flat dropout index of row `i`'s first key (DESIGN.md's stream): the row's
+    /// keys are consecutive there.
+    fn dropout_row(&self, b: usize, h: usize, i: usize) -> u64 {
+        flat_index(
+            self.space.batch_offset + b,
+            h,
+            self.frame.query_offset + i,
+            self.frame.key_offset,
+            self.space.heads_q,
+            self.space.len_q,
+            self.space.len_kv,
+        )
+    }
+
     /// For every query block, in parallel: computes its weights and hands them to
     /// `f([b, h, i0], kv, weights, rows)` with `rows` the block's slice (queries `i0 ..`)
     /// of `target [B, Hq, L, X]`.
-    fn for_each_block<X, F>(&self, lse: &mut Array3<f32>, target: &mut Array4<X>, f: F)
+    fn for_each_block<X, F>(&self, lse: &mut Array3<T::Acc>, target: &mut Array4<X>, f: F)
     where
         X: Send + Sync,
         F: Fn([usize; 3], usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
@@ -571,7 +608,7 @@ fn forward<T: Element>(
     let space = DropoutSpace::resolve(space, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
-    let mut lse = Array3::from_elem((batch, heads_q, len_q), f32::NEG_INFINITY);
+    let mut lse = Array3::from_elem((batch, heads_q, len_q), T::Acc::neg_infinity());
     let mut out = Array4::from_elem(
         (batch, heads_q, len_q, head_dim_v),
         T::from_acc(T::Acc::zero()),
@@ -590,7 +627,10 @@ fn forward<T: Element>(
             }
         }
     });
-    Ok(Output { out, lse })
+    Ok(Output {
+        out,
+        lse: lse.mapv(Accum::to_f32),
+    })
 }
 
 /// The attention weights `[B, Hq, L, S]` the math backend multiplies `v` by: softmax of
@@ -621,61 +661,24 @@ pub fn attention_weights<T: Element>(
 
 /// Merges the outputs of one query set over disjoint key sets (split-KV decoding's
 /// partial results, a ring's per-step blocks) into the output over their union, by
-/// their log-sum-exp: `lse = ln(sum_p exp(lse_p))`, `out = sum_p exp(lse_p - lse) out_p`.
-/// A part whose rows saw no key (`lse = -inf`) adds nothing; a row no part saw keeps
-/// output 0 and `lse = -inf`; a NaN in a part's lse or output reaches the merged row.
-/// Exact up to the f32 rounding of each part's lse. No dropout across parts: each part
-/// was normalised before its dropout, which the merge cannot undo.
+/// their log-sum-exp, as [`blocks::merge`] does (which also says how masked rows, NaN
+/// and dropout merge). Exact up to the f32 rounding of each part's lse: keep the parts
+/// in the accumulation type ([`blocks::partial`]) where that matters.
 ///
 /// # Errors
 /// `partials` naming the first part whose shapes differ from the first part's, or an
 /// empty list.
 pub fn merge_partials(parts: &[&Output<f64>]) -> Result<Output<f64>> {
-    let first = parts
-        .first()
-        .ok_or_else(|| SdpaError::invalid("partials", "at least one partial output", "none"))?;
-    for (n, part) in parts.iter().enumerate() {
-        if part.out.shape() != first.out.shape() || part.lse.shape() != first.lse.shape() {
-            return Err(SdpaError::invalid(
-                "partials",
-                format!(
-                    "every part with out {} and lse {} (part 0's)",
-                    sdpa_core::shape_text(first.out.shape()),
-                    sdpa_core::shape_text(first.lse.shape())
-                ),
-                format!(
-                    "part {n}: out {}, lse {}",
-                    sdpa_core::shape_text(part.out.shape()),
-                    sdpa_core::shape_text(part.lse.shape())
-                ),
-            ));
-        }
-    }
-    let (batch, heads, len) = first.lse.dim();
-    let width = first.out.dim().3;
-    let mut out = Array4::<f64>::zeros((batch, heads, len, width));
-    let mut lse = Array3::<f32>::from_elem((batch, heads, len), f32::NEG_INFINITY);
-    for ((b, h, i), merged) in lse.indexed_iter_mut() {
-        let lses: Vec<f64> = parts.iter().map(|p| p.lse[[b, h, i]] as f64).collect();
-        let max = lses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if lses.iter().any(|x| x.is_nan()) {
-            *merged = f32::NAN;
-            out.slice_mut(s![b, h, i, ..]).fill(f64::NAN);
-            continue;
-        }
-        if max == f64::NEG_INFINITY {
-            continue;
-        }
-        let total = max + lses.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
-        *merged = total as f32;
-        let mut row = out.slice_mut(s![b, h, i, ..]);
-        for (part, &l) in parts.iter().zip(&lses) {
-            if l == f64::NEG_INFINITY {
-                continue;
-            }
-            let weight = (l - total).exp();
-            row.zip_mut_with(&part.out.slice(s![b, h, i, ..]), |o, &x| *o += weight * x);
-        }
-    }
-    Ok(Output { out, lse })
+    let parts: Vec<blocks::Partial<f64>> = parts
+        .iter()
+        .map(|p| blocks::Partial {
+            out: p.out.clone(),
+            lse: p.lse.mapv(f64::from),
+        })
+        .collect();
+    let merged = blocks::merge(&parts.iter().collect::<Vec<_>>())?;
+    Ok(Output {
+        out: merged.out,
+        lse: merged.lse.mapv(|x| x as f32),
+    })
 }

@@ -1,0 +1,369 @@
+//! Attention over a block of a larger call, in the accumulation type, and the merge of
+//! blocks by their log-sum-exp: the truth for split-KV decoding and ring attention.
+//!
+//! A block is the call's queries `query_offset ..` against keys `key_offset ..` of a
+//! problem of `len_q` queries and `len_kv` keys (its [`Frame`]). Causal masking, the
+//! window, ALiBi distances and the dropout index of each element are those of the larger
+//! problem, so blocks computed apart and merged equal the whole call: the forward by
+//! [`merge`], the backward by summing each block's gradients (given the whole call's
+//! `lse` and `D = rowsum(dout * out)`).
+//!
+//! Results stay in the accumulation type (f64 for f64 inputs, f32 otherwise), lse
+//! included, so that merging adds no rounding beyond the accumulation type's.
+//!
+//! ```
+//! use ndarray::{s, Array4};
+//! use sdpa_core::{Causal, SdpaOptions};
+//! use sdpa_ref::blocks::{merge, partial, Frame};
+//!
+//! let x = Array4::<f64>::from_shape_fn((1, 1, 6, 4), |(_, _, i, e)| ((i * 5 + e) % 7) as f64 * 0.2);
+//! let options = SdpaOptions { causal: Causal::TopLeft, ..Default::default() };
+//! let whole = sdpa_ref::sdpa(x.view(), x.view(), x.view(), None, &options)?;
+//! // Queries 3..6 against keys 0..3, then against keys 3..6, merged.
+//! let q = x.slice(s![.., .., 3..6, ..]);
+//! let parts = [0, 3].map(|k0| {
+//!     let kv = x.slice(s![.., .., k0..k0 + 3, ..]);
+//!     let frame = Frame { query_offset: 3, key_offset: k0, len_q: 6, len_kv: 6 };
+//!     partial(q, kv, kv, None, &options, frame)
+//! });
+//! let [a, b] = parts;
+//! let merged = merge(&[&a?, &b?])?;
+//! let err = (&merged.out - &whole.out.slice(s![.., .., 3..6, ..])).mapv(f64::abs);
+//! assert!(err.iter().all(|&e| e < 1e-14));
+//! # Ok::<(), sdpa_core::SdpaError>(())
+//! ```
+
+use crate::bwd::{head_grads, HeadInputs};
+use crate::{alibi_plan, problem, Accum, Broadcast, Context, DropoutSpace, Element};
+use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView3, ArrayView4, ArrayViewD, Zip};
+use num_traits::{Float, Zero};
+use rayon::prelude::*;
+use sdpa_core::{shape_text, Problem, Result, SdpaError, SdpaOptions};
+
+/// Where a call's queries and keys sit in a larger problem of `len_q` queries and
+/// `len_kv` keys: query `i` of the call is row `query_offset + i` there, key `j` is key
+/// `key_offset + j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Row of the larger problem that is the call's first query.
+    pub query_offset: usize,
+    /// Key of the larger problem that is the call's first key.
+    pub key_offset: usize,
+    /// `L` of the larger problem.
+    pub len_q: usize,
+    /// `S` of the larger problem.
+    pub len_kv: usize,
+}
+
+impl Frame {
+    /// The frame of a call that is the whole problem.
+    pub fn whole(len_q: usize, len_kv: usize) -> Self {
+        Frame {
+            query_offset: 0,
+            key_offset: 0,
+            len_q,
+            len_kv,
+        }
+    }
+
+    /// Checks that the frame holds the call's queries and keys.
+    fn check(&self, p: &Problem) -> Result<()> {
+        let fits = |offset: usize, len: usize, total: usize| {
+            offset.checked_add(len).is_some_and(|end| end <= total)
+        };
+        if !fits(self.query_offset, p.len_q, self.len_q)
+            || !fits(self.key_offset, p.len_kv, self.len_kv)
+        {
+            return Err(SdpaError::invalid(
+                "frame",
+                format!(
+                    "query_offset + {} <= len_q and key_offset + {} <= len_kv (the call's \
+                     queries and keys inside the larger problem)",
+                    p.len_q, p.len_kv
+                ),
+                format!(
+                    "query_offset {}, key_offset {}, len_q {}, len_kv {}",
+                    self.query_offset, self.key_offset, self.len_q, self.len_kv
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether no query of the call reads any of its keys under `options`' causal
+    /// masking and window (a block a ring or a split may skip). Rows' key ranges move
+    /// right with the row, so the call's keys are read at all only between the first
+    /// row's lowest key and the last row's highest.
+    pub fn is_masked_out(&self, len_q: usize, len_kv: usize, options: &SdpaOptions) -> bool {
+        if len_q == 0 || len_kv == 0 {
+            return true;
+        }
+        let range = |row: usize| {
+            let (lo, hi) = options.window.key_range(row, self.len_q, self.len_kv);
+            let limit = options
+                .causal
+                .key_limit(row, self.len_q, self.len_kv)
+                .min(hi);
+            (lo.min(limit), limit)
+        };
+        let (lo, _) = range(self.query_offset);
+        let (_, hi) = range(self.query_offset + len_q - 1);
+        hi <= self.key_offset || lo >= self.key_offset + len_kv
+    }
+}
+
+/// The output of a block, unnormalised across blocks: `out` over the block's keys alone
+/// (normalised by the block's own softmax sum) and that sum's log `lse`, both in the
+/// accumulation type. `lse = -inf` for a row that reads no key of the block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial<A> {
+    /// `[B, Hq, L, Ev]`.
+    pub out: Array4<A>,
+    /// `[B, Hq, L]`.
+    pub lse: Array3<A>,
+}
+
+fn context<'a, T: Element>(
+    problem: &'a Problem,
+    q: ArrayView4<'a, T>,
+    k: ArrayView4<'a, T>,
+    v: ArrayView4<'a, T>,
+    alibi: Option<ArrayViewD<'_, f32>>,
+    frame: Frame,
+) -> Result<Context<'a, T>> {
+    frame.check(problem)?;
+    let alibi = alibi_plan(alibi, problem)?;
+    // The frame's problem is the dropout index space.
+    let space = DropoutSpace::resolve(
+        Some(DropoutSpace {
+            batch_offset: 0,
+            heads_q: problem.heads_q,
+            len_q: frame.len_q,
+            len_kv: frame.len_kv,
+        }),
+        problem,
+    )?;
+    Ok(Context::new(problem, q, k, v, Broadcast::None, space)
+        .with_alibi(alibi)
+        .in_frame(frame))
+}
+
+/// Attention of `q` over the keys `k`, `v` of a block at `frame` of a larger call with
+/// `options` (and ALiBi `alibi_slopes`, `[Hq]` or `[B, Hq]`), as [`sdpa`](crate::sdpa)
+/// computes it but with causal, window, ALiBi and dropout taken at the frame's
+/// positions, and the results in the accumulation type. No mask: a block takes the
+/// slice of one itself.
+///
+/// # Errors
+/// What [`sdpa`](crate::sdpa) rejects, and a `frame` that does not hold the call.
+pub fn partial<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    alibi_slopes: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+    frame: Frame,
+) -> Result<Partial<T::Acc>> {
+    let problem = problem(&q, &k, &v, None, options)?;
+    let ctx = context(&problem, q.view(), k.view(), v.view(), alibi_slopes, frame)?;
+    let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
+    let mut lse = Array3::from_elem((batch, heads_q, len_q), T::Acc::neg_infinity());
+    let mut out = Array4::<T::Acc>::zeros((batch, heads_q, len_q, head_dim_v));
+    ctx.for_each_block(&mut lse, &mut out, |[b, h, i0], kv, weights, mut rows| {
+        let values = &ctx.values[kv];
+        if values.ncols() > 0 {
+            rows.assign(&weights.dot(values));
+            for &(j, c) in &ctx.value_nans[kv] {
+                for (r, mut row) in rows.outer_iter_mut().enumerate() {
+                    if ctx.reads_key(b, h, i0 + r, j) {
+                        row[c] = T::Acc::nan();
+                    }
+                }
+            }
+        }
+    });
+    Ok(Partial { out, lse })
+}
+
+/// Merges the partial results of one query set over disjoint key sets into the result
+/// over their union, exactly in `A`: `lse = ln(sum_p exp(lse_p))`,
+/// `out = sum_p exp(lse_p - lse) out_p`. A part whose row read no key (`lse = -inf`)
+/// adds nothing; a row no part read keeps output 0 and `lse = -inf`; a NaN in a part's
+/// lse reaches the merged row's output and lse, one in a part's output its column.
+/// Dropout merges like the rest: a kept weight is the softmax weight times `1/(1-p)`,
+/// a dropped one 0, and the merge rescales each part's weights to the union's softmax.
+///
+/// # Errors
+/// `partials` naming the first part whose shapes differ from the first part's, or an
+/// empty list.
+pub fn merge<A: Accum>(parts: &[&Partial<A>]) -> Result<Partial<A>> {
+    let first = parts
+        .first()
+        .ok_or_else(|| SdpaError::invalid("partials", "at least one partial output", "none"))?;
+    for (n, part) in parts.iter().enumerate() {
+        if part.out.shape() != first.out.shape() || part.lse.shape() != first.lse.shape() {
+            return Err(SdpaError::invalid(
+                "partials",
+                format!(
+                    "every part with out {} and lse {} (part 0's)",
+                    shape_text(first.out.shape()),
+                    shape_text(first.lse.shape())
+                ),
+                format!(
+                    "part {n}: out {}, lse {}",
+                    shape_text(part.out.shape()),
+                    shape_text(part.lse.shape())
+                ),
+            ));
+        }
+    }
+    let (batch, heads, len) = first.lse.dim();
+    let width = first.out.dim().3;
+    let neg_inf = A::neg_infinity();
+    let mut out = Array4::<A>::zeros((batch, heads, len, width));
+    let mut lse = Array3::<A>::from_elem((batch, heads, len), neg_inf);
+    let mut lses = Vec::with_capacity(parts.len());
+    for ((b, h, i), merged) in lse.indexed_iter_mut() {
+        lses.clear();
+        lses.extend(parts.iter().map(|p| p.lse[[b, h, i]]));
+        if lses.iter().any(|x| x.is_nan()) {
+            *merged = A::nan();
+            out.slice_mut(s![b, h, i, ..]).fill(A::nan());
+            continue;
+        }
+        let max = lses.iter().copied().fold(neg_inf, Float::max);
+        if max == neg_inf {
+            continue;
+        }
+        let sum = lses.iter().fold(A::zero(), |acc, &x| acc + (x - max).exp());
+        let total = max + sum.ln();
+        *merged = total;
+        let mut row = out.slice_mut(s![b, h, i, ..]);
+        for (part, &l) in parts.iter().zip(&lses) {
+            if l == neg_inf {
+                continue;
+            }
+            let weight = (l - total).exp();
+            row.zip_mut_with(&part.out.slice(s![b, h, i, ..]), |o, &x| {
+                *o = *o + weight * x
+            });
+        }
+    }
+    Ok(Partial { out, lse })
+}
+
+/// `D = rowsum(dout * out)` of each row, `[B, Hq, L]`, in the accumulation type: what
+/// each block's backward needs of the whole call (a row's `D` sums over all its keys).
+///
+/// # Errors
+/// `grad_out` (`dout`) of another shape than `out`.
+pub fn delta<T: Element>(
+    out: ArrayView4<'_, T>,
+    dout: ArrayView4<'_, T>,
+) -> Result<Array3<T::Acc>> {
+    if out.shape() != dout.shape() {
+        return Err(SdpaError::invalid(
+            "grad_out",
+            format!("shape {} (out's)", shape_text(out.shape())),
+            shape_text(dout.shape()),
+        ));
+    }
+    let (batch, heads, len, _) = out.dim();
+    Ok(Array3::from_shape_fn((batch, heads, len), |(b, h, i)| {
+        out.slice(s![b, h, i, ..])
+            .iter()
+            .zip(dout.slice(s![b, h, i, ..]))
+            .fold(T::Acc::zero(), |acc, (&o, &d)| {
+                acc + o.to_acc() * d.to_acc()
+            })
+    }))
+}
+
+/// The gradients a block contributes, in the accumulation type: `dq` of the block's
+/// queries (summed over the blocks of their keys for the whole `dq`), `dk` and `dv` of
+/// its keys (summed over the query heads of each group, and over the blocks of the
+/// queries that read them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialGrads<A> {
+    /// `[B, Hq, L, E]`.
+    pub dq: Array4<A>,
+    /// `[B, Hkv, S, E]`.
+    pub dk: Array4<A>,
+    /// `[B, Hkv, S, Ev]`.
+    pub dv: Array4<A>,
+}
+
+/// The backward of [`partial`]: the block's share of the whole call's gradients, given
+/// the whole call's `lse` and `delta` (`D`, from [`delta`]) of the block's rows, in the
+/// accumulation type. `P = exp(s - lse)` is not renormalised over the block (its rows'
+/// other keys are elsewhere), so `lse` should be the accumulation type's own, not an
+/// f32 rounding of an f64 one.
+///
+/// # Errors
+/// What [`partial`] rejects, and `grad_out`, `lse` or `delta` of a shape other than the
+/// problem's.
+#[allow(clippy::too_many_arguments)]
+pub fn partial_backward<T: Element>(
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    dout: ArrayView4<'_, T>,
+    lse: ArrayView3<'_, T::Acc>,
+    delta: ArrayView3<'_, T::Acc>,
+    alibi_slopes: Option<ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+    frame: Frame,
+) -> Result<PartialGrads<T::Acc>> {
+    let problem = problem(&q, &k, &v, None, options)?;
+    for (arg, want, got) in [
+        ("grad_out", &problem.out_shape()[..], dout.shape()),
+        ("lse", &problem.lse_shape()[..], lse.shape()),
+        ("delta", &problem.lse_shape()[..], delta.shape()),
+    ] {
+        if want != got {
+            return Err(SdpaError::invalid(
+                arg,
+                format!("shape {} (the problem's)", shape_text(want)),
+                shape_text(got),
+            ));
+        }
+    }
+    let ctx = context(&problem, q.view(), k.view(), v.view(), alibi_slopes, frame)?;
+    let keys_nan_free: Vec<Array2<T::Acc>> = ctx
+        .keys
+        .iter()
+        .map(|x| x.mapv(|x| if x.is_nan() { T::Acc::zero() } else { x }))
+        .collect();
+    let p = &problem;
+    let heads: Vec<_> = (0..p.batch * p.heads_q)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / p.heads_q, bh % p.heads_q);
+            let inputs = HeadInputs {
+                lse: lse.slice(s![b, h, ..]).to_owned(),
+                dout: dout.slice(s![b, h, .., ..]).mapv(T::to_acc),
+                delta: Some::<Array1<T::Acc>>(delta.slice(s![b, h, ..]).to_owned()),
+            };
+            head_grads(&ctx, &keys_nan_free, b, h, &inputs, false)
+        })
+        .collect();
+    let mut grads = PartialGrads {
+        dq: Array4::zeros((p.batch, p.heads_q, p.len_q, p.head_dim)),
+        dk: Array4::zeros((p.batch, p.heads_kv, p.len_kv, p.head_dim)),
+        dv: Array4::zeros((p.batch, p.heads_kv, p.len_kv, p.head_dim_v)),
+    };
+    let add = |x: &mut T::Acc, &y: &T::Acc| *x = *x + y;
+    // In head order, as the whole call's backward sums a group.
+    for (bh, head) in heads.into_iter().enumerate() {
+        let (b, h) = (bh / p.heads_q, bh % p.heads_q);
+        let kv = p.kv_head(h);
+        grads.dq.slice_mut(s![b, h, .., ..]).assign(&head.dq);
+        Zip::from(grads.dk.slice_mut(s![b, kv, .., ..]))
+            .and(&head.dk)
+            .for_each(add);
+        Zip::from(grads.dv.slice_mut(s![b, kv, .., ..]))
+            .and(&head.dv)
+            .for_each(add);
+    }
+    Ok(grads)
+}
