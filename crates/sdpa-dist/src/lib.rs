@@ -12,8 +12,8 @@
 //!
 //! This crate runs the ring on the CPU with [`sdpa_ref`]'s blocks as each rank's
 //! compute, over [`InProcess`] (threads and channels): the truth for a GPU ring and
-//! what CI runs with 1 to 8 simulated ranks. An NCCL transport and CUDA block kernels
-//! are not built yet (no multi-GPU machine has been lent; see the crate's README entry).
+//! what CI runs with 1 to 8 simulated ranks. An NCCL transport and ranks computing on
+//! GPUs are not built yet: they wait for a machine of several GPUs (issue 19).
 //!
 //! ```
 //! use ndarray::Array4;

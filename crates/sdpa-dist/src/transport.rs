@@ -14,6 +14,14 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 /// Posting must not wait for the receiver (the ring posts the block it holds, computes,
 /// then receives the next one, so that the transfer hides behind the compute), and
 /// messages from one rank arrive in the order it posted them.
+///
+/// The ring is symmetric: every rank posts the same sequence of message kinds (a K/V
+/// shard, then in the backward a dK/dV accumulator), and its `k`-th receive is of the
+/// kind of its `k`-th post, sized by the plan for the previous rank's owner. A
+/// transport over NCCL can therefore issue each post together with its receive in one
+/// `ncclGroupStart`/`End` on the communication stream (a send alone would wait for a
+/// receive every rank queues behind its own send) and have `recv_prev` make the compute
+/// stream wait for that group's event.
 pub trait Transport<M> {
     /// This rank, `0 .. ranks()`.
     fn rank(&self) -> usize;
