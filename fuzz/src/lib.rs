@@ -7,13 +7,15 @@
 //! - [`api`]: arbitrary shapes, strides, masks and options through `sdpa_ref::sdpa`;
 //! - [`nested`]: cu_seqlens validation, pad/unpad round trips, nested vs padded dense;
 //! - [`differential`]: small consistent problems, f32/f16/bf16 reference vs f64;
-//! - [`kvcache`]: KV-cache calls through the checks and the reference.
+//! - [`kvcache`]: KV-cache calls through the checks and the reference;
+//! - [`ring`]: sharding plans and context-parallel calls against the one-device call.
 
 pub mod api;
 pub mod case_file;
 pub mod differential;
 pub mod kvcache;
 pub mod nested;
+pub mod ring;
 mod views;
 
 /// A target's entry point: the raw fuzzer bytes; panics on a violated property.
@@ -26,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nested", nested::run),
     ("differential", differential::run),
     ("kvcache", kvcache::run),
+    ("ring", ring::run),
 ];
 
 /// Runs `f` on a one-thread rayon pool. The reference parallelises with rayon; called

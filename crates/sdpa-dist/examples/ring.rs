@@ -78,7 +78,12 @@ fn run<T: Element>(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             T::from_acc(<T::Acc as sdpa_ref::Accum>::from_f64(rng.symmetric()))
         })
     };
-    let (q, k, v, dout) = (draw(a.heads), draw(a.kv_heads), draw(a.kv_heads), draw(a.heads));
+    let (q, k, v, dout) = (
+        draw(a.heads),
+        draw(a.kv_heads),
+        draw(a.kv_heads),
+        draw(a.heads),
+    );
     let options = SdpaOptions {
         causal: Causal::TopLeft,
         enable_gqa: a.heads != a.kv_heads,
@@ -149,7 +154,10 @@ fn run<T: Element>(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ("dk", &cp_grads.dk, &one_grads.dk),
         ("dv", &cp_grads.dv, &one_grads.dv),
     ] {
-        println!("  max |ring - one device| of {name}: {:.3e}", max_diff(x, y));
+        println!(
+            "  max |ring - one device| of {name}: {:.3e}",
+            max_diff(x, y)
+        );
     }
     Ok(())
 }

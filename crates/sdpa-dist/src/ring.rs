@@ -13,7 +13,6 @@ use crate::shard::Plan;
 use crate::transport::{InProcess, Transport};
 use crate::{DistError, Result};
 use ndarray::{s, Array3, Array4, ArrayView3, ArrayView4, ArrayViewD, Zip};
-use num_traits::Zero;
 use sdpa_core::{shape_text, SdpaError, SdpaOptions, TensorDesc};
 use sdpa_ref::blocks::{self, Frame, Partial};
 use sdpa_ref::{describe, Accum, Element, Gradients, Output};
@@ -215,9 +214,9 @@ fn forward_pass<T: Element, Tr: Transport<RingMessage<T>>>(
     Ok(merged)
 }
 
-/// This rank's queries' results, `[B, Hq, L_r, Ev]` and `lse [B, Hq, L_r]` in the
-/// accumulation type, from the partial result of each segment (a segment that read no
-/// key keeps 0 and `-inf`).
+/// This rank's queries' partial result over every key (`[B, Hq, L_r, Ev]` and the row
+/// statistics), from that of each of its segments (a segment that read no key stays
+/// empty).
 fn assemble<A: Accum>(
     ring: &Ring,
     rank: usize,
@@ -226,16 +225,25 @@ fn assemble<A: Accum>(
 ) -> Partial<A> {
     let [batch, heads, width] = dims;
     let len = ring.queries.local_len(rank);
-    let mut out = Array4::<A>::zeros((batch, heads, len, width));
-    let mut lse = Array3::<A>::from_elem((batch, heads, len), A::neg_infinity());
+    let mut whole = Partial {
+        out: Array4::<A>::zeros((batch, heads, len, width)),
+        max: Array3::<A>::from_elem((batch, heads, len), A::neg_infinity()),
+        sum: Array3::<A>::zeros((batch, heads, len)),
+    };
     for ((_, local), part) in ring.queries.local_segments(rank).zip(merged) {
         if let Some(part) = part {
-            out.slice_mut(s![.., .., local.clone(), ..])
+            whole
+                .out
+                .slice_mut(s![.., .., local.clone(), ..])
                 .assign(&part.out);
-            lse.slice_mut(s![.., .., local]).assign(&part.lse);
+            whole
+                .max
+                .slice_mut(s![.., .., local.clone()])
+                .assign(&part.max);
+            whole.sum.slice_mut(s![.., .., local]).assign(&part.sum);
         }
     }
-    Partial { out, lse }
+    whole
 }
 
 /// Rank `transport.rank()`'s share of the context-parallel forward: its rows of `out`
@@ -270,10 +278,10 @@ pub fn forward<T: Element, Tr: Transport<RingMessage<T>>>(
     });
     let merged = forward_pass(transport, ring, q.view(), own, alibi_slopes, options)?;
     let (batch, heads, _, _) = q.dim();
-    let part = assemble(ring, rank, [batch, heads, v.dim().3], merged);
+    let (out, lse) = assemble(ring, rank, [batch, heads, v.dim().3], merged).finish();
     Ok(Output {
-        out: part.out.mapv(T::from_acc),
-        lse: part.lse.mapv(Accum::to_f32),
+        out: out.mapv(T::from_acc),
+        lse: lse.mapv(Accum::to_f32),
     })
 }
 
@@ -341,10 +349,10 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
         k: k.to_owned(),
         v: v.to_owned(),
     });
-    // The forward again, unrounded: lse in the accumulation type (the f32 `lse` of an
-    // f64 call is too coarse to take P from without renormalising, which a block
-    // cannot do) and D = rowsum(dout * out) from the unrounded out, as the one-device
-    // reference takes D from P.
+    // The forward again, unrounded: each row's max and sum (an f32 `lse` is too coarse
+    // to take P from without renormalising, which a block cannot do) and
+    // D = rowsum(dout * out) from the unrounded out, as the one-device reference takes
+    // D from P.
     let merged = forward_pass(
         transport,
         ring,
@@ -354,15 +362,7 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
         options,
     )?;
     let exact = assemble(ring, rank, [batch, heads, v.dim().3], merged);
-    let lse = exact.lse;
-    let delta = Array3::from_shape_fn(lse.raw_dim(), |(b, h, i)| {
-        exact
-            .out
-            .slice(s![b, h, i, ..])
-            .iter()
-            .zip(dout.slice(s![b, h, i, ..]))
-            .fold(T::Acc::zero(), |acc, (&o, &d)| acc + o * d.to_acc())
-    });
+    let delta = blocks::delta::<T>(exact.finish().0.view(), dout)?;
     let n = ring.ranks();
     let mut dq = Array4::<T::Acc>::zeros(q.raw_dim());
     let mut current = own;
@@ -392,7 +392,8 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
                     current.k.slice(keys),
                     current.v.slice(keys),
                     dout.slice(rows),
-                    lse.slice(s![.., .., local.clone()]),
+                    exact.max.slice(s![.., .., local.clone()]),
+                    exact.sum.slice(s![.., .., local.clone()]),
                     delta.slice(s![.., .., local.clone()]),
                     alibi_slopes.clone(),
                     options,

@@ -8,8 +8,12 @@
 //! [`merge`], the backward by summing each block's gradients (given the whole call's
 //! `lse` and `D = rowsum(dout * out)`).
 //!
-//! Results stay in the accumulation type (f64 for f64 inputs, f32 otherwise), lse
-//! included, so that merging adds no rounding beyond the accumulation type's.
+//! Results stay in the accumulation type (f64 for f64 inputs, f32 otherwise) and in the
+//! online-softmax form FlashAttention accumulates in: each row's maximum score, its
+//! `sum exp(s - max)` and the output unnormalised. Merging rescales by
+//! `exp(max_p - max)`, a difference of two scores, and divides once at the end: no
+//! rounding of a large lse (an f32 `max + ln(sum)` of scores near 1e7 is off by whole
+//! units), and no more roundings of the output than the one-device call's.
 //!
 //! ```
 //! use ndarray::{s, Array4};
@@ -27,8 +31,8 @@
 //!     partial(q, kv, kv, None, &options, frame)
 //! });
 //! let [a, b] = parts;
-//! let merged = merge(&[&a?, &b?])?;
-//! let err = (&merged.out - &whole.out.slice(s![.., .., 3..6, ..])).mapv(f64::abs);
+//! let (out, _lse) = merge(&[&a?, &b?])?.finish();
+//! let err = (&out - &whole.out.slice(s![.., .., 3..6, ..])).mapv(f64::abs);
 //! assert!(err.iter().all(|&e| e < 1e-14));
 //! # Ok::<(), sdpa_core::SdpaError>(())
 //! ```
@@ -112,15 +116,58 @@ impl Frame {
     }
 }
 
-/// The output of a block, unnormalised across blocks: `out` over the block's keys alone
-/// (normalised by the block's own softmax sum) and that sum's log `lse`, both in the
-/// accumulation type. `lse = -inf` for a row that reads no key of the block.
+/// The result of a block in online-softmax form, in the accumulation type: per row the
+/// maximum score `max` over the block's keys, `sum = sum_j exp(s_j - max)` and
+/// `out = sum_j exp(s_j - max) * z_j / (1 - p) * v_j` (unnormalised; `z` the dropout
+/// keep bits). A row that reads no key has `max = -inf`, `sum = 0`, `out = 0`; a row
+/// with a NaN score has NaN `max` and `sum`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Partial<A> {
-    /// `[B, Hq, L, Ev]`.
+    /// `[B, Hq, L, Ev]`, unnormalised.
     pub out: Array4<A>,
     /// `[B, Hq, L]`.
-    pub lse: Array3<A>,
+    pub max: Array3<A>,
+    /// `[B, Hq, L]`.
+    pub sum: Array3<A>,
+}
+
+impl<A: Accum> Partial<A> {
+    /// The partial result of a normalised output and its log-sum-exp (e.g. a one-device
+    /// call's): `max = lse`, `sum = 1` (0 where `lse = -inf`, NaN where it is NaN).
+    pub fn from_normalised(out: Array4<A>, lse: Array3<A>) -> Self {
+        let sum = lse.mapv(|l| {
+            if l.is_nan() {
+                l
+            } else if l == A::neg_infinity() {
+                A::zero()
+            } else {
+                A::one()
+            }
+        });
+        Partial { out, max: lse, sum }
+    }
+
+    /// The normalised output `out / sum` (0 for a row with no key, NaN for a NaN row)
+    /// and each row's log-sum-exp `max + ln(sum)` (`-inf`, NaN).
+    pub fn finish(&self) -> (Array4<A>, Array3<A>) {
+        let mut out = self.out.clone();
+        for ((b, h, i), &sum) in self.sum.indexed_iter() {
+            let mut row = out.slice_mut(s![b, h, i, ..]);
+            if sum.is_nan() {
+                row.fill(A::nan());
+            } else if sum > A::zero() {
+                row.mapv_inplace(|x| x / sum);
+            }
+        }
+        let lse = Zip::from(&self.max).and(&self.sum).map_collect(|&m, &s| {
+            if s == A::zero() {
+                A::neg_infinity()
+            } else {
+                m + s.ln()
+            }
+        });
+        (out, lse)
+    }
 }
 
 fn context<'a, T: Element>(
@@ -167,9 +214,12 @@ pub fn partial<T: Element>(
     let problem = problem(&q, &k, &v, None, options)?;
     let ctx = context(&problem, q.view(), k.view(), v.view(), alibi_slopes, frame)?;
     let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
-    let mut lse = Array3::from_elem((batch, heads_q, len_q), T::Acc::neg_infinity());
+    let mut stats = Array3::from_elem(
+        (batch, heads_q, len_q),
+        (T::Acc::neg_infinity(), T::Acc::zero()),
+    );
     let mut out = Array4::<T::Acc>::zeros((batch, heads_q, len_q, head_dim_v));
-    ctx.for_each_block(&mut lse, &mut out, |[b, h, i0], kv, weights, mut rows| {
+    ctx.for_each_block(&mut stats, &mut out, |[b, h, i0], kv, weights, mut rows| {
         let values = &ctx.values[kv];
         if values.ncols() > 0 {
             rows.assign(&weights.dot(values));
@@ -182,16 +232,19 @@ pub fn partial<T: Element>(
             }
         }
     });
-    Ok(Partial { out, lse })
+    Ok(Partial {
+        out,
+        max: stats.mapv(|(m, _)| m),
+        sum: stats.mapv(|(_, s)| s),
+    })
 }
 
 /// Merges the partial results of one query set over disjoint key sets into the result
-/// over their union, exactly in `A`: `lse = ln(sum_p exp(lse_p))`,
-/// `out = sum_p exp(lse_p - lse) out_p`. A part whose row read no key (`lse = -inf`)
-/// adds nothing; a row no part read keeps output 0 and `lse = -inf`; a NaN in a part's
-/// lse reaches the merged row's output and lse, one in a part's output its column.
-/// Dropout merges like the rest: a kept weight is the softmax weight times `1/(1-p)`,
-/// a dropped one 0, and the merge rescales each part's weights to the union's softmax.
+/// over their union, in `A`: `max = max_p max_p`, `sum = sum_p exp(max_p - max) sum_p`,
+/// `out = sum_p exp(max_p - max) out_p` ([`Partial::finish`] then divides once). A part
+/// whose row read no key adds nothing; a row no part read stays empty; a NaN in a
+/// part's row reaches the merged row. Dropout merges like the rest: each part's output
+/// holds its kept weights times `1/(1-p)`, and the rescaling is the same for every key.
 ///
 /// # Errors
 /// `partials` naming the first part whose shapes differ from the first part's, or an
@@ -201,64 +254,74 @@ pub fn merge<A: Accum>(parts: &[&Partial<A>]) -> Result<Partial<A>> {
         .first()
         .ok_or_else(|| SdpaError::invalid("partials", "at least one partial output", "none"))?;
     for (n, part) in parts.iter().enumerate() {
-        if part.out.shape() != first.out.shape() || part.lse.shape() != first.lse.shape() {
+        if part.out.shape() != first.out.shape()
+            || part.max.shape() != first.max.shape()
+            || part.sum.shape() != first.max.shape()
+        {
             return Err(SdpaError::invalid(
                 "partials",
                 format!(
-                    "every part with out {} and lse {} (part 0's)",
+                    "every part with out {} and max, sum {} (part 0's)",
                     shape_text(first.out.shape()),
-                    shape_text(first.lse.shape())
+                    shape_text(first.max.shape())
                 ),
                 format!(
-                    "part {n}: out {}, lse {}",
+                    "part {n}: out {}, max {}, sum {}",
                     shape_text(part.out.shape()),
-                    shape_text(part.lse.shape())
+                    shape_text(part.max.shape()),
+                    shape_text(part.sum.shape())
                 ),
             ));
         }
     }
-    let (batch, heads, len) = first.lse.dim();
-    let width = first.out.dim().3;
     let neg_inf = A::neg_infinity();
-    let mut out = Array4::<A>::zeros((batch, heads, len, width));
-    let mut lse = Array3::<A>::from_elem((batch, heads, len), neg_inf);
-    let mut lses = Vec::with_capacity(parts.len());
-    for ((b, h, i), merged) in lse.indexed_iter_mut() {
-        lses.clear();
-        lses.extend(parts.iter().map(|p| p.lse[[b, h, i]]));
-        if lses.iter().any(|x| x.is_nan()) {
-            *merged = A::nan();
-            out.slice_mut(s![b, h, i, ..]).fill(A::nan());
+    let mut merged = Partial {
+        out: Array4::<A>::zeros(first.out.raw_dim()),
+        max: Array3::<A>::from_elem(first.max.raw_dim(), neg_inf),
+        sum: Array3::<A>::zeros(first.max.raw_dim()),
+    };
+    for ((b, h, i), max) in merged.max.indexed_iter_mut() {
+        let at = [b, h, i];
+        let mut row = merged.out.slice_mut(s![b, h, i, ..]);
+        if parts
+            .iter()
+            .any(|p| p.max[at].is_nan() || p.sum[at].is_nan())
+        {
+            *max = A::nan();
+            merged.sum[at] = A::nan();
+            row.fill(A::nan());
             continue;
         }
-        let max = lses.iter().copied().fold(neg_inf, Float::max);
-        if max == neg_inf {
+        let m = parts
+            .iter()
+            .filter(|p| p.sum[at] > A::zero())
+            .map(|p| p.max[at])
+            .fold(neg_inf, Float::max);
+        if m == neg_inf {
             continue;
         }
-        let sum = lses.iter().fold(A::zero(), |acc, &x| acc + (x - max).exp());
-        let total = max + sum.ln();
-        *merged = total;
-        let mut row = out.slice_mut(s![b, h, i, ..]);
-        for (part, &l) in parts.iter().zip(&lses) {
-            if l == neg_inf {
-                continue;
-            }
-            let weight = (l - total).exp();
+        *max = m;
+        let mut sum = A::zero();
+        for part in parts.iter().filter(|p| p.sum[at] > A::zero()) {
+            let scale = (part.max[at] - m).exp();
+            sum = sum + scale * part.sum[at];
             row.zip_mut_with(&part.out.slice(s![b, h, i, ..]), |o, &x| {
-                *o = *o + weight * x
+                *o = *o + scale * x
             });
         }
+        merged.sum[at] = sum;
     }
-    Ok(Partial { out, lse })
+    Ok(merged)
 }
 
 /// `D = rowsum(dout * out)` of each row, `[B, Hq, L]`, in the accumulation type: what
-/// each block's backward needs of the whole call (a row's `D` sums over all its keys).
+/// each block's backward needs of the whole call (a row's `D` sums over all its keys),
+/// from `out` in the accumulation type (a [`Partial::finish`]ed merge).
 ///
 /// # Errors
 /// `grad_out` (`dout`) of another shape than `out`.
 pub fn delta<T: Element>(
-    out: ArrayView4<'_, T>,
+    out: ArrayView4<'_, T::Acc>,
     dout: ArrayView4<'_, T>,
 ) -> Result<Array3<T::Acc>> {
     if out.shape() != dout.shape() {
@@ -273,9 +336,7 @@ pub fn delta<T: Element>(
         out.slice(s![b, h, i, ..])
             .iter()
             .zip(dout.slice(s![b, h, i, ..]))
-            .fold(T::Acc::zero(), |acc, (&o, &d)| {
-                acc + o.to_acc() * d.to_acc()
-            })
+            .fold(T::Acc::zero(), |acc, (&o, &d)| acc + o * d.to_acc())
     }))
 }
 
@@ -294,21 +355,22 @@ pub struct PartialGrads<A> {
 }
 
 /// The backward of [`partial`]: the block's share of the whole call's gradients, given
-/// the whole call's `lse` and `delta` (`D`, from [`delta`]) of the block's rows, in the
-/// accumulation type. `P = exp(s - lse)` is not renormalised over the block (its rows'
-/// other keys are elsewhere), so `lse` should be the accumulation type's own, not an
-/// f32 rounding of an f64 one.
+/// the block's rows' `max` and `sum` over the whole call (a [`merge`] of every block of
+/// those rows) and their `delta` (`D`, from [`delta`] of the finished output), in the
+/// accumulation type: `P = exp(s - max) / sum`, not renormalised over the block (its
+/// rows' other keys are elsewhere).
 ///
 /// # Errors
-/// What [`partial`] rejects, and `grad_out`, `lse` or `delta` of a shape other than the
-/// problem's.
+/// What [`partial`] rejects, and `grad_out`, `max`, `sum` or `delta` of a shape other
+/// than the problem's.
 #[allow(clippy::too_many_arguments)]
 pub fn partial_backward<T: Element>(
     q: ArrayView4<'_, T>,
     k: ArrayView4<'_, T>,
     v: ArrayView4<'_, T>,
     dout: ArrayView4<'_, T>,
-    lse: ArrayView3<'_, T::Acc>,
+    max: ArrayView3<'_, T::Acc>,
+    sum: ArrayView3<'_, T::Acc>,
     delta: ArrayView3<'_, T::Acc>,
     alibi_slopes: Option<ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
@@ -317,7 +379,8 @@ pub fn partial_backward<T: Element>(
     let problem = problem(&q, &k, &v, None, options)?;
     for (arg, want, got) in [
         ("grad_out", &problem.out_shape()[..], dout.shape()),
-        ("lse", &problem.lse_shape()[..], lse.shape()),
+        ("max", &problem.lse_shape()[..], max.shape()),
+        ("sum", &problem.lse_shape()[..], sum.shape()),
         ("delta", &problem.lse_shape()[..], delta.shape()),
     ] {
         if want != got {
@@ -340,9 +403,10 @@ pub fn partial_backward<T: Element>(
         .map(|bh| {
             let (b, h) = (bh / p.heads_q, bh % p.heads_q);
             let inputs = HeadInputs {
-                lse: lse.slice(s![b, h, ..]).to_owned(),
+                lse: max.slice(s![b, h, ..]).to_owned(),
                 dout: dout.slice(s![b, h, .., ..]).mapv(T::to_acc),
                 delta: Some::<Array1<T::Acc>>(delta.slice(s![b, h, ..]).to_owned()),
+                sum: Some(sum.slice(s![b, h, ..]).to_owned()),
             };
             head_grads(&ctx, &keys_nan_free, b, h, &inputs, false)
         })

@@ -152,6 +152,7 @@ fn backward<T: Element>(
                 lse: lse.slice(s![b, h, ..]).mapv(|x| T::Acc::from_f64(x as f64)),
                 dout: dout.slice(s![b, h, .., ..]).mapv(T::to_acc),
                 delta: None,
+                sum: None,
             };
             head_grads(
                 &ctx,
@@ -207,6 +208,10 @@ pub(crate) struct HeadInputs<A> {
     /// call, whose rows read keys outside the block); `None` takes `rowsum(P * dP)`
     /// over the call's keys.
     pub(crate) delta: Option<ndarray::Array1<A>>,
+    /// For a block of a larger call: `lse` holds each row's maximum score and this its
+    /// `sum exp(s - max)` over the whole call, so `P = exp(s - max) / sum` (exact where
+    /// an f32 `max + ln(sum)` of large scores is not). `None`: `P = exp(s - lse)`.
+    pub(crate) sum: Option<ndarray::Array1<A>>,
 }
 
 /// One query head's share: its `dq` rows, its contributions to its kv head's `dk` and
@@ -300,7 +305,8 @@ pub(crate) fn head_grads<T: Element>(
             let i = i0 + r;
             let mut prob = probs.row_mut(r);
             let prob = prob.as_slice_mut().expect("probs rows are contiguous");
-            row_probabilities(ctx, b, h, i, inputs.lse[i], prob);
+            let sum = inputs.sum.as_ref().map(|s| s[i]);
+            row_probabilities(ctx, b, h, i, inputs.lse[i], sum, prob);
             if p.dropout.is_active() {
                 p.dropout.fill_keep_row(ctx.dropout_row(b, h, i), &mut keep);
             }
@@ -376,13 +382,16 @@ pub(crate) fn head_grads<T: Element>(
 }
 
 /// Turns row `i`'s scaled scores `row` into `P = exp(s + mask - lse)`, 0 at keys the
-/// row does not read and everywhere for `lse = -inf` (a row with no key).
+/// row does not read and everywhere for `lse = -inf` (a row with no key). With
+/// `whole_sum` (a block of a larger call), `lse` is the row's maximum and
+/// `P = exp(s + mask - max) / whole_sum`.
 fn row_probabilities<T: Element>(
     ctx: &Context<'_, T>,
     b: usize,
     h: usize,
     i: usize,
     lse: T::Acc,
+    whole_sum: Option<T::Acc>,
     row: &mut [T::Acc],
 ) {
     let zero = T::Acc::zero();
@@ -407,7 +416,12 @@ fn row_probabilities<T: Element>(
                 *x = T::Acc::nan();
             }
         }
-    } else if ctx.renormalize && sum > zero && sum.is_finite() {
+    } else if let Some(whole) = whole_sum {
+        // A row with no key anywhere (sum 0) keeps its zeros.
+        if whole > zero {
+            row.iter_mut().for_each(|x| *x = *x / whole);
+        }
+    } else if ctx.whole && sum > zero && sum.is_finite() {
         // lse arrives rounded to f32, which multiplies the whole row by `exp(error)`:
         // up to ~1e-7 relative, an f32 error in an f64 reference. The row sum is that
         // factor, so dividing by it leaves exactly softmax(s) in the accumulator type.

@@ -251,10 +251,11 @@ struct Context<'a, T: Element> {
     /// Where the call's queries and keys sit in the problem causal, window, ALiBi and
     /// dropout are defined over (the call itself unless a block of a larger one).
     frame: Frame,
-    /// Whether the backward divides each row's `P` by its sum (which undoes the f32
-    /// rounding of `lse`): right when the call holds every key of its rows, wrong for a
-    /// block of them.
-    renormalize: bool,
+    /// Whether the call holds every key of its rows: the forward divides each row's
+    /// weights by their sum, and the backward divides each row's `P` by its sum (which
+    /// undoes the f32 rounding of `lse`). A block of a larger call does neither: its
+    /// weights stay `exp(s - max)` (times the dropout factor), for the merge to scale.
+    whole: bool,
 }
 
 impl<'a, T: Element> Context<'a, T> {
@@ -299,7 +300,7 @@ impl<'a, T: Element> Context<'a, T> {
             space,
             alibi: None,
             frame: Frame::whole(problem.len_q, problem.len_kv),
-            renormalize: true,
+            whole: true,
         }
     }
 
@@ -308,11 +309,11 @@ impl<'a, T: Element> Context<'a, T> {
     }
 
     /// The context of a block at `frame` of a larger call: positions and dropout
-    /// indices are the frame's, and rows are not renormalised.
+    /// indices are the frame's, and rows are not normalised.
     pub(crate) fn in_frame(self, frame: Frame) -> Self {
         Context {
             frame,
-            renormalize: false,
+            whole: false,
             ..self
         }
     }
@@ -358,14 +359,17 @@ impl<'a, T: Element> Context<'a, T> {
     }
 
     /// Post-softmax, post-dropout weights of queries `i0 .. i0 + rows` of `(b, h)`,
-    /// written into `weights [rows, S]`; the log-sum-exp of each row into `lse`.
+    /// written into `weights [rows, S]`; each row's maximum score and `sum exp(s - max)`
+    /// into `stats` (`(-inf, 0)` for a row with no key, NaN for a NaN row), whose
+    /// log-sum-exp is `max + ln(sum)`. A block ([`Context::in_frame`]) leaves the
+    /// weights `exp(s - max)`, undivided by the sum.
     fn block_weights(
         &self,
         b: usize,
         h: usize,
         i0: usize,
         mut weights: ArrayViewMut2<'_, T::Acc>,
-        mut lse: ArrayViewMut1<'_, T::Acc>,
+        mut stats: ArrayViewMut1<'_, (T::Acc, T::Acc)>,
     ) {
         let p = self.problem;
         let rows = weights.nrows();
@@ -425,11 +429,11 @@ impl<'a, T: Element> Context<'a, T> {
             if max == neg_inf {
                 if row.iter().any(|x| x.is_nan()) {
                     row.fill(T::Acc::nan());
-                    lse[r] = T::Acc::nan();
+                    stats[r] = (T::Acc::nan(), T::Acc::nan());
                 } else {
                     // Every key masked out: PyTorch's safe softmax gives 0, never NaN.
                     row.fill(T::Acc::zero());
-                    lse[r] = neg_inf;
+                    stats[r] = (neg_inf, T::Acc::zero());
                 }
                 continue;
             }
@@ -438,11 +442,15 @@ impl<'a, T: Element> Context<'a, T> {
                 // A NaN score (or +inf meeting +inf): NaN in every weight, dropped or
                 // kept, as PyTorch's math backend multiplies the NaN by the keep mask.
                 row.fill(T::Acc::nan());
-                lse[r] = T::Acc::nan();
+                stats[r] = (T::Acc::nan(), T::Acc::nan());
                 continue;
             }
-            lse[r] = max + sum.ln();
-            let inv = T::Acc::one() / sum;
+            stats[r] = (max, sum);
+            let inv = if self.whole {
+                T::Acc::one() / sum
+            } else {
+                T::Acc::one()
+            };
             if p.dropout.is_active() {
                 p.dropout
                     .fill_keep_row(self.dropout_row(b, h, i), &mut keep);
@@ -451,7 +459,9 @@ impl<'a, T: Element> Context<'a, T> {
                     *x = if k { *x * kept } else { T::Acc::zero() };
                 }
             } else {
-                row.iter_mut().for_each(|x| *x = *x * inv);
+                if self.whole {
+                    row.iter_mut().for_each(|x| *x = *x * inv);
+                }
             }
         }
     }
@@ -473,7 +483,7 @@ impl<'a, T: Element> Context<'a, T> {
     /// For every query block, in parallel: computes its weights and hands them to
     /// `f([b, h, i0], kv, weights, rows)` with `rows` the block's slice (queries `i0 ..`)
     /// of `target [B, Hq, L, X]`.
-    fn for_each_block<X, F>(&self, lse: &mut Array3<T::Acc>, target: &mut Array4<X>, f: F)
+    fn for_each_block<X, F>(&self, lse: &mut Array3<(T::Acc, T::Acc)>, target: &mut Array4<X>, f: F)
     where
         X: Send + Sync,
         F: Fn([usize; 3], usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
@@ -608,13 +618,16 @@ fn forward<T: Element>(
     let space = DropoutSpace::resolve(space, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, head_dim_v] = problem.out_shape();
-    let mut lse = Array3::from_elem((batch, heads_q, len_q), T::Acc::neg_infinity());
+    let mut stats = Array3::from_elem(
+        (batch, heads_q, len_q),
+        (T::Acc::neg_infinity(), T::Acc::zero()),
+    );
     let mut out = Array4::from_elem(
         (batch, heads_q, len_q, head_dim_v),
         T::from_acc(T::Acc::zero()),
     );
     let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space).with_alibi(alibi);
-    ctx.for_each_block(&mut lse, &mut out, |[b, h, i0], kv, weights, mut rows| {
+    ctx.for_each_block(&mut stats, &mut out, |[b, h, i0], kv, weights, mut rows| {
         let values = &ctx.values[kv];
         if values.ncols() > 0 {
             rows.assign(&weights.dot(values).mapv(T::from_acc));
@@ -629,7 +642,7 @@ fn forward<T: Element>(
     });
     Ok(Output {
         out,
-        lse: lse.mapv(Accum::to_f32),
+        lse: stats.mapv(|(max, sum)| (max + sum.ln()).to_f32()),
     })
 }
 
@@ -650,10 +663,10 @@ pub fn attention_weights<T: Element>(
     let space = DropoutSpace::resolve(None, &problem)?;
     let bmask = broadcast_mask(mask.as_ref(), problem.scores_shape())?;
     let [batch, heads_q, len_q, len_kv] = problem.scores_shape();
-    let mut lse = Array3::zeros((batch, heads_q, len_q));
+    let mut stats = Array3::from_elem((batch, heads_q, len_q), (T::Acc::zero(), T::Acc::zero()));
     let mut all = Array4::zeros((batch, heads_q, len_q, len_kv));
     let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space);
-    ctx.for_each_block(&mut lse, &mut all, |_, _, weights, mut rows| {
+    ctx.for_each_block(&mut stats, &mut all, |_, _, weights, mut rows| {
         rows.assign(&weights)
     });
     Ok(all)
@@ -671,14 +684,11 @@ pub fn attention_weights<T: Element>(
 pub fn merge_partials(parts: &[&Output<f64>]) -> Result<Output<f64>> {
     let parts: Vec<blocks::Partial<f64>> = parts
         .iter()
-        .map(|p| blocks::Partial {
-            out: p.out.clone(),
-            lse: p.lse.mapv(f64::from),
-        })
+        .map(|p| blocks::Partial::from_normalised(p.out.clone(), p.lse.mapv(f64::from)))
         .collect();
-    let merged = blocks::merge(&parts.iter().collect::<Vec<_>>())?;
+    let (out, lse) = blocks::merge(&parts.iter().collect::<Vec<_>>())?.finish();
     Ok(Output {
-        out: merged.out,
-        lse: merged.lse.mapv(|x| x as f32),
+        out,
+        lse: lse.mapv(|x| x as f32),
     })
 }

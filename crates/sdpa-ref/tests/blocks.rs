@@ -107,25 +107,19 @@ fn blocks_at_their_frames_equal_the_whole_call_forward_and_backward() {
                 })
                 .collect();
             let merged = merge(&parts.iter().collect::<Vec<_>>()).unwrap();
+            let (out, lse) = merged.finish();
             let want = whole.out.slice(s![.., .., rows.clone(), ..]).to_owned();
-            let err = max_diff(&merged.out, &want);
+            let err = max_diff(&out, &want);
             assert!(err < 1e-12, "{name}: rows {rows:?}: out off by {err}");
-            for (got, want) in merged
-                .lse
-                .iter()
-                .zip(whole.lse.slice(s![.., .., rows.clone()]))
-            {
+            for (got, want) in lse.iter().zip(whole.lse.slice(s![.., .., rows.clone()])) {
                 assert!(
                     got == &(*want as f64) || (got - *want as f64).abs() < 1e-6,
                     "{name}: lse {got} vs {want}"
                 );
             }
-            // The backward of each block, given the merged (f64) lse and the whole D.
-            let d: Array3<f64> = delta(
-                whole.out.slice(s![.., .., rows.clone(), ..]),
-                dout.slice(s![.., .., rows.clone(), ..]),
-            )
-            .unwrap();
+            // The backward of each block, given the merged row statistics and the whole D.
+            let d: Array3<f64> =
+                delta::<f64>(out.view(), dout.slice(s![.., .., rows.clone(), ..])).unwrap();
             for kw in K_CUTS.windows(2) {
                 let keys = kw[0]..kw[1];
                 let frame = Frame {
@@ -143,7 +137,8 @@ fn blocks_at_their_frames_equal_the_whole_call_forward_and_backward() {
                     k.slice(s![.., .., keys.clone(), ..]),
                     v.slice(s![.., .., keys.clone(), ..]),
                     dout.slice(s![.., .., rows.clone(), ..]),
-                    merged.lse.view(),
+                    merged.max.view(),
+                    merged.sum.view(),
                     d.view(),
                     Some(slopes.view()),
                     &options,
@@ -158,8 +153,8 @@ fn blocks_at_their_frames_equal_the_whole_call_forward_and_backward() {
                 dv_keys += &g.dv;
             }
         }
-        // D comes from the rounded-nowhere f64 out here, and lse from the f64 merge; the
-        // whole call renormalises instead: both exact to f64 rounding.
+        // D and P come from the merged blocks here; the whole call takes D from P and
+        // renormalises P: both exact to f64 rounding.
         for (what, got, want) in [
             ("dq", &dq, &grads.dq),
             ("dk", &dk, &grads.dk),
@@ -210,4 +205,70 @@ fn a_frame_that_does_not_hold_the_call_is_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("frame"), "{e}");
+}
+
+/// Scores near 7e5 in f32 that differ by a few units: an lse there is off by up to
+/// 0.03 (half an ulp), which a merge by lse turns into weights off by as much; the
+/// online form (max, sum) keeps the blocks' merge as exact as the whole call.
+#[test]
+fn blocks_of_huge_scores_merge_as_exactly_as_the_whole_call() {
+    let (l, s_len, e) = (4, 12, 8);
+    let q =
+        Array4::<f32>::from_shape_fn((1, 1, l, e), |(_, _, i, d)| 300.0 + (i + d) as f32 * 5e-4);
+    let k = Array4::<f32>::from_shape_fn((1, 1, s_len, e), |(_, _, j, d)| {
+        300.0 + ((j * 3 + d) % 5) as f32 * 5e-4
+    });
+    let v = Array4::<f32>::from_shape_fn((1, 1, s_len, 3), |(_, _, j, c)| {
+        (j as f32 - 5.0) * (c as f32 + 1.0)
+    });
+    let options = SdpaOptions {
+        scale: Some(1.0),
+        ..Default::default()
+    };
+    let whole = sdpa_ref::sdpa(q.view(), k.view(), v.view(), None, &options).unwrap();
+    assert!(whole.lse.iter().all(|&x| x > 7e5), "{:?}", whole.lse);
+    let parts: Vec<Partial<f32>> = [0, 5, 9, 12]
+        .windows(2)
+        .map(|w| {
+            let frame = Frame {
+                query_offset: 0,
+                key_offset: w[0],
+                len_q: l,
+                len_kv: s_len,
+            };
+            let keys = w[0]..w[1];
+            partial(
+                q.view(),
+                k.slice(s![.., .., keys.clone(), ..]),
+                v.slice(s![.., .., keys, ..]),
+                None,
+                &options,
+                frame,
+            )
+            .unwrap()
+        })
+        .collect();
+    let (out, _) = merge(&parts.iter().collect::<Vec<_>>()).unwrap().finish();
+    let err = (&out - &whole.out)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &x| m.max(x));
+    assert!(err < 1e-5, "merged blocks off by {err}");
+    eprintln!("online merge off by {err}");
+    // The same blocks merged through each one's f32 lse, as an lse merge does.
+    let by_lse: Vec<Partial<f32>> = parts
+        .iter()
+        .map(|p| {
+            let (out, lse) = p.finish();
+            Partial::from_normalised(out, lse)
+        })
+        .collect();
+    let (out, _) = merge(&by_lse.iter().collect::<Vec<_>>()).unwrap().finish();
+    let lse_err = (&out - &whole.out)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &x| m.max(x));
+    eprintln!("lse merge off by {lse_err}");
+    assert!(
+        lse_err > 100.0 * err.max(1e-6),
+        "lse merge off by only {lse_err}"
+    );
 }
