@@ -7,8 +7,8 @@
 //!   row of `0..len` once); an accepted plan shards and gathers a tensor back to itself;
 //! - `Plan::new` (contiguous, zigzag) gives a valid plan for any length and 1-8 ranks;
 //! - a ring call on a valid plan equals the one-device reference in f64 (forward and
-//!   backward, within `tolerance::F64`), with causal, window, ALiBi, dropout and GQA
-//!   drawn at random; a call the one-device reference refuses is refused by the ring
+//!   backward, within `tolerance::F64`), with causal, window, ALiBi, dropout, GQA,
+//!   empty sequences and cross-attention (keys on their own plan) drawn at random; a call the one-device reference refuses is refused by the ring
 //!   with the same error, and no rank waits for ever.
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -27,6 +27,8 @@ struct Input {
     mode: u8,
     /// (rank, start, len) of explicit segments.
     segments: Vec<(u8, u8, u8)>,
+    /// Cross-attention: keys of this length (0 to 40), zigzag-sharded on their own plan.
+    key_len: Option<u8>,
     /// B, Hkv, group, E, Ev (each small); query heads not divisible when `bad_heads`.
     dims: [u8; 5],
     bad_heads: bool,
@@ -106,10 +108,11 @@ pub fn run(data: &[u8]) {
     let [b, hkv, group, e, ev] = input.dims.map(|d| usize::from(d % 3) + 1);
     let hq = hkv * group + usize::from(input.bad_heads && hkv > 1);
     let q = values(input.seed, [b, hq, len, e]);
-    let k = values(input.seed ^ 1, [b, hkv, len, e]);
-    let v = values(input.seed ^ 2, [b, hkv, len, ev]);
+    let len_kv = input.key_len.map_or(len, |n| usize::from(n % 41));
+    let k = values(input.seed ^ 1, [b, hkv, len_kv, e]);
+    let v = values(input.seed ^ 2, [b, hkv, len_kv, ev]);
     let dout = values(input.seed ^ 3, [b, hq, len, ev]);
-    for (arg, x) in [("query", &q), ("value", &v)] {
+    for (arg, x) in [("query", &q), ("grad_out", &dout)] {
         let shards: Vec<_> = (0..plan.ranks())
             .map(|r| {
                 plan.shard(arg, x.view(), r)
@@ -118,9 +121,6 @@ pub fn run(data: &[u8]) {
             .collect();
         let views: Vec<_> = shards.iter().map(|s| s.view()).collect();
         assert_eq!(&plan.gather(arg, &views).expect("gather"), x);
-    }
-    if len == 0 {
-        return;
     }
     let options = SdpaOptions {
         causal: match input.causal % 3 {
@@ -142,7 +142,14 @@ pub fn run(data: &[u8]) {
     let alibi = input.alibi.then(|| slopes.view());
     let zero = ArrayD::<f32>::zeros(IxDyn(&[hq]));
     let one_slopes = alibi.clone().unwrap_or(zero.view());
-    let ring = Ring::self_attention(plan);
+    let ring = match input.key_len {
+        None => Ring::self_attention(plan),
+        Some(_) => Ring::new(
+            plan,
+            Plan::new(Sharding::Zigzag, len_kv, ranks).expect("1 to 8 ranks"),
+        )
+        .expect("plans over the same ranks"),
+    };
     let one = sdpa_ref::sdpa_with_alibi(
         q.view(),
         k.view(),

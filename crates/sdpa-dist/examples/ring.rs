@@ -105,7 +105,7 @@ fn run<T: Element>(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     for r in 0..a.ranks {
         let segs: Vec<String> = ring
-            .queries
+            .queries()
             .segments(r)
             .iter()
             .map(|s| format!("{}..{}", s.start, s.start + s.len))

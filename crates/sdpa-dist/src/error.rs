@@ -9,7 +9,7 @@ pub enum DistError {
     /// shard does not match the plan.
     #[error("{0}")]
     Sdpa(#[from] SdpaError),
-    /// The ring broke: a neighbour went away or delivered out of order.
+    /// The ring broke: a neighbour delivered something other than the ring expects.
     #[error("rank {rank}: {what}")]
     Transport {
         /// The rank that saw it.
@@ -17,13 +17,20 @@ pub enum DistError {
         /// What happened.
         what: String,
     },
+    /// A neighbour left the ring (the consequence of an error there, not its cause).
+    #[error("rank {rank}: rank {peer} hung up")]
+    HungUp {
+        /// The rank that saw it.
+        rank: usize,
+        /// The neighbour that left.
+        peer: usize,
+    },
 }
 
 impl DistError {
-    /// Whether this is a rank's report of its neighbour leaving (the consequence of an
-    /// error elsewhere, not its cause).
+    /// Whether this is a rank's report of its neighbour leaving.
     pub fn is_hang_up(&self) -> bool {
-        matches!(self, DistError::Transport { what, .. } if what.contains("hung up"))
+        matches!(self, DistError::HungUp { .. })
     }
 }
 

@@ -4,8 +4,9 @@
 //! Each rank holds a shard of `q`, `k`, `v` along the sequence ([`Plan`]: contiguous,
 //! or zigzag to balance causal masking). K/V shards travel a ring of ranks over a
 //! [`Transport`]; each rank computes its queries against the shard it holds while the
-//! next one arrives, and merges the partial results by their log-sum-exp (the merge of
-//! split-KV decoding, [`sdpa_ref::blocks::merge`]). The backward sends each shard's
+//! next one arrives, and merges the partial results by their row statistics (each
+//! row's maximum score and softmax sum: the merge of split-KV decoding,
+//! [`sdpa_ref::blocks::merge`]). The backward sends each shard's
 //! dK/dV accumulator round the ring after it. Causal masking, the window, ALiBi and
 //! dropout are evaluated at global positions, so the result equals the one-device call
 //! (dropout: the same keep bits, from the global index of DESIGN.md's stream).

@@ -5,7 +5,8 @@
 //! `t` it holds the K/V shard of rank `r - t mod N`: it posts that shard to the next
 //! rank, computes its queries against it block by block ([`sdpa_ref::blocks`], each
 //! block at its global positions, blocks no query of which reads a key skipped), and
-//! takes the next shard from the previous rank. The forward merges the blocks by lse;
+//! takes the next shard from the previous rank. The forward merges the blocks by their
+//! row statistics (maximum and sum, [`sdpa_ref::blocks::merge`]);
 //! the backward sends each shard's dK/dV accumulator after the shard (it is added to on
 //! every rank) and, after `N` steps, each accumulator arrives back at its owner.
 
@@ -23,10 +24,8 @@ use std::sync::Arc;
 /// ranks. Self-attention uses one plan for both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ring {
-    /// Rows of `q`.
-    pub queries: Plan,
-    /// Rows of `k` and `v`.
-    pub keys: Plan,
+    queries: Plan,
+    keys: Plan,
 }
 
 impl Ring {
@@ -58,6 +57,51 @@ impl Ring {
     pub fn ranks(&self) -> usize {
         self.queries.ranks()
     }
+
+    /// The plan of `q`'s rows (and `out`'s, `lse`'s, `dout`'s, `dq`'s).
+    pub fn queries(&self) -> &Plan {
+        &self.queries
+    }
+
+    /// The plan of `k`'s and `v`'s rows (and `dk`'s, `dv`'s).
+    pub fn keys(&self) -> &Plan {
+        &self.keys
+    }
+
+    /// The blocks rank `rank` computes against rank `owner`'s K/V shard: each pair of
+    /// a segment of its queries and one of `owner`'s keys that some query reads, with
+    /// their rows in the two shards and their frame.
+    fn blocks(&self, rank: usize, owner: usize, options: &SdpaOptions) -> Vec<Block> {
+        let mut blocks = Vec::new();
+        for (n, (seg, rows)) in self.queries.local_segments(rank).enumerate() {
+            for (kseg, keys) in self.keys.local_segments(owner) {
+                let frame = Frame {
+                    query_offset: seg.start,
+                    key_offset: kseg.start,
+                    len_q: self.queries.len(),
+                    len_kv: self.keys.len(),
+                };
+                if !frame.is_masked_out(seg.len, kseg.len, options) {
+                    blocks.push(Block {
+                        segment: n,
+                        rows: rows.clone(),
+                        keys,
+                        frame,
+                    });
+                }
+            }
+        }
+        blocks
+    }
+}
+
+/// One block of a ring step: query segment `segment` of the rank (its `rows` in the
+/// rank's shard) against the `keys` of the K/V shard it holds, at `frame`.
+struct Block {
+    segment: usize,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    frame: Frame,
 }
 
 /// A K/V shard travelling the ring, with the rank it belongs to.
@@ -68,12 +112,56 @@ pub struct KvShard<T> {
     v: Array4<T>,
 }
 
+impl<T> KvShard<T> {
+    /// Rank `owner`'s K/V shard (for a transport that rebuilds what it received).
+    pub fn new(owner: usize, k: Array4<T>, v: Array4<T>) -> Self {
+        KvShard { owner, k, v }
+    }
+
+    /// The rank it belongs to.
+    pub fn owner(&self) -> usize {
+        self.owner
+    }
+
+    /// Its keys, `[B, Hkv, S_owner, E]`.
+    pub fn k(&self) -> &Array4<T> {
+        &self.k
+    }
+
+    /// Its values, `[B, Hkv, S_owner, Ev]`.
+    pub fn v(&self) -> &Array4<T> {
+        &self.v
+    }
+}
+
 /// A K/V shard's gradient accumulators travelling the ring after it.
 #[derive(Debug)]
 pub struct GradShard<A> {
     owner: usize,
     dk: Array4<A>,
     dv: Array4<A>,
+}
+
+impl<A> GradShard<A> {
+    /// The accumulators of rank `owner`'s K/V shard.
+    pub fn new(owner: usize, dk: Array4<A>, dv: Array4<A>) -> Self {
+        GradShard { owner, dk, dv }
+    }
+
+    /// The rank whose shard they belong to.
+    pub fn owner(&self) -> usize {
+        self.owner
+    }
+
+    /// `dk` so far, `[B, Hkv, S_owner, E]`.
+    pub fn dk(&self) -> &Array4<A> {
+        &self.dk
+    }
+
+    /// `dv` so far, `[B, Hkv, S_owner, Ev]`.
+    pub fn dv(&self) -> &Array4<A> {
+        &self.dv
+    }
 }
 
 /// What ranks send each other: a K/V shard (shared, it is only read), or the dK/dV of
@@ -98,6 +186,7 @@ fn check_call<T: Element>(
     q: &ArrayView4<'_, T>,
     k: &ArrayView4<'_, T>,
     v: &ArrayView4<'_, T>,
+    alibi: Option<&ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
 ) -> Result<()> {
     ring.queries.check_rank(rank)?;
@@ -128,44 +217,77 @@ fn check_call<T: Element>(
         ]);
         desc
     };
-    sdpa_core::Problem::new(
+    let problem = sdpa_core::Problem::new(
         &whole(q, ring.queries.len()),
         &whole(k, ring.keys.len()),
         &whole(v, ring.keys.len()),
         None,
         options,
     )?;
+    if let Some(slopes) = alibi {
+        sdpa_core::check_alibi_slopes(
+            slopes.shape(),
+            slopes.iter(),
+            problem.batch,
+            problem.heads_q,
+        )?;
+    }
     Ok(())
 }
 
-fn frame(ring: &Ring, q0: usize, k0: usize) -> Frame {
-    Frame {
-        query_offset: q0,
-        key_offset: k0,
-        len_q: ring.queries.len(),
-        len_kv: ring.keys.len(),
-    }
-}
-
-fn wrong_message(rank: usize, want: &str) -> DistError {
+fn wrong_message<T, A>(rank: usize, want: &str, got: &Message<T, A>) -> DistError {
+    let got = match got {
+        Message::Kv(kv) => format!("rank {}'s K/V shard", kv.owner),
+        Message::Grads(g) => format!("rank {}'s dK/dV", g.owner),
+    };
     DistError::Transport {
         rank,
-        what: format!("expected {want} from the previous rank, got another message"),
+        what: format!("expected {want} from the previous rank, got {got}"),
     }
 }
 
-fn check_owner(rank: usize, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
+/// Checks what arrived against the ring: the owner this step's shard must have, and
+/// the shape its keys must have (the plan's rows of that owner, this rank's own B,
+/// Hkv, E and Ev), so that a transport delivering something else is an error, not a
+/// broadcast or a panic.
+fn check_shard<X>(
+    rank: usize,
+    what: &str,
+    owner: usize,
+    want_owner: usize,
+    [k, v]: [&Array4<X>; 2],
+    [k_want, v_want]: [[usize; 4]; 2],
+) -> Result<()> {
+    if owner != want_owner {
         return Err(DistError::Transport {
             rank,
-            what: format!("expected the {what} of rank {want}, got rank {got}'s"),
+            what: format!("expected the {what} of rank {want_owner}, got rank {owner}'s"),
         });
+    }
+    for (arg, got, want) in [("key", k.shape(), k_want), ("value", v.shape(), v_want)] {
+        if got != want {
+            return Err(DistError::Transport {
+                rank,
+                what: format!(
+                    "expected rank {owner}'s {what} with {arg} rows of shape {}, got {}",
+                    shape_text(&want),
+                    shape_text(got)
+                ),
+            });
+        }
     }
     Ok(())
 }
 
-/// One pass of K/V round the ring: this rank's queries against every shard, merged by
-/// lse, a partial result per segment of its queries.
+/// The shapes rank `owner`'s K/V shard (or its dK/dV) has: the plan's rows of that
+/// owner, and B, Hkv, E, Ev of this rank's own `k` `[B, Hkv, _, E]` and `v`.
+fn shard_shapes(ring: &Ring, owner: usize, k: &[usize], v: &[usize]) -> [[usize; 4]; 2] {
+    let len = ring.keys.local_len(owner);
+    [[k[0], k[1], len, k[3]], [v[0], v[1], len, v[3]]]
+}
+
+/// One pass of K/V round the ring: this rank's queries against every shard, merged, a
+/// partial result per segment of its queries.
 fn forward_pass<T: Element, Tr: Transport<RingMessage<T>>>(
     transport: &mut Tr,
     ring: &Ring,
@@ -175,39 +297,42 @@ fn forward_pass<T: Element, Tr: Transport<RingMessage<T>>>(
     options: &SdpaOptions,
 ) -> Result<Vec<Option<Partial<T::Acc>>>> {
     let (rank, n) = (transport.rank(), ring.ranks());
-    let segments: Vec<_> = ring.queries.local_segments(rank).collect();
-    let mut merged: Vec<Option<Partial<T::Acc>>> = vec![None; segments.len()];
+    let mut merged: Vec<Option<Partial<T::Acc>>> = vec![None; ring.queries.segments(rank).len()];
+    let (k_dims, v_dims) = (own.k.shape().to_vec(), own.v.shape().to_vec());
     let mut current = own;
     for step in 0..n {
         let owner = (rank + n - step) % n;
-        check_owner(rank, "K/V shard", current.owner, owner)?;
+        let want = shard_shapes(ring, owner, &k_dims, &v_dims);
+        check_shard(
+            rank,
+            "K/V shard",
+            current.owner,
+            owner,
+            [&current.k, &current.v],
+            want,
+        )?;
         if step + 1 < n {
             transport.send_next(Message::Kv(Arc::clone(&current)))?;
         }
-        for ((seg, local), acc) in segments.iter().zip(merged.iter_mut()) {
-            for (kseg, klocal) in ring.keys.local_segments(owner) {
-                let frame = frame(ring, seg.start, kseg.start);
-                if frame.is_masked_out(seg.len, kseg.len, options) {
-                    continue;
-                }
-                let part = blocks::partial(
-                    q.slice(s![.., .., local.clone(), ..]),
-                    current.k.slice(s![.., .., klocal.clone(), ..]),
-                    current.v.slice(s![.., .., klocal, ..]),
-                    alibi.clone(),
-                    options,
-                    frame,
-                )?;
-                *acc = Some(match acc.take() {
-                    None => part,
-                    Some(prev) => blocks::merge(&[&prev, &part])?,
-                });
-            }
+        for block in ring.blocks(rank, owner, options) {
+            let part = blocks::partial(
+                q.slice(s![.., .., block.rows.clone(), ..]),
+                current.k.slice(s![.., .., block.keys.clone(), ..]),
+                current.v.slice(s![.., .., block.keys, ..]),
+                alibi.clone(),
+                options,
+                block.frame,
+            )?;
+            let acc = &mut merged[block.segment];
+            *acc = Some(match acc.take() {
+                None => part,
+                Some(prev) => blocks::merge(&[&prev, &part])?,
+            });
         }
         if step + 1 < n {
             current = match transport.recv_prev()? {
                 Message::Kv(kv) => kv,
-                Message::Grads(_) => return Err(wrong_message(rank, "a K/V shard")),
+                other => return Err(wrong_message(rank, "a K/V shard", &other)),
             };
         }
     }
@@ -225,25 +350,18 @@ fn assemble<A: Accum>(
 ) -> Partial<A> {
     let [batch, heads, width] = dims;
     let len = ring.queries.local_len(rank);
-    let mut whole = Partial {
-        out: Array4::<A>::zeros((batch, heads, len, width)),
-        max: Array3::<A>::from_elem((batch, heads, len), A::neg_infinity()),
-        sum: Array3::<A>::zeros((batch, heads, len)),
-    };
+    let mut out = Array4::<A>::zeros((batch, heads, len, width));
+    let mut max = Array3::<A>::from_elem((batch, heads, len), A::neg_infinity());
+    let mut sum = Array3::<A>::zeros((batch, heads, len));
     for ((_, local), part) in ring.queries.local_segments(rank).zip(merged) {
         if let Some(part) = part {
-            whole
-                .out
-                .slice_mut(s![.., .., local.clone(), ..])
-                .assign(&part.out);
-            whole
-                .max
-                .slice_mut(s![.., .., local.clone()])
-                .assign(&part.max);
-            whole.sum.slice_mut(s![.., .., local]).assign(&part.sum);
+            let (o, m, s_) = part.into_parts();
+            out.slice_mut(s![.., .., local.clone(), ..]).assign(&o);
+            max.slice_mut(s![.., .., local.clone()]).assign(&m);
+            sum.slice_mut(s![.., .., local]).assign(&s_);
         }
     }
-    whole
+    Partial::new(out, max, sum).expect("one row statistic a row of out")
 }
 
 /// Rank `transport.rank()`'s share of the context-parallel forward: its rows of `out`
@@ -270,7 +388,7 @@ pub fn forward<T: Element, Tr: Transport<RingMessage<T>>>(
 ) -> Result<Output<T>> {
     check_transport(transport, ring)?;
     let rank = transport.rank();
-    check_call(ring, rank, &q, &k, &v, options)?;
+    check_call(ring, rank, &q, &k, &v, alibi_slopes.as_ref(), options)?;
     let own = Arc::new(KvShard {
         owner: rank,
         k: k.to_owned(),
@@ -302,6 +420,12 @@ fn check_transport<M, Tr: Transport<M>>(transport: &Tr, ring: &Ring) -> Result<(
 /// `out` and `lse`, and of `dout`. Every rank calls it at once with the forward's
 /// `ring`, `alibi_slopes` and `options` (dropout replays the forward's keep bits).
 ///
+/// An infinite entry of `q` or `k` gives NaN in `dq` wherever a block multiplies it by
+/// 0 (PyTorch's `dS k`, which the one-device reference follows, is NaN in every row of
+/// `dq` then); the ring skips blocks no query reads, so there the NaN reaches only the
+/// rows of the blocks it computes. Finite inputs, and NaN (which the reference keeps
+/// out of rows that do not read it), give the one-device result.
+///
 /// Like the one-device reference, which takes `D = rowsum(dout * out)` as
 /// `rowsum(P * dP)` and renormalises `P` rather than trust the f32 `lse`, the ring does
 /// not read `out` and `lse` (it checks their shapes): it first runs the forward's pass
@@ -327,7 +451,7 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
 ) -> Result<Gradients<T>> {
     check_transport(transport, ring)?;
     let rank = transport.rank();
-    check_call(ring, rank, &q, &k, &v, options)?;
+    check_call(ring, rank, &q, &k, &v, alibi_slopes.as_ref(), options)?;
     let (batch, heads, len, _) = q.dim();
     let out_shape = [batch, heads, len, v.dim().3];
     for (arg, want, got) in [
@@ -363,61 +487,80 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
     )?;
     let exact = assemble(ring, rank, [batch, heads, v.dim().3], merged);
     let delta = blocks::delta::<T>(exact.finish().0.view(), dout)?;
+    let (max, sum) = (exact.max(), exact.sum());
     let n = ring.ranks();
     let mut dq = Array4::<T::Acc>::zeros(q.raw_dim());
     let mut current = own;
-    let mut grads = Box::new(GradShard {
-        owner: rank,
-        dk: Array4::zeros(k.raw_dim()),
-        dv: Array4::zeros(v.raw_dim()),
-    });
+    let mut grads = Box::new(GradShard::new(
+        rank,
+        Array4::zeros(k.raw_dim()),
+        Array4::zeros(v.raw_dim()),
+    ));
     let add = |x: &mut T::Acc, &y: &T::Acc| *x = *x + y;
     for step in 0..n {
         let owner = (rank + n - step) % n;
-        check_owner(rank, "K/V shard", current.owner, owner)?;
-        check_owner(rank, "dK/dV", grads.owner, owner)?;
+        let want = shard_shapes(ring, owner, k.shape(), v.shape());
+        check_shard(
+            rank,
+            "K/V shard",
+            current.owner,
+            owner,
+            [&current.k, &current.v],
+            want,
+        )?;
+        check_shard(
+            rank,
+            "dK/dV",
+            grads.owner,
+            owner,
+            [&grads.dk, &grads.dv],
+            want,
+        )?;
         if step + 1 < n {
             transport.send_next(Message::Kv(Arc::clone(&current)))?;
         }
-        for (seg, local) in ring.queries.local_segments(rank) {
-            for (kseg, klocal) in ring.keys.local_segments(owner) {
-                let frame = frame(ring, seg.start, kseg.start);
-                if frame.is_masked_out(seg.len, kseg.len, options) {
-                    continue;
-                }
-                let rows = s![.., .., local.clone(), ..];
-                let keys = s![.., .., klocal.clone(), ..];
-                let g = blocks::partial_backward(
-                    q.slice(rows),
-                    current.k.slice(keys),
-                    current.v.slice(keys),
-                    dout.slice(rows),
-                    exact.max.slice(s![.., .., local.clone()]),
-                    exact.sum.slice(s![.., .., local.clone()]),
-                    delta.slice(s![.., .., local.clone()]),
-                    alibi_slopes.clone(),
-                    options,
-                    frame,
-                )?;
-                Zip::from(dq.slice_mut(rows)).and(&g.dq).for_each(add);
-                Zip::from(grads.dk.slice_mut(keys)).and(&g.dk).for_each(add);
-                Zip::from(grads.dv.slice_mut(keys)).and(&g.dv).for_each(add);
-            }
+        for block in ring.blocks(rank, owner, options) {
+            let rows = s![.., .., block.rows.clone(), ..];
+            let keys = s![.., .., block.keys.clone(), ..];
+            let stats = s![.., .., block.rows.clone()];
+            let g = blocks::partial_backward(
+                q.slice(rows),
+                current.k.slice(keys),
+                current.v.slice(keys),
+                dout.slice(rows),
+                max.slice(stats),
+                sum.slice(stats),
+                delta.slice(stats),
+                alibi_slopes.clone(),
+                options,
+                block.frame,
+            )?;
+            Zip::from(dq.slice_mut(rows)).and(&g.dq).for_each(add);
+            Zip::from(grads.dk.slice_mut(keys)).and(&g.dk).for_each(add);
+            Zip::from(grads.dv.slice_mut(keys)).and(&g.dv).for_each(add);
         }
         transport.send_next(Message::Grads(grads))?;
         if step + 1 < n {
             current = match transport.recv_prev()? {
                 Message::Kv(kv) => kv,
-                Message::Grads(_) => return Err(wrong_message(rank, "a K/V shard")),
+                other => return Err(wrong_message(rank, "a K/V shard", &other)),
             };
         }
         grads = match transport.recv_prev()? {
             Message::Grads(g) => g,
-            Message::Kv(_) => return Err(wrong_message(rank, "dK/dV")),
+            other => return Err(wrong_message(rank, "dK/dV", &other)),
         };
     }
     // After N steps each accumulator has visited every rank and come home.
-    check_owner(rank, "dK/dV", grads.owner, rank)?;
+    let want = shard_shapes(ring, rank, k.shape(), v.shape());
+    check_shard(
+        rank,
+        "dK/dV",
+        grads.owner,
+        rank,
+        [&grads.dk, &grads.dv],
+        want,
+    )?;
     Ok(Gradients {
         dq: dq.mapv(T::from_acc),
         dk: grads.dk.mapv(T::from_acc),

@@ -48,6 +48,10 @@ impl std::str::FromStr for Sharding {
     }
 }
 
+/// The most ranks a plan has (NCCL's communicators are far smaller; the bound keeps a
+/// plan's lists and the ring's threads finite).
+pub const MAX_RANKS: usize = 1 << 16;
+
 /// Which segments of `0..len` each rank holds; every row belongs to exactly one rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -75,10 +79,10 @@ impl Plan {
     /// divide evenly give pieces one row apart; more pieces than rows give empty ones.
     ///
     /// # Errors
-    /// `ranks` of 0.
+    /// `ranks` of 0 or above [`MAX_RANKS`].
     pub fn new(sharding: Sharding, len: usize, ranks: usize) -> Result<Self> {
-        if ranks == 0 {
-            return Err(SdpaError::invalid("ranks", "at least 1", 0).into());
+        if ranks == 0 || ranks > MAX_RANKS {
+            return Err(SdpaError::invalid("ranks", format!("1 to {MAX_RANKS}"), ranks).into());
         }
         let ranks = match sharding {
             Sharding::Contiguous => pieces(len, ranks).into_iter().map(|s| vec![s]).collect(),
@@ -97,10 +101,12 @@ impl Plan {
     ///
     /// # Errors
     /// `segments` that do not cover `0..len` exactly once, naming the first row that is
-    /// missing or held twice; no rank at all.
+    /// missing or held twice; no rank at all, or more than [`MAX_RANKS`].
     pub fn from_segments(len: usize, ranks: Vec<Vec<Segment>>) -> Result<Self> {
-        if ranks.is_empty() {
-            return Err(SdpaError::invalid("ranks", "at least 1", 0).into());
+        if ranks.is_empty() || ranks.len() > MAX_RANKS {
+            return Err(
+                SdpaError::invalid("ranks", format!("1 to {MAX_RANKS}"), ranks.len()).into(),
+            );
         }
         let ranks: Vec<Vec<Segment>> = ranks
             .into_iter()

@@ -81,18 +81,16 @@ impl<M: Send> Transport<M> for InProcess<M> {
     }
 
     fn send_next(&mut self, message: M) -> Result<()> {
-        self.to_next
-            .send(message)
-            .map_err(|_| DistError::Transport {
-                rank: self.rank,
-                what: format!("rank {} hung up", (self.rank + 1) % self.ranks),
-            })
+        self.to_next.send(message).map_err(|_| DistError::HungUp {
+            rank: self.rank,
+            peer: (self.rank + 1) % self.ranks,
+        })
     }
 
     fn recv_prev(&mut self) -> Result<M> {
-        self.from_prev.recv().map_err(|_| DistError::Transport {
+        self.from_prev.recv().map_err(|_| DistError::HungUp {
             rank: self.rank,
-            what: format!("rank {} hung up", (self.rank + self.ranks - 1) % self.ranks),
+            peer: (self.rank + self.ranks - 1) % self.ranks,
         })
     }
 }

@@ -345,8 +345,8 @@ fn zigzag_balances_causal_work_and_skips_masked_blocks() {
                 let mut total = 0;
                 for step in 0..4 {
                     let owner = (r + 4 - step) % 4;
-                    for q in ring.queries.segments(r) {
-                        for k in ring.keys.segments(owner) {
+                    for q in ring.queries().segments(r) {
+                        for k in ring.keys().segments(owner) {
                             let frame = sdpa_ref::Frame {
                                 query_offset: q.start,
                                 key_offset: k.start,
@@ -473,7 +473,7 @@ fn bad_calls_are_refused_by_name_and_a_failing_rank_ends_the_ring() {
     // One rank handed a shard of the wrong length: it names itself and the argument;
     // its neighbours report it leaving instead of waiting for ever.
     let shards: Vec<Array4<f64>> = (0..3)
-        .map(|r| ring.queries.shard("query", x.view(), r).unwrap())
+        .map(|r| ring.queries().shard("query", x.view(), r).unwrap())
         .collect();
     let ends = InProcess::<RingMessage<f64>>::ring(3);
     let short = short.view();
@@ -553,4 +553,94 @@ fn bad_calls_are_refused_by_name_and_a_failing_rank_ends_the_ring() {
     .unwrap_err()
     .to_string();
     assert!(e.starts_with("lse: expected shape [1, 4, 12]"), "{e}");
+}
+
+/// What a neighbour delivers is checked, not trusted: a K/V shard of another shape than
+/// this rank's own dims and the plan give is an error naming it, not a broadcast.
+#[test]
+fn a_shard_of_another_shape_from_a_neighbour_is_refused() {
+    let ring = Ring::self_attention(Plan::new(Sharding::Contiguous, 8, 2).unwrap());
+    let q = Array4::<f64>::from_elem((1, 1, 4, 3), 0.25);
+    let v_wide = Array4::<f64>::from_elem((1, 1, 4, 5), 0.5);
+    let v_one = Array4::<f64>::from_elem((1, 1, 4, 1), 0.5);
+    let ends = InProcess::<RingMessage<f64>>::ring(2);
+    let results: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ends
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut end)| {
+                let (ring, q) = (&ring, q.view());
+                // Rank 1's values have Ev = 1: they would broadcast into rank 0's Ev = 5.
+                let v = if rank == 0 {
+                    v_wide.view()
+                } else {
+                    v_one.view()
+                };
+                scope.spawn(move || {
+                    match forward(&mut end, ring, q, q, v, None, &SdpaOptions::default()) {
+                        Ok(_) => "ok".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        results[0]
+            .contains("rank 1's K/V shard with value rows of shape [1, 1, 4, 5], got [1, 1, 4, 1]"),
+        "{results:?}"
+    );
+    assert!(
+        results[1].contains("value rows of shape [1, 1, 4, 1], got [1, 1, 4, 5]"),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn slopes_sizes_and_frames_are_checked_before_anything_runs() {
+    // Bad ALiBi slopes are the one-device call's error, also where no block would run.
+    let ring = Ring::self_attention(Plan::new(Sharding::Zigzag, 0, 2).unwrap());
+    let empty = Array4::<f64>::zeros((1, 2, 0, 4));
+    let bad = ArrayD::<f32>::zeros(IxDyn(&[3]));
+    let e = simulate_forward(
+        &ring,
+        empty.view(),
+        empty.view(),
+        empty.view(),
+        Some(bad.view()),
+        &SdpaOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    let one = sdpa_with_alibi(
+        empty.view(),
+        empty.view(),
+        empty.view(),
+        None,
+        bad.view(),
+        &SdpaOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, one);
+    // Rank counts a plan cannot hold.
+    for ranks in [0, sdpa_dist::shard::MAX_RANKS + 1, usize::MAX] {
+        let e = Plan::new(Sharding::Zigzag, 4, ranks)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ranks: expected 1 to 65536"), "{e}");
+    }
+    // A frame that cannot hold the call skips nothing (and does not overflow).
+    let frame = sdpa_ref::Frame {
+        query_offset: usize::MAX,
+        key_offset: usize::MAX,
+        len_q: 4,
+        len_kv: 4,
+    };
+    let causal = SdpaOptions {
+        causal: Causal::TopLeft,
+        ..Default::default()
+    };
+    assert!(!frame.is_masked_out(usize::MAX, 2, &causal));
 }

@@ -1,12 +1,12 @@
 //! Attention over a block of a larger call, in the accumulation type, and the merge of
-//! blocks by their log-sum-exp: the truth for split-KV decoding and ring attention.
+//! blocks by their row statistics: the truth for split-KV decoding and ring attention.
 //!
 //! A block is the call's queries `query_offset ..` against keys `key_offset ..` of a
 //! problem of `len_q` queries and `len_kv` keys (its [`Frame`]). Causal masking, the
 //! window, ALiBi distances and the dropout index of each element are those of the larger
 //! problem, so blocks computed apart and merged equal the whole call: the forward by
-//! [`merge`], the backward by summing each block's gradients (given the whole call's
-//! `lse` and `D = rowsum(dout * out)`).
+//! [`merge`], the backward by summing each block's gradients (given the whole call's row
+//! statistics and `D = rowsum(dout * out)`).
 //!
 //! Results stay in the accumulation type (f64 for f64 inputs, f32 otherwise) and in the
 //! online-softmax form FlashAttention accumulates in: each row's maximum score, its
@@ -37,12 +37,27 @@
 //! # Ok::<(), sdpa_core::SdpaError>(())
 //! ```
 
-use crate::bwd::{head_grads, HeadInputs};
+use crate::bwd::{head_grads, nan_to_zero, HeadInputs};
 use crate::{alibi_plan, problem, Accum, Broadcast, Context, DropoutSpace, Element};
 use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView3, ArrayView4, ArrayViewD, Zip};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
-use sdpa_core::{shape_text, Problem, Result, SdpaError, SdpaOptions};
+use sdpa_core::{shape_text, Causal, Problem, Result, SdpaError, SdpaOptions, Window};
+
+/// The keys `lo..limit` row `row` of an `L x S` problem reads under `causal` and
+/// `window` (empty when `lo == limit`): the one statement of the range for the
+/// reference's rows and for [`Frame::is_masked_out`].
+pub(crate) fn visible_keys(
+    causal: Causal,
+    window: Window,
+    row: usize,
+    len_q: usize,
+    len_kv: usize,
+) -> (usize, usize) {
+    let (lo, hi) = window.key_range(row, len_q, len_kv);
+    let limit = causal.key_limit(row, len_q, len_kv).min(hi);
+    (lo.min(limit), limit)
+}
 
 /// Where a call's queries and keys sit in a larger problem of `len_q` queries and
 /// `len_kv` keys: query `i` of the call is row `query_offset + i` there, key `j` is key
@@ -94,25 +109,26 @@ impl Frame {
         Ok(())
     }
 
-    /// Whether no query of the call reads any of its keys under `options`' causal
-    /// masking and window (a block a ring or a split may skip). Rows' key ranges move
-    /// right with the row, so the call's keys are read at all only between the first
-    /// row's lowest key and the last row's highest.
+    /// Whether no query of a call of `len_q` queries and `len_kv` keys at this frame
+    /// reads any of its keys under `options`' causal masking and window (a block a ring
+    /// or a split may skip): exact, row by row. `false` for a call the frame does not
+    /// hold (nothing is skipped that the call itself would refuse).
     pub fn is_masked_out(&self, len_q: usize, len_kv: usize, options: &SdpaOptions) -> bool {
-        if len_q == 0 || len_kv == 0 {
-            return true;
-        }
-        let range = |row: usize| {
-            let (lo, hi) = options.window.key_range(row, self.len_q, self.len_kv);
-            let limit = options
-                .causal
-                .key_limit(row, self.len_q, self.len_kv)
-                .min(hi);
-            (lo.min(limit), limit)
+        let fits = |offset: usize, len: usize, total: usize| {
+            offset.checked_add(len).is_some_and(|end| end <= total)
         };
-        let (lo, _) = range(self.query_offset);
-        let (_, hi) = range(self.query_offset + len_q - 1);
-        hi <= self.key_offset || lo >= self.key_offset + len_kv
+        if !fits(self.query_offset, len_q, self.len_q)
+            || !fits(self.key_offset, len_kv, self.len_kv)
+        {
+            return false;
+        }
+        let keys = self.key_offset..self.key_offset + len_kv;
+        keys.is_empty()
+            || !(self.query_offset..self.query_offset + len_q).any(|row| {
+                let (lo, limit) =
+                    visible_keys(options.causal, options.window, row, self.len_q, self.len_kv);
+                lo < limit && lo < keys.end && keys.start < limit
+            })
     }
 }
 
@@ -123,18 +139,61 @@ impl Frame {
 /// with a NaN score has NaN `max` and `sum`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Partial<A> {
-    /// `[B, Hq, L, Ev]`, unnormalised.
-    pub out: Array4<A>,
-    /// `[B, Hq, L]`.
-    pub max: Array3<A>,
-    /// `[B, Hq, L]`.
-    pub sum: Array3<A>,
+    out: Array4<A>,
+    max: Array3<A>,
+    sum: Array3<A>,
+}
+
+fn check_rows(arg: &'static str, out: &[usize], rows: &[usize]) -> Result<()> {
+    if out[..3] != *rows {
+        return Err(SdpaError::invalid(
+            arg,
+            format!("shape {} (out's first three dims)", shape_text(&out[..3])),
+            shape_text(rows),
+        ));
+    }
+    Ok(())
 }
 
 impl<A: Accum> Partial<A> {
+    /// A partial result from its parts (`out [B, Hq, L, Ev]` unnormalised, `max` and
+    /// `sum` `[B, Hq, L]`).
+    ///
+    /// # Errors
+    /// `max` or `sum` of another shape than `out`'s first three dims.
+    pub fn new(out: Array4<A>, max: Array3<A>, sum: Array3<A>) -> Result<Self> {
+        check_rows("max", out.shape(), max.shape())?;
+        check_rows("sum", out.shape(), sum.shape())?;
+        Ok(Partial { out, max, sum })
+    }
+
+    /// The unnormalised output, `[B, Hq, L, Ev]`.
+    pub fn out(&self) -> &Array4<A> {
+        &self.out
+    }
+
+    /// Each row's maximum score, `[B, Hq, L]`.
+    pub fn max(&self) -> &Array3<A> {
+        &self.max
+    }
+
+    /// Each row's `sum exp(s - max)`, `[B, Hq, L]`.
+    pub fn sum(&self) -> &Array3<A> {
+        &self.sum
+    }
+
+    /// The parts: `(out, max, sum)`.
+    pub fn into_parts(self) -> (Array4<A>, Array3<A>, Array3<A>) {
+        (self.out, self.max, self.sum)
+    }
+
     /// The partial result of a normalised output and its log-sum-exp (e.g. a one-device
     /// call's): `max = lse`, `sum = 1` (0 where `lse = -inf`, NaN where it is NaN).
-    pub fn from_normalised(out: Array4<A>, lse: Array3<A>) -> Self {
+    ///
+    /// # Errors
+    /// `lse` of another shape than `out`'s first three dims.
+    pub fn from_normalised(out: Array4<A>, lse: Array3<A>) -> Result<Self> {
+        check_rows("lse", out.shape(), lse.shape())?;
         let sum = lse.mapv(|l| {
             if l.is_nan() {
                 l
@@ -144,7 +203,7 @@ impl<A: Accum> Partial<A> {
                 A::one()
             }
         });
-        Partial { out, max: lse, sum }
+        Ok(Partial { out, max: lse, sum })
     }
 
     /// The normalised output `out / sum` (0 for a row with no key, NaN for a NaN row)
@@ -198,8 +257,8 @@ fn context<'a, T: Element>(
 /// Attention of `q` over the keys `k`, `v` of a block at `frame` of a larger call with
 /// `options` (and ALiBi `alibi_slopes`, `[Hq]` or `[B, Hq]`), as [`sdpa`](crate::sdpa)
 /// computes it but with causal, window, ALiBi and dropout taken at the frame's
-/// positions, and the results in the accumulation type. No mask: a block takes the
-/// slice of one itself.
+/// positions, and the result in online-softmax form in the accumulation type. Blocks
+/// take no `attn_mask`.
 ///
 /// # Errors
 /// What [`sdpa`](crate::sdpa) rejects, and a `frame` that does not hold the call.
@@ -219,18 +278,8 @@ pub fn partial<T: Element>(
         (T::Acc::neg_infinity(), T::Acc::zero()),
     );
     let mut out = Array4::<T::Acc>::zeros((batch, heads_q, len_q, head_dim_v));
-    ctx.for_each_block(&mut stats, &mut out, |[b, h, i0], kv, weights, mut rows| {
-        let values = &ctx.values[kv];
-        if values.ncols() > 0 {
-            rows.assign(&weights.dot(values));
-            for &(j, c) in &ctx.value_nans[kv] {
-                for (r, mut row) in rows.outer_iter_mut().enumerate() {
-                    if ctx.reads_key(b, h, i0 + r, j) {
-                        row[c] = T::Acc::nan();
-                    }
-                }
-            }
-        }
+    ctx.for_each_block(&mut stats, &mut out, |at, kv, weights, rows| {
+        ctx.weighted_values(at, kv, weights, rows, |x| x)
     });
     Ok(Partial {
         out,
@@ -254,23 +303,14 @@ pub fn merge<A: Accum>(parts: &[&Partial<A>]) -> Result<Partial<A>> {
         .first()
         .ok_or_else(|| SdpaError::invalid("partials", "at least one partial output", "none"))?;
     for (n, part) in parts.iter().enumerate() {
-        if part.out.shape() != first.out.shape()
-            || part.max.shape() != first.max.shape()
-            || part.sum.shape() != first.max.shape()
-        {
+        if part.out.shape() != first.out.shape() {
             return Err(SdpaError::invalid(
                 "partials",
                 format!(
-                    "every part with out {} and max, sum {} (part 0's)",
-                    shape_text(first.out.shape()),
-                    shape_text(first.max.shape())
+                    "every part with out {} (part 0's)",
+                    shape_text(first.out.shape())
                 ),
-                format!(
-                    "part {n}: out {}, max {}, sum {}",
-                    shape_text(part.out.shape()),
-                    shape_text(part.max.shape()),
-                    shape_text(part.sum.shape())
-                ),
+                format!("part {n}: out {}", shape_text(part.out.shape())),
             ));
         }
     }
@@ -392,11 +432,7 @@ pub fn partial_backward<T: Element>(
         }
     }
     let ctx = context(&problem, q.view(), k.view(), v.view(), alibi_slopes, frame)?;
-    let keys_nan_free: Vec<Array2<T::Acc>> = ctx
-        .keys
-        .iter()
-        .map(|x| x.mapv(|x| if x.is_nan() { T::Acc::zero() } else { x }))
-        .collect();
+    let keys_nan_free: Vec<Array2<T::Acc>> = ctx.keys.iter().map(nan_to_zero).collect();
     let p = &problem;
     let heads: Vec<_> = (0..p.batch * p.heads_q)
         .into_par_iter()

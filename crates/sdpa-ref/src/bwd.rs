@@ -223,7 +223,7 @@ pub(crate) struct HeadGrads<A> {
     pub(crate) ds: Option<Array2<A>>,
 }
 
-fn nan_to_zero<A: Accum>(x: &Array2<A>) -> Array2<A> {
+pub(crate) fn nan_to_zero<A: Accum>(x: &Array2<A>) -> Array2<A> {
     x.mapv(|x| if x.is_nan() { A::zero() } else { x })
 }
 

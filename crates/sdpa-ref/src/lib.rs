@@ -323,10 +323,8 @@ impl<'a, T: Element> Context<'a, T> {
     fn key_range(&self, i: usize) -> (usize, usize) {
         let p = self.problem;
         let f = &self.frame;
-        let row = f.query_offset + i;
-        let (lo, hi) = p.window.key_range(row, f.len_q, f.len_kv);
-        let limit = p.causal.key_limit(row, f.len_q, f.len_kv).min(hi);
-        let lo = lo.min(limit);
+        let (lo, limit) =
+            blocks::visible_keys(p.causal, p.window, f.query_offset + i, f.len_q, f.len_kv);
         let local = |x: usize| x.saturating_sub(f.key_offset).min(p.len_kv);
         (local(lo), local(limit))
     }
@@ -466,6 +464,30 @@ impl<'a, T: Element> Context<'a, T> {
         }
     }
 
+    /// `rows = weights . v` of `(b, h)`'s queries `i0 ..` (with `kv` its kv head's
+    /// index), each element through `to`; NaN entries of `v` come back as NaN in the
+    /// columns of the rows that read their key.
+    fn weighted_values<X: Clone>(
+        &self,
+        [b, h, i0]: [usize; 3],
+        kv: usize,
+        weights: ArrayView2<'_, T::Acc>,
+        mut rows: ArrayViewMut2<'_, X>,
+        to: fn(T::Acc) -> X,
+    ) {
+        let values = &self.values[kv];
+        if values.ncols() > 0 {
+            rows.assign(&weights.dot(values).mapv(to));
+            for &(j, c) in &self.value_nans[kv] {
+                for (r, mut row) in rows.outer_iter_mut().enumerate() {
+                    if self.reads_key(b, h, i0 + r, j) {
+                        row[c] = to(T::Acc::nan());
+                    }
+                }
+            }
+        }
+    }
+
     /// The flat dropout index of row `i`'s first key (DESIGN.md's stream): the row's
     /// keys are consecutive there.
     fn dropout_row(&self, b: usize, h: usize, i: usize) -> u64 {
@@ -483,24 +505,29 @@ impl<'a, T: Element> Context<'a, T> {
     /// For every query block, in parallel: computes its weights and hands them to
     /// `f([b, h, i0], kv, weights, rows)` with `rows` the block's slice (queries `i0 ..`)
     /// of `target [B, Hq, L, X]`.
-    fn for_each_block<X, F>(&self, lse: &mut Array3<(T::Acc, T::Acc)>, target: &mut Array4<X>, f: F)
-    where
+    fn for_each_block<X, F>(
+        &self,
+        stats: &mut Array3<(T::Acc, T::Acc)>,
+        target: &mut Array4<X>,
+        f: F,
+    ) where
         X: Send + Sync,
         F: Fn([usize; 3], usize, ArrayView2<'_, T::Acc>, ArrayViewMut2<'_, X>) + Sync,
     {
         let p = self.problem;
-        lse.outer_iter_mut()
+        stats
+            .outer_iter_mut()
             .into_par_iter()
             .zip(target.outer_iter_mut().into_par_iter())
             .enumerate()
-            .for_each(|(b, (mut lse_b, mut target_b))| {
-                lse_b
+            .for_each(|(b, (mut stats_b, mut target_b))| {
+                stats_b
                     .outer_iter_mut()
                     .into_par_iter()
                     .zip(target_b.outer_iter_mut().into_par_iter())
                     .enumerate()
-                    .for_each(|(h, (mut lse_bh, mut target_bh))| {
-                        lse_bh
+                    .for_each(|(h, (mut stats_bh, mut target_bh))| {
+                        stats_bh
                             .axis_chunks_iter_mut(Axis(0), QUERY_BLOCK)
                             .into_par_iter()
                             .zip(
@@ -509,14 +536,14 @@ impl<'a, T: Element> Context<'a, T> {
                                     .into_par_iter(),
                             )
                             .enumerate()
-                            .for_each(|(blk, (lse_rows, target_rows))| {
-                                let mut weights = Array2::zeros((lse_rows.len(), p.len_kv));
+                            .for_each(|(blk, (stats_rows, target_rows))| {
+                                let mut weights = Array2::zeros((stats_rows.len(), p.len_kv));
                                 self.block_weights(
                                     b,
                                     h,
                                     blk * QUERY_BLOCK,
                                     weights.view_mut(),
-                                    lse_rows,
+                                    stats_rows,
                                 );
                                 let kv = b * p.heads_kv + p.kv_head(h);
                                 f([b, h, blk * QUERY_BLOCK], kv, weights.view(), target_rows);
@@ -627,18 +654,8 @@ fn forward<T: Element>(
         T::from_acc(T::Acc::zero()),
     );
     let ctx = Context::new(&problem, q.view(), k.view(), v.view(), bmask, space).with_alibi(alibi);
-    ctx.for_each_block(&mut stats, &mut out, |[b, h, i0], kv, weights, mut rows| {
-        let values = &ctx.values[kv];
-        if values.ncols() > 0 {
-            rows.assign(&weights.dot(values).mapv(T::from_acc));
-            for &(j, c) in &ctx.value_nans[kv] {
-                for (r, mut row) in rows.outer_iter_mut().enumerate() {
-                    if ctx.reads_key(b, h, i0 + r, j) {
-                        row[c] = T::from_acc(T::Acc::nan());
-                    }
-                }
-            }
-        }
+    ctx.for_each_block(&mut stats, &mut out, |at, kv, weights, rows| {
+        ctx.weighted_values(at, kv, weights, rows, T::from_acc)
     });
     Ok(Output {
         out,
@@ -682,10 +699,10 @@ pub fn attention_weights<T: Element>(
 /// `partials` naming the first part whose shapes differ from the first part's, or an
 /// empty list.
 pub fn merge_partials(parts: &[&Output<f64>]) -> Result<Output<f64>> {
-    let parts: Vec<blocks::Partial<f64>> = parts
+    let parts = parts
         .iter()
         .map(|p| blocks::Partial::from_normalised(p.out.clone(), p.lse.mapv(f64::from)))
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let (out, lse) = blocks::merge(&parts.iter().collect::<Vec<_>>())?.finish();
     Ok(Output {
         out,

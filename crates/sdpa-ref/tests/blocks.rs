@@ -137,8 +137,8 @@ fn blocks_at_their_frames_equal_the_whole_call_forward_and_backward() {
                     k.slice(s![.., .., keys.clone(), ..]),
                     v.slice(s![.., .., keys.clone(), ..]),
                     dout.slice(s![.., .., rows.clone(), ..]),
-                    merged.max.view(),
-                    merged.sum.view(),
+                    merged.max().view(),
+                    merged.sum().view(),
                     d.view(),
                     Some(slopes.view()),
                     &options,
@@ -259,7 +259,7 @@ fn blocks_of_huge_scores_merge_as_exactly_as_the_whole_call() {
         .iter()
         .map(|p| {
             let (out, lse) = p.finish();
-            Partial::from_normalised(out, lse)
+            Partial::from_normalised(out, lse).unwrap()
         })
         .collect();
     let (out, _) = merge(&by_lse.iter().collect::<Vec<_>>()).unwrap().finish();
@@ -271,4 +271,186 @@ fn blocks_of_huge_scores_merge_as_exactly_as_the_whole_call() {
         lse_err > 100.0 * err.max(1e-6),
         "lse merge off by only {lse_err}"
     );
+}
+
+#[test]
+fn block_arguments_of_the_wrong_shape_are_refused_by_name() {
+    let mut rng = SplitMix64(5);
+    let q = array(&mut rng, [1, 2, 3, 4]);
+    let dout = array(&mut rng, [1, 2, 3, 4]);
+    let rows = Array3::<f64>::zeros((1, 2, 3));
+    let short = Array3::<f64>::zeros((1, 2, 2));
+    let options = SdpaOptions::default();
+    let frame = Frame::whole(3, 3);
+    let call = |max: &Array3<f64>, sum: &Array3<f64>, d: &Array3<f64>| {
+        partial_backward(
+            q.view(),
+            q.view(),
+            q.view(),
+            dout.view(),
+            max.view(),
+            sum.view(),
+            d.view(),
+            None,
+            &options,
+            frame,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(call(&short, &rows, &rows).starts_with("max: expected shape [1, 2, 3]"));
+    assert!(call(&rows, &short, &rows).starts_with("sum: expected shape [1, 2, 3]"));
+    assert!(call(&rows, &rows, &short).starts_with("delta: expected shape [1, 2, 3]"));
+    let e = delta::<f64>(q.view(), dout.slice(s![.., .., ..2, ..]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("grad_out: expected shape [1, 2, 3, 4]"),
+        "{e}"
+    );
+    let e = Partial::new(q.clone(), short.clone(), rows.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("max: expected shape [1, 2, 3]"), "{e}");
+    let e = Partial::from_normalised(q.clone(), short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("lse: expected shape [1, 2, 3]"), "{e}");
+}
+
+/// `Frame::is_masked_out` against a key-by-key statement: true exactly when no query of
+/// the block reads any of its keys, over every small frame, causal mode and window.
+#[test]
+fn a_block_is_skipped_exactly_when_no_query_reads_a_key() {
+    let mut skipped = 0;
+    for (len_q, len_kv) in [(5, 5), (3, 6), (6, 3)] {
+        for causal in [Causal::None, Causal::TopLeft, Causal::BottomRight] {
+            for window in [
+                Window::NONE,
+                Window { left: 1, right: 0 },
+                Window { left: 0, right: 2 },
+                Window { left: 2, right: -1 },
+            ] {
+                let options = SdpaOptions {
+                    causal,
+                    window,
+                    ..Default::default()
+                };
+                for q0 in 0..=len_q {
+                    for rows in 0..=len_q - q0 {
+                        for k0 in 0..=len_kv {
+                            for keys in 0..=len_kv - k0 {
+                                let frame = Frame {
+                                    query_offset: q0,
+                                    key_offset: k0,
+                                    len_q,
+                                    len_kv,
+                                };
+                                let read = (q0..q0 + rows).any(|i| {
+                                    (k0..k0 + keys).any(|j| {
+                                        causal.allows(i, j, len_q, len_kv)
+                                            && window.allows(i, j, len_q, len_kv)
+                                    })
+                                });
+                                let skip = frame.is_masked_out(rows, keys, &options);
+                                assert_eq!(
+                                    skip, !read,
+                                    "{causal:?} {window:?} rows {q0}+{rows} keys {k0}+{keys} of {len_q}x{len_kv}"
+                                );
+                                skipped += usize::from(skip && rows > 0 && keys > 0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(skipped > 100, "{skipped}");
+}
+
+/// NaN through blocks: a NaN query row is NaN after the merge (out and lse) and the
+/// other rows are untouched; a NaN in `v` reaches only the rows that read its key.
+#[test]
+fn nan_reaches_the_merged_rows_that_read_it() {
+    let mut rng = SplitMix64(21);
+    let mut q = array(&mut rng, [1, 1, 4, 3]);
+    let k = array(&mut rng, [1, 1, 6, 3]);
+    let mut v = array(&mut rng, [1, 1, 6, 2]);
+    q[[0, 0, 1, 0]] = f64::NAN;
+    v[[0, 0, 2, 1]] = f64::NAN;
+    let options = SdpaOptions {
+        causal: Causal::TopLeft,
+        ..Default::default()
+    };
+    let whole = sdpa_ref::sdpa(q.view(), k.view(), v.view(), None, &options).unwrap();
+    let parts: Vec<Partial<f64>> = [0, 3, 6]
+        .windows(2)
+        .map(|w| {
+            let frame = Frame {
+                query_offset: 0,
+                key_offset: w[0],
+                len_q: 4,
+                len_kv: 6,
+            };
+            partial(
+                q.view(),
+                k.slice(s![.., .., w[0]..w[1], ..]),
+                v.slice(s![.., .., w[0]..w[1], ..]),
+                None,
+                &options,
+                frame,
+            )
+            .unwrap()
+        })
+        .collect();
+    let (out, lse) = merge(&parts.iter().collect::<Vec<_>>()).unwrap().finish();
+    for ((g, w), i) in out.iter().zip(whole.out.iter()).zip(0..) {
+        assert!(
+            (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-12,
+            "element {i}: {g} vs {w}"
+        );
+    }
+    assert!(lse[[0, 0, 1]].is_nan() && !lse[[0, 0, 0]].is_nan());
+    // Rows 2 and 3 read key 2 (top-left causal): their column 1 is NaN, column 0 is
+    // not; row 0 does not read it.
+    for i in [2, 3] {
+        assert!(out[[0, 0, i, 1]].is_nan() && !out[[0, 0, i, 0]].is_nan());
+    }
+    assert!(!out[[0, 0, 0, 1]].is_nan());
+}
+
+/// Rows that read no key anywhere (bottom-right causal with L > S) keep zero gradients
+/// in a block's backward: their whole-call sum is 0, and nothing is divided by it.
+#[test]
+fn rows_with_no_key_have_zero_block_gradients() {
+    let mut rng = SplitMix64(8);
+    let (l, s_len) = (6, 3);
+    let q = array(&mut rng, [1, 1, l, 4]);
+    let k = array(&mut rng, [1, 1, s_len, 4]);
+    let dout = array(&mut rng, [1, 1, l, 4]);
+    let options = SdpaOptions {
+        causal: Causal::BottomRight,
+        ..Default::default()
+    };
+    let frame = Frame::whole(l, s_len);
+    let merged = partial(q.view(), k.view(), k.view(), None, &options, frame).unwrap();
+    let (out, _) = merged.finish();
+    let d = delta::<f64>(out.view(), dout.view()).unwrap();
+    let g = partial_backward(
+        q.view(),
+        k.view(),
+        k.view(),
+        dout.view(),
+        merged.max().view(),
+        merged.sum().view(),
+        d.view(),
+        None,
+        &options,
+        frame,
+    )
+    .unwrap();
+    // Rows 0..3 see no key (i + S - L < 0); their dq is exactly 0, and no NaN anywhere.
+    assert!(g.dq.slice(s![.., .., ..3, ..]).iter().all(|&x| x == 0.0));
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+    assert!(g.dq.slice(s![.., .., 3.., ..]).iter().any(|&x| x != 0.0));
 }
