@@ -386,14 +386,13 @@ pub fn forward<T: Element, Tr: Transport<RingMessage<T>>>(
     alibi_slopes: Option<ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
 ) -> Result<Output<T>> {
-    check_transport(transport, ring)?;
-    let rank = transport.rank();
-    check_call(ring, rank, &q, &k, &v, alibi_slopes.as_ref(), options)?;
-    let own = Arc::new(KvShard {
-        owner: rank,
-        k: k.to_owned(),
-        v: v.to_owned(),
-    });
+    let (rank, own) = start(
+        transport,
+        ring,
+        [&q.view(), &k.view(), &v.view()],
+        alibi_slopes.as_ref(),
+        options,
+    )?;
     let merged = forward_pass(transport, ring, q.view(), own, alibi_slopes, options)?;
     let (batch, heads, _, _) = q.dim();
     let (out, lse) = assemble(ring, rank, [batch, heads, v.dim().3], merged).finish();
@@ -401,6 +400,24 @@ pub fn forward<T: Element, Tr: Transport<RingMessage<T>>>(
         out: out.mapv(T::from_acc),
         lse: lse.mapv(Accum::to_f32),
     })
+}
+
+/// What every rank does first: the transport and the call checked against the ring,
+/// and this rank's K/V shard made the ring's first message.
+fn start<T: Element, M, Tr: Transport<M>>(
+    transport: &Tr,
+    ring: &Ring,
+    [q, k, v]: [&ArrayView4<'_, T>; 3],
+    alibi: Option<&ArrayViewD<'_, f32>>,
+    options: &SdpaOptions,
+) -> Result<(usize, Arc<KvShard<T>>)> {
+    check_transport(transport, ring)?;
+    let rank = transport.rank();
+    check_call(ring, rank, q, k, v, alibi, options)?;
+    Ok((
+        rank,
+        Arc::new(KvShard::new(rank, k.to_owned(), v.to_owned())),
+    ))
 }
 
 fn check_transport<M, Tr: Transport<M>>(transport: &Tr, ring: &Ring) -> Result<()> {
@@ -449,9 +466,13 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
     alibi_slopes: Option<ArrayViewD<'_, f32>>,
     options: &SdpaOptions,
 ) -> Result<Gradients<T>> {
-    check_transport(transport, ring)?;
-    let rank = transport.rank();
-    check_call(ring, rank, &q, &k, &v, alibi_slopes.as_ref(), options)?;
+    let (rank, own) = start(
+        transport,
+        ring,
+        [&q.view(), &k.view(), &v.view()],
+        alibi_slopes.as_ref(),
+        options,
+    )?;
     let (batch, heads, len, _) = q.dim();
     let out_shape = [batch, heads, len, v.dim().3];
     for (arg, want, got) in [
@@ -468,11 +489,6 @@ pub fn backward<T: Element, Tr: Transport<RingMessage<T>>>(
             .into());
         }
     }
-    let own = Arc::new(KvShard {
-        owner: rank,
-        k: k.to_owned(),
-        v: v.to_owned(),
-    });
     // The forward again, unrounded: each row's max and sum (an f32 `lse` is too coarse
     // to take P from without renormalising, which a block cannot do) and
     // D = rowsum(dout * out) from the unrounded out, as the one-device reference takes

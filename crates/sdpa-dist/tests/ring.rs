@@ -176,22 +176,14 @@ fn one_device<T: Element>(x: &Inputs<T>, options: &SdpaOptions) -> (Output<T>, G
 /// The ring on threads, forward and backward (the backward from the ring's own out and
 /// lse).
 fn ring_run<T: Element>(
-    spec: &Spec,
+    ring: &Ring,
     x: &Inputs<T>,
     options: &SdpaOptions,
 ) -> (Output<T>, Gradients<T>) {
-    let ring = spec.ring();
-    let fwd = simulate_forward(
-        &ring,
-        x.q.view(),
-        x.k.view(),
-        x.v.view(),
-        slopes(x),
-        options,
-    )
-    .unwrap();
+    let fwd =
+        simulate_forward(ring, x.q.view(), x.k.view(), x.v.view(), slopes(x), options).unwrap();
     let grads = simulate_backward(
-        &ring,
+        ring,
         x.q.view(),
         x.k.view(),
         x.v.view(),
@@ -221,7 +213,7 @@ proptest! {
     fn f64_ring_equals_the_one_device_call(spec in spec()) {
         let x = inputs::<f64>(&spec);
         let (fwd, grads) = one_device(&x, &spec.options);
-        let (rfwd, rgrads) = ring_run(&spec, &x, &spec.options);
+        let (rfwd, rgrads) = ring_run(&spec.ring(), &x, &spec.options);
         for ((name, got), (_, want)) in named(&rfwd, &rgrads).iter().zip(named(&fwd, &grads).iter()) {
             let r = compare_with(got.view().into_dyn(), want.view().into_dyn(), Some(&tolerance::F64));
             prop_assert!(r.passes(), "{spec:?}: {name}: {r:?}");
@@ -257,7 +249,7 @@ fn half_case<T: Element>(spec: &Spec) -> Result<(), TestCaseError> {
     };
     let (tf, tg) = one_device(&truth_inputs, &spec.options);
     let (pf, pg) = one_device(&x, &spec.options);
-    let (rf, rg) = ring_run(spec, &x, &spec.options);
+    let (rf, rg) = ring_run(&spec.ring(), &x, &spec.options);
     let truth = named(&tf, &tg);
     for (((name, ring), (_, peer)), (_, truth)) in named(&rf, &rg)
         .iter()
@@ -309,7 +301,7 @@ fn eight_ranks_causal_zigzag_gqa_dropout() {
     };
     let x = inputs::<f64>(&spec);
     let (fwd, grads) = one_device(&x, &spec.options);
-    let (rfwd, rgrads) = ring_run(&spec, &x, &spec.options);
+    let (rfwd, rgrads) = ring_run(&spec.ring(), &x, &spec.options);
     for ((name, got), (_, want)) in named(&rfwd, &rgrads).iter().zip(named(&fwd, &grads).iter()) {
         let r = compare_with(
             got.view().into_dyn(),
@@ -408,27 +400,7 @@ fn uneven_explicit_segments_equal_the_one_device_call() {
     };
     let x = inputs::<f64>(&spec);
     let (fwd, grads) = one_device(&x, &options);
-    let rfwd = simulate_forward(
-        &ring,
-        x.q.view(),
-        x.k.view(),
-        x.v.view(),
-        slopes(&x),
-        &options,
-    )
-    .unwrap();
-    let rgrads = simulate_backward(
-        &ring,
-        x.q.view(),
-        x.k.view(),
-        x.v.view(),
-        rfwd.out.view(),
-        rfwd.lse.view(),
-        x.dout.view(),
-        slopes(&x),
-        &options,
-    )
-    .unwrap();
+    let (rfwd, rgrads) = ring_run(&ring, &x, &options);
     for ((name, got), (_, want)) in named(&rfwd, &rgrads).iter().zip(named(&fwd, &grads).iter()) {
         let r = compare_with(
             got.view().into_dyn(),
