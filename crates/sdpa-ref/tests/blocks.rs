@@ -366,6 +366,21 @@ fn a_block_is_skipped_exactly_when_no_query_reads_a_key() {
         }
     }
     assert!(skipped > 100, "{skipped}");
+    // A frame that does not hold the call (on either side) skips nothing, and its
+    // offsets do not overflow.
+    let causal = SdpaOptions {
+        causal: Causal::TopLeft,
+        ..Default::default()
+    };
+    for (q0, k0, rows, keys) in [(usize::MAX, 0, 1, 2), (0, usize::MAX, 2, 1), (3, 0, 2, 2)] {
+        let frame = Frame {
+            query_offset: q0,
+            key_offset: k0,
+            len_q: 4,
+            len_kv: 4,
+        };
+        assert!(!frame.is_masked_out(rows, keys, &causal), "{frame:?}");
+    }
 }
 
 /// NaN through blocks: a NaN query row is NaN after the merge (out and lse) and the
