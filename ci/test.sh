@@ -23,6 +23,12 @@ step "goldens: regenerate through libtorch 2.11 and compare bytes (ci/golden.sh 
 bash ci/golden.sh --check
 step "crates: docs without warnings, the library crates packaged and built from their packages (cargo package)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+# cargo package verifies each crate against the others through a local registry whose
+# sources cargo extracts under $CARGO_HOME/registry/src/<hash of its path>/ and never
+# refreshes: a run from a clone at the same path would build the workspace crates of an
+# earlier run (seen 2026-12-08: sdpa-dist against an sdpa-ref without its new module).
+# None of ours is on crates.io, so every sdpa-* there is such a leftover.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/sdpa-*
 cargo package --workspace --exclude sdpa-cli --exclude sdpa-python --quiet
 step "python: the sdpa_rs wheel built with maturin, its pytest suite on the CPU (ci/python.sh)"
 bash ci/python.sh
